@@ -1,0 +1,1 @@
+"""The three Tessera services; each is its own process: ``python -m services.<name>``."""

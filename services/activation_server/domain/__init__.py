@@ -1,0 +1,1 @@
+"""The Activation Server's rules: entitlements, activation decisions, vendor signatures."""

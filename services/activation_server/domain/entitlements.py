@@ -1,0 +1,83 @@
+"""Orders: creating entitlements and looking them up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.activation_server.domain.errors import EntitlementNotFound, UnknownFeature
+from services.activation_server.domain.model import Entitlement, NewLine
+from services.activation_server.store.repository import ActivationStore
+from tessera.clock import Clock
+from tessera.errors import InvalidInput
+from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, new_id, parse_id
+
+MAX_LINES = 100
+MAX_TEXT = 256
+
+
+class Entitlements:
+    """Vendor-side orders and what is left of them."""
+
+    def __init__(self, store: ActivationStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def create(
+        self, customer_organization: str, contact: str, lines: Sequence[NewLine]
+    ) -> Entitlement:
+        """Record an order and issue its Entitlement ID and one activation ID per line."""
+        customer_organization = customer_organization.strip()
+        if not customer_organization:
+            raise InvalidInput("customer_organization", "is required")
+        if len(customer_organization) > MAX_TEXT or len(contact) > MAX_TEXT:
+            raise InvalidInput("customer_organization", f"at most {MAX_TEXT} characters")
+        if not lines:
+            raise InvalidInput("lines", "an entitlement needs at least one line")
+        if len(lines) > MAX_LINES:
+            raise InvalidInput("lines", f"at most {MAX_LINES} lines")
+        now = self.clock.now()
+        for index, line in enumerate(lines):
+            if line.count < 1:
+                raise InvalidInput(f"lines[{index}].count", f"must be at least 1, not {line.count}")
+            if line.expires_at is not None and line.expires_at <= now:
+                raise InvalidInput(f"lines[{index}].expires_at", "is in the past")
+        entitlement_id = new_id(ENTITLEMENT_PREFIX)
+        async with self.store.transaction() as repo:
+            known = await repo.known_features(line.feature for line in lines)
+            unknown = sorted({line.feature for line in lines} - known)
+            if unknown:
+                raise UnknownFeature(
+                    f"unknown feature {unknown[0]!r}; the catalog has e.g. client.station, "
+                    "server.enterprise.base",
+                    metadata={"feature": unknown[0]},
+                )
+            await repo.insert_entitlement(
+                entitlement_id,
+                customer_organization,
+                contact.strip(),
+                now,
+                [(new_id(ACTIVATION_PREFIX), line) for line in lines],
+            )
+            await repo.append_audit(
+                now,
+                "entitlement.created",
+                entitlement_id,
+                {
+                    "customer_organization": customer_organization,
+                    "lines": [[line.feature, line.count, line.kind.value] for line in lines],
+                },
+            )
+            entitlement = await repo.get_entitlement(entitlement_id)
+        assert entitlement is not None
+        return entitlement
+
+    async def get_order(self, entitlement_id: str) -> Entitlement:
+        """Every line of an order with what is left of it."""
+        entitlement_id = parse_id(ENTITLEMENT_PREFIX, entitlement_id, "entitlement_id")
+        async with self.store.transaction() as repo:
+            entitlement = await repo.get_entitlement(entitlement_id)
+        if entitlement is None:
+            raise EntitlementNotFound(
+                f"no entitlement {entitlement_id}", metadata={"entitlement_id": entitlement_id}
+            )
+        return entitlement

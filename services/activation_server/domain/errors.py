@@ -1,0 +1,45 @@
+"""What the Activation Server refuses, and why. Status codes are in ``../errors.py``."""
+
+from __future__ import annotations
+
+from tessera.errors import DomainError
+
+
+class EntitlementNotFound(DomainError):
+    reason = "ENTITLEMENT_NOT_FOUND"
+
+
+class ActivationIdNotFound(DomainError):
+    reason = "ACTIVATION_ID_NOT_FOUND"
+
+
+class UnknownFeature(DomainError):
+    reason = "UNKNOWN_FEATURE"
+
+
+class NotEnoughSeatsLeft(DomainError):
+    """The entitlement line has fewer seats left than asked for."""
+
+    reason = "NOT_ENOUGH_SEATS_LEFT"
+
+
+class LineExpired(DomainError):
+    reason = "LINE_EXPIRED"
+
+
+class LocalLineNotActivatable(DomainError):
+    """Local (node-locked) lines are issued to client hosts, not License Servers."""
+
+    reason = "LOCAL_LINE_NOT_FOR_LICENSE_SERVER"
+
+
+class RequestIdReused(DomainError):
+    """A request id came back with different content: not a retry, a conflict."""
+
+    reason = "REQUEST_ID_REUSED"
+
+
+class HostKeyMismatch(DomainError):
+    """The request's host id does not match the key and machine binding that signed it."""
+
+    reason = "HOST_KEY_MISMATCH"

@@ -1,0 +1,1 @@
+"""The Activation Server's storage: tables, repository, migrations."""

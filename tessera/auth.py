@@ -1,0 +1,73 @@
+"""Bearer credentials for vendor-staff and operator RPCs.
+
+A protected method needs ``authorization: Bearer <token>`` metadata. Tokens are compared
+as SHA-256 digests in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tessera.rpc import rich_status
+
+
+def load_or_create_token(path: Path) -> tuple[str, bool]:
+    """The token stored at ``path`` (mode 0600), created when missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip(), False
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token, True
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls to the protected services unless they carry the right bearer token."""
+
+    def __init__(self, token: str, protected_services: Iterable[str], domain: str) -> None:
+        self._digest = hashlib.sha256(token.encode()).digest()
+        self._prefixes = tuple(f"/{name}/" for name in protected_services)
+        self._domain = domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if not method.startswith(self._prefixes):
+            return await continuation(handler_call_details)
+        presented = ""
+        for key, value in handler_call_details.invocation_metadata or ():  # type: ignore[attr-defined]
+            if key == "authorization" and isinstance(value, str):
+                presented = value
+        scheme, _, token = presented.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return self._refuse("CREDENTIAL_MISSING", "this call needs a bearer credential")
+        if not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._digest):
+            return self._refuse("CREDENTIAL_INVALID", "the bearer credential is not valid")
+        return await continuation(handler_call_details)
+
+    def _refuse(self, reason: str, message: str) -> grpc.RpcMethodHandler:
+        status = rich_status(grpc.StatusCode.UNAUTHENTICATED, message, reason, self._domain, {})
+
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort_with_status(status)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)

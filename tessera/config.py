@@ -1,0 +1,79 @@
+"""Settings every service takes, from flags first, then environment, then defaults.
+
+Each service has one environment prefix (``TESSERA_AS_``, ``TESSERA_LS_``,
+``TESSERA_ADMIN_``); a flag ``--database-url`` reads ``<PREFIX>DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.storage import sqlite_url
+
+
+class SettingsParser:
+    """An argparse parser whose defaults come from prefixed environment variables."""
+
+    def __init__(
+        self,
+        prog: str,
+        description: str,
+        prefix: str,
+        default_listen: str,
+        default_data_dir: str,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.environ = os.environ if environ is None else environ
+        self.parser = argparse.ArgumentParser(prog=prog, description=description)
+        self.add("--listen", default_listen, "host:port to serve gRPC on")
+        self.add(
+            "--database-url",
+            "",
+            "SQLAlchemy URL (sqlite+aiosqlite:///… or postgresql+asyncpg://…); "
+            "default: a SQLite file in the data directory",
+        )
+        self.add("--data-dir", default_data_dir, "directory for keys and the default database")
+        self.add("--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
+        self.add("--shutdown-grace", "5", "seconds in-flight calls get on SIGTERM")
+
+    def env_name(self, flag: str) -> str:
+        return self.prefix + flag.lstrip("-").replace("-", "_").upper()
+
+    def add(self, flag: str, default: str, help_text: str) -> None:
+        env = self.env_name(flag)
+        self.parser.add_argument(
+            flag, default=self.environ.get(env, default), help=f"{help_text} [env {env}]"
+        )
+
+    def parse(self, argv: Sequence[str] | None) -> tuple[CommonSettings, argparse.Namespace]:
+        args = self.parser.parse_args(argv)
+        data_dir = Path(args.data_dir)
+        try:
+            grace = float(args.shutdown_grace)
+        except ValueError:
+            self.parser.error(f"--shutdown-grace: {args.shutdown_grace!r} is not a number")
+        common = CommonSettings(
+            listen=args.listen,
+            data_dir=data_dir,
+            database_url=args.database_url,
+            log_level=args.log_level,
+            shutdown_grace=grace,
+        )
+        return common, args
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    listen: str
+    data_dir: Path
+    database_url: str
+    log_level: str
+    shutdown_grace: float
+
+    def database_url_or_default(self, filename: str) -> str:
+        return self.database_url or sqlite_url(self.data_dir, filename)

@@ -1,0 +1,80 @@
+"""Domain errors shared by every service.
+
+A domain error says which rule refused a request. Its ``reason`` is a stable,
+machine-readable UPPER_SNAKE code that travels to the caller as a ``google.rpc.ErrorInfo``;
+each service's ``errors.py`` maps error classes to gRPC status codes in one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class DomainError(Exception):
+    """A rule of the domain refused the request; nothing was changed."""
+
+    reason: ClassVar[str] = "DOMAIN_ERROR"
+
+    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidInput(DomainError):
+    """A field of the request is missing or malformed."""
+
+    reason = "INVALID_INPUT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", metadata={"field": field})
+        self.field = field
+
+
+class EnvelopeRejected(DomainError):
+    """A signed envelope failed verification (bad signature, unknown key, wrong type)."""
+
+    reason = "ENVELOPE_REJECTED"
+
+
+class UnknownSigningKey(EnvelopeRejected):
+    """The envelope names a key id this party does not trust."""
+
+    reason = "UNKNOWN_SIGNING_KEY"
+
+
+class BadSignature(EnvelopeRejected):
+    """The signature does not match the payload: the envelope was altered or forged."""
+
+    reason = "BAD_SIGNATURE"
+
+
+class WrongPayloadType(EnvelopeRejected):
+    """The envelope carries another kind of document than the one expected here."""
+
+    reason = "WRONG_PAYLOAD_TYPE"
+
+
+class MalformedPayload(EnvelopeRejected):
+    """The signature is good but the payload does not parse as the declared document."""
+
+    reason = "MALFORMED_PAYLOAD"
+
+
+class InvalidLicenseServerAddress(DomainError):
+    """EBO's "Invalid license server configuration": the address cannot be parsed."""
+
+    reason = "INVALID_LICENSE_SERVER_ADDRESS"
+
+
+class PeerUnavailable(DomainError):
+    """A service this call needs (Activation Server, License Server) cannot be reached."""
+
+    reason = "PEER_UNAVAILABLE"
+
+    def __init__(self, peer: str, address: str, detail: str) -> None:
+        super().__init__(
+            f"the {peer} at {address} is unavailable: {detail}",
+            metadata={"peer": peer, "address": address},
+        )

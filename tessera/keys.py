@@ -1,0 +1,99 @@
+"""Ed25519 key files, vendor key ids and License Server host identity.
+
+Private keys live in files of mode 0600 holding the hex seed. A key file that others can
+read is refused: a leaked host key lets anyone return or repair that host's licenses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey, VerifyKey
+
+from tessera.ids import fingerprint
+
+
+class InsecureKeyFile(Exception):
+    """A private key file is readable by group or others."""
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """A signing key loaded from (or just created in) a file."""
+
+    signing_key: SigningKey
+    path: Path
+    created: bool
+
+
+def load_or_create_signing_key(path: Path) -> KeyFile:
+    """Load the Ed25519 key at ``path``, creating it (mode 0600) when it does not exist."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return KeyFile(load_signing_key(path), path, created=False)
+    key = SigningKey.generate()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key.encode().hex() + "\n")
+    return KeyFile(key, path, created=True)
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """Load an Ed25519 key file, refusing one that group or others can read."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureKeyFile(
+            f"{path} has mode {stat.filemode(mode)}; a private key must be 0600 "
+            f"(run: chmod 600 {path})"
+        )
+    seed = bytes.fromhex(path.read_text().strip())
+    return SigningKey(seed)
+
+
+def vendor_key_id(verify_key: VerifyKey) -> str:
+    """The key id that names a vendor public key in envelopes, e.g. ``VK-7K3M-QX2P``."""
+    return "VK-" + fingerprint(b"tessera-vendor-key-v1\0" + bytes(verify_key), groups=2)
+
+
+def read_machine_id() -> str:
+    """This machine's stable identity: systemd's machine-id, else the host name."""
+    for candidate in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+        try:
+            value = candidate.read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return socket.gethostname()
+
+
+def machine_binding(machine_id: str) -> bytes:
+    """SHA-256 of the machine identity, so the raw machine id never leaves the host."""
+    return hashlib.sha256(b"tessera-machine-v1\0" + machine_id.encode()).digest()
+
+
+def host_id(public_key: bytes, binding: bytes) -> str:
+    """A License Server's host id: a fingerprint of its public key bound to its machine."""
+    return fingerprint(b"tessera-host-v1\0" + public_key + binding, groups=4)
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """A License Server's identity: its host key, bound to the machine it runs on."""
+
+    signing_key: SigningKey
+    machine_binding: bytes
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def host_id(self) -> str:
+        return host_id(self.public_key, self.machine_binding)

@@ -1,0 +1,125 @@
+"""gRPC status translation: domain errors become canonical codes with a google.rpc.ErrorInfo.
+
+Each service builds one ``ErrorTable`` from its ``errors.py`` and decorates its servicer
+methods with it. A DomainError becomes its mapped status code with the error's reason;
+anything unexpected becomes INTERNAL with a generic message while the traceback goes to
+the log, so internals never leak to callers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tessera.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+UnaryMethod = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+StreamMethod = Callable[[S, Any, grpc.aio.ServicerContext[Any, Resp]], AsyncIterator[Resp]]
+
+
+def rich_status(
+    code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: Mapping[str, str]
+) -> grpc.Status:
+    """A status carrying a google.rpc.ErrorInfo in ``grpc-status-details-bin``."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    proto = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
+
+
+class ErrorTable:
+    """One service's map from domain errors to status codes, applied to its servicers."""
+
+    def __init__(self, domain: str, table: Mapping[type[DomainError], grpc.StatusCode]) -> None:
+        self.domain = domain
+        self.table = dict(table)
+
+    def code_for(self, error: DomainError) -> grpc.StatusCode:
+        """The status code of ``error``: its own class or its nearest mapped base class."""
+        for cls in type(error).__mro__:
+            code = self.table.get(cls)  # type: ignore[arg-type]
+            if code is not None:
+                return code
+        return grpc.StatusCode.INTERNAL
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+        """End the call with the status that ``error`` deserves."""
+        if isinstance(error, DomainError):
+            code = self.code_for(error)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("domain error %s has no status code in the table", type(error).__name__)
+            status = rich_status(code, error.message, error.reason, self.domain, error.metadata)
+        else:
+            log.error("unexpected error", exc_info=error)
+            status = rich_status(
+                grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", self.domain, {}
+            )
+        await context.abort_with_status(status)
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+    def unary(self, method: UnaryMethod[S, Req, Resp]) -> UnaryMethod[S, Req, Resp]:
+        """Decorate a unary servicer method."""
+
+        @functools.wraps(method)
+        async def wrapper(self_: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+            try:
+                return await method(self_, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await self.abort(context, error)
+
+        return wrapper
+
+    def stream(self, method: StreamMethod[S, Resp]) -> StreamMethod[S, Resp]:
+        """Decorate a response-streaming servicer method (an async generator)."""
+
+        @functools.wraps(method)
+        async def wrapper(
+            self_: S, request: Any, context: grpc.aio.ServicerContext[Any, Resp]
+        ) -> AsyncIterator[Resp]:
+            try:
+                async for response in method(self_, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await self.abort(context, error)
+
+        return wrapper
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a server attached to a failed call, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return info
+    return None
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    """The machine-readable reason of a failed call, or '' when the server gave none."""
+    info = error_info(error)
+    return info.reason if info is not None else ""
+
+
