@@ -97,3 +97,21 @@ class HostIdentity:
     @property
     def host_id(self) -> str:
         return host_id(self.public_key, self.machine_binding)
+
+
+def read_vendor_public_keys(paths: list[Path]) -> dict[str, VerifyKey]:
+    """Vendor public keys to trust, by key id, from files of hex keys (one per line, ``#``
+    starts a comment). Missing files are skipped: a License Server may start before its
+    vendor keys are installed, and refuses certificates until they are."""
+    trusted: dict[str, VerifyKey] = {}
+    for path in paths:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            value = line.split("#", 1)[0].strip()
+            if value:
+                key = VerifyKey(bytes.fromhex(value))
+                trusted[vendor_key_id(key)] = key
+    return trusted

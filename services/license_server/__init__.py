@@ -1,0 +1,1 @@
+"""The License Server: trusted storage and network seat leasing."""

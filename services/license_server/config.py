@@ -1,0 +1,69 @@
+"""License Server settings: flags, or environment variables prefixed TESSERA_LS_."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.license_server.domain.leasing import LeasePolicy
+from tessera.address import DEFAULT_PORT
+from tessera.config import CommonSettings, SettingsParser
+
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    common: CommonSettings
+    # Files of vendor public keys to trust (hex, one per line).
+    vendor_keys: list[Path]
+    # Overrides the machine identity the host key is bound to (tests, containers).
+    machine_id: str
+    policy: LeasePolicy
+    sweep_interval: float
+
+    @property
+    def database_url(self) -> str:
+        return self.common.database_url_or_default("license.db")
+
+    @property
+    def host_key(self) -> Path:
+        return self.common.data_dir / "host.key"
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    parser = SettingsParser(
+        prog="python -m services.license_server",
+        description="Tessera License Server: trusted storage and network seat leasing.",
+        prefix="TESSERA_LS_",
+        default_listen=DEFAULT_LISTEN,
+        default_data_dir="var/license_server",
+        environ=environ,
+    )
+    parser.add("--vendor-keys", "", "comma-separated files of trusted vendor public keys")
+    parser.add("--machine-id", "", "machine identity to bind the host key to (default: /etc/machine-id)")
+    parser.add("--lease-ttl", "90", "seconds a lease lives without a heartbeat")
+    parser.add("--heartbeat-interval", "30", "seconds between the heartbeats clients send")
+    parser.add("--sweep-interval", "5", "seconds between sweeps that free expired leases")
+    common, args = parser.parse(argv)
+    try:
+        ttl = int(args.lease_ttl)
+        interval = float(args.heartbeat_interval)
+        sweep = float(args.sweep_interval)
+    except ValueError as error:
+        parser.parser.error(f"lease timings must be numbers: {error}")
+    if ttl < 1 or interval <= 0 or sweep <= 0:
+        parser.parser.error("--lease-ttl, --heartbeat-interval and --sweep-interval must be > 0")
+    vendor_keys = [Path(p) for p in args.vendor_keys.split(",") if p.strip()] or [
+        common.data_dir / "vendor-keys.pub"
+    ]
+    return Settings(
+        common=common,
+        vendor_keys=vendor_keys,
+        machine_id=args.machine_id,
+        policy=LeasePolicy(ttl_seconds=ttl, heartbeat_interval_seconds=interval),
+        sweep_interval=sweep,
+    )

@@ -1,0 +1,1 @@
+"""The License Server's rules: trusted storage and leasing; never imports grpc."""

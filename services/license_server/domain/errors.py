@@ -1,0 +1,81 @@
+"""What the License Server refuses, and why. Status codes are in ``../errors.py``."""
+
+from __future__ import annotations
+
+from tessera.errors import DomainError
+
+
+class FeatureNotLicensed(DomainError):
+    """No seats of the feature are activated on this License Server."""
+
+    reason = "FEATURE_NOT_LICENSED"
+
+
+class NoSeatAvailable(DomainError):
+    """Every seat of the feature is in use right now."""
+
+    reason = "NO_SEAT_AVAILABLE"
+
+
+class CountAboveActivated(DomainError):
+    """More seats asked for than are activated at all; waiting will not help."""
+
+    reason = "COUNT_ABOVE_ACTIVATED"
+
+
+class LeaseNotFound(DomainError):
+    """No lease with this id and secret (a wrong secret looks the same: no oracle)."""
+
+    reason = "LEASE_NOT_FOUND"
+
+
+class LeaseExpired(DomainError):
+    """The lease was not heartbeaten within its TTL and its seats were freed."""
+
+    reason = "LEASE_EXPIRED"
+
+
+class LeaseReleased(DomainError):
+    """The lease was checked in already."""
+
+    reason = "LEASE_RELEASED"
+
+
+class StaleLeaseEpoch(DomainError):
+    """The lease was resumed by a newer stream; this one may no longer act on it."""
+
+    reason = "LEASE_RESUMED_ELSEWHERE"
+
+
+class LeaseProtocolViolation(DomainError):
+    """Messages on a lease stream came in an order the protocol does not allow."""
+
+    reason = "LEASE_PROTOCOL_VIOLATION"
+
+
+class ServerShuttingDown(DomainError):
+    """The License Server is stopping; resume the lease after restart or elsewhere."""
+
+    reason = "SERVER_SHUTTING_DOWN"
+
+
+class RequestNotPreparedHere(DomainError):
+    """A vendor answer to a request this License Server never prepared."""
+
+    reason = "REQUEST_NOT_PREPARED_HERE"
+
+
+class CertificateForAnotherHost(DomainError):
+    """A certificate or answer addressed to another License Server."""
+
+    reason = "CERTIFICATE_FOR_ANOTHER_HOST"
+
+
+class CertificateMismatch(DomainError):
+    """The certificate does not match the request it claims to answer."""
+
+    reason = "CERTIFICATE_MISMATCH"
+
+
+class RequestIdReused(DomainError):
+    reason = "REQUEST_ID_REUSED"

@@ -1,0 +1,76 @@
+"""Plain records of the License Server's domain."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PoolInformation:
+    """EBO's License Information for one feature."""
+
+    feature: str
+    activated: int
+    used: int
+
+    @property
+    def available(self) -> int:
+        return max(self.activated - self.used, 0)
+
+
+@dataclass(frozen=True)
+class NewLease:
+    """What a client asks for when it acquires seats."""
+
+    feature: str
+    count: int
+    client_host: str
+    user: str
+    display_name: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held (or released) lease as stored."""
+
+    lease_id: str
+    feature: str
+    count: int
+    client_host: str
+    user: str
+    display_name: str
+    ttl_seconds: int
+    epoch: int
+    granted_at: dt.datetime
+    expires_at: dt.datetime
+    released_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease handed to a client: the only time its secret is known in clear."""
+
+    lease: Lease
+    secret: str
+    heartbeat_interval_seconds: float
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    request_id: str
+    activation_id: str
+    count: int
+    request_envelope: bytes
+    installed_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class StoredCertificate:
+    certificate_id: str
+    request_id: str
+    feature: str
+    count: int
+    envelope: bytes
+    installed_at: dt.datetime

@@ -1,0 +1,110 @@
+"""Builds the License Server: host identity, database, servicers, sweeper, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.license_server.config import Settings
+from services.license_server.domain.leasing import Leasing
+from services.license_server.domain.trusted_storage import TrustedStorage
+from services.license_server.servicer import LeaseServicer, TrustedStorageServicer
+from services.license_server.store.repository import LicenseStore
+from tessera.clock import Clock, SystemClock
+from tessera.keys import (
+    HostIdentity,
+    load_or_create_signing_key,
+    machine_binding,
+    read_machine_id,
+    read_vendor_public_keys,
+)
+from tessera.license.v1 import license_pb2, license_pb2_grpc
+from tessera.serving import Endpoint
+from tessera.storage import create_engine, migrate
+
+log = logging.getLogger("tessera.license_server")
+
+MIGRATIONS = Path(__file__).parent / "store" / "migrations"
+SERVICE_NAMES = [
+    license_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    license_pb2.DESCRIPTOR.services_by_name["TrustedStorageService"].full_name,
+]
+
+
+@dataclass
+class LicenseServer:
+    endpoint: Endpoint
+    store: LicenseStore
+    leasing: Leasing
+    lease_servicer: LeaseServicer
+    identity: HostIdentity
+    sweeper: asyncio.Task[None]
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        async def tell_streams() -> None:
+            self.lease_servicer.close_streams()
+
+        await self.endpoint.stop(grace, before_grace=tell_streams)
+        self.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sweeper
+        await self.store.engine.dispose()
+
+
+async def sweep_forever(leasing: Leasing, interval: float) -> None:
+    """Free expired leases every ``interval`` seconds (idempotent on every replica)."""
+    while True:
+        try:
+            freed = await leasing.release_expired()
+            if freed:
+                log.info("freed %d expired lease(s)", freed)
+        except Exception:
+            log.exception("expiry sweep failed; retrying next interval")
+        await asyncio.sleep(interval)
+
+
+def load_host_identity(settings: Settings) -> HostIdentity:
+    key_file = load_or_create_signing_key(settings.host_key)
+    identity = HostIdentity(
+        key_file.signing_key, machine_binding(settings.machine_id or read_machine_id())
+    )
+    if key_file.created:
+        log.warning("created host key %s: host id %s", settings.host_key, identity.host_id)
+    return identity
+
+
+async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer:
+    clock = clock or SystemClock()
+    identity = load_host_identity(settings)
+    engine = create_engine(settings.database_url)
+    await migrate(engine, MIGRATIONS)
+    store = LicenseStore(engine)
+    leasing = Leasing(store, settings.policy, clock)
+    trusted_storage = TrustedStorage(
+        store, identity, lambda: read_vendor_public_keys(settings.vendor_keys), clock
+    )
+    if not read_vendor_public_keys(settings.vendor_keys):
+        log.warning(
+            "no vendor public keys in %s: activations cannot be installed until there are",
+            ", ".join(str(p) for p in settings.vendor_keys),
+        )
+    endpoint = Endpoint(SERVICE_NAMES)
+    lease_servicer = LeaseServicer(leasing)
+    license_pb2_grpc.add_LeaseServiceServicer_to_server(lease_servicer, endpoint.server)
+    license_pb2_grpc.add_TrustedStorageServiceServicer_to_server(
+        TrustedStorageServicer(trusted_storage, identity), endpoint.server
+    )
+    port = endpoint.bind(settings.common.listen)
+    await endpoint.start()
+    sweeper = asyncio.create_task(sweep_forever(leasing, settings.sweep_interval))
+    log.info(
+        "License Server %s listening on %s (database %s)",
+        identity.host_id,
+        settings.common.listen.rsplit(":", 1)[0] + f":{port}",
+        engine.url.render_as_string(hide_password=True),
+    )
+    return LicenseServer(endpoint, store, leasing, lease_servicer, identity, sweeper, port)

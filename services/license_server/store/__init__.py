@@ -1,0 +1,1 @@
+"""The License Server's storage: tables, repository, migrations."""

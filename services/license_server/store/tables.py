@@ -1,0 +1,82 @@
+"""The License Server's tables: trusted storage (requests, certificates), pools, leases."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    text,
+)
+
+from tessera.storage import UTCDateTime
+
+metadata = MetaData()
+
+# Activation requests this host signed, awaiting (or having received) the vendor's answer.
+pending_requests = Table(
+    "pending_requests",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("activation_id", String(32), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("request_envelope", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("installed_at", UTCDateTime, nullable=True),
+)
+
+# Vendor-signed certificates in trusted storage, kept as the exact envelope bytes.
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("certificate_id", String(64), primary_key=True),
+    Column("request_id", String(128), nullable=False, unique=True),
+    Column("feature", String(64), nullable=False, index=True),
+    Column("count", Integer, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("installed_at", UTCDateTime, nullable=False),
+)
+
+# One seat pool per feature. Seats are taken and given back by conditional updates on
+# this row, so concurrent replicas over one database never over-allocate.
+pools = Table(
+    "pools",
+    metadata,
+    Column("feature", String(64), primary_key=True),
+    Column("activated", Integer, nullable=False),
+    Column("used", Integer, nullable=False),
+    CheckConstraint("used >= 0 AND used <= activated", name="used_within_activated"),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("lease_id", String(64), primary_key=True),
+    Column("secret_hash", LargeBinary, nullable=False),
+    Column("feature", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("client_host", String(256), nullable=False),
+    Column("user", String(256), nullable=False),
+    Column("display_name", String(256), nullable=False),
+    Column("ttl_seconds", Integer, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("granted_at", UTCDateTime, nullable=False),
+    Column("last_heartbeat_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("released_at", UTCDateTime, nullable=True),
+    Column("release_reason", String(32), nullable=True),
+    # The sweeper looks only at held leases, ordered by expiry.
+    Index(
+        "leases_held_by_expiry",
+        "expires_at",
+        sqlite_where=text("released_at IS NULL"),
+        postgresql_where=text("released_at IS NULL"),
+    ),
+)
