@@ -8,13 +8,12 @@ each service's ``errors.py`` maps error classes to gRPC status codes in one tabl
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
 
 
 class DomainError(Exception):
     """A rule of the domain refused the request; nothing was changed."""
 
-    reason: ClassVar[str] = "DOMAIN_ERROR"
+    reason: str = "DOMAIN_ERROR"
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -78,3 +77,14 @@ class PeerUnavailable(DomainError):
             f"the {peer} at {address} is unavailable: {detail}",
             metadata={"peer": peer, "address": address},
         )
+
+
+class PeerRefused(DomainError):
+    """A peer service refused a call; its status and reason are passed on unchanged."""
+
+    def __init__(
+        self, peer: str, status_name: str, reason: str, message: str, metadata: Mapping[str, str]
+    ) -> None:
+        super().__init__(f"the {peer} refused: {message}", metadata={**metadata, "peer": peer})
+        self.status_name = status_name
+        self.reason = reason

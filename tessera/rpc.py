@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tessera.errors import DomainError
+from tessera.errors import DomainError, PeerRefused
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class ErrorTable:
 
     def code_for(self, error: DomainError) -> grpc.StatusCode:
         """The status code of ``error``: its own class or its nearest mapped base class."""
+        if isinstance(error, PeerRefused):
+            return grpc.StatusCode[error.status_name]
         for cls in type(error).__mro__:
             code = self.table.get(cls)  # type: ignore[arg-type]
             if code is not None:

@@ -1,0 +1,1 @@
+"""The Administrator's rules: the journal of operations and how each completes."""

@@ -1,0 +1,55 @@
+"""Builds the Administrator: journal database, peer clients, servicer, health."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.administrator.config import Settings
+from services.administrator.domain.operations import Operations
+from services.administrator.peers import ActivationServerClient
+from services.administrator.servicer import AdministratorServicer
+from services.administrator.store.repository import Journal
+from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tessera.clock import Clock, SystemClock
+from tessera.serving import Endpoint
+from tessera.storage import create_engine, migrate
+
+log = logging.getLogger("tessera.administrator")
+
+MIGRATIONS = Path(__file__).parent / "store" / "migrations"
+SERVICE_NAMES = [admin_pb2.DESCRIPTOR.services_by_name["AdministratorService"].full_name]
+
+
+@dataclass
+class Administrator:
+    endpoint: Endpoint
+    journal: Journal
+    activation_server: ActivationServerClient
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        await self.endpoint.stop(grace)
+        await self.activation_server.close()
+        await self.journal.engine.dispose()
+
+
+async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
+    engine = create_engine(settings.database_url)
+    await migrate(engine, MIGRATIONS)
+    journal = Journal(engine)
+    activation_server = ActivationServerClient(settings.activation_server)
+    operations = Operations(journal, activation_server, clock or SystemClock())
+    endpoint = Endpoint(SERVICE_NAMES)
+    admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
+        AdministratorServicer(operations), endpoint.server
+    )
+    port = endpoint.bind(settings.common.listen)
+    await endpoint.start()
+    log.info(
+        "Administrator listening on %s (Activation Server %s)",
+        settings.common.listen.rsplit(":", 1)[0] + f":{port}",
+        settings.activation_server,
+    )
+    return Administrator(endpoint, journal, activation_server, port)

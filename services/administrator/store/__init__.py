@@ -1,0 +1,1 @@
+"""The Administrator's storage: the operations journal and its migrations."""
