@@ -57,11 +57,12 @@ def open_with_key(envelope: SignedEnvelope, document_type: type[M], verify_key: 
     """Verify ``envelope`` with one known key (e.g. a host key) and parse its document."""
     expected = _check_type(envelope, document_type)
     try:
-        verify_key.verify(_signed_bytes(envelope.payload_type, envelope.payload), envelope.signature)
+        verify_key.verify(
+            _signed_bytes(envelope.payload_type, envelope.payload), envelope.signature
+        )
     except (BadSignatureError, ValueError, TypeError) as error:
         raise BadSignature(
-            f"the signature on the {expected} does not match its content: it was altered "
-            "or forged",
+            f"the signature on the {expected} does not match its content: it was altered or forged",
             metadata={"key_id": envelope.key_id},
         ) from error
     document = document_type()

@@ -59,7 +59,9 @@ class ErrorTable:
                 return code
         return grpc.StatusCode.INTERNAL
 
-    async def abort(self, context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+    async def abort(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: Exception
+    ) -> NoReturn:
         """End the call with the status that ``error`` deserves."""
         if isinstance(error, DomainError):
             code = self.code_for(error)
@@ -78,7 +80,9 @@ class ErrorTable:
         """Decorate a unary servicer method."""
 
         @functools.wraps(method)
-        async def wrapper(self_: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        async def wrapper(
+            self_: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+        ) -> Resp:
             try:
                 return await method(self_, request, context)
             except grpc.aio.AbortError:
@@ -123,5 +127,3 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
     """The machine-readable reason of a failed call, or '' when the server gave none."""
     info = error_info(error)
     return info.reason if info is not None else ""
-
-

@@ -35,7 +35,7 @@ class Endpoint:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
@@ -56,7 +56,9 @@ class Endpoint:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float, before_grace: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def stop(
+        self, grace: float, before_grace: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Refuse new work, let in-flight calls finish within ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         if before_grace is not None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -78,9 +80,25 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """The one session factory of a process; objects stay usable after commit."""
-    return async_sessionmaker(engine, expire_on_commit=False)
+R = TypeVar("R")
+
+
+class TransactionalStore(Generic[R]):
+    """A service's database: one session factory, one repository per transaction.
+
+    The domain owns the transaction (``async with store.transaction() as repo``); the
+    repository owns the SQL and returns plain records, so nothing lazy-loads later.
+    """
+
+    def __init__(self, engine: AsyncEngine, repository: Callable[[AsyncSession], R]) -> None:
+        self.engine = engine
+        self._repository = repository
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[R]:
+        async with self._sessions() as session, session.begin():
+            yield self._repository(session)
 
 
 async def migrate(engine: AsyncEngine, migrations: Path) -> None:

@@ -38,5 +38,7 @@ def load_settings(
     parser.add("--signing-key", "", "vendor Ed25519 key file (created when missing)")
     parser.add("--vendor-token", "", "bearer token for VendorService (default: data-dir file)")
     common, args = parser.parse(argv)
-    signing_key = Path(args.signing_key) if args.signing_key else common.data_dir / "vendor-signing.key"
+    signing_key = (
+        Path(args.signing_key) if args.signing_key else common.data_dir / "vendor-signing.key"
+    )
     return Settings(common=common, signing_key=signing_key, vendor_token=args.vendor_token)

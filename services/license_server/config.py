@@ -44,7 +44,9 @@ def load_settings(
         environ=environ,
     )
     parser.add("--vendor-keys", "", "comma-separated files of trusted vendor public keys")
-    parser.add("--machine-id", "", "machine identity to bind the host key to (default: /etc/machine-id)")
+    parser.add(
+        "--machine-id", "", "machine identity to bind the host key to (default: /etc/machine-id)"
+    )
     parser.add("--lease-ttl", "90", "seconds a lease lives without a heartbeat")
     parser.add("--heartbeat-interval", "30", "seconds between the heartbeats clients send")
     parser.add("--sweep-interval", "5", "seconds between sweeps that free expired leases")

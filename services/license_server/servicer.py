@@ -120,7 +120,9 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                 elif kind == "heartbeat":
                     assert held is not None
                     lease = held.lease
-                    expires_at = await self.leasing.heartbeat(lease.lease_id, held.secret, lease.epoch)
+                    expires_at = await self.leasing.heartbeat(
+                        lease.lease_id, held.secret, lease.epoch
+                    )
                     ack = pb.LeaseHeartbeatAck(expires_at=to_timestamp(expires_at))
                     yield pb.LeaseResponse(heartbeat_ack=ack)
                 elif kind == "release":
@@ -130,8 +132,9 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     yield pb.LeaseResponse(released=pb.LeaseReleased(lease_id=lease.lease_id))
                     return
                 else:
-                    raise LeaseProtocolViolation("empty lease request: set acquire, resume, "
-                                                 "heartbeat or release")
+                    raise LeaseProtocolViolation(
+                        "empty lease request: set acquire, resume, heartbeat or release"
+                    )
         finally:
             self._inboxes.discard(inbox)
             reader.cancel()
@@ -145,7 +148,9 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         return pb.CheckoutResponse(granted=granted_to_proto(grant))
 
     @ERRORS.unary
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Context) -> pb.HeartbeatResponse:
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: Context
+    ) -> pb.HeartbeatResponse:
         expires_at = await self.leasing.heartbeat(request.lease_id, request.lease_secret)
         return pb.HeartbeatResponse(expires_at=to_timestamp(expires_at))
 

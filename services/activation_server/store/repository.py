@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 
 from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.activation_server.domain.model import (
     ActivationRecord,
@@ -25,7 +24,7 @@ from services.activation_server.store.tables import (
     entitlements,
     features,
 )
-from tessera.storage import sessionmaker
+from tessera.storage import TransactionalStore
 
 
 class DuplicateRequest(Exception):
@@ -79,10 +78,14 @@ class Repository:
 
     async def get_entitlement(self, entitlement_id: str) -> Entitlement | None:
         row = (
-            await self.session.execute(
-                select(entitlements).where(entitlements.c.entitlement_id == entitlement_id)
+            (
+                await self.session.execute(
+                    select(entitlements).where(entitlements.c.entitlement_id == entitlement_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if row is None:
             return None
         lines = (
@@ -103,12 +106,16 @@ class Repository:
     async def get_line(self, activation_id: str) -> tuple[EntitlementLine, str] | None:
         """The line and its customer organization."""
         row = (
-            await self.session.execute(
-                select(entitlement_lines, entitlements.c.customer_organization)
-                .join(entitlements)
-                .where(entitlement_lines.c.activation_id == activation_id)
+            (
+                await self.session.execute(
+                    select(entitlement_lines, entitlements.c.customer_organization)
+                    .join(entitlements)
+                    .where(entitlement_lines.c.activation_id == activation_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return None if row is None else (_line(row), row["customer_organization"])
 
     async def take_seats(self, activation_id: str, count: int) -> bool:
@@ -125,10 +132,14 @@ class Repository:
 
     async def get_activation(self, request_id: str) -> ActivationRecord | None:
         row = (
-            await self.session.execute(
-                _activation_query().where(activations.c.request_id == request_id)
+            (
+                await self.session.execute(
+                    _activation_query().where(activations.c.request_id == request_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return None if row is None else _activation(row)
 
     async def insert_activation(self, record: ActivationRecord) -> None:
@@ -203,14 +214,8 @@ def _activation(row: RowMapping) -> ActivationRecord:
     )
 
 
-class ActivationStore:
-    """The Activation Server's database: hands out one repository per transaction."""
+class ActivationStore(TransactionalStore[Repository]):
+    """The Activation Server's database."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._sessions: async_sessionmaker[AsyncSession] = sessionmaker(engine)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Repository]:
-        async with self._sessions() as session, session.begin():
-            yield Repository(session)
+        super().__init__(engine, Repository)

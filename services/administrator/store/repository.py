@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.administrator.domain.model import Operation, OperationState
 from services.administrator.store.tables import operations
-from tessera.storage import sessionmaker
+from tessera.storage import TransactionalStore
 
 
 class DuplicateOperation(Exception):
@@ -25,10 +23,14 @@ class Repository:
 
     async def get(self, operation_id: str) -> Operation | None:
         row = (
-            await self.session.execute(
-                select(operations).where(operations.c.operation_id == operation_id)
+            (
+                await self.session.execute(
+                    select(operations).where(operations.c.operation_id == operation_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return None if row is None else _operation(row)
 
     async def insert(self, operation: Operation) -> None:
@@ -84,14 +86,8 @@ def _operation(row: RowMapping) -> Operation:
     )
 
 
-class Journal:
-    """The Administrator's database: one repository per transaction."""
+class Journal(TransactionalStore[Repository]):
+    """The Administrator's database: the operations journal."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._sessions: async_sessionmaker[AsyncSession] = sessionmaker(engine)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Repository]:
-        async with self._sessions() as session, session.begin():
-            yield Repository(session)
+        super().__init__(engine, Repository)

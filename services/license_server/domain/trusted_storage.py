@@ -105,8 +105,7 @@ class TrustedStorage:
         host_id = self.identity.host_id
         if response.host_id != host_id:
             raise CertificateForAnotherHost(
-                f"this answer is for host {response.host_id}, not this License Server "
-                f"({host_id})",
+                f"this answer is for host {response.host_id}, not this License Server ({host_id})",
                 metadata={"host_id": response.host_id},
             )
         certificate = open_envelope(response.certificate, LicenseCertificate, trusted)
@@ -156,7 +155,9 @@ class TrustedStorage:
                 installed_at=now,
             )
             expires_at = (
-                from_timestamp(certificate.expires_at) if certificate.HasField("expires_at") else None
+                from_timestamp(certificate.expires_at)
+                if certificate.HasField("expires_at")
+                else None
             )
             await repo.insert_certificate(stored, expires_at)
             await repo.mark_request_installed(pending.request_id, now)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.license_server.domain.model import (
     Lease,
@@ -24,7 +22,7 @@ from services.license_server.domain.model import (
     StoredCertificate,
 )
 from services.license_server.store.tables import certificates, leases, pending_requests, pools
-from tessera.storage import sessionmaker
+from tessera.storage import TransactionalStore
 
 
 class DuplicateKey(Exception):
@@ -41,10 +39,14 @@ class Repository:
 
     async def get_pending_request(self, request_id: str) -> PendingRequest | None:
         row = (
-            await self.session.execute(
-                select(pending_requests).where(pending_requests.c.request_id == request_id)
+            (
+                await self.session.execute(
+                    select(pending_requests).where(pending_requests.c.request_id == request_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if row is None:
             return None
         return PendingRequest(
@@ -81,17 +83,19 @@ class Repository:
 
     async def get_certificate_for_request(self, request_id: str) -> StoredCertificate | None:
         row = (
-            await self.session.execute(
-                select(certificates).where(certificates.c.request_id == request_id)
+            (
+                await self.session.execute(
+                    select(certificates).where(certificates.c.request_id == request_id)
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return None if row is None else _certificate(row)
 
     async def list_certificates(self) -> list[StoredCertificate]:
         rows = (
-            await self.session.execute(
-                select(certificates).order_by(certificates.c.installed_at)
-            )
+            await self.session.execute(select(certificates).order_by(certificates.c.installed_at))
         ).mappings()
         return [_certificate(row) for row in rows]
 
@@ -145,9 +149,13 @@ class Repository:
 
     async def get_pool(self, feature: str) -> PoolInformation | None:
         row = (
-            await self.session.execute(select(pools).where(pools.c.feature == feature))
-        ).mappings().first()
-        return None if row is None else PoolInformation(row["feature"], row["activated"], row["used"])
+            (await self.session.execute(select(pools).where(pools.c.feature == feature)))
+            .mappings()
+            .first()
+        )
+        return (
+            None if row is None else PoolInformation(row["feature"], row["activated"], row["used"])
+        )
 
     async def list_pools(self) -> list[PoolInformation]:
         rows = (await self.session.execute(select(pools).order_by(pools.c.feature))).mappings()
@@ -184,12 +192,16 @@ class Repository:
 
     async def get_lease(self, lease_id: str, secret_hash: bytes) -> Lease | None:
         row = (
-            await self.session.execute(
-                select(leases).where(
-                    leases.c.lease_id == lease_id, leases.c.secret_hash == secret_hash
+            (
+                await self.session.execute(
+                    select(leases).where(
+                        leases.c.lease_id == lease_id, leases.c.secret_hash == secret_hash
+                    )
                 )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return None if row is None else _lease(row)
 
     async def extend_lease(
@@ -221,9 +233,7 @@ class Repository:
         )
         return expires_at
 
-    async def bump_epoch(
-        self, lease_id: str, secret_hash: bytes, now: dt.datetime
-    ) -> Lease | None:
+    async def bump_epoch(self, lease_id: str, secret_hash: bytes, now: dt.datetime) -> Lease | None:
         """Fence out older streams of a held, unexpired lease and extend it (resume)."""
         row = (
             await self.session.execute(
@@ -280,7 +290,9 @@ class Repository:
         rows = (
             await self.session.execute(
                 update(leases)
-                .where(leases.c.lease_id.in_(expired.scalar_subquery()), leases.c.released_at.is_(None))
+                .where(
+                    leases.c.lease_id.in_(expired.scalar_subquery()), leases.c.released_at.is_(None)
+                )
                 .values(released_at=now, release_reason="expired")
                 .returning(leases.c.feature, leases.c.count)
             )
@@ -319,14 +331,8 @@ def _lease(row: RowMapping) -> Lease:
     )
 
 
-class LicenseStore:
-    """The License Server's database: hands out one repository per transaction."""
+class LicenseStore(TransactionalStore[Repository]):
+    """The License Server's database."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._sessions: async_sessionmaker[AsyncSession] = sessionmaker(engine)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Repository]:
-        async with self._sessions() as session, session.begin():
-            yield Repository(session)
+        super().__init__(engine, Repository)
