@@ -21,6 +21,15 @@ LICENSE_SERVER_ADDRESS = "@localhost"  # EBO style: ports 27000-27009 on this ma
 LICENSE_SERVER = "127.0.0.1:27000"
 
 
+async def next_response(
+    stream: grpc.aio.StreamStreamCall[license_pb2.LeaseRequest, license_pb2.LeaseResponse],
+) -> license_pb2.LeaseResponse:
+    response = await stream.read()
+    if not isinstance(response, license_pb2.LeaseResponse):
+        sys.exit("the License Server closed the lease stream")
+    return response
+
+
 async def main(entitlement_id: str) -> None:
     async with grpc.aio.insecure_channel(ADMINISTRATOR) as admin_channel:
         admin = admin_pb2_grpc.AdministratorServiceStub(admin_channel)
@@ -52,10 +61,10 @@ async def main(entitlement_id: str) -> None:
                 )
             )
         )
-        granted = (await stream.read()).granted
+        granted = (await next_response(stream)).granted
         print(f"WorkStation holds lease {granted.lease_id} (TTL {granted.ttl.seconds} s)")
         await stream.write(license_pb2.LeaseRequest(heartbeat=license_pb2.LeaseHeartbeat()))
-        ack = (await stream.read()).heartbeat_ack
+        ack = (await next_response(stream)).heartbeat_ack
         print(f"Heartbeat acknowledged; lease now expires at {ack.expires_at.ToDatetime()} UTC")
         info = await leases.GetLicenseInformation(license_pb2.GetLicenseInformationRequest())
         print("License Information:")
@@ -65,7 +74,7 @@ async def main(entitlement_id: str) -> None:
                 f"  available {feature.available:>3}"
             )
         await stream.write(license_pb2.LeaseRequest(release=license_pb2.LeaseRelease()))
-        await stream.read()
+        await next_response(stream)
         await stream.done_writing()
         print("Checked in.")
 
@@ -74,5 +83,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         entitlement = sys.argv[1]
     else:
-        entitlement = (Path(__file__).resolve().parents[1] / "var" / "demo-entitlement.txt").read_text().strip()
+        entitlement = (
+            (Path(__file__).resolve().parents[1] / "var" / "demo-entitlement.txt")
+            .read_text()
+            .strip()
+        )
     asyncio.run(main(entitlement))

@@ -47,14 +47,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
         if not method.startswith(self._prefixes):
             return await continuation(handler_call_details)
         presented = ""
-        for key, value in handler_call_details.invocation_metadata or ():  # type: ignore[attr-defined]
+        for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization" and isinstance(value, str):
                 presented = value
         scheme, _, token = presented.partition(" ")
@@ -64,7 +66,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return self._refuse("CREDENTIAL_INVALID", "the bearer credential is not valid")
         return await continuation(handler_call_details)
 
-    def _refuse(self, reason: str, message: str) -> grpc.RpcMethodHandler:
+    def _refuse(self, reason: str, message: str) -> grpc.RpcMethodHandler[Any, None]:
         status = rich_status(grpc.StatusCode.UNAUTHENTICATED, message, reason, self._domain, {})
 
         async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -54,7 +54,7 @@ class ErrorTable:
         if isinstance(error, PeerRefused):
             return grpc.StatusCode[error.status_name]
         for cls in type(error).__mro__:
-            code = self.table.get(cls)  # type: ignore[arg-type]
+            code = self.table.get(cls)
             if code is not None:
                 return code
         return grpc.StatusCode.INTERNAL

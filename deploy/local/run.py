@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.activation.v1 import activation_pb2 as pb
 from tessera.activation.v1 import activation_pb2_grpc as pb_grpc
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
+from tessera.serving import is_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 VAR = ROOT / "var"
@@ -31,18 +31,12 @@ DEMO_LINES = [("client.station", 10), ("server.enterprise.base", 1), ("server.de
 
 
 async def wait_healthy(target: str, process: asyncio.subprocess.Process, name: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(300):
-            if process.returncode is not None:
-                raise SystemExit(f"{name} exited with code {process.returncode}; see above")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
+    for _ in range(300):
+        if process.returncode is not None:
+            raise SystemExit(f"{name} exited with code {process.returncode}; see above")
+        if await is_serving(target):
+            return
+        await asyncio.sleep(0.1)
     raise SystemExit(f"{name} did not become healthy at {target}")
 
 

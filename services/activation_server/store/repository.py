@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import RowMapping, insert, select, update
+from sqlalchemy import RowMapping, Select, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -181,7 +182,7 @@ class Repository:
         )
 
 
-def _activation_query():  # type: ignore[no-untyped-def]
+def _activation_query() -> Select[Any]:
     return select(
         activations, entitlement_lines.c.entitlement_id, entitlement_lines.c.feature
     ).join(entitlement_lines)

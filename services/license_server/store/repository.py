@@ -119,7 +119,7 @@ class Repository:
             )
         except IntegrityError as error:
             raise DuplicateKey(certificate.certificate_id) from error
-        dialect = self.session.bind.dialect.name
+        dialect = self.session.get_bind().dialect.name
         upsert = postgresql.insert(pools) if dialect == "postgresql" else sqlite.insert(pools)
         await self.session.execute(
             upsert.values(feature=certificate.feature, activated=0, used=0).on_conflict_do_nothing()
@@ -285,7 +285,7 @@ class Repository:
             .where(leases.c.released_at.is_(None), leases.c.expires_at <= now)
             .limit(limit)
         )
-        if self.session.bind.dialect.name == "postgresql":
+        if self.session.get_bind().dialect.name == "postgresql":
             expired = expired.with_for_update(skip_locked=True)
         rows = (
             await self.session.execute(
