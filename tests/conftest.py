@@ -67,7 +67,9 @@ class DatabaseFactory:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DatabaseFactory]:
+async def databases(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[DatabaseFactory]:
     """Fresh databases on SQLite and on PostgreSQL (each test runs once per kind)."""
     factory = DatabaseFactory(request.param, tmp_path)
     yield factory
