@@ -68,7 +68,7 @@ def _parse_one(part: str, whole: str) -> ServerAddress:
         )
     if not port_text:
         return ServerAddress(host, DEFAULT_PORTS)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise InvalidLicenseServerAddress(
             f"Invalid license server configuration: {port_text!r} in {whole!r} is not a port "
             "(1-65535)"

@@ -1,9 +1,10 @@
 """Readable, checksummed identifiers: Entitlement IDs and activation IDs.
 
 An ID reads like ``ENT-7K3M-QX2P-9D4B``: a prefix, eleven random Crockford base32
-characters and one Luhn mod 32 check character. Operators type these from paper
-certificates, so a typo (one wrong character, two swapped neighbours) is caught here,
-before any network call. Crockford's alphabet has no I, L, O or U; the parser reads
+characters and one check character. Operators type these from paper certificates, so a
+typo is caught here, before any network call: the check is Damm's algorithm over the
+quasigroup ``x * y = a*x + y`` in GF(32), which is totally anti-symmetric, so every single
+wrong character and every swap of two neighbours is detected (Luhn mod 32 misses 0<->Z). Crockford's alphabet has no I, L, O or U; the parser reads
 I and L as 1 and O as 0, ignores case, spaces and dashes.
 """
 
@@ -43,15 +44,25 @@ def fingerprint(data: bytes, groups: int = 4) -> str:
     return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
+# x^5 + x^2 + 1, primitive over GF(2); multiplying by its root ``a`` is a shift and a xor.
+_POLYNOMIAL = 0b100101
+
+
+def _times_a(value: int) -> int:
+    value <<= 1
+    return value ^ _POLYNOMIAL if value & 0b100000 else value
+
+
+def _damm(chars: str) -> int:
+    interim = 0
+    for char in chars:
+        interim = _times_a(interim) ^ _VALUE[char]
+    return interim
+
+
 def check_character(body: str) -> str:
-    """Luhn mod 32 check character of ``body`` (catches one wrong or two swapped chars)."""
-    factor = 2
-    total = 0
-    for char in reversed(body):
-        addend = factor * _VALUE[char]
-        total += addend // 32 + addend % 32
-        factor = 1 if factor == 2 else 2
-    return ALPHABET[(32 - total % 32) % 32]
+    """The check character that makes Damm's interim of ``body`` + it come out 0."""
+    return ALPHABET[_times_a(_damm(body))]
 
 
 def new_id(prefix: str) -> str:
@@ -70,7 +81,7 @@ def parse_id(prefix: str, text: str, field: str) -> str:
     chars = cleaned[len(prefix) :]
     if len(chars) != _BODY_LENGTH + 1 or any(char not in _VALUE for char in chars):
         raise InvalidInput(field, f"{text!r} is not an ID of the form {prefix}-XXXX-XXXX-XXXX")
-    if check_character(chars[:-1]) != chars[-1]:
+    if _damm(chars) != 0:
         raise InvalidInput(field, f"{text!r} has a typo: its check character does not match")
     return _format(prefix, chars)
 

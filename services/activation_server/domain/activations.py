@@ -37,6 +37,7 @@ from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, parse_id
 from tessera.keys import host_id as compute_host_id
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_COUNT = 100_000
 
 
 def verify_host_request(envelope: SignedEnvelope) -> HostActivationRequest:
@@ -80,8 +81,8 @@ class Activations:
         if not REQUEST_ID.match(request.request_id):
             raise InvalidInput("request_id", "1-128 letters, digits or ._:-")
         activation_id = parse_id(ACTIVATION_PREFIX, request.activation_id, "activation_id")
-        if request.count < 1:
-            raise InvalidInput("count", f"must be at least 1, not {request.count}")
+        if not 1 <= request.count <= MAX_COUNT:
+            raise InvalidInput("count", f"must be between 1 and {MAX_COUNT}, not {request.count}")
         try:
             async with self.store.transaction() as repo:
                 return await self._decide(repo, request, activation_id)
@@ -112,6 +113,11 @@ class Activations:
         if line.expires_at is not None and line.expires_at <= now:
             raise LineExpired(f"{activation_id} expired at {line.expires_at.isoformat()}")
         if not await repo.take_seats(activation_id, request.count):
+            # A concurrent retry of this very request may have taken the seats while we
+            # waited for the line; read committed sees its row now, so answer as it did.
+            previous = await repo.get_activation(request.request_id)
+            if previous is not None:
+                return _replay(previous, request, activation_id)
             raise NotEnoughSeatsLeft(
                 f"{activation_id} ({line.feature}) has {line.available} of {line.count} seats "
                 f"left; {request.count} asked for",

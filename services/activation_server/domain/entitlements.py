@@ -12,6 +12,7 @@ from tessera.errors import InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, new_id, parse_id
 
 MAX_LINES = 100
+MAX_SEATS_PER_LINE = 1_000_000
 MAX_TEXT = 256
 
 
@@ -37,8 +38,11 @@ class Entitlements:
             raise InvalidInput("lines", f"at most {MAX_LINES} lines")
         now = self.clock.now()
         for index, line in enumerate(lines):
-            if line.count < 1:
-                raise InvalidInput(f"lines[{index}].count", f"must be at least 1, not {line.count}")
+            if not 1 <= line.count <= MAX_SEATS_PER_LINE:
+                raise InvalidInput(
+                    f"lines[{index}].count",
+                    f"must be between 1 and {MAX_SEATS_PER_LINE}, not {line.count}",
+                )
             if line.expires_at is not None and line.expires_at <= now:
                 raise InvalidInput(f"lines[{index}].expires_at", "is in the past")
         entitlement_id = new_id(ENTITLEMENT_PREFIX)

@@ -125,7 +125,8 @@ class Repository:
             update(entitlement_lines)
             .where(
                 entitlement_lines.c.activation_id == activation_id,
-                entitlement_lines.c.activated + count <= entitlement_lines.c.count,
+                # Written as a difference so a huge count cannot overflow the column type.
+                count <= entitlement_lines.c.count - entitlement_lines.c.activated,
             )
             .values(activated=entitlement_lines.c.activated + count)
         )

@@ -136,7 +136,7 @@ class Repository:
         """Take ``count`` seats if that many are free, in one conditional statement."""
         result = await self.session.execute(
             update(pools)
-            .where(pools.c.feature == feature, pools.c.used + count <= pools.c.activated)
+            .where(pools.c.feature == feature, count <= pools.c.activated - pools.c.used)
             .values(used=pools.c.used + count)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -1,0 +1,338 @@
+"""License Server leasing over real migrated databases (SQLite and PostgreSQL).
+
+Pools are seeded straight through the repository (a StoredCertificate inside a
+transaction), so these tests exercise seat counting, not signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+
+from services.license_server.domain.errors import (
+    CountAboveActivated,
+    FeatureNotLicensed,
+    LeaseExpired,
+    LeaseNotFound,
+    LeaseReleased,
+    NoSeatAvailable,
+    StaleLeaseEpoch,
+)
+from services.license_server.domain.leasing import LeasePolicy, Leasing
+from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
+from services.license_server.server import MIGRATIONS
+from services.license_server.store.repository import LicenseStore
+from services.license_server.store.tables import leases
+from tessera.storage import create_engine, migrate
+from tests.conftest import DatabaseFactory, FakeClock
+
+FEATURE = "client.station"
+TTL = 90
+
+Replicas = Callable[[int], Awaitable[list[Leasing]]]
+
+
+@pytest.fixture
+async def replicas(databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Replicas]:
+    """``await replicas(n)``: n License Server replicas (own engine each) over one database."""
+    url = await databases.new("license")
+    engines = []
+
+    async def make(count: int) -> list[Leasing]:
+        made = []
+        for _ in range(count):
+            engine = create_engine(url)
+            engines.append(engine)
+            await migrate(engine, MIGRATIONS)
+            made.append(Leasing(LicenseStore(engine), LeasePolicy(ttl_seconds=TTL), clock))
+        return made
+
+    yield make
+    for engine in engines:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def leasing(replicas: Replicas) -> Leasing:
+    [one] = await replicas(1)
+    return one
+
+
+async def seed(leasing: Leasing, seats: int, feature: str = FEATURE) -> None:
+    """Install a certificate for ``seats`` seats of ``feature`` straight into storage."""
+    certificate_id = str(uuid.uuid4())
+    async with leasing.store.transaction() as repo:
+        await repo.insert_certificate(
+            StoredCertificate(
+                certificate_id=certificate_id,
+                request_id=f"request-{certificate_id}",
+                feature=feature,
+                count=seats,
+                envelope=b"not-verified-in-these-tests",
+                installed_at=leasing.clock.now(),
+            ),
+            None,
+        )
+
+
+async def pool(leasing: Leasing, feature: str = FEATURE) -> PoolInformation:
+    [info] = await leasing.information(feature)
+    return info
+
+
+async def held_seats(leasing: Leasing, feature: str = FEATURE) -> int:
+    """Seats of the held leases in the leases table (what ``used`` must always equal)."""
+    async with leasing.store.engine.connect() as connection:
+        total = await connection.scalar(
+            select(func.coalesce(func.sum(leases.c.count), 0)).where(
+                leases.c.feature == feature, leases.c.released_at.is_(None)
+            )
+        )
+    return int(total or 0)
+
+
+def new_lease(count: int = 1, client: str = "ws-01", feature: str = FEATURE) -> NewLease:
+    return NewLease(feature, count, client, "operator", "WorkStation")
+
+
+async def test_counted_checkout_is_all_or_nothing(leasing: Leasing) -> None:
+    await seed(leasing, 3)
+    await leasing.acquire(new_lease())
+    with pytest.raises(NoSeatAvailable) as refused:
+        await leasing.acquire(new_lease(count=3))
+    assert refused.value.metadata["available"] == "2"
+    info = await pool(leasing)
+    assert (info.activated, info.used, info.available) == (3, 1, 2)
+    assert await held_seats(leasing) == 1
+    grant = await leasing.acquire(new_lease(count=2))
+    assert grant.lease.count == 2
+    assert (await pool(leasing)).used == 3
+
+
+async def test_more_than_activated_and_unlicensed_features_are_refused(leasing: Leasing) -> None:
+    await seed(leasing, 2)
+    with pytest.raises(CountAboveActivated):
+        await leasing.acquire(new_lease(count=3))
+    with pytest.raises(FeatureNotLicensed):
+        await leasing.acquire(new_lease(feature="client.script"))
+    assert (await pool(leasing)).used == 0
+    assert await held_seats(leasing) == 0
+
+
+async def test_seats_of_two_certificates_add_up(leasing: Leasing) -> None:
+    await seed(leasing, 2)
+    await seed(leasing, 3)
+    assert (await pool(leasing)).activated == 5
+    await leasing.acquire(new_lease(count=5))
+    assert (await pool(leasing)).available == 0
+
+
+async def test_resume_bumps_the_epoch_and_keeps_the_same_seats(
+    leasing: Leasing, clock: FakeClock
+) -> None:
+    await seed(leasing, 2)
+    grant = await leasing.acquire(new_lease(count=2))
+    assert grant.lease.epoch == 1
+    clock.advance(30)
+    resumed = await leasing.resume(grant.lease.lease_id, grant.secret)
+    assert resumed.resumed
+    assert resumed.lease.lease_id == grant.lease.lease_id
+    assert resumed.lease.epoch == 2
+    assert resumed.lease.count == 2
+    assert resumed.lease.expires_at == clock.now() + dt.timedelta(seconds=TTL)
+    assert (await pool(leasing)).used == 2  # no second seat for the same client
+    assert await held_seats(leasing) == 2
+
+    with pytest.raises(StaleLeaseEpoch):
+        await leasing.heartbeat(grant.lease.lease_id, grant.secret, epoch=1)
+    with pytest.raises(StaleLeaseEpoch):
+        await leasing.release(grant.lease.lease_id, grant.secret, epoch=1)
+    assert (await pool(leasing)).used == 2
+    clock.advance(10)
+    expires = await leasing.heartbeat(grant.lease.lease_id, grant.secret, epoch=2)
+    assert expires == clock.now() + dt.timedelta(seconds=TTL)
+    again = await leasing.resume(grant.lease.lease_id, grant.secret)
+    assert again.lease.epoch == 3
+
+
+async def test_resume_after_expiry_is_refused(leasing: Leasing, clock: FakeClock) -> None:
+    await seed(leasing, 1)
+    grant = await leasing.acquire(new_lease())
+    clock.advance(TTL)  # exactly at expiry: expired
+    with pytest.raises(LeaseExpired):
+        await leasing.resume(grant.lease.lease_id, grant.secret)
+    with pytest.raises(LeaseExpired):
+        await leasing.heartbeat(grant.lease.lease_id, grant.secret)
+    assert await leasing.release_expired() == 1
+    with pytest.raises(LeaseReleased):
+        await leasing.resume(grant.lease.lease_id, grant.secret)
+    assert (await pool(leasing)).used == 0
+
+
+async def test_wrong_secret_looks_like_no_lease(leasing: Leasing) -> None:
+    await seed(leasing, 1)
+    grant = await leasing.acquire(new_lease())
+    with pytest.raises(LeaseNotFound):
+        await leasing.resume(grant.lease.lease_id, grant.secret + "x")
+    with pytest.raises(LeaseNotFound):
+        await leasing.heartbeat(grant.lease.lease_id, "wrong")
+    with pytest.raises(LeaseNotFound):
+        await leasing.release(grant.lease.lease_id, "wrong")
+    assert (await pool(leasing)).used == 1
+
+
+async def test_release_is_idempotent(leasing: Leasing) -> None:
+    await seed(leasing, 2)
+    grant = await leasing.acquire(new_lease(count=2))
+    assert await leasing.release(grant.lease.lease_id, grant.secret) is True
+    assert await leasing.release(grant.lease.lease_id, grant.secret) is False
+    assert await leasing.release(grant.lease.lease_id, grant.secret, epoch=1) is False
+    info = await pool(leasing)
+    assert (info.used, info.available) == (0, 2)
+    assert await held_seats(leasing) == 0
+    with pytest.raises(LeaseReleased):
+        await leasing.heartbeat(grant.lease.lease_id, grant.secret)
+
+
+async def test_release_expired_frees_exactly_the_expired_leases(
+    leasing: Leasing, clock: FakeClock
+) -> None:
+    await seed(leasing, 10)
+    short = [
+        await leasing.acquire(new_lease(client=f"short-{i}"), ttl_seconds=30) for i in range(3)
+    ]
+    long = [await leasing.acquire(new_lease(count=2, client=f"long-{i}")) for i in range(2)]
+    kept_alive = await leasing.acquire(new_lease(client="kept"), ttl_seconds=30)
+    assert (await pool(leasing)).used == 8
+
+    clock.advance(20)
+    await leasing.heartbeat(kept_alive.lease.lease_id, kept_alive.secret)
+    clock.advance(10)  # the short leases expire now, exactly at their TTL
+    assert await leasing.release_expired() == 3
+    assert await leasing.release_expired() == 0  # idempotent
+    assert (await pool(leasing)).used == 5
+    assert await held_seats(leasing) == 5
+    for grant in short:
+        with pytest.raises(LeaseReleased):
+            await leasing.heartbeat(grant.lease.lease_id, grant.secret)
+        assert await leasing.release(grant.lease.lease_id, grant.secret) is False
+    for grant in [*long, kept_alive]:
+        await leasing.heartbeat(grant.lease.lease_id, grant.secret)
+
+    clock.advance(TTL + 1)
+    assert await leasing.release_expired() == 3
+    assert await leasing.release_expired() == 0
+    assert (await pool(leasing)).used == 0
+
+
+async def test_release_expired_works_in_batches(replicas: Replicas, clock: FakeClock) -> None:
+    [leasing] = await replicas(1)
+    leasing.policy = LeasePolicy(ttl_seconds=TTL, sweep_batch=2)
+    await seed(leasing, 7)
+    for i in range(7):
+        await leasing.acquire(new_lease(client=f"ws-{i}"))
+    clock.advance(TTL)
+    assert await leasing.release_expired() == 7
+    assert (await pool(leasing)).used == 0
+
+
+async def test_replicas_never_over_allocate(replicas: Replicas, clock: FakeClock) -> None:
+    """THE invariant: 60 clients on 3 replicas contend for 10 seats; exactly 10 win."""
+    servers = await replicas(3)
+    await seed(servers[0], 10)
+
+    results = await asyncio.gather(
+        *(servers[i % 3].acquire(new_lease(client=f"ws-{i:02}")) for i in range(60)),
+        return_exceptions=True,
+    )
+    granted = [r for r in results if isinstance(r, Grant)]
+    refused = [r for r in results if isinstance(r, NoSeatAvailable)]
+    unexpected = [r for r in results if not isinstance(r, Grant | NoSeatAvailable)]
+    assert unexpected == []
+    assert len(granted) == 10
+    assert len(refused) == 50
+    assert len({grant.lease.lease_id for grant in granted}) == 10
+    for server in servers:
+        info = await pool(server)
+        assert (info.activated, info.used, info.available) == (10, 10, 0)
+    assert await held_seats(servers[0]) == 10
+
+    # Half check in (some twice, on different replicas) while every replica sweeps
+    # the rest, which have expired meanwhile: each seat comes back exactly once.
+    clock.advance(TTL + 1)
+    checkins = [
+        servers[(i + k) % 3].release(grant.lease.lease_id, grant.secret)
+        for i, grant in enumerate(granted[:5])
+        for k in range(2)
+    ]
+    sweeps = [server.release_expired() for server in servers for _ in range(3)]
+    outcomes = await asyncio.gather(*checkins, *sweeps, return_exceptions=True)
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    released_by_checkin = sum(1 for o in outcomes[: len(checkins)] if o is True)
+    freed_by_sweeps = sum(outcomes[len(checkins) :])  # type: ignore[arg-type]
+    assert released_by_checkin + freed_by_sweeps == 10
+    assert released_by_checkin <= 5
+    for server in servers:
+        info = await pool(server)
+        assert (info.used, info.available) == (0, 10)
+    assert await held_seats(servers[0]) == 0
+    assert await servers[1].release_expired() == 0
+
+
+async def test_concurrent_acquire_and_release_keep_used_equal_to_held(
+    replicas: Replicas,
+) -> None:
+    servers = await replicas(3)
+    await seed(servers[0], 4)
+
+    @dataclass
+    class Tally:
+        granted: int = 0
+        refused: int = 0
+
+    tally = Tally()
+
+    async def client(index: int) -> None:
+        server = servers[index % 3]
+        for _ in range(5):
+            try:
+                grant = await server.acquire(new_lease(client=f"ws-{index}"))
+            except NoSeatAvailable:
+                tally.refused += 1
+                continue
+            tally.granted += 1
+            assert await servers[(index + 1) % 3].release(grant.lease.lease_id, grant.secret)
+
+    await asyncio.gather(*(client(i) for i in range(12)))
+    assert tally.granted + tally.refused == 60
+    assert tally.granted >= 4
+    info = await pool(servers[2])
+    assert (info.used, info.available) == (0, 4)
+    assert await held_seats(servers[0]) == 0
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE pools SET used = activated + 1",
+        "UPDATE pools SET used = -1",
+        "UPDATE pools SET activated = used - 1",
+    ],
+)
+async def test_database_refuses_used_outside_zero_to_activated(
+    leasing: Leasing, statement: str
+) -> None:
+    await seed(leasing, 3)
+    await leasing.acquire(new_lease())
+    with pytest.raises(IntegrityError):
+        async with leasing.store.engine.begin() as connection:
+            await connection.execute(text(statement))
+    info = await pool(leasing)
+    assert (info.activated, info.used) == (3, 1)
