@@ -4,7 +4,8 @@ An ID reads like ``ENT-7K3M-QX2P-9D4B``: a prefix, eleven random Crockford base3
 characters and one check character. Operators type these from paper certificates, so a
 typo is caught here, before any network call: the check is Damm's algorithm over the
 quasigroup ``x * y = a*x + y`` in GF(32), which is totally anti-symmetric, so every single
-wrong character and every swap of two neighbours is detected (Luhn mod 32 misses 0<->Z). Crockford's alphabet has no I, L, O or U; the parser reads
+wrong character and every swap of two neighbours is detected (Luhn mod 32 misses 0<->Z).
+Crockford's alphabet has no I, L, O or U; the parser reads
 I and L as 1 and O as 0, ignores case, spaces and dashes.
 """
 

@@ -127,3 +127,108 @@ def reason_of(error: grpc.aio.AioRpcError) -> str:
     """The machine-readable reason of a failed call, or '' when the server gave none."""
     info = error_info(error)
     return info.reason if info is not None else ""
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class MalformedRequest(DomainError):
+    """The request bytes do not parse as the method's request message."""
+
+    reason = "MALFORMED_REQUEST"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:
+            return _Undecodable(error)
+
+    return deserialize
+
+
+class MalformedRequestGuard(grpc.aio.ServerInterceptor):
+    """Turns request bytes that do not parse into INVALID_ARGUMENT / MALFORMED_REQUEST.
+
+    Left alone, grpcio answers UNKNOWN with a Python exception name. The guard wraps each
+    method's deserializer once (cached per method) so a bad message reaches the handler
+    as a marker, and the call ends with a clear status before any servicer code runs.
+    """
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        if method in self._handlers:
+            return self._handlers[method]
+        handler = await continuation(handler_call_details)
+        guarded = self._guard(handler)
+        self._handlers[method] = guarded
+        return guarded
+
+    def _guard(
+        self, handler: grpc.RpcMethodHandler[Any, Any] | None
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if handler is None:
+            return None
+        malformed = rich_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the request does not parse as the method's request message",
+            MalformedRequest.reason,
+            self.domain,
+            {},
+        )
+        if handler.unary_unary is not None:
+            unary: Any = handler.unary_unary  # an async behaviour on grpc.aio servers
+
+            async def guarded_unary(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                if isinstance(request, _Undecodable):
+                    await context.abort_with_status(malformed)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                guarded_unary,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            stream: Any = handler.stream_stream
+
+            async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+                async for request in requests:
+                    if isinstance(request, _Undecodable):
+                        raise MalformedRequest(
+                            "a message on the stream does not parse as the request message"
+                        )
+                    yield request
+
+            async def guarded_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async for response in stream(checked(requests), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                guarded_stream,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tessera.rpc import MalformedRequestGuard
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -28,10 +30,12 @@ class Endpoint:
     def __init__(
         self,
         service_names: Iterable[str],
+        error_domain: str,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=list(interceptors),
+            # The guard goes last: it caches per method what lies behind it.
+            interceptors=[*interceptors, MalformedRequestGuard(error_domain)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -231,15 +231,20 @@ async def test_request_id_reused_for_another_count_is_refused(
     await vendor.activations.activate(request(identity, line.activation_id, 2, "req-1", clock))
     with pytest.raises(RequestIdReused):
         await vendor.activations.activate(request(identity, line.activation_id, 3, "req-1", clock))
-    with pytest.raises(RequestIdReused):
-        await vendor.activations.activate(
-            request(host("site-b"), line.activation_id, 2, "req-1", clock)
-        )
     other = await new_line(vendor, 10)
     with pytest.raises(RequestIdReused):
         await vendor.activations.activate(request(identity, other.activation_id, 2, "req-1", clock))
     assert (await line_now(vendor, line)).activated == 2
     assert (await line_now(vendor, other)).activated == 0
+
+
+async def test_request_ids_are_unique_per_host_not_across_hosts(
+    vendor: Vendor, clock: FakeClock
+) -> None:
+    line = await new_line(vendor, 10)
+    await vendor.activations.activate(request(host("site-a"), line.activation_id, 2, "op-1", clock))
+    await vendor.activations.activate(request(host("site-b"), line.activation_id, 3, "op-1", clock))
+    assert (await line_now(vendor, line)).activated == 5
 
 
 async def test_host_id_that_does_not_belong_to_the_key_is_refused(

@@ -10,6 +10,7 @@ from services.activation_server.config import Settings
 from services.activation_server.domain.activations import Activations
 from services.activation_server.domain.entitlements import Entitlements
 from services.activation_server.domain.vendor_key import VendorKey
+from services.activation_server.errors import ERRORS
 from services.activation_server.servicer import ActivationServicer, VendorServicer
 from services.activation_server.store.repository import ActivationStore
 from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
@@ -71,6 +72,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     activations = Activations(store, vendor_key, clock)
     endpoint = Endpoint(
         SERVICE_NAMES,
+        error_domain=ERRORS.domain,
         interceptors=[
             BearerTokenInterceptor(token, [SERVICE_NAMES[1]], domain="tessera.activation")
         ],

@@ -70,12 +70,13 @@ def new_line_from_proto(index: int, line: pb.NewEntitlementLine) -> NewLine:
         raise InvalidInput(f"lines[{index}].kind", "must be LICENSE_KIND_NETWORK or _LOCAL")
     if not line.feature:
         raise InvalidInput(f"lines[{index}].feature", "is required")
-    return NewLine(
-        feature=line.feature,
-        count=line.count,
-        kind=kind,
-        expires_at=from_timestamp(line.expires_at) if line.HasField("expires_at") else None,
-    )
+    expires_at = None
+    if line.HasField("expires_at"):
+        try:
+            expires_at = from_timestamp(line.expires_at)
+        except (ValueError, OverflowError) as error:
+            raise InvalidInput(f"lines[{index}].expires_at", "is not a valid timestamp") from error
+    return NewLine(feature=line.feature, count=line.count, kind=kind, expires_at=expires_at)
 
 
 class ActivationServicer(pb_grpc.ActivationServiceServicer):

@@ -10,7 +10,7 @@ import grpc
 
 from services.administrator.domain import errors
 from tessera import errors as shared
-from tessera.rpc import ErrorTable
+from tessera.rpc import ErrorTable, MalformedRequest
 
 Code = grpc.StatusCode
 
@@ -18,6 +18,7 @@ ERRORS = ErrorTable(
     domain="tessera.admin",
     table={
         shared.InvalidInput: Code.INVALID_ARGUMENT,
+        MalformedRequest: Code.INVALID_ARGUMENT,
         shared.InvalidLicenseServerAddress: Code.INVALID_ARGUMENT,
         shared.PeerUnavailable: Code.UNAVAILABLE,
         errors.OperationIdReused: Code.ALREADY_EXISTS,

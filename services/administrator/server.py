@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.administrator.config import Settings
 from services.administrator.domain.operations import Operations
+from services.administrator.errors import ERRORS
 from services.administrator.peers import ActivationServerClient
 from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
@@ -41,7 +42,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     journal = Journal(engine)
     activation_server = ActivationServerClient(settings.activation_server)
     operations = Operations(journal, activation_server, clock or SystemClock())
-    endpoint = Endpoint(SERVICE_NAMES)
+    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain)
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server
     )

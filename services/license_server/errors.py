@@ -6,7 +6,7 @@ import grpc
 
 from services.license_server.domain import errors
 from tessera import errors as shared
-from tessera.rpc import ErrorTable
+from tessera.rpc import ErrorTable, MalformedRequest
 
 Code = grpc.StatusCode
 
@@ -14,6 +14,7 @@ ERRORS = ErrorTable(
     domain="tessera.license",
     table={
         shared.InvalidInput: Code.INVALID_ARGUMENT,
+        MalformedRequest: Code.INVALID_ARGUMENT,
         shared.WrongPayloadType: Code.INVALID_ARGUMENT,
         shared.MalformedPayload: Code.INVALID_ARGUMENT,
         shared.BadSignature: Code.PERMISSION_DENIED,

@@ -11,6 +11,7 @@ from pathlib import Path
 from services.license_server.config import Settings
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.trusted_storage import TrustedStorage
+from services.license_server.errors import ERRORS
 from services.license_server.servicer import LeaseServicer, TrustedStorageServicer
 from services.license_server.store.repository import LicenseStore
 from tessera.clock import Clock, SystemClock
@@ -92,7 +93,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
             "no vendor public keys in %s: activations cannot be installed until there are",
             ", ".join(str(p) for p in settings.vendor_keys),
         )
-    endpoint = Endpoint(SERVICE_NAMES)
+    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain)
     lease_servicer = LeaseServicer(leasing)
     license_pb2_grpc.add_LeaseServiceServicer_to_server(lease_servicer, endpoint.server)
     license_pb2_grpc.add_TrustedStorageServiceServicer_to_server(

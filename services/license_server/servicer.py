@@ -16,7 +16,7 @@ from services.license_server.domain.model import Grant, NewLease
 from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
 from tessera.clock import to_timestamp
-from tessera.errors import InvalidInput
+from tessera.errors import DomainError, InvalidInput
 from tessera.keys import HostIdentity
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
@@ -49,7 +49,12 @@ def granted_to_proto(grant: Grant) -> pb.LeaseGranted:
 
 
 def new_lease_from_proto(acquire: pb.LeaseAcquire) -> tuple[NewLease, int | None]:
-    ttl = int(acquire.ttl.ToTimedelta().total_seconds()) if acquire.HasField("ttl") else None
+    ttl = None
+    if acquire.HasField("ttl"):
+        if acquire.ttl.seconds < 0 or not 0 <= acquire.ttl.nanos < 1_000_000_000:
+            raise InvalidInput("ttl", "must be a positive duration")
+        # Round a sub-second remainder up: never a shorter lease than the client asked for.
+        ttl = acquire.ttl.seconds + (1 if acquire.ttl.nanos else 0)
     new = NewLease(
         feature=acquire.feature,
         count=acquire.count,
@@ -64,6 +69,8 @@ async def _pump(requests: AsyncIterator[pb.LeaseRequest], inbox: asyncio.Queue[o
     try:
         async for message in requests:
             await inbox.put(message)
+    except DomainError as error:  # e.g. a message that does not parse
+        await inbox.put(error)
     except Exception:  # the client went away mid-read; treat like a half-close
         pass
     finally:
@@ -104,6 +111,8 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                         "the License Server is stopping; resume the lease after it restarts "
                         "or on another server"
                     )
+                if isinstance(item, DomainError):
+                    raise item
                 assert isinstance(item, pb.LeaseRequest)
                 kind = item.WhichOneof("kind")
                 if kind in ("acquire", "resume") and held is not None:

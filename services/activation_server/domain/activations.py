@@ -35,6 +35,7 @@ from tessera.envelope import open_with_key
 from tessera.errors import InvalidInput, MalformedPayload, WrongPayloadType
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, parse_id
 from tessera.keys import host_id as compute_host_id
+from tessera.validation import checked_text
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_COUNT = 100_000
@@ -94,7 +95,7 @@ class Activations:
     async def _decide(
         self, repo: Repository, request: HostActivationRequest, activation_id: str
     ) -> SignedEnvelope:
-        previous = await repo.get_activation(request.request_id)
+        previous = await repo.get_activation(request.host_id, request.request_id)
         if previous is not None:
             return _replay(previous, request, activation_id)
         found = await repo.get_line(activation_id)
@@ -115,7 +116,7 @@ class Activations:
         if not await repo.take_seats(activation_id, request.count):
             # A concurrent retry of this very request may have taken the seats while we
             # waited for the line; read committed sees its row now, so answer as it did.
-            previous = await repo.get_activation(request.request_id)
+            previous = await repo.get_activation(request.host_id, request.request_id)
             if previous is not None:
                 return _replay(previous, request, activation_id)
             raise NotEnoughSeatsLeft(
@@ -174,6 +175,7 @@ class Activations:
         """Activations, optionally of one entitlement and/or one host."""
         if entitlement_id:
             entitlement_id = parse_id(ENTITLEMENT_PREFIX, entitlement_id, "entitlement_id")
+        host_id = checked_text("host_id", host_id, 64)
         async with self.store.transaction() as repo:
             return await repo.list_activations(entitlement_id or None, host_id or None)
 

@@ -10,6 +10,7 @@ from services.activation_server.store.repository import ActivationStore
 from tessera.clock import Clock
 from tessera.errors import InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, new_id, parse_id
+from tessera.validation import checked_text
 
 MAX_LINES = 100
 MAX_SEATS_PER_LINE = 1_000_000
@@ -27,11 +28,10 @@ class Entitlements:
         self, customer_organization: str, contact: str, lines: Sequence[NewLine]
     ) -> Entitlement:
         """Record an order and issue its Entitlement ID and one activation ID per line."""
-        customer_organization = customer_organization.strip()
-        if not customer_organization:
-            raise InvalidInput("customer_organization", "is required")
-        if len(customer_organization) > MAX_TEXT or len(contact) > MAX_TEXT:
-            raise InvalidInput("customer_organization", f"at most {MAX_TEXT} characters")
+        customer_organization = checked_text(
+            "customer_organization", customer_organization, MAX_TEXT, required=True
+        )
+        contact = checked_text("contact", contact, MAX_TEXT)
         if not lines:
             raise InvalidInput("lines", "an entitlement needs at least one line")
         if len(lines) > MAX_LINES:
@@ -58,7 +58,7 @@ class Entitlements:
             await repo.insert_entitlement(
                 entitlement_id,
                 customer_organization,
-                contact.strip(),
+                contact,
                 now,
                 [(new_id(ACTIVATION_PREFIX), line) for line in lines],
             )

@@ -132,11 +132,13 @@ class Repository:
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def get_activation(self, request_id: str) -> ActivationRecord | None:
+    async def get_activation(self, host_id: str, request_id: str) -> ActivationRecord | None:
         row = (
             (
                 await self.session.execute(
-                    _activation_query().where(activations.c.request_id == request_id)
+                    _activation_query().where(
+                        activations.c.host_id == host_id, activations.c.request_id == request_id
+                    )
                 )
             )
             .mappings()

@@ -59,6 +59,8 @@ entitlement_lines = Table(
 activations = Table(
     "activations",
     metadata,
+    # Request ids are chosen by each host, so they are unique per host only.
+    Column("host_id", String(32), primary_key=True),
     Column("request_id", String(128), primary_key=True),
     Column(
         "activation_id",
@@ -67,7 +69,6 @@ activations = Table(
         nullable=False,
         index=True,
     ),
-    Column("host_id", String(32), nullable=False, index=True),
     Column("host_public_key", LargeBinary, nullable=False),
     Column("count", Integer, nullable=False),
     Column("certificate_id", String(64), nullable=False, unique=True),

@@ -27,6 +27,7 @@ from services.license_server.domain.model import Grant, Lease, NewLease, PoolInf
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import InvalidInput
+from tessera.validation import checked_text
 
 MAX_SEATS_PER_LEASE = 10_000
 MAX_TEXT = 256
@@ -55,7 +56,7 @@ class Leasing:
 
     async def acquire(self, new: NewLease, ttl_seconds: int | None = None) -> Grant:
         """Take ``new.count`` seats of a feature, all or nothing."""
-        _validate(new)
+        new = _validated(new)
         ttl = self._ttl(ttl_seconds)
         lease_id = str(uuid.uuid4())
         secret = secrets.token_urlsafe(24)
@@ -116,6 +117,7 @@ class Leasing:
 
     async def information(self, feature: str = "") -> list[PoolInformation]:
         """License Information per feature: Activated, Used, Available."""
+        feature = checked_text("feature", feature, 64)
         async with self.store.transaction() as repo:
             if feature:
                 pool = await repo.get_pool(feature)
@@ -128,8 +130,11 @@ class Leasing:
             return await repo.list_pools()
 
     def _ttl(self, requested: int | None) -> int:
-        if requested is None or requested <= 0:
+        """The client may ask for a shorter TTL than the server's, never a longer one."""
+        if requested is None:
             return self.policy.ttl_seconds
+        if requested < 1:
+            raise InvalidInput("ttl", f"must be at least 1 second, not {requested}")
         return min(requested, self.policy.ttl_seconds)
 
     def _grant(self, lease: Lease, secret: str, resumed: bool) -> Grant:
@@ -172,24 +177,24 @@ class Leasing:
         raise LeaseNotFound(f"lease {lease_id} cannot be used")  # pragma: no cover
 
 
-def _validate(new: NewLease) -> None:
-    if not new.feature:
-        raise InvalidInput("feature", "is required, e.g. client.station")
-    if len(new.feature) > 64:
-        raise InvalidInput("feature", "at most 64 characters")
+def _validated(new: NewLease) -> NewLease:
     if not 1 <= new.count <= MAX_SEATS_PER_LEASE:
         raise InvalidInput("count", f"must be between 1 and {MAX_SEATS_PER_LEASE}, not {new.count}")
-    for field, value in (
-        ("client_host", new.client_host),
-        ("user", new.user),
-        ("display_name", new.display_name),
-    ):
-        if len(value) > MAX_TEXT:
-            raise InvalidInput(field, f"at most {MAX_TEXT} characters")
+    return NewLease(
+        feature=_feature(new.feature),
+        count=new.count,
+        client_host=checked_text("client_host", new.client_host, MAX_TEXT),
+        user=checked_text("user", new.user, MAX_TEXT),
+        display_name=checked_text("display_name", new.display_name, MAX_TEXT),
+    )
+
+
+def _feature(feature: str) -> str:
+    if not feature.strip():
+        raise InvalidInput("feature", "is required, e.g. client.station")
+    return checked_text("feature", feature, 64)
 
 
 def _require_lease_credentials(lease_id: str, secret: str) -> None:
-    if not lease_id:
-        raise InvalidInput("lease_id", "is required")
-    if not secret:
-        raise InvalidInput("lease_secret", "is required")
+    checked_text("lease_id", lease_id, 128, required=True)
+    checked_text("lease_secret", secret, 128, required=True)

@@ -64,6 +64,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "activations",
+        sa.Column("host_id", sa.String(32), primary_key=True),
         sa.Column("request_id", sa.String(128), primary_key=True),
         sa.Column(
             "activation_id",
@@ -72,7 +73,6 @@ def upgrade() -> None:
             nullable=False,
             index=True,
         ),
-        sa.Column("host_id", sa.String(32), nullable=False, index=True),
         sa.Column("host_public_key", sa.LargeBinary, nullable=False),
         sa.Column("count", sa.Integer, nullable=False),
         sa.Column("certificate_id", sa.String(64), nullable=False, unique=True),
