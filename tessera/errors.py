@@ -31,6 +31,12 @@ class InvalidInput(DomainError):
         self.field = field
 
 
+class MalformedRequest(DomainError):
+    """The request bytes do not parse as the method's request message."""
+
+    reason = "MALFORMED_REQUEST"
+
+
 class EnvelopeRejected(DomainError):
     """A signed envelope failed verification (bad signature, unknown key, wrong type)."""
 

@@ -18,7 +18,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from tessera.errors import DomainError, PeerRefused
+from tessera import errors
+from tessera.errors import DomainError, MalformedRequest, PeerRefused
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,26 @@ def rich_status(
 
 
 class ErrorTable:
-    """One service's map from domain errors to status codes, applied to its servicers."""
+    """One service's map from domain errors to status codes, applied to its servicers.
+
+    The shared errors every service can meet (bad input, rejected envelopes, malformed
+    requests) come first; a service's own table adds its rules' errors.
+    """
 
     def __init__(self, domain: str, table: Mapping[type[DomainError], grpc.StatusCode]) -> None:
         self.domain = domain
-        self.table = dict(table)
+        self.table: dict[type[DomainError], grpc.StatusCode] = {
+            errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+            MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
+            errors.WrongPayloadType: grpc.StatusCode.INVALID_ARGUMENT,
+            errors.MalformedPayload: grpc.StatusCode.INVALID_ARGUMENT,
+            errors.EnvelopeRejected: grpc.StatusCode.PERMISSION_DENIED,
+            errors.BadSignature: grpc.StatusCode.PERMISSION_DENIED,
+            errors.UnknownSigningKey: grpc.StatusCode.PERMISSION_DENIED,
+            errors.InvalidLicenseServerAddress: grpc.StatusCode.INVALID_ARGUMENT,
+            errors.PeerUnavailable: grpc.StatusCode.UNAVAILABLE,
+            **table,
+        }
 
     def code_for(self, error: DomainError) -> grpc.StatusCode:
         """The status code of ``error``: its own class or its nearest mapped base class."""
@@ -134,12 +150,6 @@ class _Undecodable:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
-
-
-class MalformedRequest(DomainError):
-    """The request bytes do not parse as the method's request message."""
-
-    reason = "MALFORMED_REQUEST"
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

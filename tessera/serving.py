@@ -12,11 +12,13 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tessera.config import CommonSettings
 from tessera.rpc import MalformedRequestGuard
 
 log = logging.getLogger(__name__)
@@ -100,3 +102,31 @@ async def is_serving(target: str, deadline: float = 1.0) -> bool:
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class _Settings(Protocol):
+    @property
+    def common(self) -> CommonSettings: ...
+
+
+class _Service(Protocol):
+    async def stop(self, grace: float) -> None: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=_Settings)
+
+
+def run_service(
+    load_settings: Callable[[], SettingsT],
+    build: Callable[[SettingsT], Awaitable[_Service]],
+) -> None:
+    """A service's ``__main__``: settings -> logging -> build -> serve until SIGTERM."""
+
+    async def main() -> None:
+        settings = load_settings()
+        configure_logging(settings.common.log_level)
+        service = await build(settings)
+        await wait_for_stop_signal()
+        await service.stop(settings.common.shutdown_grace)
+
+    asyncio.run(main())

@@ -1,21 +1,8 @@
-"""``python -m services.activation_server``: settings -> database -> serve until SIGTERM."""
-
-from __future__ import annotations
-
-import asyncio
+"""``python -m services.activation_server``: run the Activation Server until SIGTERM or SIGINT."""
 
 from services.activation_server.config import load_settings
 from services.activation_server.server import build
-from tessera.serving import configure_logging, wait_for_stop_signal
-
-
-async def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.common.log_level)
-    server = await build(settings)
-    await wait_for_stop_signal()
-    await server.stop(settings.common.shutdown_grace)
-
+from tessera.serving import run_service
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_service(load_settings, build)

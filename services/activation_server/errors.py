@@ -5,20 +5,13 @@ from __future__ import annotations
 import grpc
 
 from services.activation_server.domain import errors
-from tessera import errors as shared
-from tessera.rpc import ErrorTable, MalformedRequest
+from tessera.rpc import ErrorTable
 
 Code = grpc.StatusCode
 
 ERRORS = ErrorTable(
     domain="tessera.activation",
     table={
-        shared.InvalidInput: Code.INVALID_ARGUMENT,
-        MalformedRequest: Code.INVALID_ARGUMENT,
-        shared.WrongPayloadType: Code.INVALID_ARGUMENT,
-        shared.MalformedPayload: Code.INVALID_ARGUMENT,
-        shared.BadSignature: Code.PERMISSION_DENIED,
-        shared.UnknownSigningKey: Code.PERMISSION_DENIED,
         errors.HostKeyMismatch: Code.PERMISSION_DENIED,
         errors.UnknownFeature: Code.INVALID_ARGUMENT,
         errors.EntitlementNotFound: Code.NOT_FOUND,

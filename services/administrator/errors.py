@@ -9,18 +9,13 @@ from __future__ import annotations
 import grpc
 
 from services.administrator.domain import errors
-from tessera import errors as shared
-from tessera.rpc import ErrorTable, MalformedRequest
+from tessera.rpc import ErrorTable
 
 Code = grpc.StatusCode
 
 ERRORS = ErrorTable(
     domain="tessera.admin",
     table={
-        shared.InvalidInput: Code.INVALID_ARGUMENT,
-        MalformedRequest: Code.INVALID_ARGUMENT,
-        shared.InvalidLicenseServerAddress: Code.INVALID_ARGUMENT,
-        shared.PeerUnavailable: Code.UNAVAILABLE,
         errors.OperationIdReused: Code.ALREADY_EXISTS,
         errors.OperationHostChanged: Code.FAILED_PRECONDITION,
     },
