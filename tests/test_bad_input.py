@@ -1125,6 +1125,10 @@ async def test_lease_stream_refuses_bad_messages(site: Site, subtests: pytest.Su
                 await stream.write(message)
                 grants.append((await stream.read()).granted)
             await stream.write(messages[-1])
+            if messages[-1].HasField("acquire") and not grants:
+                # A refused acquire is told as `denied` first, then the stream's status.
+                denied = await stream.read()
+                assert denied.denied.reason == reason, denied
             await expect(stream.read(), code, reason)
 
             # A lease granted before the refusal is kept (it may be resumed); nothing else.

@@ -211,6 +211,9 @@ async def test_thin_path_through_three_real_processes(stack: Stack) -> None:
                 acquire=license_pb2.LeaseAcquire(feature="client.station", count=1)
             )
         )
+        denied = await third.read()
+        assert isinstance(denied, license_pb2.LeaseResponse)
+        assert denied.denied.reason == "NO_SEAT_AVAILABLE"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await third.read()
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -79,6 +79,9 @@ async def test_client_beyond_activated_count_is_refused(site: Site) -> None:
         holders.append(stream)
     third = site.leases.Lease()
     await third.write(acquire())
+    denied = await third.read()
+    assert isinstance(denied, license_pb2.LeaseResponse)
+    assert denied.denied.reason == "NO_SEAT_AVAILABLE"
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await third.read()
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

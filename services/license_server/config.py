@@ -22,6 +22,9 @@ class Settings:
     machine_id: str
     policy: LeasePolicy
     sweep_interval: float
+    # Operator bearer token for LeaseAdminService; default: read from (or created in)
+    # operator-token in the data directory.
+    operator_token: str
 
     @property
     def database_url(self) -> str:
@@ -50,6 +53,9 @@ def load_settings(
     parser.add("--lease-ttl", "90", "seconds a lease lives without a heartbeat")
     parser.add("--heartbeat-interval", "30", "seconds between the heartbeats clients send")
     parser.add("--sweep-interval", "5", "seconds between sweeps that free expired leases")
+    parser.add(
+        "--operator-token", "", "bearer token for LeaseAdminService (default: data-dir file)"
+    )
     common, args = parser.parse(argv)
     try:
         ttl = int(args.lease_ttl)
@@ -68,4 +74,5 @@ def load_settings(
         machine_id=args.machine_id,
         policy=LeasePolicy(ttl_seconds=ttl, heartbeat_interval_seconds=interval),
         sweep_interval=sweep,
+        operator_token=args.operator_token,
     )

@@ -21,6 +21,8 @@ ERRORS = ErrorTable(
         errors.StaleLeaseEpoch: Code.FAILED_PRECONDITION,
         errors.LeaseProtocolViolation: Code.FAILED_PRECONDITION,
         errors.ServerShuttingDown: Code.UNAVAILABLE,
+        errors.QueueTimeout: Code.RESOURCE_EXHAUSTED,
+        errors.LeaseRevoked: Code.FAILED_PRECONDITION,
         errors.RequestNotPreparedHere: Code.NOT_FOUND,
         errors.CertificateForAnotherHost: Code.PERMISSION_DENIED,
         errors.CertificateMismatch: Code.INVALID_ARGUMENT,

@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.license_server.config import Settings
+from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
-from services.license_server.servicer import LeaseServicer, TrustedStorageServicer
+from services.license_server.servicer import (
+    LeaseAdminServicer,
+    LeaseServicer,
+    TrustedStorageServicer,
+)
+from services.license_server.store.notifications import PostgresLeaseNotifications
 from services.license_server.store.repository import LicenseStore
+from tessera.auth import BearerTokenInterceptor, load_or_create_token
 from tessera.clock import Clock, SystemClock
 from tessera.keys import (
     HostIdentity,
@@ -29,9 +37,11 @@ from tessera.storage import create_engine, migrate
 log = logging.getLogger("tessera.license_server")
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
+SERVICES = license_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAMES = [
-    license_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
-    license_pb2.DESCRIPTOR.services_by_name["TrustedStorageService"].full_name,
+    SERVICES["LeaseService"].full_name,
+    SERVICES["TrustedStorageService"].full_name,
+    SERVICES["LeaseAdminService"].full_name,
 ]
 
 
@@ -43,6 +53,7 @@ class LicenseServer:
     lease_servicer: LeaseServicer
     identity: HostIdentity
     sweeper: asyncio.Task[None]
+    notifications: PostgresLeaseNotifications | None
     port: int
 
     async def stop(self, grace: float) -> None:
@@ -53,18 +64,24 @@ class LicenseServer:
         self.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.sweeper
+        if self.notifications is not None:
+            await self.notifications.stop()
         await self.store.engine.dispose()
 
 
 async def sweep_forever(leasing: Leasing, interval: float) -> None:
-    """Free expired leases every ``interval`` seconds (idempotent on every replica)."""
+    """Free expired leases and retire expired certificates every ``interval`` seconds
+    (idempotent on every replica)."""
     while True:
         try:
             freed = await leasing.release_expired()
             if freed:
                 log.info("freed %d expired lease(s)", freed)
+            retired = await leasing.retire_expired_certificates()
+            if retired:
+                log.warning("retired %d expired certificate(s)", retired)
         except Exception:
-            log.exception("expiry sweep failed; retrying next interval")
+            log.exception("sweep failed; retrying next interval")
         await asyncio.sleep(interval)
 
 
@@ -78,24 +95,48 @@ def load_host_identity(settings: Settings) -> HostIdentity:
     return identity
 
 
+def operator_token(settings: Settings) -> str:
+    if settings.operator_token:
+        return settings.operator_token
+    path = settings.common.data_dir / "operator-token"
+    token, created = load_or_create_token(path)
+    if created:
+        log.warning("created the operator bearer token in %s", path)
+    return token
+
+
 async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer:
     clock = clock or SystemClock()
     identity = load_host_identity(settings)
+    token = operator_token(settings)
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
-    store = LicenseStore(engine)
-    leasing = Leasing(store, settings.policy, clock)
+    origin = uuid.uuid4().hex
+    store = LicenseStore(engine, origin)
+    bus = LeaseBus()
+    notifications = None
+    if engine.dialect.name == "postgresql":
+        notifications = PostgresLeaseNotifications(settings.database_url, bus, origin)
+        await notifications.start()
+    leasing = Leasing(store, settings.policy, clock, bus)
     trusted_storage = TrustedStorage(
-        store, identity, lambda: read_vendor_public_keys(settings.vendor_keys), clock
+        store, identity, lambda: read_vendor_public_keys(settings.vendor_keys), clock, bus
     )
     if not read_vendor_public_keys(settings.vendor_keys):
         log.warning(
             "no vendor public keys in %s: activations cannot be installed until there are",
             ", ".join(str(p) for p in settings.vendor_keys),
         )
-    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain)
+    endpoint = Endpoint(
+        SERVICE_NAMES,
+        error_domain=ERRORS.domain,
+        interceptors=[BearerTokenInterceptor(token, [SERVICE_NAMES[2]], domain=ERRORS.domain)],
+    )
     lease_servicer = LeaseServicer(leasing)
     license_pb2_grpc.add_LeaseServiceServicer_to_server(lease_servicer, endpoint.server)
+    license_pb2_grpc.add_LeaseAdminServiceServicer_to_server(
+        LeaseAdminServicer(leasing), endpoint.server
+    )
     license_pb2_grpc.add_TrustedStorageServiceServicer_to_server(
         TrustedStorageServicer(trusted_storage, identity), endpoint.server
     )
@@ -108,4 +149,6 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
         engine.url.render_as_string(hide_password=True),
     )
-    return LicenseServer(endpoint, store, leasing, lease_servicer, identity, sweeper, port)
+    return LicenseServer(
+        endpoint, store, leasing, lease_servicer, identity, sweeper, notifications, port
+    )

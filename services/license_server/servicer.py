@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
-from services.license_server.domain.errors import LeaseProtocolViolation, ServerShuttingDown
+from services.license_server.domain.errors import ServerShuttingDown
 from services.license_server.domain.leasing import Leasing
-from services.license_server.domain.model import Grant, NewLease
 from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
+from services.license_server.session import LeaseSession
+from services.license_server.translate import (
+    granted_to_proto,
+    lease_entry_to_proto,
+    new_lease_from_proto,
+)
 from tessera.clock import to_timestamp
 from tessera.errors import DomainError, InvalidInput
 from tessera.keys import HostIdentity
@@ -25,44 +28,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 _END = object()  # the client half-closed or went away
 _SHUTDOWN = object()  # the server is stopping
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromTimedelta(dt.timedelta(seconds=seconds))
-    return duration
-
-
-def granted_to_proto(grant: Grant) -> pb.LeaseGranted:
-    lease = grant.lease
-    return pb.LeaseGranted(
-        lease_id=lease.lease_id,
-        lease_secret=grant.secret,
-        feature=lease.feature,
-        count=lease.count,
-        ttl=_duration(lease.ttl_seconds),
-        heartbeat_interval=_duration(grant.heartbeat_interval_seconds),
-        expires_at=to_timestamp(lease.expires_at),
-        epoch=lease.epoch,
-        resumed=grant.resumed,
-    )
-
-
-def new_lease_from_proto(acquire: pb.LeaseAcquire) -> tuple[NewLease, int | None]:
-    ttl = None
-    if acquire.HasField("ttl"):
-        if acquire.ttl.seconds < 0 or not 0 <= acquire.ttl.nanos < 1_000_000_000:
-            raise InvalidInput("ttl", "must be a positive duration")
-        # Round a sub-second remainder up: never a shorter lease than the client asked for.
-        ttl = acquire.ttl.seconds + (1 if acquire.ttl.nanos else 0)
-    new = NewLease(
-        feature=acquire.feature,
-        count=acquire.count,
-        client_host=acquire.client_host,
-        user=acquire.user,
-        display_name=acquire.display_name,
-    )
-    return new, ttl
 
 
 async def _pump(requests: AsyncIterator[pb.LeaseRequest], inbox: asyncio.Queue[object]) -> None:
@@ -91,17 +56,20 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         for inbox in self._inboxes:
             inbox.put_nowait(_SHUTDOWN)
 
+    @property
+    def open_streams(self) -> int:
+        return len(self._inboxes)
+
     @ERRORS.stream
     async def Lease(
         self, request_iterator: AsyncIterator[pb.LeaseRequest], context: Context
     ) -> AsyncIterator[pb.LeaseResponse]:
-        inbox: asyncio.Queue[object] = asyncio.Queue()
-        self._inboxes.add(inbox)
-        reader = asyncio.create_task(_pump(request_iterator, inbox))
-        held: Grant | None = None
+        session = LeaseSession(self.leasing)
+        self._inboxes.add(session.inbox)
+        reader = asyncio.create_task(_pump(request_iterator, session.inbox))
         try:
             while True:
-                item = _SHUTDOWN if self._closing else await inbox.get()
+                item = _SHUTDOWN if self._closing else await session.next_item()
                 if item is _END:
                     # A stream that ends without release keeps its lease until the TTL
                     # runs out, so the client can resume it after a network blip.
@@ -113,40 +81,23 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     )
                 if isinstance(item, DomainError):
                     raise item
-                assert isinstance(item, pb.LeaseRequest)
-                kind = item.WhichOneof("kind")
-                if kind in ("acquire", "resume") and held is not None:
-                    raise LeaseProtocolViolation(f"{kind} on a stream that already holds a lease")
-                if kind in ("heartbeat", "release") and held is None:
-                    raise LeaseProtocolViolation(f"{kind} before acquire or resume")
-                if kind == "acquire":
-                    new, ttl = new_lease_from_proto(item.acquire)
-                    held = await self.leasing.acquire(new, ttl)
-                    yield pb.LeaseResponse(granted=granted_to_proto(held))
-                elif kind == "resume":
-                    held = await self.leasing.resume(item.resume.lease_id, item.resume.lease_secret)
-                    yield pb.LeaseResponse(granted=granted_to_proto(held))
-                elif kind == "heartbeat":
-                    assert held is not None
-                    lease = held.lease
-                    expires_at = await self.leasing.heartbeat(
-                        lease.lease_id, held.secret, lease.epoch
-                    )
-                    ack = pb.LeaseHeartbeatAck(expires_at=to_timestamp(expires_at))
-                    yield pb.LeaseResponse(heartbeat_ack=ack)
-                elif kind == "release":
-                    assert held is not None
-                    lease = held.lease
-                    await self.leasing.release(lease.lease_id, held.secret, lease.epoch)
-                    yield pb.LeaseResponse(released=pb.LeaseReleased(lease_id=lease.lease_id))
+                async for response in session.handle(item):
+                    yield response
+                if session.finished:
                     return
-                else:
-                    raise LeaseProtocolViolation(
-                        "empty lease request: set acquire, resume, heartbeat or release"
-                    )
         finally:
-            self._inboxes.discard(inbox)
+            self._inboxes.discard(session.inbox)
             reader.cancel()
+            await session.close()
+
+    @ERRORS.unary
+    async def DeclareRequirement(
+        self, request: pb.DeclareRequirementRequest, context: Context
+    ) -> pb.DeclareRequirementResponse:
+        await self.leasing.declare_requirement(
+            request.client_host, request.feature, request.required
+        )
+        return pb.DeclareRequirementResponse()
 
     @ERRORS.unary
     async def Checkout(self, request: pb.CheckoutRequest, context: Context) -> pb.CheckoutResponse:
@@ -180,10 +131,34 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     activated=pool.activated,
                     used=pool.used,
                     available=pool.available,
+                    queued=pool.queued,
+                    required=pool.required,
+                    violation=pool.violation,
                 )
                 for pool in pools
             ]
         )
+
+
+class LeaseAdminServicer(pb_grpc.LeaseAdminServiceServicer):
+    """tessera.license.v1.LeaseAdminService (operator credential checked by the interceptor)."""
+
+    def __init__(self, leasing: Leasing) -> None:
+        self.leasing = leasing
+
+    @ERRORS.unary
+    async def ListLeases(
+        self, request: pb.ListLeasesRequest, context: Context
+    ) -> pb.ListLeasesResponse:
+        entries = await self.leasing.list_leases(request.feature)
+        return pb.ListLeasesResponse(leases=[lease_entry_to_proto(entry) for entry in entries])
+
+    @ERRORS.unary
+    async def RevokeLease(
+        self, request: pb.RevokeLeaseRequest, context: Context
+    ) -> pb.RevokeLeaseResponse:
+        revoked = await self.leasing.revoke(request.lease_id, request.reason)
+        return pb.RevokeLeaseResponse(revoked=revoked)
 
 
 class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):

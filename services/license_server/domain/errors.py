@@ -79,3 +79,18 @@ class CertificateMismatch(DomainError):
 
 class RequestIdReused(DomainError):
     reason = "REQUEST_ID_REUSED"
+
+
+class QueueTimeout(DomainError):
+    """The client waited in the queue as long as it asked and no seat freed."""
+
+    reason = "QUEUE_TIMEOUT"
+
+
+class LeaseRevoked(DomainError):
+    """The lease ended without its holder asking; ``reason`` says why (e.g.
+    REVOKED_BY_OPERATOR, LEASE_EXPIRED, LICENSE_EXPIRED, LEASE_RESUMED_ELSEWHERE)."""
+
+    def __init__(self, reason: str, message: str, lease_id: str) -> None:
+        super().__init__(message, metadata={"lease_id": lease_id})
+        self.reason = reason

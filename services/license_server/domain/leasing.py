@@ -1,9 +1,10 @@
-"""Network seat leasing: acquire, heartbeat, resume, release, and expiry.
+"""Network seat leasing: acquire, queue, heartbeat, resume, release, revoke, expiry.
 
 Every change of a seat count is one conditional UPDATE in the database, and every
 expiry is computed from stored times, so several License Server processes over one
 database agree, and a restart loses nothing. A lease is proved by its secret (stored
-only as a hash) and fenced by an epoch that each resume raises.
+only as a hash) and fenced by an epoch that each resume raises. What a holder or a
+waiter must hear at once is published as a lease event after the change commits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime as dt
 import hashlib
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.license_server.domain.errors import (
@@ -23,7 +25,20 @@ from services.license_server.domain.errors import (
     NoSeatAvailable,
     StaleLeaseEpoch,
 )
-from services.license_server.domain.model import Grant, Lease, NewLease, PoolInformation
+from services.license_server.domain.events import (
+    LeaseBus,
+    LeaseEnded,
+    LeaseEvent,
+    LeaseResumed,
+    SeatsFreed,
+)
+from services.license_server.domain.model import (
+    Grant,
+    Lease,
+    NewLease,
+    PoolInformation,
+    Waiter,
+)
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import InvalidInput
@@ -31,6 +46,12 @@ from tessera.validation import checked_text
 
 MAX_SEATS_PER_LEASE = 10_000
 MAX_TEXT = 256
+
+# Why a lease ended without its holder asking, as told on its stream.
+REVOKED_BY_OPERATOR = "REVOKED_BY_OPERATOR"
+LEASE_EXPIRED = "LEASE_EXPIRED"
+LICENSE_EXPIRED = "LICENSE_EXPIRED"
+LEASE_RESUMED_ELSEWHERE = "LEASE_RESUMED_ELSEWHERE"
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,18 @@ class LeasePolicy:
     ttl_seconds: int = 90
     heartbeat_interval_seconds: float = 30.0
     sweep_batch: int = 1000
+    # A waiter's stream proves it is alive this often; a waiter silent for
+    # waiter_ttl_seconds (its replica died) drops out of the queue.
+    waiter_refresh_seconds: float = 5.0
+    waiter_ttl_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class LeaseEntry:
+    """The operator's view of one lease or waiter."""
+
+    lease: Lease | None
+    waiter: Waiter | None
 
 
 def secret_hash(secret: str) -> bytes:
@@ -47,29 +80,27 @@ def secret_hash(secret: str) -> bytes:
 
 
 class Leasing:
-    """Seat pools and the leases on them."""
+    """Seat pools, the leases on them and the clients waiting for them."""
 
-    def __init__(self, store: LicenseStore, policy: LeasePolicy, clock: Clock) -> None:
+    def __init__(
+        self, store: LicenseStore, policy: LeasePolicy, clock: Clock, bus: LeaseBus | None = None
+    ) -> None:
         self.store = store
         self.policy = policy
         self.clock = clock
+        self.bus = bus or LeaseBus()
+
+    # Holding seats
 
     async def acquire(self, new: NewLease, ttl_seconds: int | None = None) -> Grant:
-        """Take ``new.count`` seats of a feature, all or nothing."""
+        """Take ``new.count`` seats of a feature, all or nothing, behind any waiters."""
         new = _validated(new)
         ttl = self._ttl(ttl_seconds)
-        lease_id = str(uuid.uuid4())
-        secret = secrets.token_urlsafe(24)
         now = self.clock.now()
         async with self.store.transaction() as repo:
-            if not await repo.take_seats(new.feature, new.count):
-                await self._refuse(repo, new)
-            await repo.insert_lease(
-                lease_id, secret_hash(secret), new, ttl, now, now + dt.timedelta(seconds=ttl)
-            )
-            lease = await repo.get_lease(lease_id, secret_hash(secret))
-        assert lease is not None
-        return self._grant(lease, secret, resumed=False)
+            if not await repo.take_seats(new.feature, new.count, now):
+                await self._refuse(repo, new, now)
+            return await self._grant_new(repo, new, ttl, now)
 
     async def heartbeat(self, lease_id: str, secret: str, epoch: int | None = None) -> dt.datetime:
         """Extend a held lease by its TTL; returns the new expiry."""
@@ -90,7 +121,10 @@ class Leasing:
             lease = await repo.bump_epoch(lease_id, secret_hash(secret), now)
             if lease is None:
                 await self._explain_unusable(repo, lease_id, secret, None, now)
-        assert lease is not None
+            assert lease is not None
+            event = LeaseResumed(lease.lease_id, lease.epoch)
+            await repo.announce(event)
+        self.bus.publish(event)
         return self._grant(lease, secret, resumed=True)
 
     async def release(self, lease_id: str, secret: str, epoch: int | None = None) -> bool:
@@ -103,31 +137,170 @@ class Leasing:
                 raise LeaseNotFound(f"no lease {lease_id!r} with that secret")
             if epoch is not None and lease.epoch != epoch and lease.released_at is None:
                 raise StaleLeaseEpoch("the lease was resumed by another stream")
-            return await repo.release_lease(lease_id, secret_hash(secret), now, "checked_in")
+            released = await repo.release_lease(lease_id, secret_hash(secret), now, "checked_in")
+            if released:
+                await repo.announce(SeatsFreed(lease.feature))
+        if released:
+            self.bus.publish(SeatsFreed(lease.feature))
+        return released
 
-    async def release_expired(self) -> int:
-        """Free the seats of every lease whose TTL ran out; safe on any replica, any time."""
-        freed = 0
-        while True:
-            async with self.store.transaction() as repo:
-                batch = await repo.release_expired(self.clock.now(), self.policy.sweep_batch)
-            freed += batch
-            if batch < self.policy.sweep_batch:
-                return freed
+    # Waiting for seats
+
+    async def enqueue(self, new: NewLease) -> Waiter:
+        """Put a client at the back of its feature's queue (it must be licensed here)."""
+        new = _validated(new)
+        now = self.clock.now()
+        waiter = Waiter(str(uuid.uuid4()), new, now)
+        async with self.store.transaction() as repo:
+            pool = await repo.get_pool(new.feature)
+            if pool is None or pool.activated == 0:
+                raise _not_licensed(new.feature)
+            if new.count > pool.activated:
+                raise _above_activated(new, pool)
+            await repo.enqueue(waiter, now + _seconds(self.policy.waiter_ttl_seconds))
+        return waiter
+
+    async def try_dequeue(self, waiter: Waiter, ttl_seconds: int | None) -> Grant | int:
+        """Grant a waiter's seats if it is first in line and they are free; otherwise its
+        position in the queue. Keeps the waiter alive either way."""
+        ttl = self._ttl(ttl_seconds)
+        now = self.clock.now()
+        async with self.store.transaction() as repo:
+            request = waiter.request
+            if await repo.take_seats(
+                request.feature, request.count, now, (waiter.enqueued_at, waiter.waiter_id)
+            ):
+                await repo.leave_queue(waiter.waiter_id)
+                return await self._grant_new(repo, request, ttl, now)
+            alive_until = now + _seconds(self.policy.waiter_ttl_seconds)
+            await repo.keep_waiter_alive(waiter.waiter_id, alive_until)
+            return await repo.queue_position(waiter, now)
+
+    async def leave_queue(self, waiter: Waiter) -> None:
+        async with self.store.transaction() as repo:
+            await repo.leave_queue(waiter.waiter_id)
+        # Whoever waited behind may be first now.
+        self.bus.publish(SeatsFreed(waiter.request.feature))
+
+    # The operator
+
+    async def revoke(self, lease_id: str, reason: str) -> bool:
+        """Release a lease now (FlexNet's lmremove); its holder is told at once."""
+        lease_id = checked_text("lease_id", lease_id, 128, required=True)
+        reason = checked_text("reason", reason, MAX_TEXT)
+        now = self.clock.now()
+        message = "the operator revoked this lease" + (f": {reason}" if reason else "")
+        async with self.store.transaction() as repo:
+            lease = await repo.revoke_lease(lease_id, now, "revoked")
+            if lease is None:
+                if not await repo.lease_exists(lease_id):
+                    raise LeaseNotFound(f"no lease {lease_id!r}")
+                return False
+            events: list[LeaseEvent] = [
+                LeaseEnded(lease_id, REVOKED_BY_OPERATOR, message),
+                SeatsFreed(lease.feature),
+            ]
+            for event in events:
+                await repo.announce(event)
+        self._publish(events)
+        return True
+
+    async def list_leases(self, feature: str = "") -> list[LeaseEntry]:
+        """Who holds seats, then who waits for them, oldest first."""
+        feature = checked_text("feature", feature, 64)
+        now = self.clock.now()
+        async with self.store.transaction() as repo:
+            held = await repo.list_held_leases(feature)
+            waiting = await repo.list_waiters(feature, now)
+        return [LeaseEntry(lease, None) for lease in held] + [
+            LeaseEntry(None, waiter) for waiter in waiting
+        ]
+
+    async def declare_requirement(self, client_host: str, feature: str, required: int) -> None:
+        """Record how many seats of a feature a client needs (EBO's Required)."""
+        client_host = checked_text("client_host", client_host, MAX_TEXT, required=True)
+        feature = _feature(feature)
+        if not 0 <= required <= 1_000_000:
+            raise InvalidInput("required", f"must be between 0 and 1000000, not {required}")
+        async with self.store.transaction() as repo:
+            await repo.declare_requirement(client_host, feature, required, self.clock.now())
 
     async def information(self, feature: str = "") -> list[PoolInformation]:
-        """License Information per feature: Activated, Used, Available."""
+        """License Information per feature: Activated, Used, Available, Queued, Required."""
         feature = checked_text("feature", feature, 64)
+        now = self.clock.now()
         async with self.store.transaction() as repo:
-            if feature:
-                pool = await repo.get_pool(feature)
-                if pool is None:
-                    raise FeatureNotLicensed(
-                        f"no {feature} licenses are activated on this License Server",
-                        metadata={"feature": feature},
-                    )
-                return [pool]
-            return await repo.list_pools()
+            pools = {pool.feature: pool for pool in await repo.list_pools()}
+            queued = await repo.queued_per_feature(now)
+            required = await repo.required_per_feature()
+        names = sorted(set(pools) | set(required))
+        if feature:
+            if feature not in names:
+                raise _not_licensed(feature)
+            names = [feature]
+        return [
+            PoolInformation(
+                name,
+                pools[name].activated if name in pools else 0,
+                pools[name].used if name in pools else 0,
+                queued=queued.get(name, 0),
+                required=required.get(name, 0),
+            )
+            for name in names
+        ]
+
+    # Housekeeping, on any replica, any time
+
+    async def release_expired(self) -> int:
+        """Free the seats of every lease whose TTL ran out; tell holders still connected."""
+        freed = 0
+        while True:
+            now = self.clock.now()
+            async with self.store.transaction() as repo:
+                expired = await repo.release_expired(now, self.policy.sweep_batch)
+                events = _expiry_events(expired)
+                for event in events:
+                    await repo.announce(event)
+                await repo.drop_dead_waiters(now)
+            self._publish(events)
+            freed += len(expired)
+            if len(expired) < self.policy.sweep_batch:
+                return freed
+
+    async def retire_expired_certificates(self) -> int:
+        """Take expired certificates' seats out of their pools, revoking the newest leases
+        first when fewer seats remain than are in use; returns how many were retired."""
+        now = self.clock.now()
+        retired = 0
+        async with self.store.transaction() as repo:
+            certificates = await repo.expired_certificates(now)
+        for certificate in certificates:
+            events: list[LeaseEvent] = []
+            async with self.store.transaction() as repo:
+                pool = await repo.get_pool(certificate.feature)
+                assert pool is not None
+                excess = pool.used - (pool.activated - certificate.count)
+                revoked = 0
+                for lease in await repo.newest_held_leases(certificate.feature, max(excess, 0)):
+                    if revoked >= excess:
+                        break
+                    if await repo.revoke_lease(lease.lease_id, now, "license_expired"):
+                        revoked += lease.count
+                        events.append(
+                            LeaseEnded(
+                                lease.lease_id,
+                                LICENSE_EXPIRED,
+                                f"the {certificate.feature} license behind this lease expired",
+                            )
+                        )
+                if await repo.retire_certificate(certificate, now):
+                    retired += 1
+                for event in events:
+                    await repo.announce(event)
+            self._publish(events)
+        return retired
+
+    # Rules
 
     def _ttl(self, requested: int | None) -> int:
         """The client may ask for a shorter TTL than the server's, never a longer one."""
@@ -137,26 +310,48 @@ class Leasing:
             raise InvalidInput("ttl", f"must be at least 1 second, not {requested}")
         return min(requested, self.policy.ttl_seconds)
 
+    async def _grant_new(
+        self, repo: Repository, new: NewLease, ttl: int, now: dt.datetime
+    ) -> Grant:
+        lease_id = str(uuid.uuid4())
+        secret = secrets.token_urlsafe(24)
+        await repo.insert_lease(
+            lease_id, secret_hash(secret), new, ttl, now, now + dt.timedelta(seconds=ttl)
+        )
+        lease = Lease(
+            lease_id=lease_id,
+            feature=new.feature,
+            count=new.count,
+            client_host=new.client_host,
+            user=new.user,
+            display_name=new.display_name,
+            ttl_seconds=ttl,
+            epoch=1,
+            granted_at=now,
+            last_heartbeat_at=now,
+            expires_at=now + dt.timedelta(seconds=ttl),
+            released_at=None,
+        )
+        return self._grant(lease, secret, resumed=False)
+
     def _grant(self, lease: Lease, secret: str, resumed: bool) -> Grant:
         interval = min(self.policy.heartbeat_interval_seconds, lease.ttl_seconds / 3)
         return Grant(lease, secret, interval, resumed)
 
-    async def _refuse(self, repo: Repository, new: NewLease) -> None:
+    def _publish(self, events: Sequence[LeaseEvent]) -> None:
+        for event in events:
+            self.bus.publish(event)
+
+    async def _refuse(self, repo: Repository, new: NewLease, now: dt.datetime) -> None:
         pool = await repo.get_pool(new.feature)
         if pool is None or pool.activated == 0:
-            raise FeatureNotLicensed(
-                f"no {new.feature} licenses are activated on this License Server",
-                metadata={"feature": new.feature},
-            )
+            raise _not_licensed(new.feature)
         if new.count > pool.activated:
-            raise CountAboveActivated(
-                f"{new.count} seats of {new.feature} asked for, but only {pool.activated} "
-                "are activated here",
-                metadata={"feature": new.feature, "activated": str(pool.activated)},
-            )
+            raise _above_activated(new, pool)
+        queued = (await repo.queued_per_feature(now)).get(new.feature, 0)
         raise NoSeatAvailable(
-            f"all {pool.activated} seats of {new.feature} are in use "
-            f"({pool.available} free, {new.count} asked for)",
+            f"all {pool.activated} seats of {new.feature} are in use or promised to the queue "
+            f"({pool.available} free, {queued} waiting, {new.count} asked for)",
             metadata={"feature": new.feature, "available": str(pool.available)},
         )
 
@@ -175,6 +370,34 @@ class Leasing:
         if epoch is not None and lease.epoch != epoch:
             raise StaleLeaseEpoch("the lease was resumed by another stream")
         raise LeaseNotFound(f"lease {lease_id} cannot be used")  # pragma: no cover
+
+
+def _expiry_events(expired: list[tuple[str, str]]) -> list[LeaseEvent]:
+    events: list[LeaseEvent] = [
+        LeaseEnded(lease_id, LEASE_EXPIRED, "no heartbeat within the lease's TTL")
+        for lease_id, _ in expired
+    ]
+    events += [SeatsFreed(feature) for feature in sorted({feature for _, feature in expired})]
+    return events
+
+
+def _seconds(value: float) -> dt.timedelta:
+    return dt.timedelta(seconds=value)
+
+
+def _not_licensed(feature: str) -> FeatureNotLicensed:
+    return FeatureNotLicensed(
+        f"no {feature} licenses are activated on this License Server",
+        metadata={"feature": feature},
+    )
+
+
+def _above_activated(new: NewLease, pool: PoolInformation) -> CountAboveActivated:
+    return CountAboveActivated(
+        f"{new.count} seats of {new.feature} asked for, but only {pool.activated} are "
+        "activated here",
+        metadata={"feature": new.feature, "activated": str(pool.activated)},
+    )
 
 
 def _validated(new: NewLease) -> NewLease:

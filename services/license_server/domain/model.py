@@ -14,9 +14,17 @@ class PoolInformation:
     activated: int
     used: int
 
+    queued: int = 0
+    required: int = 0
+
     @property
     def available(self) -> int:
         return max(self.activated - self.used, 0)
+
+    @property
+    def violation(self) -> bool:
+        """EBO's license violation: fewer seats activated than clients require."""
+        return self.required > self.activated
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Lease:
     ttl_seconds: int
     epoch: int
     granted_at: dt.datetime
+    last_heartbeat_at: dt.datetime
     expires_at: dt.datetime
     released_at: dt.datetime | None
 
@@ -74,3 +83,12 @@ class StoredCertificate:
     count: int
     envelope: bytes
     installed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A client in a feature's queue, waiting for seats."""
+
+    waiter_id: str
+    request: NewLease
+    enqueued_at: dt.datetime

@@ -22,6 +22,7 @@ from services.license_server.domain.errors import (
     RequestIdReused,
     RequestNotPreparedHere,
 )
+from services.license_server.domain.events import LeaseBus, SeatsFreed
 from services.license_server.domain.model import PendingRequest, StoredCertificate
 from services.license_server.store.repository import DuplicateKey, LicenseStore
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
@@ -52,11 +53,13 @@ class TrustedStorage:
         identity: HostIdentity,
         vendor_keys: Callable[[], Mapping[str, VerifyKey]],
         clock: Clock,
+        bus: LeaseBus | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
         self.vendor_keys = vendor_keys
         self.clock = clock
+        self.bus = bus or LeaseBus()
 
     async def prepare_activation(
         self, activation_id: str, count: int, request_id: str
@@ -118,7 +121,10 @@ class TrustedStorage:
         now = self.clock.now()
         for _attempt in range(2):
             try:
-                return await self._install(response.request_id, certificate, response, now)
+                installed = await self._install(response.request_id, certificate, response, now)
+                # New seats: waiters for the feature may be served now.
+                self.bus.publish(SeatsFreed(certificate.feature))
+                return installed
             except DuplicateKey:
                 continue  # a concurrent install of the same answer won; it is installed
         raise AssertionError("unreachable: a duplicate key is visible on retry")
@@ -161,6 +167,7 @@ class TrustedStorage:
             )
             await repo.insert_certificate(stored, expires_at)
             await repo.mark_request_installed(pending.request_id, now)
+            await repo.announce(SeatsFreed(certificate.feature))
             return Installed(certificate, stored, already_installed=False)
 
     async def list_certificates(self) -> list[tuple[LicenseCertificate, StoredCertificate]]:

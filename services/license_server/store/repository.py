@@ -9,19 +9,28 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 
-from sqlalchemy import RowMapping, insert, select, update
+from sqlalchemy import RowMapping, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from services.license_server.domain.events import NOTIFY_CHANNEL, LeaseEvent, encode_event
 from services.license_server.domain.model import (
     Lease,
     NewLease,
     PendingRequest,
     PoolInformation,
     StoredCertificate,
+    Waiter,
 )
-from services.license_server.store.tables import certificates, leases, pending_requests, pools
+from services.license_server.store.tables import (
+    certificates,
+    lease_queue,
+    leases,
+    pending_requests,
+    pools,
+    requirements,
+)
 from tessera.storage import TransactionalStore
 
 
@@ -32,8 +41,10 @@ class DuplicateKey(Exception):
 class Repository:
     """Queries within one transaction."""
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, origin: str = "") -> None:
         self.session = session
+        self.origin = origin
+        self._dialect = session.get_bind().dialect.name
 
     # Trusted storage
 
@@ -119,8 +130,7 @@ class Repository:
             )
         except IntegrityError as error:
             raise DuplicateKey(certificate.certificate_id) from error
-        dialect = self.session.get_bind().dialect.name
-        upsert = postgresql.insert(pools) if dialect == "postgresql" else sqlite.insert(pools)
+        upsert = postgresql.insert(pools) if self._dialect == "postgresql" else sqlite.insert(pools)
         await self.session.execute(
             upsert.values(feature=certificate.feature, activated=0, used=0).on_conflict_do_nothing()
         )
@@ -132,11 +142,38 @@ class Repository:
 
     # Pools
 
-    async def take_seats(self, feature: str, count: int) -> bool:
-        """Take ``count`` seats if that many are free, in one conditional statement."""
+    async def take_seats(
+        self,
+        feature: str,
+        count: int,
+        now: dt.datetime,
+        waiter: tuple[dt.datetime, str] | None = None,
+    ) -> bool:
+        """Take ``count`` seats if that many are free and nobody waits ahead, in one
+        conditional statement. ``waiter`` is (enqueued_at, waiter_id) of a queued caller;
+        a caller that did not queue goes behind every live waiter."""
+        ahead = select(lease_queue.c.waiter_id).where(
+            lease_queue.c.feature == feature, lease_queue.c.alive_until > now
+        )
+        if waiter is not None:
+            enqueued_at, waiter_id = waiter
+            ahead = ahead.where(
+                or_(
+                    lease_queue.c.enqueued_at < enqueued_at,
+                    and_(
+                        lease_queue.c.enqueued_at == enqueued_at,
+                        lease_queue.c.waiter_id < waiter_id,
+                    ),
+                )
+            )
         result = await self.session.execute(
             update(pools)
-            .where(pools.c.feature == feature, count <= pools.c.activated - pools.c.used)
+            .where(
+                pools.c.feature == feature,
+                # Written as a difference so a huge count cannot overflow the column type.
+                count <= pools.c.activated - pools.c.used,
+                ~exists(ahead),
+            )
             .values(used=pools.c.used + count)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -278,30 +315,223 @@ class Repository:
         await self.give_back_seats(Counter({row[0]: row[1]}))
         return True
 
-    async def release_expired(self, now: dt.datetime, limit: int) -> int:
-        """Release up to ``limit`` leases whose TTL ran out; returns how many."""
+    async def release_expired(self, now: dt.datetime, limit: int) -> list[tuple[str, str]]:
+        """Release up to ``limit`` leases whose TTL ran out; (lease id, feature) of each."""
         expired = (
             select(leases.c.lease_id)
             .where(leases.c.released_at.is_(None), leases.c.expires_at <= now)
             .limit(limit)
         )
-        if self.session.get_bind().dialect.name == "postgresql":
+        if self._dialect == "postgresql":
             expired = expired.with_for_update(skip_locked=True)
         rows = (
             await self.session.execute(
                 update(leases)
                 .where(
-                    leases.c.lease_id.in_(expired.scalar_subquery()), leases.c.released_at.is_(None)
+                    leases.c.lease_id.in_(expired.scalar_subquery()),
+                    leases.c.released_at.is_(None),
                 )
                 .values(released_at=now, release_reason="expired")
-                .returning(leases.c.feature, leases.c.count)
+                .returning(leases.c.lease_id, leases.c.feature, leases.c.count)
             )
         ).all()
         seats: Counter[str] = Counter()
-        for feature, count in rows:
+        for _, feature, count in rows:
             seats[feature] += count
         await self.give_back_seats(seats)
-        return len(rows)
+        return [(lease_id, feature) for lease_id, feature, _ in rows]
+
+    async def revoke_lease(self, lease_id: str, now: dt.datetime, reason: str) -> Lease | None:
+        """Release a held lease without its secret (operator, expiry of its license)."""
+        row = (
+            (
+                await self.session.execute(
+                    update(leases)
+                    .where(leases.c.lease_id == lease_id, leases.c.released_at.is_(None))
+                    .values(released_at=now, release_reason=reason)
+                    .returning(*leases.c)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        lease = _lease(row)
+        await self.give_back_seats(Counter({lease.feature: lease.count}))
+        return lease
+
+    async def lease_exists(self, lease_id: str) -> bool:
+        found = await self.session.scalar(
+            select(leases.c.lease_id).where(leases.c.lease_id == lease_id)
+        )
+        return found is not None
+
+    async def list_held_leases(self, feature: str) -> list[Lease]:
+        query = select(leases).where(leases.c.released_at.is_(None)).order_by(leases.c.granted_at)
+        if feature:
+            query = query.where(leases.c.feature == feature)
+        return [_lease(row) for row in (await self.session.execute(query)).mappings()]
+
+    # The queue
+
+    async def enqueue(self, waiter: Waiter, alive_until: dt.datetime) -> None:
+        await self.session.execute(
+            insert(lease_queue).values(
+                waiter_id=waiter.waiter_id,
+                feature=waiter.request.feature,
+                count=waiter.request.count,
+                client_host=waiter.request.client_host,
+                user=waiter.request.user,
+                display_name=waiter.request.display_name,
+                enqueued_at=waiter.enqueued_at,
+                alive_until=alive_until,
+            )
+        )
+
+    async def leave_queue(self, waiter_id: str) -> None:
+        await self.session.execute(delete(lease_queue).where(lease_queue.c.waiter_id == waiter_id))
+
+    async def keep_waiter_alive(self, waiter_id: str, alive_until: dt.datetime) -> None:
+        await self.session.execute(
+            update(lease_queue)
+            .where(lease_queue.c.waiter_id == waiter_id)
+            .values(alive_until=alive_until)
+        )
+
+    async def queue_position(self, waiter: Waiter, now: dt.datetime) -> int:
+        """1 + the live waiters ahead of ``waiter`` for its feature."""
+        ahead = await self.session.scalar(
+            select(func.count())
+            .select_from(lease_queue)
+            .where(
+                lease_queue.c.feature == waiter.request.feature,
+                lease_queue.c.alive_until > now,
+                or_(
+                    lease_queue.c.enqueued_at < waiter.enqueued_at,
+                    and_(
+                        lease_queue.c.enqueued_at == waiter.enqueued_at,
+                        lease_queue.c.waiter_id < waiter.waiter_id,
+                    ),
+                ),
+            )
+        )
+        return int(ahead or 0) + 1
+
+    async def list_waiters(self, feature: str, now: dt.datetime) -> list[Waiter]:
+        query = (
+            select(lease_queue)
+            .where(lease_queue.c.alive_until > now)
+            .order_by(lease_queue.c.enqueued_at, lease_queue.c.waiter_id)
+        )
+        if feature:
+            query = query.where(lease_queue.c.feature == feature)
+        return [
+            Waiter(
+                waiter_id=row["waiter_id"],
+                request=NewLease(
+                    feature=row["feature"],
+                    count=row["count"],
+                    client_host=row["client_host"],
+                    user=row["user"],
+                    display_name=row["display_name"],
+                ),
+                enqueued_at=row["enqueued_at"],
+            )
+            for row in (await self.session.execute(query)).mappings()
+        ]
+
+    async def drop_dead_waiters(self, now: dt.datetime) -> int:
+        result = await self.session.execute(
+            delete(lease_queue).where(lease_queue.c.alive_until <= now)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def queued_per_feature(self, now: dt.datetime) -> dict[str, int]:
+        rows = await self.session.execute(
+            select(lease_queue.c.feature, func.count())
+            .where(lease_queue.c.alive_until > now)
+            .group_by(lease_queue.c.feature)
+        )
+        return {feature: int(count) for feature, count in rows.all()}
+
+    # Requirements
+
+    async def declare_requirement(
+        self, client_host: str, feature: str, required: int, now: dt.datetime
+    ) -> None:
+        await self.session.execute(
+            delete(requirements).where(
+                requirements.c.client_host == client_host, requirements.c.feature == feature
+            )
+        )
+        if required > 0:
+            await self.session.execute(
+                insert(requirements).values(
+                    client_host=client_host, feature=feature, required=required, declared_at=now
+                )
+            )
+
+    async def required_per_feature(self) -> dict[str, int]:
+        rows = await self.session.execute(
+            select(requirements.c.feature, func.sum(requirements.c.required)).group_by(
+                requirements.c.feature
+            )
+        )
+        return {feature: int(total) for feature, total in rows.all()}
+
+    # Certificates that expire
+
+    async def expired_certificates(self, now: dt.datetime) -> list[StoredCertificate]:
+        rows = (
+            await self.session.execute(
+                select(certificates).where(
+                    certificates.c.retired_at.is_(None),
+                    certificates.c.expires_at.is_not(None),
+                    certificates.c.expires_at <= now,
+                )
+            )
+        ).mappings()
+        return [_certificate(row) for row in rows]
+
+    async def retire_certificate(self, certificate: StoredCertificate, now: dt.datetime) -> bool:
+        """Take an expired certificate's seats out of its pool (the pool must fit)."""
+        result = await self.session.execute(
+            update(certificates)
+            .where(
+                certificates.c.certificate_id == certificate.certificate_id,
+                certificates.c.retired_at.is_(None),
+            )
+            .values(retired_at=now)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        await self.session.execute(
+            update(pools)
+            .where(pools.c.feature == certificate.feature)
+            .values(activated=pools.c.activated - certificate.count)
+        )
+        return True
+
+    async def newest_held_leases(self, feature: str, limit: int) -> list[Lease]:
+        rows = (
+            await self.session.execute(
+                select(leases)
+                .where(leases.c.feature == feature, leases.c.released_at.is_(None))
+                .order_by(leases.c.granted_at.desc())
+                .limit(limit)
+            )
+        ).mappings()
+        return [_lease(row) for row in rows]
+
+    # Cross-replica notifications
+
+    async def announce(self, event: LeaseEvent) -> None:
+        """Tell other replicas over PostgreSQL NOTIFY, delivered when this commits."""
+        if self._dialect == "postgresql":
+            await self.session.execute(
+                select(func.pg_notify(NOTIFY_CHANNEL, encode_event(event, self.origin)))
+            )
 
 
 def _certificate(row: RowMapping) -> StoredCertificate:
@@ -326,13 +556,16 @@ def _lease(row: RowMapping) -> Lease:
         ttl_seconds=row["ttl_seconds"],
         epoch=row["epoch"],
         granted_at=row["granted_at"],
+        last_heartbeat_at=row["last_heartbeat_at"],
         expires_at=row["expires_at"],
         released_at=row["released_at"],
     )
 
 
 class LicenseStore(TransactionalStore[Repository]):
-    """The License Server's database."""
+    """The License Server's database. ``origin`` names this process in the lease events
+    it announces, so it can ignore its own when they come back over NOTIFY."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine, Repository)
+    def __init__(self, engine: AsyncEngine, origin: str = "") -> None:
+        super().__init__(engine, lambda session: Repository(session, origin))
+        self.origin = origin

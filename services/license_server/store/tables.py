@@ -42,6 +42,8 @@ certificates = Table(
     Column("expires_at", UTCDateTime, nullable=True),
     Column("envelope", LargeBinary, nullable=False),
     Column("installed_at", UTCDateTime, nullable=False),
+    # Set when the certificate expired and its seats left the pool.
+    Column("retired_at", UTCDateTime, nullable=True),
 )
 
 # One seat pool per feature. Seats are taken and given back by conditional updates on
@@ -72,6 +74,7 @@ leases = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("released_at", UTCDateTime, nullable=True),
     Column("release_reason", String(32), nullable=True),
+    Index("leases_by_feature", "feature"),
     # The sweeper looks only at held leases, ordered by expiry.
     Index(
         "leases_held_by_expiry",
@@ -79,4 +82,31 @@ leases = Table(
         sqlite_where=text("released_at IS NULL"),
         postgresql_where=text("released_at IS NULL"),
     ),
+)
+
+# Clients waiting for seats, first come first served per feature. A waiter's stream keeps
+# alive_until in the future; a waiter whose replica died drops out when it passes.
+lease_queue = Table(
+    "lease_queue",
+    metadata,
+    Column("waiter_id", String(64), primary_key=True),
+    Column("feature", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("client_host", String(256), nullable=False),
+    Column("user", String(256), nullable=False),
+    Column("display_name", String(256), nullable=False),
+    Column("enqueued_at", UTCDateTime, nullable=False),
+    Column("alive_until", UTCDateTime, nullable=False),
+    Index("lease_queue_by_feature", "feature", "enqueued_at", "waiter_id"),
+)
+
+# Seats each client declared it needs (EBO's Required), per feature.
+requirements = Table(
+    "requirements",
+    metadata,
+    Column("client_host", String(256), primary_key=True),
+    Column("feature", String(64), primary_key=True),
+    Column("required", Integer, nullable=False),
+    Column("declared_at", UTCDateTime, nullable=False),
+    CheckConstraint("required > 0", name="required_positive"),
 )

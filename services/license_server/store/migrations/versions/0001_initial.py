@@ -1,4 +1,4 @@
-"""Trusted storage, seat pools and leases.
+"""Trusted storage, seat pools, leases, the lease queue and declared requirements.
 
 Revision ID: 0001
 Revises:
@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("expires_at", UTCDateTime, nullable=True),
         sa.Column("envelope", sa.LargeBinary, nullable=False),
         sa.Column("installed_at", UTCDateTime, nullable=False),
+        sa.Column("retired_at", UTCDateTime, nullable=True),
     )
     op.create_table(
         "pools",
@@ -60,6 +61,7 @@ def upgrade() -> None:
         sa.Column("released_at", UTCDateTime, nullable=True),
         sa.Column("release_reason", sa.String(32), nullable=True),
     )
+    op.create_index("leases_by_feature", "leases", ["feature"])
     op.create_index(
         "leases_held_by_expiry",
         "leases",
@@ -67,9 +69,40 @@ def upgrade() -> None:
         sqlite_where=sa.text("released_at IS NULL"),
         postgresql_where=sa.text("released_at IS NULL"),
     )
+    op.create_table(
+        "lease_queue",
+        sa.Column("waiter_id", sa.String(64), primary_key=True),
+        sa.Column("feature", sa.String(64), nullable=False),
+        sa.Column("count", sa.Integer, nullable=False),
+        sa.Column("client_host", sa.String(256), nullable=False),
+        sa.Column("user", sa.String(256), nullable=False),
+        sa.Column("display_name", sa.String(256), nullable=False),
+        sa.Column("enqueued_at", UTCDateTime, nullable=False),
+        sa.Column("alive_until", UTCDateTime, nullable=False),
+    )
+    op.create_index(
+        "lease_queue_by_feature", "lease_queue", ["feature", "enqueued_at", "waiter_id"]
+    )
+    op.create_table(
+        "requirements",
+        sa.Column("client_host", sa.String(256), primary_key=True),
+        sa.Column("feature", sa.String(64), primary_key=True),
+        sa.Column("required", sa.Integer, nullable=False),
+        sa.Column("declared_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("required > 0", name="required_positive"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("lease_queue_by_feature", "lease_queue")
     op.drop_index("leases_held_by_expiry", "leases")
-    for table in ("leases", "pools", "certificates", "pending_requests"):
+    op.drop_index("leases_by_feature", "leases")
+    for table in (
+        "requirements",
+        "lease_queue",
+        "leases",
+        "pools",
+        "certificates",
+        "pending_requests",
+    ):
         op.drop_table(table)

@@ -1,0 +1,92 @@
+"""Proto <-> domain translation for the License Server's lease messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf.duration_pb2 import Duration
+
+from services.license_server.domain.leasing import LeaseEntry
+from services.license_server.domain.model import Grant, NewLease
+from tessera.clock import to_timestamp
+from tessera.errors import InvalidInput
+from tessera.license.v1 import license_pb2 as pb
+
+# The longest a client may wait in a queue for a seat.
+MAX_WAIT_SECONDS = 24 * 3600.0
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromTimedelta(dt.timedelta(seconds=seconds))
+    return duration
+
+
+def granted_to_proto(grant: Grant) -> pb.LeaseGranted:
+    lease = grant.lease
+    return pb.LeaseGranted(
+        lease_id=lease.lease_id,
+        lease_secret=grant.secret,
+        feature=lease.feature,
+        count=lease.count,
+        ttl=_duration(lease.ttl_seconds),
+        heartbeat_interval=_duration(grant.heartbeat_interval_seconds),
+        expires_at=to_timestamp(lease.expires_at),
+        epoch=lease.epoch,
+        resumed=grant.resumed,
+    )
+
+
+def wait_timeout_from_proto(acquire: pb.LeaseAcquire) -> float:
+    if not acquire.HasField("wait_timeout"):
+        return 0.0
+    wait = acquire.wait_timeout
+    if wait.seconds < 0 or not 0 <= wait.nanos < 1_000_000_000:
+        raise InvalidInput("wait_timeout", "must not be negative")
+    return min(wait.seconds + wait.nanos / 1e9, MAX_WAIT_SECONDS)
+
+
+def new_lease_from_proto(acquire: pb.LeaseAcquire) -> tuple[NewLease, int | None]:
+    ttl = None
+    if acquire.HasField("ttl"):
+        if acquire.ttl.seconds < 0 or not 0 <= acquire.ttl.nanos < 1_000_000_000:
+            raise InvalidInput("ttl", "must be a positive duration")
+        # Round a sub-second remainder up: never a shorter lease than the client asked for.
+        ttl = acquire.ttl.seconds + (1 if acquire.ttl.nanos else 0)
+    new = NewLease(
+        feature=acquire.feature,
+        count=acquire.count,
+        client_host=acquire.client_host,
+        user=acquire.user,
+        display_name=acquire.display_name,
+    )
+    return new, ttl
+
+
+def lease_entry_to_proto(entry: LeaseEntry) -> pb.LeaseEntry:
+    if entry.lease is not None:
+        lease = entry.lease
+        return pb.LeaseEntry(
+            lease_id=lease.lease_id,
+            state=pb.LEASE_STATE_HELD,
+            feature=lease.feature,
+            count=lease.count,
+            client_host=lease.client_host,
+            user=lease.user,
+            display_name=lease.display_name,
+            since=to_timestamp(lease.granted_at),
+            last_heartbeat_at=to_timestamp(lease.last_heartbeat_at),
+            expires_at=to_timestamp(lease.expires_at),
+        )
+    assert entry.waiter is not None
+    waiter = entry.waiter
+    return pb.LeaseEntry(
+        lease_id=waiter.waiter_id,
+        state=pb.LEASE_STATE_QUEUED,
+        feature=waiter.request.feature,
+        count=waiter.request.count,
+        client_host=waiter.request.client_host,
+        user=waiter.request.user,
+        display_name=waiter.request.display_name,
+        since=to_timestamp(waiter.enqueued_at),
+    )
