@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from tessera.license.v1 import license_pb2_grpc
 from tests.conftest import DatabaseFactory
 
 VENDOR_TOKEN = "test-vendor-token"
+OPERATOR_TOKEN = "test-operator-token"
 
 
 @dataclass
@@ -38,6 +39,15 @@ class Site:
     admin: admin_server.Administrator
     channels: list[grpc.aio.Channel]
     tmp_path: Path
+    license_settings: ls_config.Settings
+    license_clock: Clock | None = None
+    replicas: list[ls_server.LicenseServer] = field(default_factory=list)
+
+    async def start_replica(self) -> ls_server.LicenseServer:
+        """Another License Server process over the same database and host key."""
+        replica = await ls_server.build(self.license_settings, clock=self.license_clock)
+        self.replicas.append(replica)
+        return replica
 
     @property
     def license_address(self) -> str:
@@ -59,6 +69,10 @@ class Site:
     @property
     def leases(self) -> license_pb2_grpc.LeaseServiceStub:
         return license_pb2_grpc.LeaseServiceStub(self.channel(self.license.port))
+
+    @property
+    def lease_admin(self) -> license_pb2_grpc.LeaseAdminServiceStub:
+        return license_pb2_grpc.LeaseAdminServiceStub(self.channel(self.license.port))
 
     @property
     def trusted_storage(self) -> license_pb2_grpc.TrustedStorageServiceStub:
@@ -88,6 +102,8 @@ class Site:
         for channel in self.channels:
             await channel.close()
         await self.admin.stop(0)
+        for replica in self.replicas:
+            await replica.stop(0)
         await self.license.stop(0)
         await self.activation.stop(0)
 
@@ -110,8 +126,7 @@ async def start_site(
             environ={},
         )
     )  # fmt: skip
-    license_server = await ls_server.build(
-        ls_config.load_settings(
+    license_settings = ls_config.load_settings(
             [
                 "--listen", "127.0.0.1:0",
                 "--data-dir", str(tmp_path / "license_server"),
@@ -120,11 +135,11 @@ async def start_site(
                 "--machine-id", machine_id,
                 "--lease-ttl", str(lease_ttl),
                 "--sweep-interval", "3600",
+                "--operator-token", OPERATOR_TOKEN,
             ],
             environ={},
-        ),
-        clock=license_clock,
     )  # fmt: skip
+    license_server = await ls_server.build(license_settings, clock=license_clock)
     admin = await admin_server.build(
         admin_config.load_settings(
             [
@@ -136,4 +151,4 @@ async def start_site(
             environ={},
         )
     )  # fmt: skip
-    return Site(activation, license_server, admin, [], tmp_path)
+    return Site(activation, license_server, admin, [], tmp_path, license_settings, license_clock)
