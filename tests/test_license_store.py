@@ -171,7 +171,7 @@ async def test_resume_after_expiry_is_refused(leasing: Leasing, clock: FakeClock
     with pytest.raises(LeaseExpired):
         await leasing.heartbeat(grant.lease.lease_id, grant.secret)
     assert await leasing.release_expired() == 1
-    with pytest.raises(LeaseReleased):
+    with pytest.raises(LeaseExpired):
         await leasing.resume(grant.lease.lease_id, grant.secret)
     assert (await pool(leasing)).used == 0
 
@@ -220,7 +220,7 @@ async def test_release_expired_frees_exactly_the_expired_leases(
     assert (await pool(leasing)).used == 5
     assert await held_seats(leasing) == 5
     for grant in short:
-        with pytest.raises(LeaseReleased):
+        with pytest.raises(LeaseExpired):
             await leasing.heartbeat(grant.lease.lease_id, grant.secret)
         assert await leasing.release(grant.lease.lease_id, grant.secret) is False
     for grant in [*long, kept_alive]:

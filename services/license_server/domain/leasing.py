@@ -98,9 +98,17 @@ class Leasing:
         ttl = self._ttl(ttl_seconds)
         now = self.clock.now()
         async with self.store.transaction() as repo:
+            # A full pool is refused from a plain read, without queueing for the pool row's
+            # lock behind every other checkout; a grant is only ever the conditional UPDATE.
+            pool = await repo.get_pool(new.feature)
+            if pool is None or pool.available < new.count:
+                await self._refuse(repo, new, now)
+            # The lease row goes in first, so the pool row is locked only from its UPDATE
+            # to the commit.
+            grant = await self._grant_new(repo, new, ttl, now)
             if not await repo.take_seats(new.feature, new.count, now):
                 await self._refuse(repo, new, now)
-            return await self._grant_new(repo, new, ttl, now)
+            return grant
 
     async def heartbeat(self, lease_id: str, secret: str, epoch: int | None = None) -> dt.datetime:
         """Extend a held lease by its TTL; returns the new expiry."""
@@ -167,8 +175,13 @@ class Leasing:
         now = self.clock.now()
         async with self.store.transaction() as repo:
             request = waiter.request
-            if await repo.take_seats(
-                request.feature, request.count, now, (waiter.enqueued_at, waiter.waiter_id)
+            pool = await repo.get_pool(request.feature)
+            if (
+                pool is not None
+                and pool.available >= request.count
+                and await repo.take_seats(
+                    request.feature, request.count, now, (waiter.enqueued_at, waiter.waiter_id)
+                )
             ):
                 await repo.leave_queue(waiter.waiter_id)
                 return await self._grant_new(repo, request, ttl, now)
@@ -362,6 +375,11 @@ class Leasing:
         if lease is None:
             raise LeaseNotFound(f"no lease {lease_id!r} with that secret")
         if lease.released_at is not None:
+            if lease.release_reason == "expired":
+                raise LeaseExpired(
+                    f"lease {lease_id} expired (no heartbeat within its TTL) and was released "
+                    f"at {lease.released_at.isoformat()}; acquire anew"
+                )
             raise LeaseReleased(f"lease {lease_id} was released at {lease.released_at.isoformat()}")
         if lease.expires_at <= now:
             raise LeaseExpired(

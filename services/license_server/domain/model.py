@@ -54,6 +54,7 @@ class Lease:
     last_heartbeat_at: dt.datetime
     expires_at: dt.datetime
     released_at: dt.datetime | None
+    release_reason: str | None = None
 
 
 @dataclass(frozen=True)

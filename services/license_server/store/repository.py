@@ -559,6 +559,7 @@ def _lease(row: RowMapping) -> Lease:
         last_heartbeat_at=row["last_heartbeat_at"],
         expires_at=row["expires_at"],
         released_at=row["released_at"],
+        release_reason=row["release_reason"],
     )
 
 
