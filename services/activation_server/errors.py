@@ -19,6 +19,7 @@ ERRORS = ErrorTable(
         errors.NotEnoughSeatsLeft: Code.RESOURCE_EXHAUSTED,
         errors.LineExpired: Code.FAILED_PRECONDITION,
         errors.LocalLineNotActivatable: Code.FAILED_PRECONDITION,
+        errors.NetworkLineNotLocal: Code.FAILED_PRECONDITION,
         errors.RequestIdReused: Code.ALREADY_EXISTS,
     },
 )

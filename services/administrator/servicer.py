@@ -12,6 +12,7 @@ from services.administrator.errors import ERRORS
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc as pb_grpc
 from tessera.clock import to_timestamp
+from tessera.errors import InvalidInput
 from tessera.license.v1 import license_pb2 as license_pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -50,6 +51,15 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
 
     @ERRORS.unary
     async def Activate(self, request: pb.ActivateRequest, context: Context) -> pb.ActivateResponse:
+        if request.HasField("local_request"):
+            if request.license_server or request.activation_id or request.count:
+                raise InvalidInput(
+                    "local_request", "set either local_request or license_server, not both"
+                )
+            operation, response = await self.operations.activate_local(request.local_request)
+            return pb.ActivateResponse(
+                operation=operation_to_proto(operation), local_response=response
+            )
         completed = await self.operations.activate(
             request.license_server, request.activation_id, request.count, request.operation_id
         )

@@ -17,6 +17,7 @@ from services.activation_server.domain.errors import (
     HostKeyMismatch,
     LineExpired,
     LocalLineNotActivatable,
+    NetworkLineNotLocal,
     NotEnoughSeatsLeft,
     RequestIdReused,
 )
@@ -106,10 +107,16 @@ class Activations:
             )
         line, customer_organization = found
         now = self.clock.now()
-        if line.kind is LicenseKind.LOCAL:
+        wants_local = request.kind == LicenseKindProto.LICENSE_KIND_LOCAL
+        if line.kind is LicenseKind.LOCAL and not wants_local:
             raise LocalLineNotActivatable(
                 f"{activation_id} is a local license line; it is issued to a client host, "
                 "not activated onto a License Server"
+            )
+        if line.kind is LicenseKind.NETWORK and wants_local:
+            raise NetworkLineNotLocal(
+                f"{activation_id} is a network license line; it is activated onto a License "
+                "Server, not issued to a client host"
             )
         if line.expires_at is not None and line.expires_at <= now:
             raise LineExpired(f"{activation_id} expired at {line.expires_at.isoformat()}")
@@ -130,7 +137,9 @@ class Activations:
             activation_id=activation_id,
             feature=line.feature,
             count=request.count,
-            kind=LicenseKindProto.LICENSE_KIND_NETWORK,
+            kind=LicenseKindProto.LICENSE_KIND_LOCAL
+            if wants_local
+            else LicenseKindProto.LICENSE_KIND_NETWORK,
             host_id=request.host_id,
             request_id=request.request_id,
             issued_at=to_timestamp(now),
@@ -167,6 +176,7 @@ class Activations:
                 "host_id": request.host_id,
                 "count": request.count,
                 "certificate_id": certificate.certificate_id,
+                "kind": line.kind.value,
             },
         )
         return response

@@ -33,6 +33,12 @@ class LocalLineNotActivatable(DomainError):
     reason = "LOCAL_LINE_NOT_FOR_LICENSE_SERVER"
 
 
+class NetworkLineNotLocal(DomainError):
+    """Network lines are activated onto License Servers, not issued to client hosts."""
+
+    reason = "NETWORK_LINE_NOT_FOR_CLIENT_HOST"
+
+
 class RequestIdReused(DomainError):
     """A request id came back with different content: not a retry, a conflict."""
 

@@ -12,15 +12,17 @@ import re
 import uuid
 from dataclasses import dataclass, replace
 
+from google.protobuf.message import DecodeError
+
 from services.administrator.domain.errors import OperationHostChanged, OperationIdReused
 from services.administrator.domain.model import Operation, OperationState
 from services.administrator.peers import ActivationServerClient, LicenseServerClient
 from services.administrator.store.repository import DuplicateOperation, Journal
 from tessera.activation.v1 import activation_pb2 as activation_pb
-from tessera.activation.v1.activation_pb2 import VendorActivationResponse
+from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
 from tessera.address import parse_address
 from tessera.clock import Clock
-from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
+from tessera.common.v1.common_pb2 import LicenseCertificate, LicenseKind, SignedEnvelope
 from tessera.errors import InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, parse_id
 from tessera.license.v1 import license_pb2 as license_pb
@@ -98,6 +100,67 @@ class Operations:
             return await self._install(server, operation)
         finally:
             await server.close()
+
+    async def activate_local(
+        self, local_request: SignedEnvelope
+    ) -> tuple[Operation, SignedEnvelope]:
+        """Take a client host's signed request for a local license to the vendor and bring
+        back the signed answer (journaled under the client's request id)."""
+        request = HostActivationRequest()
+        try:
+            request.ParseFromString(local_request.payload)
+        except DecodeError as error:
+            raise InvalidInput("local_request", "is not a signed activation request") from error
+        if (
+            local_request.payload_type != HostActivationRequest.DESCRIPTOR.full_name
+            or request.kind != LicenseKind.LICENSE_KIND_LOCAL
+        ):
+            raise InvalidInput(
+                "local_request", "must be a client host's request for a local license"
+            )
+        if not OPERATION_ID.match(request.request_id):
+            raise InvalidInput("local_request.request_id", "1-128 letters, digits or ._:-")
+        activation_id = parse_id(ACTIVATION_PREFIX, request.activation_id, "activation_id")
+        operation_id = f"local:{request.host_id}:{request.request_id}"[:128]
+        async with self.journal.transaction() as repo:
+            operation = await repo.get(operation_id)
+        if operation is None:
+            now = self.clock.now()
+            operation = Operation(
+                operation_id=operation_id,
+                kind="activate-local",
+                state=OperationState.PREPARED,
+                license_server="",
+                host_id=request.host_id[:32],
+                activation_id=activation_id,
+                count=request.count,
+                request_id=request.request_id,
+                request_envelope=local_request.SerializeToString(),
+                response_envelope=None,
+                created_at=now,
+                updated_at=now,
+            )
+            try:
+                async with self.journal.transaction() as repo:
+                    await repo.insert(operation)
+            except DuplicateOperation:
+                async with self.journal.transaction() as repo:
+                    operation = await repo.get(operation_id)
+                assert operation is not None
+        if operation.request_envelope != local_request.SerializeToString():
+            raise OperationIdReused(
+                f"request {request.request_id!r} of host {request.host_id} was already "
+                "brought with other content"
+            )
+        if operation.state is OperationState.PREPARED:
+            operation = await self._ask_vendor(operation)
+        if operation.state is OperationState.ANSWERED:
+            now = self.clock.now()
+            async with self.journal.transaction() as repo:
+                await repo.advance(operation.operation_id, OperationState.COMPLETED, now)
+            operation = replace(operation, state=OperationState.COMPLETED, updated_at=now)
+        assert operation.response_envelope is not None
+        return operation, SignedEnvelope.FromString(operation.response_envelope)
 
     async def list_licenses(self, license_server: str) -> LicenseOverview:
         server = await LicenseServerClient.connect(license_server)

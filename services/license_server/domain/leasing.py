@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.license_server.domain.errors import (
     CountAboveActivated,
@@ -158,15 +158,15 @@ class Leasing:
         """Put a client at the back of its feature's queue (it must be licensed here)."""
         new = _validated(new)
         now = self.clock.now()
-        waiter = Waiter(str(uuid.uuid4()), new, now)
         async with self.store.transaction() as repo:
             pool = await repo.get_pool(new.feature)
             if pool is None or pool.activated == 0:
                 raise _not_licensed(new.feature)
             if new.count > pool.activated:
                 raise _above_activated(new, pool)
-            await repo.enqueue(waiter, now + _seconds(self.policy.waiter_ttl_seconds))
-        return waiter
+            waiter = Waiter(str(uuid.uuid4()), new, now)
+            ticket = await repo.enqueue(waiter, now + _seconds(self.policy.waiter_ttl_seconds))
+        return replace(waiter, ticket=ticket)
 
     async def try_dequeue(self, waiter: Waiter, ttl_seconds: int | None) -> Grant | int:
         """Grant a waiter's seats if it is first in line and they are free; otherwise its
@@ -179,9 +179,7 @@ class Leasing:
             if (
                 pool is not None
                 and pool.available >= request.count
-                and await repo.take_seats(
-                    request.feature, request.count, now, (waiter.enqueued_at, waiter.waiter_id)
-                )
+                and await repo.take_seats(request.feature, request.count, now, waiter.ticket)
             ):
                 await repo.leave_queue(waiter.waiter_id)
                 return await self._grant_new(repo, request, ttl, now)

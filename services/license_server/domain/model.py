@@ -93,3 +93,5 @@ class Waiter:
     waiter_id: str
     request: NewLease
     enqueued_at: dt.datetime
+    # Place in line, handed out by the database (0 until enqueued).
+    ticket: int = 0

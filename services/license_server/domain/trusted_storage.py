@@ -80,6 +80,7 @@ class TrustedStorage:
             host_public_key=self.identity.public_key,
             machine_binding=self.identity.machine_binding,
             created_at=to_timestamp(now),
+            kind=LicenseKind.LICENSE_KIND_NETWORK,
         )
         envelope = seal(document, self.identity.host_id, self.identity.signing_key)
         pending = PendingRequest(

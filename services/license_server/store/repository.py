@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 
-from sqlalchemy import RowMapping, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import RowMapping, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -147,25 +147,16 @@ class Repository:
         feature: str,
         count: int,
         now: dt.datetime,
-        waiter: tuple[dt.datetime, str] | None = None,
+        ticket: int | None = None,
     ) -> bool:
         """Take ``count`` seats if that many are free and nobody waits ahead, in one
-        conditional statement. ``waiter`` is (enqueued_at, waiter_id) of a queued caller;
-        a caller that did not queue goes behind every live waiter."""
+        conditional statement. ``ticket`` is a queued caller's place in line; a caller
+        that did not queue goes behind every live waiter."""
         ahead = select(lease_queue.c.waiter_id).where(
             lease_queue.c.feature == feature, lease_queue.c.alive_until > now
         )
-        if waiter is not None:
-            enqueued_at, waiter_id = waiter
-            ahead = ahead.where(
-                or_(
-                    lease_queue.c.enqueued_at < enqueued_at,
-                    and_(
-                        lease_queue.c.enqueued_at == enqueued_at,
-                        lease_queue.c.waiter_id < waiter_id,
-                    ),
-                )
-            )
+        if ticket is not None:
+            ahead = ahead.where(lease_queue.c.ticket < ticket)
         result = await self.session.execute(
             update(pools)
             .where(
@@ -375,9 +366,11 @@ class Repository:
 
     # The queue
 
-    async def enqueue(self, waiter: Waiter, alive_until: dt.datetime) -> None:
-        await self.session.execute(
-            insert(lease_queue).values(
+    async def enqueue(self, waiter: Waiter, alive_until: dt.datetime) -> int:
+        """Put a waiter in line; returns its ticket."""
+        ticket = await self.session.scalar(
+            insert(lease_queue)
+            .values(
                 waiter_id=waiter.waiter_id,
                 feature=waiter.request.feature,
                 count=waiter.request.count,
@@ -387,7 +380,10 @@ class Repository:
                 enqueued_at=waiter.enqueued_at,
                 alive_until=alive_until,
             )
+            .returning(lease_queue.c.ticket)
         )
+        assert ticket is not None
+        return int(ticket)
 
     async def leave_queue(self, waiter_id: str) -> None:
         await self.session.execute(delete(lease_queue).where(lease_queue.c.waiter_id == waiter_id))
@@ -407,13 +403,7 @@ class Repository:
             .where(
                 lease_queue.c.feature == waiter.request.feature,
                 lease_queue.c.alive_until > now,
-                or_(
-                    lease_queue.c.enqueued_at < waiter.enqueued_at,
-                    and_(
-                        lease_queue.c.enqueued_at == waiter.enqueued_at,
-                        lease_queue.c.waiter_id < waiter.waiter_id,
-                    ),
-                ),
+                lease_queue.c.ticket < waiter.ticket,
             )
         )
         return int(ahead or 0) + 1
@@ -422,7 +412,7 @@ class Repository:
         query = (
             select(lease_queue)
             .where(lease_queue.c.alive_until > now)
-            .order_by(lease_queue.c.enqueued_at, lease_queue.c.waiter_id)
+            .order_by(lease_queue.c.ticket)
         )
         if feature:
             query = query.where(lease_queue.c.feature == feature)
@@ -437,6 +427,7 @@ class Repository:
                     display_name=row["display_name"],
                 ),
                 enqueued_at=row["enqueued_at"],
+                ticket=row["ticket"],
             )
             for row in (await self.session.execute(query)).mappings()
         ]

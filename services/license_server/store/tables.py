@@ -84,12 +84,14 @@ leases = Table(
     ),
 )
 
-# Clients waiting for seats, first come first served per feature. A waiter's stream keeps
-# alive_until in the future; a waiter whose replica died drops out when it passes.
+# Clients waiting for seats, first come first served per feature: the database hands out
+# the tickets, so the order is the same on every replica and immune to clock skew. A
+# waiter's stream keeps alive_until in the future; one whose replica died drops out.
 lease_queue = Table(
     "lease_queue",
     metadata,
-    Column("waiter_id", String(64), primary_key=True),
+    Column("ticket", Integer, primary_key=True, autoincrement=True),
+    Column("waiter_id", String(64), nullable=False, unique=True),
     Column("feature", String(64), nullable=False),
     Column("count", Integer, nullable=False),
     Column("client_host", String(256), nullable=False),
@@ -97,7 +99,7 @@ lease_queue = Table(
     Column("display_name", String(256), nullable=False),
     Column("enqueued_at", UTCDateTime, nullable=False),
     Column("alive_until", UTCDateTime, nullable=False),
-    Index("lease_queue_by_feature", "feature", "enqueued_at", "waiter_id"),
+    Index("lease_queue_by_feature", "feature", "ticket"),
 )
 
 # Seats each client declared it needs (EBO's Required), per feature.

@@ -71,7 +71,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "lease_queue",
-        sa.Column("waiter_id", sa.String(64), primary_key=True),
+        sa.Column("ticket", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("waiter_id", sa.String(64), nullable=False, unique=True),
         sa.Column("feature", sa.String(64), nullable=False),
         sa.Column("count", sa.Integer, nullable=False),
         sa.Column("client_host", sa.String(256), nullable=False),
@@ -80,9 +81,7 @@ def upgrade() -> None:
         sa.Column("enqueued_at", UTCDateTime, nullable=False),
         sa.Column("alive_until", UTCDateTime, nullable=False),
     )
-    op.create_index(
-        "lease_queue_by_feature", "lease_queue", ["feature", "enqueued_at", "waiter_id"]
-    )
+    op.create_index("lease_queue_by_feature", "lease_queue", ["feature", "ticket"])
     op.create_table(
         "requirements",
         sa.Column("client_host", sa.String(256), primary_key=True),
