@@ -107,7 +107,7 @@ class LeaseSession:
             lease = self.held.lease
             try:
                 expires_at = await self.leasing.heartbeat(
-                    lease.lease_id, self.held.secret, lease.epoch
+                    lease.lease_id, self.held.secret, lease.epoch, lease.ttl_seconds
                 )
             except (LeaseReleased, LeaseExpired, StaleLeaseEpoch) as error:
                 async for response in self._revoked(error.reason, error.message):

@@ -110,12 +110,21 @@ class Leasing:
                 await self._refuse(repo, new, now)
             return grant
 
-    async def heartbeat(self, lease_id: str, secret: str, epoch: int | None = None) -> dt.datetime:
-        """Extend a held lease by its TTL; returns the new expiry."""
+    async def heartbeat(
+        self,
+        lease_id: str,
+        secret: str,
+        epoch: int | None = None,
+        ttl_seconds: int | None = None,
+    ) -> dt.datetime:
+        """Extend a held lease by its TTL; returns the new expiry. A stream passes the
+        lease's epoch (fencing) and TTL (one statement instead of two)."""
         _require_lease_credentials(lease_id, secret)
         now = self.clock.now()
         async with self.store.transaction() as repo:
-            expires_at = await repo.extend_lease(lease_id, secret_hash(secret), epoch, now)
+            expires_at = await repo.extend_lease(
+                lease_id, secret_hash(secret), epoch, now, ttl_seconds
+            )
             if expires_at is None:
                 await self._explain_unusable(repo, lease_id, secret, epoch, now)
         assert expires_at is not None

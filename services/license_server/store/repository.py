@@ -233,9 +233,18 @@ class Repository:
         return None if row is None else _lease(row)
 
     async def extend_lease(
-        self, lease_id: str, secret_hash: bytes, epoch: int | None, now: dt.datetime
+        self,
+        lease_id: str,
+        secret_hash: bytes,
+        epoch: int | None,
+        now: dt.datetime,
+        ttl_seconds: int | None = None,
     ) -> dt.datetime | None:
-        """Push a held, unexpired lease's expiry to now + its TTL; None if it is not one."""
+        """Push a held, unexpired lease's expiry to now + its TTL; None if it is not one.
+
+        A caller that knows the lease's TTL (a stream) extends it in one statement;
+        otherwise the TTL is read back from the first UPDATE, which holds the row.
+        """
         conditions = [
             leases.c.lease_id == lease_id,
             leases.c.secret_hash == secret_hash,
@@ -244,6 +253,14 @@ class Repository:
         ]
         if epoch is not None:
             conditions.append(leases.c.epoch == epoch)
+        if ttl_seconds is not None:
+            expires_at = now + dt.timedelta(seconds=ttl_seconds)
+            result = await self.session.execute(
+                update(leases)
+                .where(*conditions, leases.c.ttl_seconds == ttl_seconds)
+                .values(last_heartbeat_at=now, expires_at=expires_at)
+            )
+            return expires_at if result.rowcount == 1 else None  # type: ignore[attr-defined]
         row = (
             await self.session.execute(
                 update(leases)
@@ -254,7 +271,6 @@ class Repository:
         ).first()
         if row is None:
             return None
-        # The first UPDATE holds the row; the TTL is per lease, so the expiry is set second.
         expires_at = now + dt.timedelta(seconds=row[0])
         await self.session.execute(
             update(leases).where(leases.c.lease_id == lease_id).values(expires_at=expires_at)
