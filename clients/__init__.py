@@ -1,0 +1,1 @@
+"""What Enterprise Servers, WorkStations and tools embed to get their licenses."""
