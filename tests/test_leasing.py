@@ -310,3 +310,45 @@ async def test_a_seat_freed_on_one_replica_serves_a_waiter_on_another(site: Site
     assert (await receive(waiter)).queued.position == 1
     await release(holder)
     assert (await receive(waiter)).HasField("granted")
+
+
+async def test_stream_heartbeats_reach_the_database_with_the_next_flush(
+    site: Site, clock: FakeClock
+) -> None:
+    await activate(site, seats=1)
+    holder, _ = await hold(site.leases)
+    clock.advance(30)
+    await holder.write(lpb.LeaseRequest(heartbeat=lpb.LeaseHeartbeat()))
+    ack = (await receive(holder)).heartbeat_ack
+    assert ack.expires_at.ToDatetime(tzinfo=dt.UTC) == clock.now() + dt.timedelta(seconds=90)
+
+    assert await site.license.leasing.heartbeats.flush() == 1
+    listing = await site.lease_admin.ListLeases(lpb.ListLeasesRequest(), metadata=OPERATOR)
+    [entry] = listing.leases
+    assert entry.last_heartbeat_at.ToDatetime(tzinfo=dt.UTC) == clock.now()
+    clock.advance(89)  # within the extended TTL: the sweeper leaves it alone
+    assert await site.license.leasing.release_expired() == 0
+
+
+async def test_a_lease_found_gone_when_its_heartbeat_is_written_is_told(
+    site: Site, clock: FakeClock
+) -> None:
+    await activate(site, seats=1)
+    holder, granted = await hold(site.leases)
+    # Released behind this replica's back, as if another replica's NOTIFY were lost.
+    async with site.license.store.transaction() as repo:
+        assert await repo.revoke_lease(granted.lease_id, clock.now(), "revoked")
+    await holder.write(lpb.LeaseRequest(heartbeat=lpb.LeaseHeartbeat()))
+    assert (await receive(holder)).HasField("heartbeat_ack")
+    assert await site.license.leasing.heartbeats.flush() == 0
+    await expect_revoked(holder, "LEASE_NOT_HELD")
+
+
+async def test_a_heartbeat_after_the_known_expiry_asks_the_database(
+    site: Site, clock: FakeClock
+) -> None:
+    await activate(site, seats=1)
+    holder, _ = await hold(site.leases)
+    clock.advance(91)
+    await holder.write(lpb.LeaseRequest(heartbeat=lpb.LeaseHeartbeat()))
+    await expect_revoked(holder, "LEASE_EXPIRED")

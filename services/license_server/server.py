@@ -61,6 +61,7 @@ class LicenseServer:
             self.lease_servicer.close_streams()
 
         await self.endpoint.stop(grace, before_grace=tell_streams)
+        await self.leasing.heartbeats.stop()
         self.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.sweeper
@@ -143,6 +144,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     port = endpoint.bind(settings.common.listen)
     await endpoint.start()
     sweeper = asyncio.create_task(sweep_forever(leasing, settings.sweep_interval))
+    leasing.heartbeats.start()
     log.info(
         "License Server %s listening on %s (database %s)",
         identity.host_id,

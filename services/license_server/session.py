@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator
 
 from services.license_server.domain.errors import (
@@ -45,6 +46,7 @@ class LeaseSession:
         self.waiter: Waiter | None = None
         self.finished = False
         self._ttl: int | None = None
+        self._expires_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._deadline = 0.0
         self._position = 0
         self._loop = asyncio.get_running_loop()
@@ -104,11 +106,9 @@ class LeaseSession:
             yield pb.LeaseResponse(granted=granted_to_proto(grant))
         elif kind == "heartbeat":
             assert self.held is not None
-            lease = self.held.lease
             try:
-                expires_at = await self.leasing.heartbeat(
-                    lease.lease_id, self.held.secret, lease.epoch, lease.ttl_seconds
-                )
+                expires_at = await self.leasing.stream_heartbeat(self.held, self._expires_at)
+                self._expires_at = expires_at
             except (LeaseReleased, LeaseExpired, StaleLeaseEpoch) as error:
                 async for response in self._revoked(error.reason, error.message):
                     yield response
@@ -182,6 +182,7 @@ class LeaseSession:
 
     def _hold(self, grant: Grant) -> None:
         self.held = grant
+        self._expires_at = grant.lease.expires_at
         self.leasing.bus.watch_lease(grant.lease.lease_id, self._on_event)
 
     async def _on_lease_event(

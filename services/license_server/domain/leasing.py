@@ -32,6 +32,7 @@ from services.license_server.domain.events import (
     LeaseResumed,
     SeatsFreed,
 )
+from services.license_server.domain.heartbeats import HeartbeatBatcher
 from services.license_server.domain.model import (
     Grant,
     Lease,
@@ -65,6 +66,8 @@ class LeasePolicy:
     # waiter_ttl_seconds (its replica died) drops out of the queue.
     waiter_refresh_seconds: float = 5.0
     waiter_ttl_seconds: float = 15.0
+    # Stream heartbeats are written to the database together, this often.
+    heartbeat_flush_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Leasing:
         self.policy = policy
         self.clock = clock
         self.bus = bus or LeaseBus()
+        self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
 
     # Holding seats
 
@@ -129,6 +133,14 @@ class Leasing:
                 await self._explain_unusable(repo, lease_id, secret, epoch, now)
         assert expires_at is not None
         return expires_at
+
+    async def stream_heartbeat(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime:
+        """A heartbeat on the stream that holds ``grant``: acknowledged at once and written
+        with the next flush, when it comes before the expiry the stream last heard."""
+        if self.clock.now() < known_expiry:
+            return self.heartbeats.beat(grant.lease)
+        lease = grant.lease  # too late: ask the database, which says why
+        return await self.heartbeat(lease.lease_id, grant.secret, lease.epoch, lease.ttl_seconds)
 
     async def resume(self, lease_id: str, secret: str) -> Grant:
         """Take over a held lease from a broken stream: same seats, a new epoch."""
