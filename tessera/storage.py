@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, event, text
+from sqlalchemy import DateTime, Executable, RowMapping, event, text
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
@@ -81,6 +81,11 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
 
 
 R = TypeVar("R")
+
+
+async def first_row(session: AsyncSession, query: Executable) -> RowMapping | None:
+    """The first row of ``query`` as a mapping, or None."""
+    return (await session.execute(query)).mappings().first()
 
 
 class TransactionalStore(Generic[R]):

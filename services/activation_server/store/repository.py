@@ -25,7 +25,7 @@ from services.activation_server.store.tables import (
     entitlements,
     features,
 )
-from tessera.storage import TransactionalStore
+from tessera.storage import TransactionalStore, first_row
 
 
 class DuplicateRequest(Exception):
@@ -78,14 +78,9 @@ class Repository:
         )
 
     async def get_entitlement(self, entitlement_id: str) -> Entitlement | None:
-        row = (
-            (
-                await self.session.execute(
-                    select(entitlements).where(entitlements.c.entitlement_id == entitlement_id)
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session,
+            select(entitlements).where(entitlements.c.entitlement_id == entitlement_id),
         )
         if row is None:
             return None
@@ -106,16 +101,11 @@ class Repository:
 
     async def get_line(self, activation_id: str) -> tuple[EntitlementLine, str] | None:
         """The line and its customer organization."""
-        row = (
-            (
-                await self.session.execute(
-                    select(entitlement_lines, entitlements.c.customer_organization)
-                    .join(entitlements)
-                    .where(entitlement_lines.c.activation_id == activation_id)
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session,
+            select(entitlement_lines, entitlements.c.customer_organization)
+            .join(entitlements)
+            .where(entitlement_lines.c.activation_id == activation_id),
         )
         return None if row is None else (_line(row), row["customer_organization"])
 
@@ -133,16 +123,11 @@ class Repository:
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def get_activation(self, host_id: str, request_id: str) -> ActivationRecord | None:
-        row = (
-            (
-                await self.session.execute(
-                    _activation_query().where(
-                        activations.c.host_id == host_id, activations.c.request_id == request_id
-                    )
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session,
+            _activation_query().where(
+                activations.c.host_id == host_id, activations.c.request_id == request_id
+            ),
         )
         return None if row is None else _activation(row)
 

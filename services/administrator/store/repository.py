@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.administrator.domain.model import Operation, OperationState
 from services.administrator.store.tables import operations
-from tessera.storage import TransactionalStore
+from tessera.storage import TransactionalStore, first_row
 
 
 class DuplicateOperation(Exception):
@@ -22,14 +22,8 @@ class Repository:
         self.session = session
 
     async def get(self, operation_id: str) -> Operation | None:
-        row = (
-            (
-                await self.session.execute(
-                    select(operations).where(operations.c.operation_id == operation_id)
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session, select(operations).where(operations.c.operation_id == operation_id)
         )
         return None if row is None else _operation(row)
 

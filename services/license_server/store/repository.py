@@ -31,7 +31,7 @@ from services.license_server.store.tables import (
     pools,
     requirements,
 )
-from tessera.storage import TransactionalStore
+from tessera.storage import TransactionalStore, first_row
 
 
 class DuplicateKey(Exception):
@@ -49,14 +49,9 @@ class Repository:
     # Trusted storage
 
     async def get_pending_request(self, request_id: str) -> PendingRequest | None:
-        row = (
-            (
-                await self.session.execute(
-                    select(pending_requests).where(pending_requests.c.request_id == request_id)
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session,
+            select(pending_requests).where(pending_requests.c.request_id == request_id),
         )
         if row is None:
             return None
@@ -93,14 +88,8 @@ class Repository:
         )
 
     async def get_certificate_for_request(self, request_id: str) -> StoredCertificate | None:
-        row = (
-            (
-                await self.session.execute(
-                    select(certificates).where(certificates.c.request_id == request_id)
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session, select(certificates).where(certificates.c.request_id == request_id)
         )
         return None if row is None else _certificate(row)
 
@@ -176,11 +165,7 @@ class Repository:
             )
 
     async def get_pool(self, feature: str) -> PoolInformation | None:
-        row = (
-            (await self.session.execute(select(pools).where(pools.c.feature == feature)))
-            .mappings()
-            .first()
-        )
+        row = await first_row(self.session, select(pools).where(pools.c.feature == feature))
         return (
             None if row is None else PoolInformation(row["feature"], row["activated"], row["used"])
         )
@@ -219,16 +204,11 @@ class Repository:
         )
 
     async def get_lease(self, lease_id: str, secret_hash: bytes) -> Lease | None:
-        row = (
-            (
-                await self.session.execute(
-                    select(leases).where(
-                        leases.c.lease_id == lease_id, leases.c.secret_hash == secret_hash
-                    )
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session,
+            select(leases).where(
+                leases.c.lease_id == lease_id, leases.c.secret_hash == secret_hash
+            ),
         )
         return None if row is None else _lease(row)
 
@@ -362,17 +342,12 @@ class Repository:
 
     async def revoke_lease(self, lease_id: str, now: dt.datetime, reason: str) -> Lease | None:
         """Release a held lease without its secret (operator, expiry of its license)."""
-        row = (
-            (
-                await self.session.execute(
-                    update(leases)
-                    .where(leases.c.lease_id == lease_id, leases.c.released_at.is_(None))
-                    .values(released_at=now, release_reason=reason)
-                    .returning(*leases.c)
-                )
-            )
-            .mappings()
-            .first()
+        row = await first_row(
+            self.session,
+            update(leases)
+            .where(leases.c.lease_id == lease_id, leases.c.released_at.is_(None))
+            .values(released_at=now, release_reason=reason)
+            .returning(*leases.c),
         )
         if row is None:
             return None
