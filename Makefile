@@ -11,6 +11,7 @@ STUBS := tessera/common/v1/common_pb2.py tessera/activation/v1/activation_pb2.py
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: up test protos lint check-stubs buf-lint bench clean
 
@@ -19,6 +20,10 @@ up: $(VENV)/.installed $(STUBS)
 
 test: $(VENV)/.installed $(STUBS)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Load generator (docs/performance.md); e.g. make bench BENCH_ARGS="--phases echo,cycles".
+bench: $(VENV)/.installed $(STUBS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 protos $(STUBS) &: $(PROTOS) | $(VENV)/.installed
 	$(call generate_stubs,.)
