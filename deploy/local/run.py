@@ -107,7 +107,8 @@ async def main() -> int:
             f"""
 Tessera is up (SQLite under {VAR}):
   Activation Server  {ACTIVATION_SERVER}   (vendor token in var/activation_server/vendor-token)
-  License Server     {LICENSE_SERVER}   (address @localhost)
+  License Server     {LICENSE_SERVER}   (address @localhost; operator token in
+                                       var/license_server/operator-token)
   Administrator      {ADMINISTRATOR}
 
 Demo Entitlement ID: {entitlement_id}
