@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from dataclasses import replace
 
 from sqlalchemy import RowMapping, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -271,27 +272,27 @@ class Repository:
 
     async def bump_epoch(self, lease_id: str, secret_hash: bytes, now: dt.datetime) -> Lease | None:
         """Fence out older streams of a held, unexpired lease and extend it (resume)."""
-        row = (
-            await self.session.execute(
-                update(leases)
-                .where(
-                    leases.c.lease_id == lease_id,
-                    leases.c.secret_hash == secret_hash,
-                    leases.c.released_at.is_(None),
-                    leases.c.expires_at > now,
-                )
-                .values(epoch=leases.c.epoch + 1, last_heartbeat_at=now)
-                .returning(leases.c.ttl_seconds)
+        row = await first_row(
+            self.session,
+            update(leases)
+            .where(
+                leases.c.lease_id == lease_id,
+                leases.c.secret_hash == secret_hash,
+                leases.c.released_at.is_(None),
+                leases.c.expires_at > now,
             )
-        ).first()
+            .values(epoch=leases.c.epoch + 1, last_heartbeat_at=now)
+            .returning(*leases.c),
+        )
         if row is None:
             return None
+        lease = _lease(row)
+        expires_at = now + dt.timedelta(seconds=lease.ttl_seconds)
+        # The first UPDATE holds the row; the TTL is per lease, so the expiry is set second.
         await self.session.execute(
-            update(leases)
-            .where(leases.c.lease_id == lease_id)
-            .values(expires_at=now + dt.timedelta(seconds=row[0]))
+            update(leases).where(leases.c.lease_id == lease_id).values(expires_at=expires_at)
         )
-        return await self.get_lease(lease_id, secret_hash)
+        return replace(lease, expires_at=expires_at)
 
     async def release_lease(
         self, lease_id: str, secret_hash: bytes, now: dt.datetime, reason: str
