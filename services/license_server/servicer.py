@@ -56,10 +56,6 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         for inbox in self._inboxes:
             inbox.put_nowait(_SHUTDOWN)
 
-    @property
-    def open_streams(self) -> int:
-        return len(self._inboxes)
-
     @ERRORS.stream
     async def Lease(
         self, request_iterator: AsyncIterator[pb.LeaseRequest], context: Context

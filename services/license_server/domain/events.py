@@ -103,7 +103,3 @@ class LeaseBus:
             listeners = self._by_lease.get(event.lease_id, ())
         for listener in list(listeners):
             listener(event)
-
-    @property
-    def watched_leases(self) -> int:
-        return len(self._by_lease)

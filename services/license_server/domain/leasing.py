@@ -161,17 +161,20 @@ class Leasing:
         _require_lease_credentials(lease_id, secret)
         now = self.clock.now()
         async with self.store.transaction() as repo:
-            lease = await repo.get_lease(lease_id, secret_hash(secret))
-            if lease is None:
-                raise LeaseNotFound(f"no lease {lease_id!r} with that secret")
-            if epoch is not None and lease.epoch != epoch and lease.released_at is None:
-                raise StaleLeaseEpoch("the lease was resumed by another stream")
-            released = await repo.release_lease(lease_id, secret_hash(secret), now, "checked_in")
-            if released:
-                await repo.announce(SeatsFreed(lease.feature))
-        if released:
-            self.bus.publish(SeatsFreed(lease.feature))
-        return released
+            # The check-in itself first; the lease is read only to explain a refusal.
+            feature = await repo.release_lease(
+                lease_id, secret_hash(secret), now, "checked_in", epoch
+            )
+            if feature is None:
+                lease = await repo.get_lease(lease_id, secret_hash(secret))
+                if lease is None:
+                    raise LeaseNotFound(f"no lease {lease_id!r} with that secret")
+                if lease.released_at is None:
+                    raise StaleLeaseEpoch("the lease was resumed by another stream")
+                return False
+            await repo.announce(SeatsFreed(feature))
+        self.bus.publish(SeatsFreed(feature))
+        return True
 
     # Waiting for seats
 

@@ -295,25 +295,34 @@ class Repository:
         return replace(lease, expires_at=expires_at)
 
     async def release_lease(
-        self, lease_id: str, secret_hash: bytes, now: dt.datetime, reason: str
-    ) -> bool:
-        """Release a held lease and give its seats back; False if it was not held."""
+        self,
+        lease_id: str,
+        secret_hash: bytes,
+        now: dt.datetime,
+        reason: str,
+        epoch: int | None = None,
+    ) -> str | None:
+        """Release a held lease (of ``epoch``, when given) and give its seats back; its
+        feature, or None if no such lease was held."""
+        conditions = [
+            leases.c.lease_id == lease_id,
+            leases.c.secret_hash == secret_hash,
+            leases.c.released_at.is_(None),
+        ]
+        if epoch is not None:
+            conditions.append(leases.c.epoch == epoch)
         row = (
             await self.session.execute(
                 update(leases)
-                .where(
-                    leases.c.lease_id == lease_id,
-                    leases.c.secret_hash == secret_hash,
-                    leases.c.released_at.is_(None),
-                )
+                .where(*conditions)
                 .values(released_at=now, release_reason=reason)
                 .returning(leases.c.feature, leases.c.count)
             )
         ).first()
         if row is None:
-            return False
+            return None
         await self.give_back_seats(Counter({row[0]: row[1]}))
-        return True
+        return str(row[0])
 
     async def release_expired(self, now: dt.datetime, limit: int) -> list[tuple[str, str]]:
         """Release up to ``limit`` leases whose TTL ran out; (lease id, feature) of each."""
