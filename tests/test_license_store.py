@@ -77,9 +77,9 @@ async def seed(leasing: Leasing, seats: int, feature: str = FEATURE) -> None:
                 count=seats,
                 envelope=b"not-verified-in-these-tests",
                 installed_at=leasing.clock.now(),
-            ),
-            None,
+            )
         )
+        assert await repo.set_pool_activated(feature, await repo.serving_seats(feature))
 
 
 async def pool(leasing: Leasing, feature: str = FEATURE) -> PoolInformation:

@@ -22,6 +22,8 @@ class Settings:
     machine_id: str
     policy: LeasePolicy
     sweep_interval: float
+    # Seconds between re-judgements of trusted storage (also done at start).
+    trust_check_interval: float
     # Operator bearer token for LeaseAdminService; default: read from (or created in)
     # operator-token in the data directory.
     operator_token: str
@@ -54,6 +56,9 @@ def load_settings(
     parser.add("--heartbeat-interval", "30", "seconds between the heartbeats clients send")
     parser.add("--sweep-interval", "5", "seconds between sweeps that free expired leases")
     parser.add(
+        "--trust-check-interval", "60", "seconds between re-verifications of trusted storage"
+    )
+    parser.add(
         "--operator-token", "", "bearer token for LeaseAdminService (default: data-dir file)"
     )
     common, args = parser.parse(argv)
@@ -61,10 +66,14 @@ def load_settings(
         ttl = int(args.lease_ttl)
         interval = float(args.heartbeat_interval)
         sweep = float(args.sweep_interval)
+        trust_check = float(args.trust_check_interval)
     except ValueError as error:
         parser.parser.error(f"lease timings must be numbers: {error}")
-    if ttl < 1 or interval <= 0 or sweep <= 0:
-        parser.parser.error("--lease-ttl, --heartbeat-interval and --sweep-interval must be > 0")
+    if ttl < 1 or interval <= 0 or sweep <= 0 or trust_check <= 0:
+        parser.parser.error(
+            "--lease-ttl, --heartbeat-interval, --sweep-interval and --trust-check-interval "
+            "must be > 0"
+        )
     vendor_keys = [Path(p) for p in args.vendor_keys.split(",") if p.strip()] or [
         common.data_dir / "vendor-keys.pub"
     ]
@@ -74,5 +83,6 @@ def load_settings(
         machine_id=args.machine_id,
         policy=LeasePolicy(ttl_seconds=ttl, heartbeat_interval_seconds=interval),
         sweep_interval=sweep,
+        trust_check_interval=trust_check,
         operator_token=args.operator_token,
     )

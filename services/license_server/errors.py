@@ -27,5 +27,12 @@ ERRORS = ErrorTable(
         errors.CertificateForAnotherHost: Code.PERMISSION_DENIED,
         errors.CertificateMismatch: Code.INVALID_ARGUMENT,
         errors.RequestIdReused: Code.ALREADY_EXISTS,
+        errors.SeatsInUse: Code.FAILED_PRECONDITION,
+        errors.CertificateNotFound: Code.NOT_FOUND,
+        errors.CertificateReturned: Code.FAILED_PRECONDITION,
+        errors.ReturnInProgress: Code.FAILED_PRECONDITION,
+        errors.PartialReturnNotAllowed: Code.FAILED_PRECONDITION,
+        errors.TrustedStorageBroken: Code.FAILED_PRECONDITION,
+        errors.AnswerDoesNotMatch: Code.INVALID_ARGUMENT,
     },
 )

@@ -12,6 +12,9 @@ from pathlib import Path
 from services.license_server.config import Settings
 from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.leasing import Leasing
+from services.license_server.domain.ledger import AnchorFile
+from services.license_server.domain.repairs import Repairs
+from services.license_server.domain.returns import Returns
 from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
 from services.license_server.servicer import (
@@ -70,10 +73,20 @@ class LicenseServer:
         await self.store.engine.dispose()
 
 
-async def sweep_forever(leasing: Leasing, interval: float) -> None:
-    """Free expired leases and retire expired certificates every ``interval`` seconds
-    (idempotent on every replica)."""
+async def sweep_forever(
+    leasing: Leasing, trusted_storage: TrustedStorage, interval: float, trust_interval: float
+) -> None:
+    """Free expired leases and retire expired certificates every ``interval`` seconds,
+    and re-judge trusted storage every ``trust_interval`` (idempotent on every replica)."""
+    loop = asyncio.get_running_loop()
+    next_trust_check = loop.time() + trust_interval
     while True:
+        if loop.time() >= next_trust_check:
+            next_trust_check = loop.time() + trust_interval
+            try:
+                await trusted_storage.check()  # logs what breaks when it breaks
+            except Exception:
+                log.exception("trusted storage check failed; retrying next interval")
         try:
             freed = await leasing.release_expired()
             if freed:
@@ -121,8 +134,17 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         await notifications.start()
     leasing = Leasing(store, settings.policy, clock, bus)
     trusted_storage = TrustedStorage(
-        store, identity, lambda: read_vendor_public_keys(settings.vendor_keys), clock, bus
+        store,
+        identity,
+        lambda: read_vendor_public_keys(settings.vendor_keys),
+        clock,
+        AnchorFile(settings.common.data_dir / "trust-anchor"),
+        bus,
     )
+    await trusted_storage.open()
+    report = await trusted_storage.check()
+    for problem in report.problems:
+        log.error("trusted storage: %s", problem)
     if not read_vendor_public_keys(settings.vendor_keys):
         log.warning(
             "no vendor public keys in %s: activations cannot be installed until there are",
@@ -139,11 +161,18 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         LeaseAdminServicer(leasing), endpoint.server
     )
     license_pb2_grpc.add_TrustedStorageServiceServicer_to_server(
-        TrustedStorageServicer(trusted_storage, identity), endpoint.server
+        TrustedStorageServicer(
+            trusted_storage, Returns(trusted_storage), Repairs(trusted_storage), identity
+        ),
+        endpoint.server,
     )
     port = endpoint.bind(settings.common.listen)
     await endpoint.start()
-    sweeper = asyncio.create_task(sweep_forever(leasing, settings.sweep_interval))
+    sweeper = asyncio.create_task(
+        sweep_forever(
+            leasing, trusted_storage, settings.sweep_interval, settings.trust_check_interval
+        )
+    )
     leasing.heartbeats.start()
     log.info(
         "License Server %s listening on %s (database %s)",

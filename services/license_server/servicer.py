@@ -10,11 +10,14 @@ import grpc
 
 from services.license_server.domain.errors import ServerShuttingDown
 from services.license_server.domain.leasing import Leasing
+from services.license_server.domain.repairs import Repairs
+from services.license_server.domain.returns import Returns
 from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
 from services.license_server.session import LeaseSession
 from services.license_server.translate import (
     granted_to_proto,
+    health_to_proto,
     lease_entry_to_proto,
     new_lease_from_proto,
 )
@@ -160,8 +163,16 @@ class LeaseAdminServicer(pb_grpc.LeaseAdminServiceServicer):
 class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
     """tessera.license.v1.TrustedStorageService."""
 
-    def __init__(self, trusted_storage: TrustedStorage, identity: HostIdentity) -> None:
+    def __init__(
+        self,
+        trusted_storage: TrustedStorage,
+        returns: Returns,
+        repairs: Repairs,
+        identity: HostIdentity,
+    ) -> None:
         self.trusted_storage = trusted_storage
+        self.returns = returns
+        self.repairs = repairs
         self.identity = identity
 
     @ERRORS.unary
@@ -210,4 +221,65 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
                 )
                 for certificate, stored in certificates
             ]
+        )
+
+    @ERRORS.unary
+    async def PrepareReturn(
+        self, request: pb.PrepareReturnRequest, context: Context
+    ) -> pb.PrepareReturnResponse:
+        prepared = await self.returns.prepare(
+            request.certificate_id, request.count, request.request_id, request.force
+        )
+        return pb.PrepareReturnResponse(
+            request_id=prepared.request_id,
+            request=prepared.request,
+            revoked_leases=prepared.revoked_leases,
+        )
+
+    @ERRORS.unary
+    async def CompleteReturn(
+        self, request: pb.CompleteReturnRequest, context: Context
+    ) -> pb.CompleteReturnResponse:
+        if not request.HasField("receipt"):
+            raise InvalidInput("receipt", "a signed vendor receipt is required")
+        completed = await self.returns.complete(request.receipt)
+        remaining = None
+        if completed.remaining is not None:
+            certificate, stored = completed.remaining
+            remaining = pb.InstalledCertificate(
+                certificate=certificate, installed_at=to_timestamp(stored.installed_at)
+            )
+        return pb.CompleteReturnResponse(
+            credited=completed.credited,
+            count=completed.count,
+            remaining=remaining,
+            already_completed=completed.already_completed,
+        )
+
+    @ERRORS.unary
+    async def PrepareRepair(
+        self, request: pb.PrepareRepairRequest, context: Context
+    ) -> pb.PrepareRepairResponse:
+        request_id, envelope = await self.repairs.prepare(request.request_id)
+        return pb.PrepareRepairResponse(request_id=request_id, request=envelope)
+
+    @ERRORS.unary
+    async def CompleteRepair(
+        self, request: pb.CompleteRepairRequest, context: Context
+    ) -> pb.CompleteRepairResponse:
+        if not request.HasField("response"):
+            raise InvalidInput("response", "a signed vendor repair answer is required")
+        repaired = await self.repairs.complete(request.response)
+        return pb.CompleteRepairResponse(
+            health=health_to_proto(repaired.health, self.trusted_storage.clock.now()),
+            already_completed=repaired.already_completed,
+        )
+
+    @ERRORS.unary
+    async def GetTrustHealth(
+        self, request: pb.GetTrustHealthRequest, context: Context
+    ) -> pb.GetTrustHealthResponse:
+        report = await self.trusted_storage.check()
+        return pb.GetTrustHealthResponse(
+            health=health_to_proto(report, self.trusted_storage.clock.now())
         )

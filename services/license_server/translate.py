@@ -8,6 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from services.license_server.domain.leasing import LeaseEntry
 from services.license_server.domain.model import Grant, NewLease
+from services.license_server.domain.trust import TrustReport
 from tessera.clock import to_timestamp
 from tessera.errors import InvalidInput
 from tessera.license.v1 import license_pb2 as pb
@@ -89,4 +90,64 @@ def lease_entry_to_proto(entry: LeaseEntry) -> pb.LeaseEntry:
         user=waiter.request.user,
         display_name=waiter.request.display_name,
         since=to_timestamp(waiter.enqueued_at),
+    )
+
+
+def health_to_proto(report: TrustReport, checked_at: dt.datetime) -> pb.TrustHealth:
+    """What the operator sees of trusted storage, and what a repair would do."""
+    certificates = []
+    serving = broken = 0
+    for verdict in report.verdicts:
+        stored = verdict.stored
+        if verdict.problem is not None:
+            state = pb.CertificateState.CERTIFICATE_STATE_BROKEN
+            broken += stored.count - stored.returning
+        elif verdict.expired:
+            state = pb.CertificateState.CERTIFICATE_STATE_EXPIRED
+        elif stored.returning:
+            state = pb.CertificateState.CERTIFICATE_STATE_RETURNING
+            serving += stored.count - stored.returning
+        else:
+            state = pb.CertificateState.CERTIFICATE_STATE_TRUSTED
+            serving += stored.count
+        certificates.append(
+            pb.CertificateTrust(
+                certificate_id=stored.certificate_id,
+                feature=stored.feature,
+                count=stored.count,
+                state=state,
+                cause=verdict.problem.cause if verdict.problem else "",
+                detail=verdict.problem.detail if verdict.problem else "",
+                returning=stored.returning,
+            )
+        )
+    return pb.TrustHealth(
+        healthy=report.healthy,
+        host_id=report.host_id,
+        sealed_host_id=report.sealed_host_id,
+        certificates=certificates,
+        problems=[str(problem) for problem in report.problems],
+        repair_advice=_repair_advice(report, broken),
+        clock_high_water=to_timestamp(report.clock_high_water),
+        checked_at=to_timestamp(checked_at),
+        serving_seats=serving,
+        broken_seats=broken,
+    )
+
+
+def _repair_advice(report: TrustReport, broken_seats: int) -> str:
+    if report.healthy:
+        return ""
+    broken = sum(verdict.problem is not None for verdict in report.verdicts)
+    holder = report.sealed_host_id
+    if report.storage_problem is not None and report.storage_problem.cause == "DATABASE_COPIED":
+        holder = report.host_id
+    rebind = (
+        f", re-bound to this machine (host {report.host_id})" if holder != report.host_id else ""
+    )
+    return (
+        f"{broken} certificate(s) with {broken_seats} seat(s) do not serve. A repair asks the "
+        f"vendor to re-issue every certificate it records for host {holder}{rebind}, replaces "
+        "trusted storage with exactly those and re-seals it; certificates the vendor does not "
+        "record for that host leave. At most 4 repairs per host per year."
     )

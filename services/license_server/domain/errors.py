@@ -94,3 +94,44 @@ class LeaseRevoked(DomainError):
     def __init__(self, reason: str, message: str, lease_id: str) -> None:
         super().__init__(message, metadata={"lease_id": lease_id})
         self.reason = reason
+
+
+class SeatsInUse(DomainError):
+    """Leases hold seats that a return would take away; force revokes them."""
+
+    reason = "SEATS_IN_USE"
+
+
+class CertificateNotFound(DomainError):
+    reason = "CERTIFICATE_NOT_FOUND"
+
+
+class CertificateReturned(DomainError):
+    """The certificate was returned to the vendor already."""
+
+    reason = "CERTIFICATE_RETURNED"
+
+
+class ReturnInProgress(DomainError):
+    """Another return of the certificate is under way; complete it first."""
+
+    reason = "RETURN_IN_PROGRESS"
+
+
+class PartialReturnNotAllowed(DomainError):
+    """The certificate returns as a whole (what one activation brought goes together)."""
+
+    reason = "PARTIAL_RETURN_NOT_ALLOWED"
+
+
+class TrustedStorageBroken(DomainError):
+    """Trusted storage belongs to another host or machine, or was tampered with: repair
+    it before anything else changes."""
+
+    reason = "TRUSTED_STORAGE_BROKEN"
+
+
+class AnswerDoesNotMatch(DomainError):
+    """A vendor answer does not fit the request it claims to answer."""
+
+    reason = "ANSWER_DOES_NOT_MATCH_REQUEST"

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from services.license_server.domain import pools
 from services.license_server.domain.errors import (
     CountAboveActivated,
     FeatureNotLicensed,
@@ -40,6 +41,7 @@ from services.license_server.domain.model import (
     PoolInformation,
     Waiter,
 )
+from services.license_server.domain.pools import fit_pool
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import InvalidInput
@@ -310,28 +312,17 @@ class Leasing:
         async with self.store.transaction() as repo:
             certificates = await repo.expired_certificates(now)
         for certificate in certificates:
-            events: list[LeaseEvent] = []
             async with self.store.transaction() as repo:
-                pool = await repo.get_pool(certificate.feature)
-                assert pool is not None
-                excess = pool.used - (pool.activated - certificate.count)
-                revoked = 0
-                for lease in await repo.newest_held_leases(certificate.feature, max(excess, 0)):
-                    if revoked >= excess:
-                        break
-                    if await repo.revoke_lease(lease.lease_id, now, "license_expired"):
-                        revoked += lease.count
-                        events.append(
-                            LeaseEnded(
-                                lease.lease_id,
-                                LICENSE_EXPIRED,
-                                f"the {certificate.feature} license behind this lease expired",
-                            )
-                        )
-                if await repo.retire_certificate(certificate, now):
-                    retired += 1
-                for event in events:
-                    await repo.announce(event)
+                if not await repo.retire_certificate(certificate, now):
+                    continue
+                retired += 1
+                events = await fit_pool(
+                    repo,
+                    certificate.feature,
+                    now,
+                    pools.LICENSE_EXPIRED,
+                    f"the {certificate.feature} license behind this lease expired",
+                )
             self._publish(events)
         return retired
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -67,23 +68,44 @@ class Grant:
     resumed: bool
 
 
+class RequestKind(StrEnum):
+    ACTIVATE = "activate"
+    RETURN = "return"
+    REPAIR = "repair"
+
+
 @dataclass(frozen=True)
 class PendingRequest:
+    """A request this host signed, and when the vendor's answer to it was installed."""
+
     request_id: str
     activation_id: str
     count: int
     request_envelope: bytes
     installed_at: dt.datetime | None
+    kind: RequestKind = RequestKind.ACTIVATE
+    certificate_id: str | None = None
 
 
 @dataclass(frozen=True)
 class StoredCertificate:
+    """A vendor-signed certificate in trusted storage and where it stands."""
+
     certificate_id: str
     request_id: str
     feature: str
     count: int
     envelope: bytes
     installed_at: dt.datetime
+    expires_at: dt.datetime | None = None
+    revision: int = 0
+    # Seats withheld by a return in progress, and that return's request id.
+    returning: int = 0
+    return_request_id: str | None = None
+    returned_at: dt.datetime | None = None
+    retired_at: dt.datetime | None = None
+    broken_cause: str | None = None
+    broken_detail: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.license_server.domain.events import NOTIFY_CHANNEL, LeaseEvent, encode_event
+from services.license_server.domain.ledger import LedgerEntry, Seal
 from services.license_server.domain.model import (
     Lease,
     NewLease,
     PendingRequest,
     PoolInformation,
+    RequestKind,
     StoredCertificate,
     Waiter,
 )
@@ -31,6 +33,8 @@ from services.license_server.store.tables import (
     pending_requests,
     pools,
     requirements,
+    trust_ledger,
+    trust_seal,
 )
 from tessera.storage import TransactionalStore, first_row
 
@@ -62,6 +66,8 @@ class Repository:
             count=row["count"],
             request_envelope=row["request_envelope"],
             installed_at=row["installed_at"],
+            kind=RequestKind(row["kind"]),
+            certificate_id=row["certificate_id"],
         )
 
     async def insert_pending_request(
@@ -76,6 +82,8 @@ class Repository:
                     request_envelope=request.request_envelope,
                     created_at=created_at,
                     installed_at=None,
+                    kind=request.kind.value,
+                    certificate_id=request.certificate_id,
                 )
             )
         except IntegrityError as error:
@@ -100,12 +108,15 @@ class Repository:
         ).mappings()
         return [_certificate(row) for row in rows]
 
-    async def insert_certificate(
-        self,
-        certificate: StoredCertificate,
-        expires_at: dt.datetime | None,
-    ) -> None:
-        """Store a certificate and add its seats to the feature's pool."""
+    async def get_certificate(self, certificate_id: str) -> StoredCertificate | None:
+        row = await first_row(
+            self.session,
+            select(certificates).where(certificates.c.certificate_id == certificate_id),
+        )
+        return None if row is None else _certificate(row)
+
+    async def insert_certificate(self, certificate: StoredCertificate) -> None:
+        """Store a certificate; its seats join the pool when the pool is recounted."""
         try:
             await self.session.execute(
                 insert(certificates).values(
@@ -113,22 +124,151 @@ class Repository:
                     request_id=certificate.request_id,
                     feature=certificate.feature,
                     count=certificate.count,
-                    expires_at=expires_at,
+                    expires_at=certificate.expires_at,
                     envelope=certificate.envelope,
                     installed_at=certificate.installed_at,
+                    revision=certificate.revision,
                 )
             )
         except IntegrityError as error:
             raise DuplicateKey(certificate.certificate_id) from error
+
+    async def update_certificate(self, certificate: StoredCertificate) -> None:
+        """Write a certificate's changing fields (re-issue, return, breakage)."""
+        await self.session.execute(
+            update(certificates)
+            .where(certificates.c.certificate_id == certificate.certificate_id)
+            .values(
+                count=certificate.count,
+                envelope=certificate.envelope,
+                expires_at=certificate.expires_at,
+                revision=certificate.revision,
+                withheld=certificate.returning,
+                return_request_id=certificate.return_request_id,
+                returned_at=certificate.returned_at,
+                broken_cause=certificate.broken_cause,
+                broken_detail=certificate.broken_detail,
+            )
+        )
+
+    async def serving_seats(self, feature: str) -> int:
+        """Seats of a feature in certificates that serve: not expired, returned, broken
+        or withheld by a return in progress."""
+        total = await self.session.scalar(
+            select(
+                func.coalesce(func.sum(certificates.c.count - certificates.c.withheld), 0)
+            ).where(
+                certificates.c.feature == feature,
+                certificates.c.retired_at.is_(None),
+                certificates.c.returned_at.is_(None),
+                certificates.c.broken_cause.is_(None),
+            )
+        )
+        return int(total or 0)
+
+    async def set_pool_activated(self, feature: str, activated: int) -> bool:
+        """Set a pool's activated seats, unless more are in use than that (one statement)."""
         upsert = postgresql.insert(pools) if self._dialect == "postgresql" else sqlite.insert(pools)
         await self.session.execute(
-            upsert.values(feature=certificate.feature, activated=0, used=0).on_conflict_do_nothing()
+            upsert.values(feature=feature, activated=0, used=0).on_conflict_do_nothing()
         )
-        await self.session.execute(
+        result = await self.session.execute(
             update(pools)
-            .where(pools.c.feature == certificate.feature)
-            .values(activated=pools.c.activated + certificate.count)
+            .where(pools.c.feature == feature, pools.c.used <= activated)
+            .values(activated=activated)
         )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    # The ledger and its seal
+
+    async def get_seal(self, *, lock: bool = False) -> Seal | None:
+        """The seal; ``lock`` holds it until commit, so ledger appends take turns."""
+        query = select(trust_seal).where(trust_seal.c.id == 1)
+        if lock:
+            query = query.with_for_update()
+        row = await first_row(self.session, query)
+        if row is None:
+            return None
+        return Seal(
+            host_id=row["host_id"],
+            host_public_key=row["host_public_key"],
+            machine_binding=row["machine_binding"],
+            head_sequence=row["head_sequence"],
+            head_hash=row["head_hash"],
+            clock_high_water=row["clock_high_water"],
+            clock_set_back_at=row["clock_set_back_at"],
+            signature=row["signature"],
+        )
+
+    async def put_seal(self, seal: Seal) -> None:
+        values = {
+            "host_id": seal.host_id,
+            "host_public_key": seal.host_public_key,
+            "machine_binding": seal.machine_binding,
+            "head_sequence": seal.head_sequence,
+            "head_hash": seal.head_hash,
+            "clock_high_water": seal.clock_high_water,
+            "clock_set_back_at": seal.clock_set_back_at,
+            "signature": seal.signature,
+        }
+        result = await self.session.execute(
+            update(trust_seal).where(trust_seal.c.id == 1).values(**values)
+        )
+        if result.rowcount == 0:  # type: ignore[attr-defined]
+            try:
+                await self.session.execute(insert(trust_seal).values(id=1, **values))
+            except IntegrityError as error:
+                raise DuplicateKey("trust_seal") from error
+
+    async def append_ledger(self, entries: list[LedgerEntry]) -> None:
+        if not entries:
+            return
+        try:
+            await self.session.execute(
+                insert(trust_ledger),
+                [
+                    {
+                        "sequence": entry.sequence,
+                        "at": entry.at,
+                        "action": entry.action,
+                        "certificate_id": entry.certificate_id,
+                        "state": entry.state,
+                        "previous_hash": entry.previous_hash,
+                        "hash": entry.hash,
+                    }
+                    for entry in entries
+                ],
+            )
+        except IntegrityError as error:
+            raise DuplicateKey("trust_ledger") from error
+
+    async def ledger_since_last_seal(self) -> list[LedgerEntry]:
+        """The current segment: the newest ``sealed`` entry and everything after it."""
+        start = await self.session.scalar(
+            select(func.max(trust_ledger.c.sequence)).where(trust_ledger.c.action == "sealed")
+        )
+        query = select(trust_ledger).order_by(trust_ledger.c.sequence)
+        if start is not None:
+            query = query.where(trust_ledger.c.sequence >= start)
+        rows = (await self.session.execute(query)).mappings()
+        return [
+            LedgerEntry(
+                sequence=row["sequence"],
+                at=row["at"],
+                action=row["action"],
+                certificate_id=row["certificate_id"],
+                state=row["state"],
+                previous_hash=row["previous_hash"],
+                hash=row["hash"],
+            )
+            for row in rows
+        ]
+
+    async def ledger_hash_at(self, sequence: int) -> bytes | None:
+        value = await self.session.scalar(
+            select(trust_ledger.c.hash).where(trust_ledger.c.sequence == sequence)
+        )
+        return None if value is None else bytes(value)
 
     # Pools
 
@@ -499,7 +639,7 @@ class Repository:
         return [_certificate(row) for row in rows]
 
     async def retire_certificate(self, certificate: StoredCertificate, now: dt.datetime) -> bool:
-        """Take an expired certificate's seats out of its pool (the pool must fit)."""
+        """Mark an expired certificate retired; its seats leave the pool on recount."""
         result = await self.session.execute(
             update(certificates)
             .where(
@@ -508,14 +648,7 @@ class Repository:
             )
             .values(retired_at=now)
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        await self.session.execute(
-            update(pools)
-            .where(pools.c.feature == certificate.feature)
-            .values(activated=pools.c.activated - certificate.count)
-        )
-        return True
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def newest_held_leases(self, feature: str, limit: int) -> list[Lease]:
         rows = (
@@ -546,6 +679,14 @@ def _certificate(row: RowMapping) -> StoredCertificate:
         count=row["count"],
         envelope=row["envelope"],
         installed_at=row["installed_at"],
+        expires_at=row["expires_at"],
+        revision=row["revision"],
+        returning=row["withheld"],
+        return_request_id=row["return_request_id"],
+        returned_at=row["returned_at"],
+        retired_at=row["retired_at"],
+        broken_cause=row["broken_cause"],
+        broken_detail=row["broken_detail"],
     )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     text,
 )
 
@@ -28,7 +29,12 @@ pending_requests = Table(
     Column("count", Integer, nullable=False),
     Column("request_envelope", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # When the vendor's answer was installed (activate, repair) or the receipt (return).
     Column("installed_at", UTCDateTime, nullable=True),
+    # activate, return or repair.
+    Column("kind", String(16), nullable=False, server_default="activate"),
+    # The certificate a return is about.
+    Column("certificate_id", String(64), nullable=True),
 )
 
 # Vendor-signed certificates in trusted storage, kept as the exact envelope bytes.
@@ -44,6 +50,47 @@ certificates = Table(
     Column("installed_at", UTCDateTime, nullable=False),
     # Set when the certificate expired and its seats left the pool.
     Column("retired_at", UTCDateTime, nullable=True),
+    # Raised each time the vendor re-issues the certificate (partial return, repair).
+    Column("revision", Integer, nullable=False, server_default="0"),
+    # Seats withheld from the pool by a return in progress, and that return's request.
+    Column("withheld", Integer, nullable=False, server_default="0"),
+    Column("return_request_id", String(128), nullable=True),
+    # Set when the vendor credited every seat back; the row stays for the record.
+    Column("returned_at", UTCDateTime, nullable=True),
+    # Set while trusted storage is broken for this certificate: its seats do not serve.
+    Column("broken_cause", String(32), nullable=True),
+    Column("broken_detail", Text, nullable=True),
+)
+
+# The tamper-evident history of trusted storage: each entry records one certificate's
+# state after a change (or a seal), and hash = SHA-256(previous hash || entry).
+trust_ledger = Table(
+    "trust_ledger",
+    metadata,
+    Column("sequence", BigInteger, primary_key=True, autoincrement=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("certificate_id", String(64), nullable=True),
+    Column("state", Text, nullable=False),
+    Column("previous_hash", LargeBinary, nullable=False),
+    Column("hash", LargeBinary, nullable=False),
+)
+
+# One row: which host and machine trusted storage is sealed to, the ledger head and the
+# clock high-water mark, signed by the host key.
+trust_seal = Table(
+    "trust_seal",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("host_id", String(32), nullable=False),
+    Column("host_public_key", LargeBinary, nullable=False),
+    Column("machine_binding", LargeBinary, nullable=False),
+    Column("head_sequence", BigInteger, nullable=False),
+    Column("head_hash", LargeBinary, nullable=False),
+    Column("clock_high_water", UTCDateTime, nullable=False),
+    # Set when the clock was found set back; cleared only by a repair.
+    Column("clock_set_back_at", UTCDateTime, nullable=True),
+    Column("signature", LargeBinary, nullable=False),
 )
 
 # One seat pool per feature. Seats are taken and given back by conditional updates on

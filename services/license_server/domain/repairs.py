@@ -1,0 +1,171 @@
+"""Repairing trusted storage: the vendor re-issues what it records this host holds.
+
+``prepare`` signs a request with the host key, naming the host id the licenses were
+activated under when the machine changed since. ``complete`` verifies the vendor's
+answer, replaces trusted storage with exactly the certificates it lists (certificates it
+does not list leave: the vendor no longer records them as this host's), and re-seals
+storage to this host and machine in a new ledger segment. Both are idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from services.license_server.domain import ledger, pools
+from services.license_server.domain.errors import (
+    CertificateForAnotherHost,
+    RequestIdReused,
+    RequestNotPreparedHere,
+)
+from services.license_server.domain.events import LeaseEvent
+from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
+from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.trust import TrustReport
+from services.license_server.domain.trusted_storage import (
+    TrustedStorage,
+    request_id_or_new,
+    stored_from,
+)
+from tessera import failpoints
+from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
+from tessera.clock import to_timestamp
+from tessera.common.v1.common_pb2 import SignedEnvelope
+from tessera.envelope import open_envelope, seal
+
+
+@dataclass(frozen=True)
+class Repaired:
+    health: TrustReport
+    already_completed: bool
+
+
+class Repairs:
+    """Re-seals trusted storage around the vendor's re-issued certificates."""
+
+    def __init__(self, trusted_storage: TrustedStorage) -> None:
+        self.storage = trusted_storage
+
+    async def prepare(self, request_id: str) -> tuple[str, SignedEnvelope]:
+        storage = self.storage
+        identity = storage.identity
+        request_id = request_id_or_new(request_id)
+        now = storage.clock.now()
+        async with storage.store.transaction() as repo:
+            existing = await repo.get_pending_request(request_id)
+            seal_row = await repo.get_seal()
+        if existing is not None:
+            if existing.kind is not RequestKind.REPAIR:
+                raise RequestIdReused(
+                    f"request id {request_id!r} was prepared for another request",
+                    metadata={"request_id": request_id},
+                )
+            return request_id, SignedEnvelope.FromString(existing.request_envelope)
+        # Only the same host key may claim the licenses of the host id it had before the
+        # machine changed; a copied database names another key's host, which it may not.
+        previous = ""
+        if (
+            seal_row is not None
+            and seal_row.host_public_key == identity.public_key
+            and seal_row.host_id != identity.host_id
+        ):
+            previous = seal_row.host_id
+        envelope = seal(
+            HostRepairRequest(
+                request_id=request_id,
+                host_id=identity.host_id,
+                host_public_key=identity.public_key,
+                machine_binding=identity.machine_binding,
+                previous_host_id=previous,
+                created_at=to_timestamp(now),
+            ),
+            identity.host_id,
+            identity.signing_key,
+        )
+        existing = await storage.journal_request(
+            PendingRequest(
+                request_id=request_id,
+                activation_id="",
+                count=0,
+                request_envelope=envelope.SerializeToString(),
+                installed_at=None,
+                kind=RequestKind.REPAIR,
+            ),
+            now,
+        )
+        if existing is not None:
+            return request_id, SignedEnvelope.FromString(existing.request_envelope)
+        return request_id, envelope
+
+    async def complete(self, response_envelope: SignedEnvelope) -> Repaired:
+        storage = self.storage
+        trusted = storage.vendor_keys()
+        response = open_envelope(response_envelope, VendorRepairResponse, trusted)
+        if response.host_id != storage.identity.host_id:
+            raise CertificateForAnotherHost(
+                f"this repair is for host {response.host_id}, not this License Server "
+                f"({storage.identity.host_id})",
+                metadata={"host_id": response.host_id},
+            )
+        reissued = [
+            (storage.open_certificate(envelope, trusted), envelope)
+            for envelope in response.certificates
+        ]
+        now = storage.clock.now()
+        events: list[LeaseEvent] = []
+        async with storage.store.transaction() as repo:
+            await repo.get_seal(lock=True)  # concurrent completions take turns
+            pending = await repo.get_pending_request(response.request_id)
+            if pending is None or pending.kind is not RequestKind.REPAIR:
+                raise RequestNotPreparedHere(
+                    f"repair {response.request_id!r} was not prepared by this License Server",
+                    metadata={"request_id": response.request_id},
+                )
+            if pending.installed_at is not None:
+                already = True
+            else:
+                already = False
+                rows = {row.certificate_id: row for row in await repo.list_certificates()}
+                changes: list[tuple[str, StoredCertificate]] = []
+                for document, envelope in reissued:
+                    row = rows.pop(document.certificate_id, None)
+                    fresh = stored_from(document, envelope, row.installed_at if row else now)
+                    if row is not None and row.returned_at is None and row.returning:
+                        # A return under way keeps its seats withheld.
+                        fresh = replace(
+                            fresh,
+                            returning=min(row.returning, fresh.count),
+                            return_request_id=row.return_request_id,
+                        )
+                    if row is None:
+                        await repo.insert_certificate(fresh)
+                    else:
+                        await repo.update_certificate(fresh)
+                    changes.append((ledger.REISSUED, fresh))
+                for row in rows.values():
+                    if row.returned_at is None:
+                        gone = replace(
+                            row,
+                            returning=0,
+                            return_request_id=None,
+                            returned_at=now,
+                            broken_cause=None,
+                            broken_detail=None,
+                        )
+                        await repo.update_certificate(gone)
+                        changes.append((ledger.REMOVED, gone))
+                written = await storage.reseal(repo, now, changes)
+                await repo.mark_request_installed(pending.request_id, now)
+                for feature in sorted({c.feature for _, c in changes}):
+                    events += await fit_pool(
+                        repo,
+                        feature,
+                        now,
+                        pools.LICENSE_NOT_HELD,
+                        f"the vendor no longer records the {feature} license behind this "
+                        "lease as this License Server's",
+                    )
+        if not already:
+            storage.anchor.advance(written)
+            storage.publish(events)
+            failpoints.reach("license_server.repair.after_install")
+        return Repaired(await storage.check(), already_completed=already)
