@@ -94,6 +94,7 @@ class Repairs:
         )
         if existing is not None:
             return request_id, SignedEnvelope.FromString(existing.request_envelope)
+        failpoints.reach("license_server.repair.after_prepare")
         return request_id, envelope
 
     async def complete(self, response_envelope: SignedEnvelope) -> Repaired:

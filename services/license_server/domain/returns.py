@@ -191,6 +191,7 @@ class Returns:
             )
         storage.anchor.advance(written)
         storage.publish(events)
+        failpoints.reach("license_server.return.after_complete")
         kept = None
         if action == ledger.REISSUED and remaining_document is not None:
             kept = (remaining_document, after)

@@ -35,6 +35,7 @@ from services.license_server.domain.model import PendingRequest, RequestKind, St
 from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.trust import TrustReport, inspect, state_of, storage_problem
 from services.license_server.store.repository import DuplicateKey, LicenseStore, Repository
+from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
 from tessera.clock import Clock, from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, LicenseKind, SignedEnvelope
@@ -312,6 +313,7 @@ class TrustedStorage:
         )
         existing = await self.journal_request(pending, now)
         if existing is None:
+            failpoints.reach("license_server.activate.after_prepare")
             return request_id, envelope
         if existing.kind is not RequestKind.ACTIVATE or (
             existing.activation_id,
@@ -405,6 +407,7 @@ class TrustedStorage:
             )
         self.anchor.advance(written)
         self.publish(events)
+        failpoints.reach("license_server.activate.after_install")
         return Installed(certificate, stored, already_installed=False)
 
     async def list_certificates(self) -> list[tuple[LicenseCertificate, StoredCertificate]]:
