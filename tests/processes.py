@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +30,19 @@ class Processes:
     tmp_path: Path
     running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, module: str, *args: str) -> None:
-        log = (self.tmp_path / f"{name}.log").open("wb")
-        self.running[name] = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    def start(
+        self, name: str, module: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Start ``python -m module args``; ``env`` adds to (or overrides) the test's
+        environment. A restart under the same name appends to the same log."""
+        with (self.tmp_path / f"{name}.log").open("ab") as log:
+            self.running[name] = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
 
     async def wait_serving(self, name: str, port: int) -> None:
         for _ in range(300):
@@ -56,6 +61,17 @@ class Processes:
         process = self.running.pop(name)
         process.send_signal(signal.SIGTERM)
         return process.wait(timeout=30)
+
+    async def wait_exit(self, name: str, within: float = 30) -> int:
+        """Wait (at most ``within`` seconds) for a process to end by itself; its status
+        (-9 when it was SIGKILLed, e.g. by a failpoint)."""
+        process = self.running[name]
+        try:
+            status = await asyncio.to_thread(process.wait, within)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not exit within {within} s: {self.log(name)}")
+        del self.running[name]
+        return status
 
     def kill(self, name: str) -> None:
         """SIGKILL: no graceful stop, no goodbye to clients."""
