@@ -7,7 +7,8 @@ exactly why the vendor or the License Server said no.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import grpc
@@ -55,25 +56,32 @@ class ActivationServerClient:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = activation_grpc.ActivationServiceStub(self._channel)
 
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        return await call_peer(ACTIVATION_SERVER, self.target, call)
+
     async def get_order(self, entitlement_id: str) -> activation_pb.Entitlement:
-        response = await call_peer(
-            ACTIVATION_SERVER,
-            self.target,
-            lambda: self._stub.GetOrder(
-                activation_pb.GetOrderRequest(entitlement_id=entitlement_id),
-                timeout=CALL_TIMEOUT,
-            ),
-        )
+        request = activation_pb.GetOrderRequest(entitlement_id=entitlement_id)
+        response = await self._call(lambda: self._stub.GetOrder(request, timeout=CALL_TIMEOUT))
         return response.entitlement
 
-    async def activate(self, request: SignedEnvelope) -> SignedEnvelope:
-        response = await call_peer(
-            ACTIVATION_SERVER,
-            self.target,
-            lambda: self._stub.Activate(
-                activation_pb.ActivateRequest(request=request), timeout=CALL_TIMEOUT
-            ),
-        )
+    async def activate(
+        self, request: SignedEnvelope, registration: activation_pb.Registration
+    ) -> SignedEnvelope:
+        """The vendor's signed VendorActivationResponse to a host-signed request."""
+        message = activation_pb.ActivateRequest(request=request, registration=registration)
+        response = await self._call(lambda: self._stub.Activate(message, timeout=CALL_TIMEOUT))
+        return response.response
+
+    async def return_seats(self, request: SignedEnvelope) -> SignedEnvelope:
+        """The vendor's signed VendorReturnReceipt (credited or refused)."""
+        message = activation_pb.ReturnRequest(request=request)
+        response = await self._call(lambda: self._stub.Return(message, timeout=CALL_TIMEOUT))
+        return response.receipt
+
+    async def repair(self, request: SignedEnvelope) -> SignedEnvelope:
+        """The vendor's signed VendorRepairResponse re-issuing what the host holds."""
+        message = activation_pb.RepairRequest(request=request)
+        response = await self._call(lambda: self._stub.Repair(message, timeout=CALL_TIMEOUT))
         return response.response
 
     async def close(self) -> None:
@@ -112,5 +120,75 @@ class LicenseServerClient:
     async def call(self, call: Callable[[], Awaitable[T]]) -> T:
         return await call_peer(LICENSE_SERVER, self.address, call)
 
+    async def list_certificates(self) -> list[license_pb.InstalledCertificate]:
+        request = license_pb.ListCertificatesRequest()
+        response = await self.call(
+            lambda: self.trusted_storage.ListCertificates(request, timeout=CALL_TIMEOUT)
+        )
+        return list(response.certificates)
+
+    async def license_information(self) -> list[license_pb.FeatureInformation]:
+        request = license_pb.GetLicenseInformationRequest()
+        response = await self.call(
+            lambda: self.leases.GetLicenseInformation(request, timeout=CALL_TIMEOUT)
+        )
+        return list(response.features)
+
+    async def prepare_activation(
+        self, activation_id: str, count: int, request_id: str
+    ) -> license_pb.PrepareActivationResponse:
+        request = license_pb.PrepareActivationRequest(
+            activation_id=activation_id, count=count, request_id=request_id
+        )
+        return await self.call(
+            lambda: self.trusted_storage.PrepareActivation(request, timeout=CALL_TIMEOUT)
+        )
+
+    async def install_activation(
+        self, response: SignedEnvelope
+    ) -> license_pb.InstallActivationResponse:
+        request = license_pb.InstallActivationRequest(response=response)
+        return await self.call(
+            lambda: self.trusted_storage.InstallActivation(request, timeout=CALL_TIMEOUT)
+        )
+
+    async def prepare_return(
+        self, certificate_id: str, count: int, request_id: str, force: bool
+    ) -> license_pb.PrepareReturnResponse:
+        request = license_pb.PrepareReturnRequest(
+            certificate_id=certificate_id, count=count, request_id=request_id, force=force
+        )
+        return await self.call(
+            lambda: self.trusted_storage.PrepareReturn(request, timeout=CALL_TIMEOUT)
+        )
+
+    async def complete_return(self, receipt: SignedEnvelope) -> license_pb.CompleteReturnResponse:
+        request = license_pb.CompleteReturnRequest(receipt=receipt)
+        return await self.call(
+            lambda: self.trusted_storage.CompleteReturn(request, timeout=CALL_TIMEOUT)
+        )
+
+    async def prepare_repair(self, request_id: str) -> license_pb.PrepareRepairResponse:
+        request = license_pb.PrepareRepairRequest(request_id=request_id)
+        return await self.call(
+            lambda: self.trusted_storage.PrepareRepair(request, timeout=CALL_TIMEOUT)
+        )
+
+    async def complete_repair(self, response: SignedEnvelope) -> license_pb.CompleteRepairResponse:
+        request = license_pb.CompleteRepairRequest(response=response)
+        return await self.call(
+            lambda: self.trusted_storage.CompleteRepair(request, timeout=CALL_TIMEOUT)
+        )
+
     async def close(self) -> None:
         await self._channel.close()
+
+
+@asynccontextmanager
+async def connected(address: str) -> AsyncIterator[LicenseServerClient]:
+    """The License Server at ``address`` for the duration of a block."""
+    server = await LicenseServerClient.connect(address)
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -1,13 +1,17 @@
-"""Builds the Administrator: journal database, peer clients, servicer, health."""
+"""Builds the Administrator: journal database, peer clients, servicer, health, and the
+background pass that resumes unfinished operations."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.administrator.config import Settings
 from services.administrator.domain.operations import Operations
+from services.administrator.domain.resume import ResumeReport
 from services.administrator.errors import ERRORS
 from services.administrator.peers import ActivationServerClient
 from services.administrator.servicer import AdministratorServicer
@@ -28,12 +32,33 @@ class Administrator:
     endpoint: Endpoint
     journal: Journal
     activation_server: ActivationServerClient
+    operations: Operations
+    # The pass over the journal started with the service (await it to know it is done).
+    resumed: asyncio.Task[ResumeReport]
     port: int
 
     async def stop(self, grace: float) -> None:
         await self.endpoint.stop(grace)
+        self.resumed.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.resumed
         await self.activation_server.close()
         await self.journal.engine.dispose()
+
+
+async def resume_in_background(operations: Operations) -> ResumeReport:
+    try:
+        report = await operations.resume_unfinished()
+    except Exception:
+        log.exception("resuming the journal failed")
+        return ResumeReport()
+    if report.finished or report.failed:
+        log.info(
+            "journal resumed: %d operation(s) finished, %d still unfinished or refused",
+            len(report.finished),
+            len(report.failed),
+        )
+    return report
 
 
 async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
@@ -53,4 +78,5 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
         settings.activation_server,
     )
-    return Administrator(endpoint, journal, activation_server, port)
+    resumed = asyncio.create_task(resume_in_background(operations))
+    return Administrator(endpoint, journal, activation_server, operations, resumed, port)

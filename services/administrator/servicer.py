@@ -6,14 +6,19 @@ from typing import Any
 
 import grpc
 
-from services.administrator.domain.model import Operation, OperationState
+from services.administrator.domain import inputs
+from services.administrator.domain.model import (
+    Operation,
+    OperationKind,
+    OperationState,
+)
 from services.administrator.domain.operations import Operations
+from services.administrator.domain.registration import registration_to_proto
 from services.administrator.errors import ERRORS
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc as pb_grpc
 from tessera.clock import to_timestamp
 from tessera.errors import InvalidInput
-from tessera.license.v1 import license_pb2 as license_pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -21,6 +26,14 @@ _STATE_TO_PROTO = {
     OperationState.PREPARED: pb.OPERATION_STATE_PREPARED,
     OperationState.ANSWERED: pb.OPERATION_STATE_ANSWERED,
     OperationState.COMPLETED: pb.OPERATION_STATE_COMPLETED,
+    OperationState.REFUSED: pb.OPERATION_STATE_REFUSED,
+}
+_KIND_TO_PROTO = {
+    OperationKind.ACTIVATE: pb.OPERATION_KIND_ACTIVATE,
+    OperationKind.ACTIVATE_LOCAL: pb.OPERATION_KIND_ACTIVATE_LOCAL,
+    OperationKind.RETURN: pb.OPERATION_KIND_RETURN,
+    OperationKind.REPAIR: pb.OPERATION_KIND_REPAIR,
+    OperationKind.MOVE: pb.OPERATION_KIND_MOVE,
 }
 
 
@@ -35,6 +48,12 @@ def operation_to_proto(operation: Operation) -> pb.Operation:
         request_id=operation.request_id,
         created_at=to_timestamp(operation.created_at),
         updated_at=to_timestamp(operation.updated_at),
+        kind=_KIND_TO_PROTO[operation.kind],
+        certificate_id=operation.certificate_id,
+        offline=operation.offline,
+        target_license_server=operation.target_license_server,
+        target_host_id=operation.target_host_id,
+        last_error=operation.last_error,
     )
 
 
@@ -46,7 +65,7 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
 
     @ERRORS.unary
     async def GetOrder(self, request: pb.GetOrderRequest, context: Context) -> pb.GetOrderResponse:
-        entitlement = await self.operations.get_order(request.entitlement_id)
+        entitlement = await self.operations.overview.get_order(request.entitlement_id)
         return pb.GetOrderResponse(entitlement=entitlement)
 
     @ERRORS.unary
@@ -56,25 +75,134 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
                 raise InvalidInput(
                     "local_request", "set either local_request or license_server, not both"
                 )
-            operation, response = await self.operations.activate_local(request.local_request)
+            operation, response = await self.operations.activations.activate_local(
+                request.local_request
+            )
             return pb.ActivateResponse(
                 operation=operation_to_proto(operation), local_response=response
             )
-        completed = await self.operations.activate(
+        activated = await self.operations.activations.activate(
             request.license_server, request.activation_id, request.count, request.operation_id
         )
         return pb.ActivateResponse(
-            operation=operation_to_proto(completed.operation),
-            certificate=license_pb.InstalledCertificate(certificate=completed.certificate),
+            operation=operation_to_proto(activated.operation), certificate=activated.certificate
         )
 
     @ERRORS.unary
     async def ListLicenses(
         self, request: pb.ListLicensesRequest, context: Context
     ) -> pb.ListLicensesResponse:
-        overview = await self.operations.list_licenses(request.license_server)
+        overview = await self.operations.overview.list_licenses(request.license_server)
         return pb.ListLicensesResponse(
             host_id=overview.host_id,
             features=overview.features,
             certificates=overview.certificates,
         )
+
+    @ERRORS.unary
+    async def Return(self, request: pb.ReturnRequest, context: Context) -> pb.ReturnResponse:
+        returned = await self.operations.returns.return_seats(
+            request.license_server,
+            request.certificate_id,
+            request.count,
+            request.force,
+            request.operation_id,
+        )
+        return pb.ReturnResponse(
+            operation=operation_to_proto(returned.operation),
+            remaining=returned.remaining,
+            revoked_leases=returned.revoked_leases,
+        )
+
+    @ERRORS.unary
+    async def Repair(self, request: pb.RepairRequest, context: Context) -> pb.RepairResponse:
+        repaired = await self.operations.repairs.repair(
+            request.license_server, request.operation_id
+        )
+        return pb.RepairResponse(
+            operation=operation_to_proto(repaired.operation), health=repaired.health
+        )
+
+    @ERRORS.unary
+    async def Move(self, request: pb.MoveRequest, context: Context) -> pb.MoveResponse:
+        moved = await self.operations.moves.move(
+            request.from_license_server,
+            request.to_license_server,
+            request.certificate_id,
+            request.force,
+            request.operation_id,
+        )
+        return pb.MoveResponse(
+            operation=operation_to_proto(moved.operation), certificate=moved.certificate
+        )
+
+    @ERRORS.unary
+    async def ListOperations(
+        self, request: pb.ListOperationsRequest, context: Context
+    ) -> pb.ListOperationsResponse:
+        operations = await self.operations.journal.list_operations(
+            request.page_size, request.unfinished_only
+        )
+        return pb.ListOperationsResponse(
+            operations=[operation_to_proto(operation) for operation in operations]
+        )
+
+    @ERRORS.unary
+    async def GetOperation(
+        self, request: pb.GetOperationRequest, context: Context
+    ) -> pb.GetOperationResponse:
+        operation = await self.operations.journal.get(
+            inputs.existing_operation_id(request.operation_id)
+        )
+        return pb.GetOperationResponse(operation=operation_to_proto(operation))
+
+    @ERRORS.unary
+    async def ExportRequest(
+        self, request: pb.ExportRequestRequest, context: Context
+    ) -> pb.ExportRequestResponse:
+        exported = await self.operations.offline.export_request(
+            request.kind,
+            request.license_server,
+            request.activation_id,
+            request.count,
+            request.certificate_id,
+            request.force,
+            request.operation_id,
+        )
+        return pb.ExportRequestResponse(
+            operation=operation_to_proto(exported.operation),
+            request_file=exported.request_file,
+            file_name=exported.file_name,
+        )
+
+    @ERRORS.unary
+    async def SubmitRequest(
+        self, request: pb.SubmitRequestRequest, context: Context
+    ) -> pb.SubmitRequestResponse:
+        submitted = await self.operations.offline.submit_request(request.request_file)
+        return pb.SubmitRequestResponse(
+            response_file=submitted.response_file, file_name=submitted.file_name
+        )
+
+    @ERRORS.unary
+    async def ImportResponse(
+        self, request: pb.ImportResponseRequest, context: Context
+    ) -> pb.ImportResponseResponse:
+        operation = await self.operations.offline.import_response(
+            request.license_server, request.response_file
+        )
+        return pb.ImportResponseResponse(operation=operation_to_proto(operation))
+
+    @ERRORS.unary
+    async def SetRegistration(
+        self, request: pb.SetRegistrationRequest, context: Context
+    ) -> pb.SetRegistrationResponse:
+        stored = await self.operations.registrations.set(request.registration)
+        return pb.SetRegistrationResponse(registration=registration_to_proto(stored))
+
+    @ERRORS.unary
+    async def GetRegistration(
+        self, request: pb.GetRegistrationRequest, context: Context
+    ) -> pb.GetRegistrationResponse:
+        stored = await self.operations.registrations.get()
+        return pb.GetRegistrationResponse(registration=registration_to_proto(stored))

@@ -1,16 +1,27 @@
-"""SQL for the Administrator's operations journal."""
+"""SQL for the Administrator's operations journal and registration details."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import RowMapping, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from services.administrator.domain.model import Operation, OperationState
-from services.administrator.store.tables import operations
+from services.administrator.domain.model import (
+    Operation,
+    OperationKind,
+    OperationState,
+    Registration,
+)
+from services.administrator.store.tables import operations, registration
 from tessera.storage import TransactionalStore, first_row
+
+UNFINISHED = (OperationState.PREPARED.value, OperationState.ANSWERED.value)
+_REGISTRATION_ROW = 1
 
 
 class DuplicateOperation(Exception):
@@ -29,22 +40,7 @@ class Repository:
 
     async def insert(self, operation: Operation) -> None:
         try:
-            await self.session.execute(
-                insert(operations).values(
-                    operation_id=operation.operation_id,
-                    kind=operation.kind,
-                    state=operation.state.value,
-                    license_server=operation.license_server,
-                    host_id=operation.host_id,
-                    activation_id=operation.activation_id,
-                    count=operation.count,
-                    request_id=operation.request_id,
-                    request_envelope=operation.request_envelope,
-                    response_envelope=operation.response_envelope,
-                    created_at=operation.created_at,
-                    updated_at=operation.updated_at,
-                )
-            )
+            await self.session.execute(insert(operations).values(**_row(operation)))
         except IntegrityError as error:
             raise DuplicateOperation(operation.operation_id) from error
 
@@ -52,21 +48,132 @@ class Repository:
         self,
         operation_id: str,
         state: OperationState,
+        from_states: Collection[OperationState],
         at: dt.datetime,
-        response_envelope: bytes | None = None,
-    ) -> None:
-        values: dict[str, object] = {"state": state.value, "updated_at": at}
-        if response_envelope is not None:
-            values["response_envelope"] = response_envelope
-        await self.session.execute(
-            update(operations).where(operations.c.operation_id == operation_id).values(**values)
+        **values: Any,
+    ) -> bool:
+        """Move an operation on to ``state`` (with ``values``) if it still stands in one of
+        ``from_states``; False when another call moved it on first. States never go back."""
+        result = await self.session.execute(
+            update(operations)
+            .where(
+                operations.c.operation_id == operation_id,
+                operations.c.state.in_([state.value for state in from_states]),
+            )
+            .values(state=state.value, updated_at=at, **values)
         )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def fill(
+        self, operation_id: str, column: str, value: bytes, at: dt.datetime, **values: Any
+    ) -> bool:
+        """Set an empty ``column`` of an unfinished operation; False when it was set."""
+        result = await self.session.execute(
+            update(operations)
+            .where(
+                operations.c.operation_id == operation_id,
+                operations.c[column].is_(None),
+                operations.c.state.in_(UNFINISHED),
+            )
+            .values({column: value, "updated_at": at, **values})
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def record_error(
+        self, operation_id: str, last_error: str, code: str, at: dt.datetime
+    ) -> None:
+        """Note why an unfinished operation did not get further this time."""
+        await self.session.execute(
+            update(operations)
+            .where(
+                operations.c.operation_id == operation_id,
+                operations.c.state.in_(UNFINISHED),
+            )
+            .values(last_error=last_error, last_error_code=code, updated_at=at)
+        )
+
+    async def list_operations(self, limit: int, unfinished_only: bool) -> list[Operation]:
+        """Newest first."""
+        query = select(operations)
+        if unfinished_only:
+            query = query.where(operations.c.state.in_(UNFINISHED))
+        query = query.order_by(
+            operations.c.created_at.desc(), operations.c.operation_id.desc()
+        ).limit(limit)
+        rows = (await self.session.execute(query)).mappings().all()
+        return [_operation(row) for row in rows]
+
+    async def unfinished_online(self) -> list[Operation]:
+        """Operations to resume at start, oldest first (offline ones wait for a file)."""
+        query = (
+            select(operations)
+            .where(operations.c.state.in_(UNFINISHED), operations.c.offline.is_(False))
+            .order_by(operations.c.created_at, operations.c.operation_id)
+        )
+        rows = (await self.session.execute(query)).mappings().all()
+        return [_operation(row) for row in rows]
+
+    async def get_registration(self) -> Registration | None:
+        row = await first_row(self.session, select(registration))
+        if row is None:
+            return None
+        return Registration(
+            organization=row["organization"],
+            contact_name=row["contact_name"],
+            email=row["email"],
+            phone=row["phone"],
+            site=row["site"],
+        )
+
+    async def put_registration(self, details: Registration, at: dt.datetime) -> None:
+        values = {
+            "organization": details.organization,
+            "contact_name": details.contact_name,
+            "email": details.email,
+            "phone": details.phone,
+            "site": details.site,
+            "updated_at": at,
+        }
+        dialect = postgresql if self.session.get_bind().dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(registration).values(id=_REGISTRATION_ROW, **values)
+        await self.session.execute(
+            statement.on_conflict_do_update(index_elements=["id"], set_=values)
+        )
+
+
+def _row(operation: Operation) -> dict[str, Any]:
+    return {
+        "operation_id": operation.operation_id,
+        "kind": operation.kind.value,
+        "state": operation.state.value,
+        "license_server": operation.license_server,
+        "host_id": operation.host_id,
+        "activation_id": operation.activation_id,
+        "count": operation.count,
+        "request_id": operation.request_id,
+        "request_envelope": operation.request_envelope,
+        "response_envelope": operation.response_envelope,
+        "created_at": operation.created_at,
+        "updated_at": operation.updated_at,
+        "certificate_id": operation.certificate_id,
+        "offline": operation.offline,
+        "force": operation.force,
+        "target_license_server": operation.target_license_server,
+        "target_host_id": operation.target_host_id,
+        "target_request_id": operation.target_request_id,
+        "target_request_envelope": operation.target_request_envelope,
+        "target_response_envelope": operation.target_response_envelope,
+        "revoked_leases": operation.revoked_leases,
+        "result": operation.result,
+        "last_error": operation.last_error,
+        "last_error_code": operation.last_error_code,
+    }
 
 
 def _operation(row: RowMapping) -> Operation:
     return Operation(
         operation_id=row["operation_id"],
-        kind=row["kind"],
+        kind=OperationKind(row["kind"]),
         state=OperationState(row["state"]),
         license_server=row["license_server"],
         host_id=row["host_id"],
@@ -77,11 +184,23 @@ def _operation(row: RowMapping) -> Operation:
         response_envelope=row["response_envelope"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        certificate_id=row["certificate_id"],
+        offline=bool(row["offline"]),
+        force=bool(row["force"]),
+        target_license_server=row["target_license_server"],
+        target_host_id=row["target_host_id"],
+        target_request_id=row["target_request_id"],
+        target_request_envelope=row["target_request_envelope"],
+        target_response_envelope=row["target_response_envelope"],
+        revoked_leases=row["revoked_leases"],
+        result=row["result"],
+        last_error=row["last_error"],
+        last_error_code=row["last_error_code"],
     )
 
 
 class Journal(TransactionalStore[Repository]):
-    """The Administrator's database: the operations journal."""
+    """The Administrator's database: the operations journal and registration details."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine, Repository)

@@ -1,0 +1,265 @@
+"""The one pattern behind activation, return and repair (DESIGN §4), as journaled steps.
+
+1. the License Server *prepares*: it signs a request (same request id, same bytes), and
+   the journal records the operation as PREPARED;
+2. the vendor answers the signed request (same request id, same answer): ANSWERED;
+3. the License Server *installs* the answer (installing twice is a no-op): COMPLETED, or
+   REFUSED when the answer was a refusal the License Server has now applied.
+
+Each kind says how it prepares, asks and installs (an ``Exchange``); the ``ExchangeRunner``
+journals every step before the next and passes the failpoints the crash suite arms.
+Online, the runner takes an operation all the way; offline, ExportRequest stops after
+step 1 and ImportResponse brings the answer for step 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from google.protobuf.message import Message
+
+from services.administrator.domain.errors import OperationHostChanged, VendorRefused
+from services.administrator.domain.journal import OperationJournal
+from services.administrator.domain.model import (
+    Intent,
+    Operation,
+    OperationKind,
+    OperationState,
+)
+from services.administrator.domain.registration import Registrations
+from services.administrator.peers import (
+    ActivationServerClient,
+    LicenseServerClient,
+    connected,
+)
+from tessera import failpoints
+from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
+from tessera.clock import Clock
+from tessera.common.v1.common_pb2 import SignedEnvelope
+from tessera.errors import DomainError, PeerRefused
+
+log = logging.getLogger("tessera.administrator")
+
+# Vendor refusals that are decisions about the signed request, not passing trouble.
+DECISIONS = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "FAILED_PRECONDITION",
+        "RESOURCE_EXHAUSTED",
+        "OUT_OF_RANGE",
+    }
+)
+
+
+def reach(operation: Operation, step: str) -> None:
+    """The failpoint ``administrator.<kind>.<step>`` (the crash suite kills us here)."""
+    failpoints.reach(f"administrator.{operation.kind.value}.{step}")
+
+
+def check_host(server: LicenseServerClient, host_id: str, operation_id: str) -> None:
+    """The address must still answer with the License Server the operation began on."""
+    if server.host_id != host_id:
+        raise OperationHostChanged(
+            f"operation {operation_id} was prepared on host {host_id}, but "
+            f"{server.address} is now host {server.host_id}",
+            metadata={"operation_id": operation_id, "host_id": host_id},
+        )
+
+
+class _Answer(Protocol):
+    """What every vendor answer says: which request of which host it answers."""
+
+    request_id: str
+    host_id: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request the License Server signed."""
+
+    request_id: str
+    request: SignedEnvelope
+    # Leases revoked to free seats being returned (a forced return).
+    revoked_leases: int = 0
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The License Server's answer to the install step."""
+
+    # Serialized, so that the operation run again returns the same.
+    result: bytes
+    # Set when the vendor's answer was a refusal that the License Server has now applied.
+    refusal: DomainError | None = None
+
+
+class Exchange(ABC):
+    """How one kind of operation prepares, asks the vendor and installs."""
+
+    kind: OperationKind
+    # The host-signed request and the vendor-signed answer it travels as.
+    request_type: type[Message]
+    response_type: type[Message]
+    # Whether the vendor refusing the request (an error, not a signed answer) ends the
+    # operation. Not for a return: its seats stay withheld until a signed receipt says.
+    refusal_is_final = True
+
+    def __init__(self, activation_server: ActivationServerClient) -> None:
+        self.activation_server = activation_server
+
+    @abstractmethod
+    async def prepare(
+        self, server: LicenseServerClient, intent: Intent, request_id: str
+    ) -> Prepared: ...
+
+    @abstractmethod
+    async def ask_vendor(
+        self, request: SignedEnvelope, registration: RegistrationProto
+    ) -> SignedEnvelope: ...
+
+    @abstractmethod
+    async def install(
+        self, server: LicenseServerClient, operation: Operation, response: SignedEnvelope
+    ) -> Installed: ...
+
+    def addressee(self, response: SignedEnvelope) -> tuple[str, str]:
+        """The request id and host id a vendor answer names (read, not verified: the
+        License Server verifies the signature when it installs the answer)."""
+        document = self.response_type()
+        document.ParseFromString(response.payload)
+        answer = cast(_Answer, document)
+        return answer.request_id, answer.host_id
+
+    def refusal(self, operation: Operation) -> DomainError:
+        """The refusal of a REFUSED operation, told again."""
+        reason, _, message = operation.last_error.partition(": ")
+        return VendorRefused(
+            operation.last_error_code or "FAILED_PRECONDITION",
+            reason or "REFUSED",
+            message or f"operation {operation.operation_id} was refused",
+            operation.operation_id,
+        )
+
+
+class ExchangeRunner:
+    """Takes journaled operations through prepare -> vendor -> install."""
+
+    def __init__(
+        self, journal: OperationJournal, registrations: Registrations, clock: Clock
+    ) -> None:
+        self.journal = journal
+        self.registrations = registrations
+        self.clock = clock
+
+    async def run(self, exchange: Exchange, intent: Intent, operation_id: str) -> Operation:
+        """The whole operation, online; run again with the same id it continues where it
+        stopped and completes exactly once. Raises the vendor's refusal if it refused."""
+        async with self.journal.exclusive(operation_id):
+            operation = await self.journal.existing(operation_id, intent)
+            if operation is not None and operation.state.finished:
+                return self.outcome(exchange, operation)
+            async with connected(intent.license_server) as server:
+                if operation is None:
+                    operation = await self.prepare(exchange, server, intent, operation_id)
+                return await self.complete(exchange, server, operation)
+
+    async def resume(self, exchange: Exchange, operation_id: str) -> Operation:
+        """Continue a journaled operation from its journaled state."""
+        async with self.journal.exclusive(operation_id):
+            operation = await self.journal.get(operation_id)
+            if operation.state.finished:
+                return self.outcome(exchange, operation)
+            async with connected(operation.license_server) as server:
+                return await self.complete(exchange, server, operation)
+
+    def outcome(self, exchange: Exchange, operation: Operation) -> Operation:
+        """A finished operation, or its refusal raised."""
+        if operation.state is OperationState.REFUSED:
+            raise exchange.refusal(operation)
+        return operation
+
+    async def prepare(
+        self, exchange: Exchange, server: LicenseServerClient, intent: Intent, operation_id: str
+    ) -> Operation:
+        """Step 1: the License Server signs (the operation id is the request id, so doing
+        this again after a crash returns the very same request); then journal it."""
+        prepared = await exchange.prepare(server, intent, operation_id)
+        now = self.clock.now()
+        operation = await self.journal.start(
+            Operation(
+                operation_id=operation_id,
+                kind=exchange.kind,
+                state=OperationState.PREPARED,
+                license_server=intent.license_server,
+                host_id=server.host_id,
+                activation_id=intent.activation_id,
+                count=intent.count,
+                request_id=prepared.request_id,
+                request_envelope=prepared.request.SerializeToString(),
+                response_envelope=None,
+                created_at=now,
+                updated_at=now,
+                certificate_id=intent.certificate_id,
+                offline=intent.offline,
+                force=intent.force,
+                revoked_leases=prepared.revoked_leases,
+            )
+        )
+        reach(operation, "after_prepare")
+        return operation
+
+    async def complete(
+        self, exchange: Exchange, server: LicenseServerClient, operation: Operation
+    ) -> Operation:
+        """Steps 2 and 3 from wherever the journal says the operation stands."""
+        check_host(server, operation.host_id, operation.operation_id)
+        if operation.state is OperationState.PREPARED:
+            operation = await self.ask_vendor(exchange, operation)
+        if operation.state is OperationState.ANSWERED:
+            operation = await self.install(exchange, server, operation)
+        return self.outcome(exchange, operation)
+
+    async def ask_vendor(self, exchange: Exchange, operation: Operation) -> Operation:
+        """Step 2: the vendor's signed answer, journaled."""
+        request = SignedEnvelope.FromString(operation.request_envelope)
+        registration = await self.registrations.for_vendor()
+        try:
+            response = await exchange.ask_vendor(request, registration)
+        except PeerRefused as refusal:
+            if exchange.refusal_is_final and refusal.status_name in DECISIONS:
+                await self.journal.refuse(operation, refusal)
+            else:
+                await self.journal.record_error(operation, refusal)
+            raise
+        except DomainError as error:
+            await self.journal.record_error(operation, error)
+            raise
+        return await self.record_answer(operation, response)
+
+    async def record_answer(self, operation: Operation, response: SignedEnvelope) -> Operation:
+        operation = await self.journal.advance(
+            operation, OperationState.ANSWERED, response_envelope=response.SerializeToString()
+        )
+        reach(operation, "after_vendor")
+        return operation
+
+    async def install(
+        self, exchange: Exchange, server: LicenseServerClient, operation: Operation
+    ) -> Operation:
+        """Step 3: the License Server installs the journaled answer."""
+        assert operation.response_envelope is not None
+        response = SignedEnvelope.FromString(operation.response_envelope)
+        async with self.journal.noting_errors(operation):
+            installed = await exchange.install(server, operation, response)
+        reach(operation, "after_install")
+        if installed.refusal is not None:
+            return await self.journal.refuse(operation, installed.refusal, result=installed.result)
+        return await self.journal.advance(
+            operation, OperationState.COMPLETED, result=installed.result
+        )
