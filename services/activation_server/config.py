@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.activation_server.domain.limits import Limits
 from tessera.config import CommonSettings, SettingsParser
 
 DEFAULT_LISTEN = "127.0.0.1:27100"
@@ -14,10 +16,12 @@ DEFAULT_LISTEN = "127.0.0.1:27100"
 @dataclass(frozen=True)
 class Settings:
     common: CommonSettings
-    # Vendor signing key file; default: vendor-signing.key in the data directory.
+    # The first vendor signing key file; default: vendor-signing.key in the data
+    # directory. Keys made by rotation, and vendor-keys.pub, lie beside it.
     signing_key: Path
     # Vendor-staff bearer token; default: read from (or created in) vendor-token.
     vendor_token: str
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def database_url(self) -> str:
@@ -37,8 +41,36 @@ def load_settings(
     )
     parser.add("--signing-key", "", "vendor Ed25519 key file (created when missing)")
     parser.add("--vendor-token", "", "bearer token for VendorService (default: data-dir file)")
+    parser.add(
+        "--max-returns-per-entitlement", "10", "credited returns an order may have per window"
+    )
+    parser.add("--return-window-days", "30", "the rolling window of that limit, in days")
+    parser.add("--max-repairs-per-year", "4", "repairs a host may have in any 365 days")
     common, args = parser.parse(argv)
     signing_key = (
         Path(args.signing_key) if args.signing_key else common.data_dir / "vendor-signing.key"
     )
-    return Settings(common=common, signing_key=signing_key, vendor_token=args.vendor_token)
+    limits = Limits(
+        max_returns_per_entitlement=_whole_number(
+            parser, "--max-returns-per-entitlement", args.max_returns_per_entitlement, 0
+        ),
+        return_window=dt.timedelta(
+            days=_whole_number(parser, "--return-window-days", args.return_window_days, 1)
+        ),
+        max_repairs_per_year=_whole_number(
+            parser, "--max-repairs-per-year", args.max_repairs_per_year, 0
+        ),
+    )
+    return Settings(
+        common=common, signing_key=signing_key, vendor_token=args.vendor_token, limits=limits
+    )
+
+
+def _whole_number(parser: SettingsParser, flag: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        parser.parser.error(f"{flag}: {value!r} is not a whole number of at least {minimum}")
+    return number

@@ -21,5 +21,11 @@ ERRORS = ErrorTable(
         errors.LocalLineNotActivatable: Code.FAILED_PRECONDITION,
         errors.NetworkLineNotLocal: Code.FAILED_PRECONDITION,
         errors.RequestIdReused: Code.ALREADY_EXISTS,
+        errors.CertificateNotFound: Code.NOT_FOUND,
+        errors.CertificateNotHeld: Code.FAILED_PRECONDITION,
+        errors.ReturnFromAnotherHost: Code.PERMISSION_DENIED,
+        errors.LocalLicenseNotReturnable: Code.FAILED_PRECONDITION,
+        errors.RepairFromAnotherHost: Code.PERMISSION_DENIED,
+        errors.RepairLimitReached: Code.FAILED_PRECONDITION,
     },
 )

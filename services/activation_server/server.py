@@ -8,15 +8,18 @@ from pathlib import Path
 
 from services.activation_server.config import Settings
 from services.activation_server.domain.activations import Activations
+from services.activation_server.domain.audit import AuditLog
 from services.activation_server.domain.entitlements import Entitlements
-from services.activation_server.domain.vendor_key import VendorKey
+from services.activation_server.domain.repairs import Repairs
+from services.activation_server.domain.returns import Returns
+from services.activation_server.domain.vendor_key import VendorKey, VendorKeys
 from services.activation_server.errors import ERRORS
 from services.activation_server.servicer import ActivationServicer, VendorServicer
+from services.activation_server.store.key_files import KeyDirectory
 from services.activation_server.store.repository import ActivationStore
 from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
 from tessera.auth import BearerTokenInterceptor, load_or_create_token
 from tessera.clock import Clock, SystemClock
-from tessera.keys import load_or_create_signing_key
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -33,32 +36,21 @@ SERVICE_NAMES = [
 class ActivationServer:
     endpoint: Endpoint
     store: ActivationStore
-    vendor_key: VendorKey
+    vendor_keys: VendorKeys
     port: int
+
+    @property
+    def vendor_key(self) -> VendorKey:
+        """The vendor key that signs now."""
+        return self.vendor_keys.active
 
     async def stop(self, grace: float) -> None:
         await self.endpoint.stop(grace)
         await self.store.engine.dispose()
 
 
-def load_vendor_key(path: Path) -> VendorKey:
-    """The vendor key at ``path``, created on first start; its public key is published
-    beside it (``vendor-keys.pub``) for License Servers to trust."""
-    key_file = load_or_create_signing_key(path)
-    key = VendorKey(key_file.signing_key)
-    if key_file.created:
-        log.warning("created a new vendor signing key %s at %s", key.key_id, path)
-    public = path.parent / "vendor-keys.pub"
-    line = f"{key.public_key_hex}  # {key.key_id}\n"
-    if not public.exists() or line not in public.read_text():
-        with public.open("a") as handle:
-            handle.write(line)
-    return key
-
-
 async def build(settings: Settings, clock: Clock | None = None) -> ActivationServer:
     clock = clock or SystemClock()
-    vendor_key = load_vendor_key(settings.signing_key)
     token = settings.vendor_token
     if not token:
         token_path = settings.common.data_dir / "vendor-token"
@@ -68,8 +60,11 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     store = ActivationStore(engine)
+    vendor_keys = VendorKeys(KeyDirectory(settings.signing_key), store, clock)
     entitlements = Entitlements(store, clock)
-    activations = Activations(store, vendor_key, clock)
+    activations = Activations(store, vendor_keys, clock)
+    returns = Returns(store, vendor_keys, clock, settings.limits)
+    repairs = Repairs(store, vendor_keys, clock, settings.limits)
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
@@ -78,17 +73,19 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
         ],
     )
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(
-        ActivationServicer(entitlements, activations), endpoint.server
+        ActivationServicer(entitlements, activations, returns, repairs, vendor_keys),
+        endpoint.server,
     )
     activation_pb2_grpc.add_VendorServiceServicer_to_server(
-        VendorServicer(entitlements, activations), endpoint.server
+        VendorServicer(entitlements, activations, returns, AuditLog(store), vendor_keys),
+        endpoint.server,
     )
     port = endpoint.bind(settings.common.listen)
     await endpoint.start()
     log.info(
         "Activation Server listening on %s (vendor key %s, database %s)",
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
-        vendor_key.key_id,
+        vendor_keys.active.key_id,
         engine.url.render_as_string(hide_password=True),
     )
-    return ActivationServer(endpoint, store, vendor_key, port)
+    return ActivationServer(endpoint, store, vendor_keys, port)

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.activation_server.domain.activations import Activations
+from services.activation_server.domain.audit import AuditLog
 from services.activation_server.domain.entitlements import Entitlements
 from services.activation_server.domain.model import (
     ActivationRecord,
+    ActivationState,
+    AuditEntry,
     Entitlement,
     LicenseKind,
     NewLine,
+    Registration,
+    VendorPublicKey,
 )
+from services.activation_server.domain.repairs import Repairs
+from services.activation_server.domain.returns import Returns
+from services.activation_server.domain.vendor_key import VendorKeys
 from services.activation_server.errors import ERRORS
 from tessera.activation.v1 import activation_pb2 as pb
 from tessera.activation.v1 import activation_pb2_grpc as pb_grpc
@@ -28,6 +39,19 @@ _KIND_FROM_PROTO = {
     LicenseKindProto.LICENSE_KIND_LOCAL: LicenseKind.LOCAL,
 }
 _KIND_TO_PROTO = {kind: proto for proto, kind in _KIND_FROM_PROTO.items()}
+_STATE_TO_PROTO = {
+    ActivationState.ACTIVE: pb.ACTIVATION_STATE_ACTIVE,
+    ActivationState.RETURNED: pb.ACTIVATION_STATE_RETURNED,
+    ActivationState.FORCE_RETURNED: pb.ACTIVATION_STATE_FORCE_RETURNED,
+}
+
+
+def _duration(value: dt.timedelta | None) -> Duration | None:
+    if value is None:
+        return None
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
 
 
 def entitlement_to_proto(entitlement: Entitlement) -> pb.Entitlement:
@@ -45,6 +69,9 @@ def entitlement_to_proto(entitlement: Entitlement) -> pb.Entitlement:
                 activated=line.activated,
                 available=line.available,
                 expires_at=to_timestamp(line.expires_at),
+                duration=_duration(line.duration),
+                maintenance_ends_at=to_timestamp(line.maintenance_ends_at),
+                partial_return_allowed=line.partial_return_allowed,
             )
             for line in entitlement.lines
         ],
@@ -58,10 +85,43 @@ def activation_to_proto(record: ActivationRecord) -> pb.Activation:
         activation_id=record.activation_id,
         feature=record.feature,
         count=record.count,
-        host_id=record.host_id,
+        host_id=record.holder_host_id,
         certificate_id=record.certificate_id,
         activated_at=to_timestamp(record.activated_at),
+        state=_STATE_TO_PROTO[record.state],
+        revision=record.revision,
+        returned_at=to_timestamp(record.returned_at),
+        activated_count=record.activated_count,
     )
+
+
+def vendor_key_to_proto(key: VendorPublicKey) -> pb.VendorPublicKey:
+    return pb.VendorPublicKey(
+        key_id=key.key_id,
+        public_key=key.public_key,
+        active=key.active,
+        created_at=to_timestamp(key.created_at),
+    )
+
+
+def audit_entry_to_proto(entry: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(
+        sequence=entry.sequence,
+        at=to_timestamp(entry.at),
+        action=entry.action,
+        subject=entry.subject,
+        actor=entry.actor,
+        detail_json=entry.detail,
+        previous_hash=entry.previous_hash,
+        hash=entry.hash,
+    )
+
+
+def _time(field: str, stamp: Timestamp) -> dt.datetime:
+    try:
+        return from_timestamp(stamp)
+    except (ValueError, OverflowError) as error:
+        raise InvalidInput(field, "is not a valid timestamp") from error
 
 
 def new_line_from_proto(index: int, line: pb.NewEntitlementLine) -> NewLine:
@@ -72,19 +132,57 @@ def new_line_from_proto(index: int, line: pb.NewEntitlementLine) -> NewLine:
         raise InvalidInput(f"lines[{index}].feature", "is required")
     expires_at = None
     if line.HasField("expires_at"):
+        expires_at = _time(f"lines[{index}].expires_at", line.expires_at)
+    duration = None
+    if line.HasField("duration"):
         try:
-            expires_at = from_timestamp(line.expires_at)
-        except (ValueError, OverflowError) as error:
-            raise InvalidInput(f"lines[{index}].expires_at", "is not a valid timestamp") from error
-    return NewLine(feature=line.feature, count=line.count, kind=kind, expires_at=expires_at)
+            # Terms are kept in whole seconds.
+            duration = dt.timedelta(seconds=line.duration.seconds)
+        except OverflowError as error:
+            raise InvalidInput(f"lines[{index}].duration", "is not a valid duration") from error
+    maintenance_ends_at = None
+    if line.HasField("maintenance_ends_at"):
+        maintenance_ends_at = _time(f"lines[{index}].maintenance_ends_at", line.maintenance_ends_at)
+    return NewLine(
+        feature=line.feature,
+        count=line.count,
+        kind=kind,
+        expires_at=expires_at,
+        duration=duration,
+        maintenance_ends_at=maintenance_ends_at,
+        partial_return_allowed=line.partial_return_allowed,
+    )
+
+
+def registration_from_proto(request: pb.ActivateRequest) -> Registration | None:
+    if not request.HasField("registration"):
+        return None
+    registration = request.registration
+    return Registration(
+        organization=registration.organization,
+        contact_name=registration.contact_name,
+        email=registration.email,
+        phone=registration.phone,
+        site=registration.site,
+    )
 
 
 class ActivationServicer(pb_grpc.ActivationServiceServicer):
     """tessera.activation.v1.ActivationService."""
 
-    def __init__(self, entitlements: Entitlements, activations: Activations) -> None:
+    def __init__(
+        self,
+        entitlements: Entitlements,
+        activations: Activations,
+        returns: Returns,
+        repairs: Repairs,
+        vendor_keys: VendorKeys,
+    ) -> None:
         self.entitlements = entitlements
         self.activations = activations
+        self.returns = returns
+        self.repairs = repairs
+        self.vendor_keys = vendor_keys
 
     @ERRORS.unary
     async def GetOrder(self, request: pb.GetOrderRequest, context: Context) -> pb.GetOrderResponse:
@@ -95,16 +193,50 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
     async def Activate(self, request: pb.ActivateRequest, context: Context) -> pb.ActivateResponse:
         if not request.HasField("request"):
             raise InvalidInput("request", "a signed activation request is required")
-        response = await self.activations.activate(request.request)
+        response = await self.activations.activate(
+            request.request, registration_from_proto(request)
+        )
         return pb.ActivateResponse(response=response)
+
+    @ERRORS.unary
+    async def Return(self, request: pb.ReturnRequest, context: Context) -> pb.ReturnResponse:
+        if not request.HasField("request"):
+            raise InvalidInput("request", "a signed return request is required")
+        receipt = await self.returns.return_seats(request.request)
+        return pb.ReturnResponse(receipt=receipt)
+
+    @ERRORS.unary
+    async def Repair(self, request: pb.RepairRequest, context: Context) -> pb.RepairResponse:
+        if not request.HasField("request"):
+            raise InvalidInput("request", "a signed repair request is required")
+        response = await self.repairs.repair(request.request)
+        return pb.RepairResponse(response=response)
+
+    @ERRORS.unary
+    async def GetVendorKeys(
+        self, request: pb.GetVendorKeysRequest, context: Context
+    ) -> pb.GetVendorKeysResponse:
+        return pb.GetVendorKeysResponse(
+            keys=[vendor_key_to_proto(key) for key in self.vendor_keys.public_keys()]
+        )
 
 
 class VendorServicer(pb_grpc.VendorServiceServicer):
     """tessera.activation.v1.VendorService (vendor credential checked by the interceptor)."""
 
-    def __init__(self, entitlements: Entitlements, activations: Activations) -> None:
+    def __init__(
+        self,
+        entitlements: Entitlements,
+        activations: Activations,
+        returns: Returns,
+        audit_log: AuditLog,
+        vendor_keys: VendorKeys,
+    ) -> None:
         self.entitlements = entitlements
         self.activations = activations
+        self.returns = returns
+        self.audit_log = audit_log
+        self.vendor_keys = vendor_keys
 
     @ERRORS.unary
     async def CreateEntitlement(
@@ -123,4 +255,47 @@ class VendorServicer(pb_grpc.VendorServiceServicer):
         records = await self.activations.list(request.entitlement_id, request.host_id)
         return pb.ListActivationsResponse(
             activations=[activation_to_proto(record) for record in records]
+        )
+
+    @ERRORS.unary
+    async def ForceReturn(
+        self, request: pb.ForceReturnRequest, context: Context
+    ) -> pb.ForceReturnResponse:
+        record = await self.returns.force_return(request.certificate_id, request.reason)
+        return pb.ForceReturnResponse(activation=activation_to_proto(record))
+
+    @ERRORS.unary
+    async def GetAuditLog(
+        self, request: pb.GetAuditLogRequest, context: Context
+    ) -> pb.GetAuditLogResponse:
+        page = await self.audit_log.page(request.subject, request.after_sequence, request.page_size)
+        return pb.GetAuditLogResponse(
+            entries=[audit_entry_to_proto(entry) for entry in page.entries],
+            next_after_sequence=page.next_after_sequence,
+            head_sequence=page.head.sequence,
+            head_hash=page.head.hash,
+        )
+
+    @ERRORS.unary
+    async def VerifyAuditLog(
+        self, request: pb.VerifyAuditLogRequest, context: Context
+    ) -> pb.VerifyAuditLogResponse:
+        verdict = await self.audit_log.verify()
+        return pb.VerifyAuditLogResponse(
+            intact=verdict.intact,
+            entries_checked=verdict.entries_checked,
+            first_bad_sequence=verdict.first_bad_sequence,
+            problem=verdict.problem,
+            head_sequence=verdict.head.sequence,
+            head_hash=verdict.head.hash,
+        )
+
+    @ERRORS.unary
+    async def RotateSigningKey(
+        self, request: pb.RotateSigningKeyRequest, context: Context
+    ) -> pb.RotateSigningKeyResponse:
+        key = await self.vendor_keys.rotate()
+        return pb.RotateSigningKeyResponse(
+            key=vendor_key_to_proto(key),
+            keys=[vendor_key_to_proto(key) for key in self.vendor_keys.public_keys()],
         )

@@ -2,99 +2,123 @@
 
 The decision is one transaction: the seats are taken with a conditional update (never
 more than were sold, whatever runs concurrently), the certificate is signed and the exact
-answer bytes are recorded under the request id, so a retry gets the same answer.
+answer bytes are recorded under the request id, so a retry gets the same answer. A
+refusal of a correctly signed request is audited in a transaction of its own, since the
+deciding one rolls back.
 """
 
 from __future__ import annotations
 
-import re
-import uuid
+from dataclasses import asdict
 
-from nacl.signing import VerifyKey
-
+from services.activation_server.domain.audit import record_refusal
+from services.activation_server.domain.certificates import first_issue
 from services.activation_server.domain.errors import (
     ActivationIdNotFound,
-    HostKeyMismatch,
     LineExpired,
     LocalLineNotActivatable,
     NetworkLineNotLocal,
     NotEnoughSeatsLeft,
     RequestIdReused,
 )
-from services.activation_server.domain.model import ActivationRecord, LicenseKind
-from services.activation_server.domain.vendor_key import VendorKey
+from services.activation_server.domain.host_requests import (
+    checked_request_id,
+    verify_host_signed,
+)
+from services.activation_server.domain.model import (
+    ActivationRecord,
+    ActivationState,
+    LicenseKind,
+    Registration,
+)
+from services.activation_server.domain.vendor_key import Signer
 from services.activation_server.store.repository import (
     ActivationStore,
     DuplicateRequest,
     Repository,
 )
+from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
-from tessera.clock import Clock, to_timestamp
-from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
+from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import LicenseKind as LicenseKindProto
-from tessera.envelope import open_with_key
-from tessera.errors import InvalidInput, MalformedPayload, WrongPayloadType
+from tessera.common.v1.common_pb2 import SignedEnvelope
+from tessera.errors import DomainError, InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, parse_id
-from tessera.keys import host_id as compute_host_id
 from tessera.validation import checked_text
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_COUNT = 100_000
+MAX_REGISTRATION_TEXT = 256
 
 
 def verify_host_request(envelope: SignedEnvelope) -> HostActivationRequest:
-    """Check a request is signed by the host key it names, bound to the host id it claims.
+    """A HostActivationRequest shown to be signed by the host key it names."""
+    return verify_host_signed(envelope, HostActivationRequest)
 
-    The key travels inside the payload, so the payload is parsed once to find it and the
-    signature is then checked over the exact bytes received.
-    """
-    if envelope.payload_type != HostActivationRequest.DESCRIPTOR.full_name:
-        raise WrongPayloadType(
-            f"expected a signed {HostActivationRequest.DESCRIPTOR.full_name}, "
-            f"got {envelope.payload_type or 'nothing'}"
-        )
-    claimed = HostActivationRequest()
-    try:
-        claimed.ParseFromString(envelope.payload)
-        verify_key = VerifyKey(claimed.host_public_key)
-    except Exception as error:
-        raise MalformedPayload(f"the activation request does not parse: {error}") from error
-    request = open_with_key(envelope, HostActivationRequest, verify_key)
-    expected = compute_host_id(request.host_public_key, request.machine_binding)
-    if request.host_id != expected or envelope.key_id != expected:
-        raise HostKeyMismatch(
-            f"host id {request.host_id!r} does not belong to the key that signed the request",
-            metadata={"host_id": request.host_id},
-        )
-    return request
+
+def checked_registration(registration: Registration | None) -> Registration | None:
+    """The operator's details, each field stripped and checked; None when all are empty."""
+    if registration is None:
+        return None
+    checked = Registration(
+        organization=checked_text(
+            "registration.organization", registration.organization, MAX_REGISTRATION_TEXT
+        ),
+        contact_name=checked_text(
+            "registration.contact_name", registration.contact_name, MAX_REGISTRATION_TEXT
+        ),
+        email=checked_text("registration.email", registration.email, MAX_REGISTRATION_TEXT),
+        phone=checked_text("registration.phone", registration.phone, MAX_REGISTRATION_TEXT),
+        site=checked_text("registration.site", registration.site, MAX_REGISTRATION_TEXT),
+    )
+    return None if checked == Registration() else checked
 
 
 class Activations:
-    """Decides activation requests from License Servers."""
+    """Decides activation requests from License Servers and client hosts."""
 
-    def __init__(self, store: ActivationStore, vendor_key: VendorKey, clock: Clock) -> None:
+    def __init__(self, store: ActivationStore, signer: Signer, clock: Clock) -> None:
         self.store = store
-        self.vendor_key = vendor_key
+        self.signer = signer
         self.clock = clock
 
-    async def activate(self, envelope: SignedEnvelope) -> SignedEnvelope:
+    async def activate(
+        self, envelope: SignedEnvelope, registration: Registration | None = None
+    ) -> SignedEnvelope:
         """Decide a signed HostActivationRequest; the same request id gets the same answer."""
         request = verify_host_request(envelope)
-        if not REQUEST_ID.match(request.request_id):
-            raise InvalidInput("request_id", "1-128 letters, digits or ._:-")
+        checked_request_id(request.request_id)
         activation_id = parse_id(ACTIVATION_PREFIX, request.activation_id, "activation_id")
         if not 1 <= request.count <= MAX_COUNT:
             raise InvalidInput("count", f"must be between 1 and {MAX_COUNT}, not {request.count}")
+        registration = checked_registration(registration)
         try:
-            async with self.store.transaction() as repo:
-                return await self._decide(repo, request, activation_id)
-        except DuplicateRequest:
-            # A concurrent retry of the same request won the race; answer as it did.
-            async with self.store.transaction() as repo:
-                return await self._decide(repo, request, activation_id)
+            try:
+                async with self.store.transaction() as repo:
+                    response = await self._decide(repo, request, activation_id, registration)
+            except DuplicateRequest:
+                # A concurrent retry of the same request won the race; answer as it did.
+                async with self.store.transaction() as repo:
+                    response = await self._decide(repo, request, activation_id, registration)
+        except DomainError as refusal:
+            await record_refusal(
+                self.store,
+                self.clock.now(),
+                "activation.refused",
+                activation_id,
+                request.host_id,
+                refusal,
+                {"request_id": request.request_id, "count": request.count},
+            )
+            raise
+        failpoints.reach("activation_server.activate.after_commit")
+        return response
 
     async def _decide(
-        self, repo: Repository, request: HostActivationRequest, activation_id: str
+        self,
+        repo: Repository,
+        request: HostActivationRequest,
+        activation_id: str,
+        registration: Registration | None,
     ) -> SignedEnvelope:
         previous = await repo.get_activation(request.host_id, request.request_id)
         if previous is not None:
@@ -131,26 +155,15 @@ class Activations:
                 f"left; {request.count} asked for",
                 metadata={"activation_id": activation_id, "available": str(line.available)},
             )
-        certificate = LicenseCertificate(
-            certificate_id=str(uuid.uuid4()),
-            entitlement_id=line.entitlement_id,
-            activation_id=activation_id,
-            feature=line.feature,
-            count=request.count,
-            kind=LicenseKindProto.LICENSE_KIND_LOCAL
-            if wants_local
-            else LicenseKindProto.LICENSE_KIND_NETWORK,
-            host_id=request.host_id,
-            request_id=request.request_id,
-            issued_at=to_timestamp(now),
-            expires_at=to_timestamp(line.expires_at),
-            customer_organization=customer_organization,
+        certificate = first_issue(
+            line, customer_organization, request.host_id, request.request_id, request.count, now
         )
-        response = self.vendor_key.seal(
+        sealed_certificate = self.signer.seal(certificate)
+        response = self.signer.seal(
             VendorActivationResponse(
                 request_id=request.request_id,
                 host_id=request.host_id,
-                certificate=self.vendor_key.seal(certificate),
+                certificate=sealed_certificate,
             )
         )
         await repo.insert_activation(
@@ -165,24 +178,37 @@ class Activations:
                 certificate_id=certificate.certificate_id,
                 response_envelope=response.SerializeToString(),
                 activated_at=now,
+                kind=line.kind,
+                holder_host_id=request.host_id,
+                activated_count=request.count,
+                revision=0,
+                state=ActivationState.ACTIVE,
+                certificate_envelope=sealed_certificate.SerializeToString(),
+                returned_at=None,
+                registration=registration,
             )
         )
-        await repo.append_audit(
+        await repo.audit.append(
             now,
             "activation.granted",
             activation_id,
+            request.host_id,
             {
                 "request_id": request.request_id,
                 "host_id": request.host_id,
                 "count": request.count,
                 "certificate_id": certificate.certificate_id,
                 "kind": line.kind.value,
+                "expires_at": certificate.expires_at.ToJsonString()
+                if certificate.HasField("expires_at")
+                else None,
+                "registration": None if registration is None else asdict(registration),
             },
         )
         return response
 
     async def list(self, entitlement_id: str, host_id: str) -> list[ActivationRecord]:
-        """Activations, optionally of one entitlement and/or one host."""
+        """Activations, optionally of one entitlement and/or held by one host."""
         if entitlement_id:
             entitlement_id = parse_id(ENTITLEMENT_PREFIX, entitlement_id, "entitlement_id")
         host_id = checked_text("host_id", host_id, 64)
@@ -193,7 +219,7 @@ class Activations:
 def _replay(
     previous: ActivationRecord, request: HostActivationRequest, activation_id: str
 ) -> SignedEnvelope:
-    if (previous.activation_id, previous.count, previous.host_id) != (
+    if (previous.activation_id, previous.activated_count, previous.host_id) != (
         activation_id,
         request.count,
         request.host_id,

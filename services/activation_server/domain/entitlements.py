@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
+from services.activation_server.domain.audit_chain import VENDOR_ACTOR
 from services.activation_server.domain.errors import EntitlementNotFound, UnknownFeature
 from services.activation_server.domain.model import Entitlement, NewLine
 from services.activation_server.store.repository import ActivationStore
@@ -15,6 +17,8 @@ from tessera.validation import checked_text
 MAX_LINES = 100
 MAX_SEATS_PER_LINE = 1_000_000
 MAX_TEXT = 256
+MIN_DURATION = dt.timedelta(seconds=1)
+MAX_DURATION = dt.timedelta(days=100 * 365)
 
 
 class Entitlements:
@@ -45,7 +49,13 @@ class Entitlements:
                 )
             if line.expires_at is not None and line.expires_at <= now:
                 raise InvalidInput(f"lines[{index}].expires_at", "is in the past")
+            if line.duration is not None and not MIN_DURATION <= line.duration <= MAX_DURATION:
+                raise InvalidInput(
+                    f"lines[{index}].duration",
+                    f"must be between 1 second and {MAX_DURATION.days} days",
+                )
         entitlement_id = new_id(ENTITLEMENT_PREFIX)
+        issued = [(new_id(ACTIVATION_PREFIX), line) for line in lines]
         async with self.store.transaction() as repo:
             known = await repo.known_features(line.feature for line in lines)
             unknown = sorted({line.feature for line in lines} - known)
@@ -60,15 +70,16 @@ class Entitlements:
                 customer_organization,
                 contact,
                 now,
-                [(new_id(ACTIVATION_PREFIX), line) for line in lines],
+                issued,
             )
-            await repo.append_audit(
+            await repo.audit.append(
                 now,
                 "entitlement.created",
                 entitlement_id,
+                VENDOR_ACTOR,
                 {
                     "customer_organization": customer_organization,
-                    "lines": [[line.feature, line.count, line.kind.value] for line in lines],
+                    "lines": [_line_detail(activation_id, line) for activation_id, line in issued],
                 },
             )
             entitlement = await repo.get_entitlement(entitlement_id)
@@ -85,3 +96,18 @@ class Entitlements:
                 f"no entitlement {entitlement_id}", metadata={"entitlement_id": entitlement_id}
             )
         return entitlement
+
+
+def _line_detail(activation_id: str, line: NewLine) -> dict[str, object]:
+    return {
+        "activation_id": activation_id,
+        "feature": line.feature,
+        "count": line.count,
+        "kind": line.kind.value,
+        "expires_at": None if line.expires_at is None else line.expires_at.isoformat(),
+        "duration_seconds": None if line.duration is None else int(line.duration.total_seconds()),
+        "maintenance_ends_at": None
+        if line.maintenance_ends_at is None
+        else line.maintenance_ends_at.isoformat(),
+        "partial_return_allowed": line.partial_return_allowed,
+    }

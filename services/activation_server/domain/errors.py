@@ -49,3 +49,41 @@ class HostKeyMismatch(DomainError):
     """The request's host id does not match the key and machine binding that signed it."""
 
     reason = "HOST_KEY_MISMATCH"
+
+
+class CertificateNotFound(DomainError):
+    """No activation has a certificate with this id."""
+
+    reason = "CERTIFICATE_NOT_FOUND"
+
+
+class CertificateNotHeld(DomainError):
+    """The certificate's seats were already returned (or force-returned)."""
+
+    reason = "CERTIFICATE_NOT_HELD"
+
+
+class ReturnFromAnotherHost(DomainError):
+    """A return must be signed by the host that holds the certificate, with the key that
+    activated it."""
+
+    reason = "RETURN_FROM_ANOTHER_HOST"
+
+
+class LocalLicenseNotReturnable(DomainError):
+    """Local (node-locked) licenses cannot be returned."""
+
+    reason = "LOCAL_LICENSE_NOT_RETURNABLE"
+
+
+class RepairFromAnotherHost(DomainError):
+    """A repair must be signed by the key that activated the host's licenses."""
+
+    reason = "REPAIR_FROM_ANOTHER_HOST"
+
+
+class RepairLimitReached(DomainError):
+    """The host used up its repairs for the rolling year; metadata says when it may
+    repair again (``next_allowed_at``)."""
+
+    reason = "REPAIR_LIMIT_REACHED"

@@ -12,6 +12,14 @@ class LicenseKind(StrEnum):
     LOCAL = "local"
 
 
+class ActivationState(StrEnum):
+    """Whether a host still holds an activation's seats."""
+
+    ACTIVE = "active"
+    RETURNED = "returned"
+    FORCE_RETURNED = "force_returned"
+
+
 @dataclass(frozen=True)
 class NewLine:
     """A line of an order being created."""
@@ -20,6 +28,10 @@ class NewLine:
     count: int
     kind: LicenseKind
     expires_at: dt.datetime | None
+    # Licenses expire this long after each activation (the earlier of this and expires_at).
+    duration: dt.timedelta | None = None
+    maintenance_ends_at: dt.datetime | None = None
+    partial_return_allowed: bool = False
 
 
 @dataclass(frozen=True)
@@ -33,10 +45,21 @@ class EntitlementLine:
     count: int
     activated: int
     expires_at: dt.datetime | None
+    duration: dt.timedelta | None
+    maintenance_ends_at: dt.datetime | None
+    partial_return_allowed: bool
 
     @property
     def available(self) -> int:
         return self.count - self.activated
+
+    def expiry_for(self, activated_at: dt.datetime) -> dt.datetime | None:
+        """When licenses activated at ``activated_at`` expire: the line's date, or the
+        term after activation, whichever comes first; None when neither is set."""
+        candidates = [self.expires_at] if self.expires_at is not None else []
+        if self.duration is not None:
+            candidates.append(activated_at + self.duration)
+        return min(candidates, default=None)
 
 
 @dataclass(frozen=True)
@@ -51,8 +74,25 @@ class Entitlement:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """Who activated: the operator's details, recorded with the activation."""
+
+    organization: str = ""
+    contact_name: str = ""
+    email: str = ""
+    phone: str = ""
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class ActivationRecord:
-    """Seats of one line activated onto one host by one signed request."""
+    """Seats of one line activated onto one host by one signed request.
+
+    ``host_id`` and ``request_id`` name the request that brought the seats and never
+    change; ``holder_host_id`` is the host that holds them now (a repair after a machine
+    change re-binds them). ``certificate_envelope`` is the current certificate: its id
+    stays, its revision rises with each re-issue.
+    """
 
     request_id: str
     activation_id: str
@@ -64,3 +104,87 @@ class ActivationRecord:
     certificate_id: str
     response_envelope: bytes
     activated_at: dt.datetime
+    kind: LicenseKind
+    holder_host_id: str
+    activated_count: int
+    revision: int
+    state: ActivationState
+    certificate_envelope: bytes
+    returned_at: dt.datetime | None
+    registration: Registration | None
+
+
+class ReturnOutcome(StrEnum):
+    CREDITED = "credited"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class ReturnRecord:
+    """The vendor's recorded decision on one return request, with the exact receipt."""
+
+    host_id: str
+    request_id: str
+    certificate_id: str
+    count: int
+    revision: int
+    outcome: ReturnOutcome
+    credited: int
+    entitlement_id: str
+    receipt_envelope: bytes
+    decided_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RepairRecord:
+    """The vendor's recorded answer to one repair request, with the exact response."""
+
+    host_id: str
+    request_id: str
+    host_public_key: bytes
+    previous_host_id: str
+    response_envelope: bytes
+    repaired_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One decision in the hash-chained audit log."""
+
+    sequence: int
+    at: dt.datetime
+    action: str
+    subject: str
+    actor: str
+    detail: str
+    previous_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """The newest entry's sequence and hash, kept in its own row so a deleted tail shows."""
+
+    sequence: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """What walking the audit chain found."""
+
+    intact: bool
+    entries_checked: int
+    first_bad_sequence: int
+    problem: str
+    head: AuditHead
+
+
+@dataclass(frozen=True)
+class VendorPublicKey:
+    """A vendor public key License Servers should trust."""
+
+    key_id: str
+    public_key: bytes
+    active: bool
+    created_at: dt.datetime

@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import RowMapping, Select, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.activation_server.domain.model import (
     ActivationRecord,
+    ActivationState,
     Entitlement,
     EntitlementLine,
     LicenseKind,
     NewLine,
+    Registration,
+    RepairRecord,
+    ReturnOutcome,
+    ReturnRecord,
 )
+from services.activation_server.store.audit import AuditQueries
 from services.activation_server.store.tables import (
     activations,
-    audit_log,
     entitlement_lines,
     entitlements,
     features,
+    repair_hosts,
+    repairs,
+    return_receipts,
 )
 from tessera.storage import TransactionalStore, first_row
 
@@ -37,6 +48,9 @@ class Repository:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self.audit = AuditQueries(session)
+
+    # -- catalog and orders -------------------------------------------------------------
 
     async def known_features(self, names: Iterable[str]) -> set[str]:
         rows = await self.session.execute(
@@ -72,6 +86,11 @@ class Repository:
                     "count": line.count,
                     "activated": 0,
                     "expires_at": line.expires_at,
+                    "duration_seconds": None
+                    if line.duration is None
+                    else int(line.duration.total_seconds()),
+                    "maintenance_ends_at": line.maintenance_ends_at,
+                    "partial_return_allowed": line.partial_return_allowed,
                 }
                 for position, (activation_id, line) in enumerate(lines)
             ],
@@ -99,6 +118,14 @@ class Repository:
             lines=tuple(_line(line) for line in lines),
         )
 
+    async def lock_entitlement(self, entitlement_id: str) -> None:
+        """Hold the order's row until the transaction ends (return cycling is per order)."""
+        await self.session.execute(
+            select(entitlements.c.entitlement_id)
+            .where(entitlements.c.entitlement_id == entitlement_id)
+            .with_for_update()
+        )
+
     async def get_line(self, activation_id: str) -> tuple[EntitlementLine, str] | None:
         """The line and its customer organization."""
         row = await first_row(
@@ -122,6 +149,20 @@ class Repository:
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
+    async def credit_seats(self, activation_id: str, count: int) -> bool:
+        """Give ``count`` activated seats back to a line, never below none (one statement)."""
+        result = await self.session.execute(
+            update(entitlement_lines)
+            .where(
+                entitlement_lines.c.activation_id == activation_id,
+                entitlement_lines.c.activated >= count,
+            )
+            .values(activated=entitlement_lines.c.activated - count)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    # -- activations --------------------------------------------------------------------
+
     async def get_activation(self, host_id: str, request_id: str) -> ActivationRecord | None:
         row = await first_row(
             self.session,
@@ -130,6 +171,42 @@ class Repository:
             ),
         )
         return None if row is None else _activation(row)
+
+    async def find_certificate(self, certificate_id: str) -> ActivationRecord | None:
+        """The activation whose certificate this is, locked until the transaction ends."""
+        row = await first_row(
+            self.session,
+            _activation_query()
+            .where(activations.c.certificate_id == certificate_id)
+            .with_for_update(of=activations),
+        )
+        return None if row is None else _activation(row)
+
+    async def activation_id_of(self, certificate_id: str) -> str | None:
+        """The line a certificate was activated from, if the certificate exists."""
+        row = await first_row(
+            self.session,
+            select(activations.c.activation_id).where(
+                activations.c.certificate_id == certificate_id
+            ),
+        )
+        return None if row is None else str(row["activation_id"])
+
+    async def held_by(self, holder_host_id: str) -> list[ActivationRecord]:
+        """The active network activations a host holds, locked, in certificate id order."""
+        rows = (
+            await self.session.execute(
+                _activation_query()
+                .where(
+                    activations.c.holder_host_id == holder_host_id,
+                    activations.c.state == ActivationState.ACTIVE.value,
+                    entitlement_lines.c.kind == LicenseKind.NETWORK.value,
+                )
+                .order_by(activations.c.certificate_id)
+                .with_for_update(of=activations)
+            )
+        ).mappings()
+        return [_activation(row) for row in rows]
 
     async def insert_activation(self, record: ActivationRecord) -> None:
         """Record an activation; DuplicateRequest when its request id is already recorded."""
@@ -144,10 +221,35 @@ class Repository:
                     certificate_id=record.certificate_id,
                     response_envelope=record.response_envelope,
                     activated_at=record.activated_at,
+                    holder_host_id=record.holder_host_id,
+                    activated_count=record.activated_count,
+                    revision=record.revision,
+                    state=record.state.value,
+                    certificate_envelope=record.certificate_envelope,
+                    returned_at=record.returned_at,
+                    registration=None
+                    if record.registration is None
+                    else json.dumps(dataclasses.asdict(record.registration), sort_keys=True),
                 )
             )
         except IntegrityError as error:
             raise DuplicateRequest(record.request_id) from error
+
+    async def save_certificate(self, record: ActivationRecord) -> None:
+        """Store what changes over an activation's life: holder, count, revision, state,
+        the current certificate and when it was returned."""
+        await self.session.execute(
+            update(activations)
+            .where(activations.c.certificate_id == record.certificate_id)
+            .values(
+                holder_host_id=record.holder_host_id,
+                count=record.count,
+                revision=record.revision,
+                state=record.state.value,
+                certificate_envelope=record.certificate_envelope,
+                returned_at=record.returned_at,
+            )
+        )
 
     async def list_activations(
         self, entitlement_id: str | None, host_id: str | None
@@ -156,27 +258,115 @@ class Repository:
         if entitlement_id:
             query = query.where(entitlement_lines.c.entitlement_id == entitlement_id)
         if host_id:
-            query = query.where(activations.c.host_id == host_id)
+            query = query.where(activations.c.holder_host_id == host_id)
         rows = (await self.session.execute(query)).mappings()
         return [_activation(row) for row in rows]
 
-    async def append_audit(
-        self, at: dt.datetime, action: str, subject: str, detail: dict[str, object]
-    ) -> None:
-        await self.session.execute(
-            insert(audit_log).values(
-                at=at, action=action, subject=subject, detail=json.dumps(detail, sort_keys=True)
-            )
+    # -- returns ------------------------------------------------------------------------
+
+    async def get_return(self, host_id: str, request_id: str) -> ReturnRecord | None:
+        row = await first_row(
+            self.session,
+            select(return_receipts).where(
+                return_receipts.c.host_id == host_id, return_receipts.c.request_id == request_id
+            ),
         )
+        return None if row is None else _return(row)
+
+    async def insert_return(self, record: ReturnRecord) -> None:
+        """Record a return decision; DuplicateRequest when its request id is already recorded."""
+        try:
+            await self.session.execute(
+                insert(return_receipts).values(
+                    host_id=record.host_id,
+                    request_id=record.request_id,
+                    certificate_id=record.certificate_id,
+                    count=record.count,
+                    revision=record.revision,
+                    outcome=record.outcome.value,
+                    credited=record.credited,
+                    entitlement_id=record.entitlement_id,
+                    receipt_envelope=record.receipt_envelope,
+                    decided_at=record.decided_at,
+                )
+            )
+        except IntegrityError as error:
+            raise DuplicateRequest(record.request_id) from error
+
+    async def credited_returns_since(
+        self, entitlement_id: str, since: dt.datetime
+    ) -> list[dt.datetime]:
+        """When each return of the order credited seats after ``since``, oldest first."""
+        rows = await self.session.execute(
+            select(return_receipts.c.decided_at)
+            .where(
+                return_receipts.c.entitlement_id == entitlement_id,
+                return_receipts.c.outcome == ReturnOutcome.CREDITED.value,
+                return_receipts.c.decided_at > since,
+            )
+            .order_by(return_receipts.c.decided_at)
+        )
+        return list(rows.scalars())
+
+    # -- repairs ------------------------------------------------------------------------
+
+    async def lock_repair_host(self, host_public_key: bytes) -> None:
+        """Hold the host key's repair row (created on first use) until the transaction ends."""
+        dialect = self.session.get_bind().dialect.name
+        upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(repair_hosts)
+        await self.session.execute(
+            upsert.values(host_public_key=host_public_key).on_conflict_do_nothing()
+        )
+        await self.session.execute(
+            select(repair_hosts.c.host_public_key)
+            .where(repair_hosts.c.host_public_key == host_public_key)
+            .with_for_update()
+        )
+
+    async def get_repair(self, host_id: str, request_id: str) -> RepairRecord | None:
+        row = await first_row(
+            self.session,
+            select(repairs).where(repairs.c.host_id == host_id, repairs.c.request_id == request_id),
+        )
+        return None if row is None else _repair(row)
+
+    async def insert_repair(self, record: RepairRecord) -> None:
+        """Record a repair; DuplicateRequest when its request id is already recorded."""
+        try:
+            await self.session.execute(
+                insert(repairs).values(
+                    host_id=record.host_id,
+                    request_id=record.request_id,
+                    host_public_key=record.host_public_key,
+                    previous_host_id=record.previous_host_id,
+                    response_envelope=record.response_envelope,
+                    repaired_at=record.repaired_at,
+                )
+            )
+        except IntegrityError as error:
+            raise DuplicateRequest(record.request_id) from error
+
+    async def repairs_since(self, host_public_key: bytes, since: dt.datetime) -> list[dt.datetime]:
+        """When each repair of the host key was granted after ``since``, oldest first."""
+        rows = await self.session.execute(
+            select(repairs.c.repaired_at)
+            .where(repairs.c.host_public_key == host_public_key, repairs.c.repaired_at > since)
+            .order_by(repairs.c.repaired_at)
+        )
+        return list(rows.scalars())
 
 
 def _activation_query() -> Select[Any]:
     return select(
-        activations, entitlement_lines.c.entitlement_id, entitlement_lines.c.feature
+        activations,
+        entitlement_lines.c.entitlement_id,
+        entitlement_lines.c.feature,
+        entitlement_lines.c.kind,
     ).join(entitlement_lines)
 
 
 def _line(row: RowMapping) -> EntitlementLine:
+    seconds = row["duration_seconds"]
     return EntitlementLine(
         activation_id=row["activation_id"],
         entitlement_id=row["entitlement_id"],
@@ -185,10 +375,14 @@ def _line(row: RowMapping) -> EntitlementLine:
         count=row["count"],
         activated=row["activated"],
         expires_at=row["expires_at"],
+        duration=None if seconds is None else dt.timedelta(seconds=seconds),
+        maintenance_ends_at=row["maintenance_ends_at"],
+        partial_return_allowed=bool(row["partial_return_allowed"]),
     )
 
 
 def _activation(row: RowMapping) -> ActivationRecord:
+    registration = row["registration"]
     return ActivationRecord(
         request_id=row["request_id"],
         activation_id=row["activation_id"],
@@ -200,6 +394,40 @@ def _activation(row: RowMapping) -> ActivationRecord:
         certificate_id=row["certificate_id"],
         response_envelope=row["response_envelope"],
         activated_at=row["activated_at"],
+        kind=LicenseKind(row["kind"]),
+        holder_host_id=row["holder_host_id"],
+        activated_count=row["activated_count"],
+        revision=row["revision"],
+        state=ActivationState(row["state"]),
+        certificate_envelope=row["certificate_envelope"],
+        returned_at=row["returned_at"],
+        registration=None if registration is None else Registration(**json.loads(registration)),
+    )
+
+
+def _return(row: RowMapping) -> ReturnRecord:
+    return ReturnRecord(
+        host_id=row["host_id"],
+        request_id=row["request_id"],
+        certificate_id=row["certificate_id"],
+        count=row["count"],
+        revision=row["revision"],
+        outcome=ReturnOutcome(row["outcome"]),
+        credited=row["credited"],
+        entitlement_id=row["entitlement_id"],
+        receipt_envelope=row["receipt_envelope"],
+        decided_at=row["decided_at"],
+    )
+
+
+def _repair(row: RowMapping) -> RepairRecord:
+    return RepairRecord(
+        host_id=row["host_id"],
+        request_id=row["request_id"],
+        host_public_key=row["host_public_key"],
+        previous_host_id=row["previous_host_id"],
+        response_envelope=row["response_envelope"],
+        repaired_at=row["repaired_at"],
     )
 
 
@@ -208,3 +436,13 @@ class ActivationStore(TransactionalStore[Repository]):
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine, Repository)
+        self._snapshots = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Repository]:
+        """A transaction that sees one consistent state throughout (for reading the audit
+        log while decisions append to it). SQLite transactions here already do."""
+        async with self._snapshots() as session, session.begin():
+            if session.get_bind().dialect.name == "postgresql":
+                await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            yield Repository(session)
