@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.activation_server import config as as_config
 from services.activation_server import server as as_server
@@ -152,3 +153,80 @@ async def start_site(
         )
     )  # fmt: skip
     return Site(activation, license_server, admin, [], tmp_path, license_settings, license_clock)
+
+
+# Restarting services of a Site in place (same data directory, same database).
+
+
+def _url_of(engine: AsyncEngine) -> str:
+    return str(engine.url.render_as_string(hide_password=False))
+
+
+async def restart_administrator(site: Site, activation_server: str | None = None) -> None:
+    """Stop the Administrator and start it again over the same journal, optionally
+    pointed at another Activation Server target (e.g. one nobody listens on)."""
+    url = _url_of(site.admin.journal.engine)
+    await site.admin.stop(0)
+    site.admin = await admin_server.build(
+        admin_config.load_settings(
+            [
+                "--listen", "127.0.0.1:0",
+                "--data-dir", str(site.tmp_path / "administrator"),
+                "--database-url", url,
+                "--activation-server",
+                activation_server or f"127.0.0.1:{site.activation.port}",
+            ],
+            environ={},
+        )
+    )  # fmt: skip
+
+
+async def restart_activation_server(site: Site, *extra: str) -> None:
+    """Stop the Activation Server and start it again with ``extra`` flags (e.g.
+    ``--max-returns-per-entitlement 0``); the Administrator follows it to its new port."""
+    url = _url_of(site.activation.store.engine)
+    await site.activation.stop(0)
+    site.activation = await as_server.build(
+        as_config.load_settings(
+            [
+                "--listen", "127.0.0.1:0",
+                "--data-dir", str(site.tmp_path / "activation_server"),
+                "--database-url", url,
+                "--vendor-token", VENDOR_TOKEN,
+                *extra,
+            ],
+            environ={},
+        )
+    )  # fmt: skip
+    await restart_administrator(site)
+
+
+async def restart_license_server(site: Site, machine_id: str) -> None:
+    """Stop the License Server and start it again on the same port, data directory and
+    database, as if on the machine ``machine_id`` (its host id changes with it)."""
+    settings = site.license_settings
+    common = replace(settings.common, listen=f"127.0.0.1:{site.license.port}")
+    await site.license.stop(0)
+    site.license_settings = replace(settings, common=common, machine_id=machine_id)
+    site.license = await ls_server.build(site.license_settings, clock=site.license_clock)
+
+
+async def start_another_license_server(
+    site: Site, databases: DatabaseFactory, name: str, machine_id: str
+) -> ls_server.LicenseServer:
+    """A second License Server on another machine, trusting the same vendor; the caller
+    stops it."""
+    return await ls_server.build(
+        ls_config.load_settings(
+            [
+                "--listen", "127.0.0.1:0",
+                "--data-dir", str(site.tmp_path / name),
+                "--database-url", await databases.new(name),
+                "--vendor-keys", str(site.tmp_path / "activation_server" / "vendor-keys.pub"),
+                "--machine-id", machine_id,
+                "--sweep-interval", "3600",
+            ],
+            environ={},
+        ),
+        clock=site.license_clock,
+    )  # fmt: skip

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -164,9 +166,11 @@ class ExchangeRunner:
             operation = await self.journal.existing(operation_id, intent)
             if operation is not None and operation.state.finished:
                 return self.outcome(exchange, operation)
-            async with connected(intent.license_server) as server:
-                if operation is None:
+            if operation is None:
+                async with connected(intent.license_server) as server:
                     operation = await self.prepare(exchange, server, intent, operation_id)
+                    return await self.complete(exchange, server, operation)
+            async with self.reach_license_server(operation, intent.license_server) as server:
                 return await self.complete(exchange, server, operation)
 
     async def resume(self, exchange: Exchange, operation_id: str) -> Operation:
@@ -175,8 +179,21 @@ class ExchangeRunner:
             operation = await self.journal.get(operation_id)
             if operation.state.finished:
                 return self.outcome(exchange, operation)
-            async with connected(operation.license_server) as server:
+            async with self.reach_license_server(operation, operation.license_server) as server:
                 return await self.complete(exchange, server, operation)
+
+    @asynccontextmanager
+    async def reach_license_server(
+        self, operation: Operation, address: str
+    ) -> AsyncIterator[LicenseServerClient]:
+        """The License Server a journaled operation continues on; if it cannot be reached,
+        the journal notes why."""
+        async with self.journal.noting_errors(operation):
+            server = await LicenseServerClient.connect(address)
+        try:
+            yield server
+        finally:
+            await server.close()
 
     def outcome(self, exchange: Exchange, operation: Operation) -> Operation:
         """A finished operation, or its refusal raised."""

@@ -257,7 +257,7 @@ class Offline:
                     f"prepared on host {operation.host_id}",
                     metadata={"host_id": host_id},
                 )
-            async with connected(license_server) as server:
+            async with self.runner.reach_license_server(operation, license_server) as server:
                 if server.host_id != operation.host_id:
                     raise ResponseForAnotherHost(
                         f"the file answers a request of host {operation.host_id}, but "
