@@ -131,20 +131,22 @@ async def start_vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, *extra: str
 ) -> Vendor:
     """An Activation Server with ``extra`` flags (e.g. ``--max-repairs-per-year 2``)."""
-    data_dir = tmp_path / "activation_server"
-    url = await databases.new("activation")
-    return await _build(data_dir, url, clock, extra)
+    return await start_vendor_at(
+        tmp_path / "activation_server", await databases.new("activation"), clock, *extra
+    )
 
 
 async def restart_vendor(vendor: Vendor, *extra: str) -> Vendor:
     """The same Activation Server (data directory, database) stopped and started again."""
     await vendor.close()
-    again = await _build(vendor.data_dir, vendor.database_url, vendor.clock, extra)
+    again = await start_vendor_at(vendor.data_dir, vendor.database_url, vendor.clock, *extra)
     again.orders.update(vendor.orders)
     return again
 
 
-async def _build(data_dir: Path, url: str, clock: FakeClock, extra: tuple[str, ...]) -> Vendor:
+async def start_vendor_at(data_dir: Path, url: str, clock: FakeClock, *extra: str) -> Vendor:
+    """An Activation Server over ``data_dir`` and the database at ``url`` (another replica,
+    when one already runs there)."""
     server = await as_server.build(
         as_config.load_settings(
             [

@@ -2,9 +2,9 @@
 
 Every entry's hash is SHA-256 over the previous entry's hash and the entry's canonical
 content, so editing or deleting an entry breaks the chain from there on; the head row
-(the newest sequence and hash) shows a deleted tail. The log proves tampering by anyone
-who cannot also rewrite every later hash and the head; pin ``head_hash`` elsewhere (it is
-in every GetAuditLog answer) to catch even that.
+(the newest sequence and hash) shows a deleted tail. Someone who can rewrite every later
+hash and the head too goes unseen by the chain alone: pin ``head_hash`` elsewhere (every
+GetAuditLog answer carries it) to catch even that.
 """
 
 from __future__ import annotations
@@ -55,6 +55,18 @@ def _missing(first: int, last: int) -> str:
     return f"entry {first} is missing" if first == last else f"entries {first}-{last} are missing"
 
 
+def _hash_of(entry: AuditEntry, sequence: int) -> bytes:
+    return entry_hash(
+        entry.previous_hash,
+        sequence,
+        entry.at,
+        entry.action,
+        entry.subject,
+        entry.actor,
+        entry.detail,
+    )
+
+
 @dataclass
 class ChainWalk:
     """Walks entries in sequence order and stops at the first one that does not verify."""
@@ -78,16 +90,11 @@ class ChainWalk:
             )
         if entry.sequence > self._expected:
             return self._bad(self._expected, _missing(self._expected, entry.sequence - 1))
-        recomputed = entry_hash(
-            entry.previous_hash,
-            entry.sequence,
-            entry.at,
-            entry.action,
-            entry.subject,
-            entry.actor,
-            entry.detail,
-        )
-        if recomputed != entry.hash:
+        if _hash_of(entry, entry.sequence) != entry.hash:
+            if self._follows_an_insertion(entry):
+                return self._bad(
+                    self._previous_sequence, f"entry {self._previous_sequence} was inserted"
+                )
             return self._bad(entry.sequence, f"entry {entry.sequence} was edited")
         if entry.previous_hash != self._previous_hash:
             # The entry is whole but links elsewhere: the one before it was rewritten
@@ -104,6 +111,15 @@ class ChainWalk:
         self._previous_sequence = entry.sequence
         self._expected = entry.sequence + 1
         return True
+
+    def _follows_an_insertion(self, entry: AuditEntry) -> bool:
+        """Whether ``entry`` is whole under the sequence one lower and links past the entry
+        before it: it was renumbered to make room for that one."""
+        return (
+            self._previous_sequence > 0
+            and entry.previous_hash == self._before_previous_hash
+            and _hash_of(entry, entry.sequence - 1) == entry.hash
+        )
 
     def finish(self) -> AuditVerdict:
         """The verdict, once every entry was fed (or the walk stopped)."""
@@ -122,6 +138,8 @@ class ChainWalk:
         )
 
     def _bad(self, sequence: int, problem: str) -> bool:
+        # Only the entries before the first bad one count as verified.
+        self.checked = min(self.checked, sequence - 1)
         self.first_bad = sequence
         self.problem = problem
         return False

@@ -67,23 +67,24 @@ def _chained_audit(name: str) -> sa.Table:
 
 def upgrade() -> None:
     bind = op.get_bind()
-    with op.batch_alter_table("entitlement_lines") as batch:
-        batch.add_column(sa.Column("duration_seconds", sa.BigInteger, nullable=True))
-        batch.add_column(sa.Column("maintenance_ends_at", UTCDateTime, nullable=True))
-        batch.add_column(
-            sa.Column(
-                "partial_return_allowed", sa.Boolean, nullable=False, server_default=sa.false()
-            )
-        )
-
-    with op.batch_alter_table("activations") as batch:
-        batch.add_column(sa.Column("holder_host_id", sa.String(32), nullable=True))
-        batch.add_column(sa.Column("activated_count", sa.Integer, nullable=True))
-        batch.add_column(sa.Column("revision", sa.Integer, nullable=True))
-        batch.add_column(sa.Column("state", sa.String(16), nullable=True))
-        batch.add_column(sa.Column("certificate_envelope", sa.LargeBinary, nullable=True))
-        batch.add_column(sa.Column("returned_at", UTCDateTime, nullable=True))
-        batch.add_column(sa.Column("registration", sa.Text, nullable=True))
+    # Plain ADD COLUMNs: SQLite adds them in place. (A batch would copy the table, and
+    # dropping entitlement_lines while activations refer to it fails its foreign key.)
+    op.add_column("entitlement_lines", sa.Column("duration_seconds", sa.BigInteger))
+    op.add_column("entitlement_lines", sa.Column("maintenance_ends_at", UTCDateTime))
+    op.add_column(
+        "entitlement_lines",
+        sa.Column("partial_return_allowed", sa.Boolean, nullable=False, server_default=sa.false()),
+    )
+    for column in (
+        sa.Column("holder_host_id", sa.String(32)),
+        sa.Column("activated_count", sa.Integer),
+        sa.Column("revision", sa.Integer),
+        sa.Column("state", sa.String(16)),
+        sa.Column("certificate_envelope", sa.LargeBinary),
+        sa.Column("returned_at", UTCDateTime),
+        sa.Column("registration", sa.Text),
+    ):
+        op.add_column("activations", column)
     activations = sa.table(
         "activations",
         sa.column("host_id", sa.String),
@@ -114,6 +115,7 @@ def upgrade() -> None:
             .where(activations.c.host_id == row.host_id, activations.c.request_id == row.request_id)
             .values(certificate_envelope=certificate.SerializeToString(deterministic=True))
         )
+    # Nothing refers to activations, so SQLite may copy it to tighten the columns.
     with op.batch_alter_table("activations") as batch:
         for name in ("holder_host_id", "activated_count", "revision", "state"):
             batch.alter_column(name, nullable=False)
