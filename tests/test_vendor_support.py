@@ -51,6 +51,13 @@ class Vendor:
     channel: grpc.aio.Channel
     # activation id -> the Entitlement ID of its order
     orders: dict[str, str] = field(default_factory=dict)
+    # Where the vendor publishes its public keys, when not in the data directory (they
+    # lie beside the first signing key).
+    keys_dir: Path | None = None
+
+    @property
+    def published_keys_file(self) -> Path:
+        return (self.keys_dir or self.data_dir) / "vendor-keys.pub"
 
     @property
     def activation(self) -> apb_grpc.ActivationServiceStub:
@@ -63,10 +70,6 @@ class Vendor:
     @property
     def engine(self) -> AsyncEngine:
         return self.server.store.engine
-
-    @property
-    def published_keys_file(self) -> Path:
-        return self.data_dir / "vendor-keys.pub"
 
     def trusted(self) -> dict[str, VerifyKey]:
         """The vendor keys a License Server trusts: those in the published file."""

@@ -60,7 +60,7 @@ class VendorKeys:
         self.files = files
         self.store = store
         self.clock = clock
-        self._keyring, created = files.load()
+        self._keyring, created = files.load(clock.now())
         self._version = files.version()
         if created:
             log.warning(
@@ -114,6 +114,6 @@ class VendorKeys:
     def _current(self) -> Keyring:
         version = self.files.version()
         if version != self._version:
-            self._keyring, _ = self.files.load()
+            self._keyring, _ = self.files.load(self.clock.now())
             self._version = version
         return self._keyring

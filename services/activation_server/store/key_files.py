@@ -5,7 +5,8 @@ Beside the first key (``--signing-key``, default ``vendor-signing.key`` in the d
 directory) lie:
 
 - ``vendor-keys/<key id>.key``: each key made by a rotation (mode 0600, hex seed);
-- ``vendor-keys/keyring.json``: every key id with its creation time, and the active one;
+- ``vendor-keys/keyring.json``: every key id with its creation time, oldest first, and
+  the id of the one that signs;
 - ``vendor-keys.pub``: every public key, one hex key per line with its key id as a
   comment: the file License Servers read with ``--vendor-keys``.
 
@@ -68,31 +69,30 @@ class KeyDirectory:
             return None
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
-    def load(self) -> tuple[Keyring, bool]:
-        """The keyring, and whether the first key was just created. On first start the
-        first key is made, recorded as active and published."""
+    def load(self, now: dt.datetime) -> tuple[Keyring, bool]:
+        """The keyring, and whether the first key was just created (at ``now``). On first
+        start the first key is made, recorded as the active one and published."""
         first = load_or_create_signing_key(self.first_key)
         first_id = vendor_key_id(first.signing_key.verify_key)
-        record = self._read_record()
-        keys, active = record if record is not None else ({}, first_id)
-        if first_id not in keys:
-            # First start, or a deployment from before rotation existed: the first key
-            # is recorded as created when its file was (and signs, on first start).
-            created = dt.datetime.fromtimestamp(self.first_key.stat().st_mtime, dt.UTC)
-            keys[first_id] = created.isoformat()
+        recorded = self._read_record()
+        keys, active = recorded if recorded is not None else ([], first_id)
+        if first_id not in {key_id for key_id, _ in keys}:
+            # First start, or a deployment from before rotation: the first key is
+            # recorded as made when its file was.
+            made = now if first.created else _modified(self.first_key)
+            keys.insert(0, (first_id, made))
             self._write_record(keys, active)
         stored = []
-        for key_id, created_at in keys.items():
+        for key_id, created_at in keys:
             signing_key = (
                 first.signing_key if key_id == first_id else load_signing_key(self._path(key_id))
             )
             if vendor_key_id(signing_key.verify_key) != key_id:
                 raise ValueError(f"{self._path(key_id)} does not hold key {key_id}")
-            stored.append(StoredKey(key_id, signing_key, dt.datetime.fromisoformat(created_at)))
-        stored.sort(key=lambda key: (key.created_at, key.key_id))
-        keyring = Keyring(tuple(stored), active)
-        if keyring.active_key_id not in {key.key_id for key in stored}:
+            stored.append(StoredKey(key_id, signing_key, created_at))
+        if active not in {key.key_id for key in stored}:
             raise ValueError(f"{self.record} names an active key it does not list")
+        keyring = Keyring(tuple(stored), active)
         self.publish(keyring)
         return keyring, first.created
 
@@ -103,14 +103,14 @@ class KeyDirectory:
         fd = os.open(self._path(key_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(signing_key.encode().hex() + "\n")
-        keyring, _ = self.load()
+        keyring, _ = self.load(created_at)
         widened = Keyring(
             (*keyring.keys, StoredKey(key_id, signing_key, created_at)), keyring.active_key_id
         )
         # Published before it signs anything, so no certificate is ever signed by a key
         # that the published file does not list.
         self.publish(widened)
-        self._write_record({key.key_id: key.created_at.isoformat() for key in widened.keys}, key_id)
+        self._write_record([(key.key_id, key.created_at) for key in widened.keys], key_id)
         return Keyring(widened.keys, key_id)
 
     def publish(self, keyring: Keyring) -> None:
@@ -130,19 +130,33 @@ class KeyDirectory:
     def _path(self, key_id: str) -> Path:
         return self.directory / f"{key_id}.key"
 
-    def _read_record(self) -> tuple[dict[str, str], str] | None:
-        """Every key id with its creation time, and the active key id."""
+    def _read_record(self) -> tuple[list[tuple[str, dt.datetime]], str] | None:
+        """Every key id with its creation time, oldest first, and the active key id."""
         try:
             record = json.loads(self.record.read_text())
         except FileNotFoundError:
             return None
-        keys = {str(key_id): str(created) for key_id, created in dict(record["keys"]).items()}
+        keys = [
+            (str(key["key_id"]), dt.datetime.fromisoformat(str(key["created_at"])))
+            for key in record["keys"]
+        ]
         return keys, str(record["active"])
 
-    def _write_record(self, keys: dict[str, str], active: str) -> None:
+    def _write_record(self, keys: list[tuple[str, dt.datetime]], active: str) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        record = {"version": RECORD_VERSION, "active": active, "keys": keys}
-        _replace(self.record, json.dumps(record, indent=2, sort_keys=True) + "\n", 0o600)
+        record = {
+            "version": RECORD_VERSION,
+            "active": active,
+            "keys": [
+                {"key_id": key_id, "created_at": created_at.isoformat()}
+                for key_id, created_at in keys
+            ],
+        }
+        _replace(self.record, json.dumps(record, indent=2) + "\n", 0o600)
+
+
+def _modified(path: Path) -> dt.datetime:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
 
 
 def _replace(path: Path, text: str, mode: int) -> None:
