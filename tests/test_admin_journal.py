@@ -26,7 +26,13 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.rpc import error_info, reason_of
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.processes import free_port
-from tests.support import Site, ls_server, restart_administrator, start_site
+from tests.support import (
+    Site,
+    ls_server,
+    restart_administrator,
+    restart_license_server,
+    start_site,
+)
 
 T = TypeVar("T")
 Code = grpc.StatusCode
@@ -440,4 +446,33 @@ async def test_a_vendor_refusal_is_journaled_as_refused_and_told_again(site: Sit
         "NOT_ENOUGH_SEATS_LEFT",
     )
     assert again.details() == error.details() == journaled.last_error.partition(": ")[2]
+    assert await activated_seats(site) == 0
+
+
+async def test_an_operation_continues_only_on_the_license_server_it_began_on(
+    site: Site,
+) -> None:
+    activation_id = await line(site)
+    await restart_administrator(site, activation_server=f"127.0.0.1:{free_port()}")
+    await refused(
+        site.administrator.Activate(activate_request(site, activation_id, 1, "op-moved")),
+        Code.UNAVAILABLE,
+        "PEER_UNAVAILABLE",
+    )
+    began_on = site.license.identity.host_id
+    # The address now answers with another License Server (another machine, new host id).
+    await restart_license_server(site, machine_id="another-machine")
+    await restart_administrator(site)
+    report = await site.admin.resumed
+    assert report.failed["op-moved"].startswith("OPERATION_HOST_CHANGED: ")
+
+    error = await refused(
+        site.administrator.Activate(activate_request(site, activation_id, 1, "op-moved")),
+        Code.FAILED_PRECONDITION,
+        "OPERATION_HOST_CHANGED",
+    )
+    assert began_on in error.details()
+    stuck = await operation(site, "op-moved")
+    assert stuck.state == pb.OPERATION_STATE_PREPARED
+    assert stuck.last_error.startswith("OPERATION_HOST_CHANGED: ")
     assert await activated_seats(site) == 0

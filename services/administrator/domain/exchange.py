@@ -235,7 +235,8 @@ class ExchangeRunner:
         self, exchange: Exchange, server: LicenseServerClient, operation: Operation
     ) -> Operation:
         """Steps 2 and 3 from wherever the journal says the operation stands."""
-        check_host(server, operation.host_id, operation.operation_id)
+        async with self.journal.noting_errors(operation):
+            check_host(server, operation.host_id, operation.operation_id)
         if operation.state is OperationState.PREPARED:
             operation = await self.ask_vendor(exchange, operation)
         if operation.state is OperationState.ANSWERED:
