@@ -402,10 +402,20 @@ async def audit_log(site: Site) -> list[apb.AuditEntry]:
 
 
 async def books(site: Site, setup: Setup) -> Books:
+    """Both sides' books, the License Server's read first: it serves seats only after the
+    vendor recorded them and stops serving before the vendor credits them back, so what
+    it serves at one moment is still on the vendor's books a moment later."""
     host_id = await site.host_id()
     certificates = await site.storage.ListCertificates(
         lpb.ListCertificatesRequest(), timeout=RPC_TIMEOUT
     )
+    information = await site.leases.GetLicenseInformation(
+        lpb.GetLicenseInformationRequest(), timeout=RPC_TIMEOUT
+    )
+    health = await site.storage.GetTrustHealth(lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT)
+    # When it was checked and the clock's high-water mark move on by themselves.
+    health.health.ClearField("checked_at")
+    health.health.ClearField("clock_high_water")
     held_by_host = await site.vendor.ListActivations(
         apb.ListActivationsRequest(host_id=host_id), metadata=VENDOR, timeout=RPC_TIMEOUT
     )
@@ -417,13 +427,6 @@ async def books(site: Site, setup: Setup) -> Books:
     order = await site.activation.GetOrder(
         apb.GetOrderRequest(entitlement_id=setup.entitlement_id), timeout=RPC_TIMEOUT
     )
-    information = await site.leases.GetLicenseInformation(
-        lpb.GetLicenseInformationRequest(), timeout=RPC_TIMEOUT
-    )
-    health = await site.storage.GetTrustHealth(lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT)
-    # When it was checked and the clock's high-water mark move on by themselves.
-    health.health.ClearField("checked_at")
-    health.health.ClearField("clock_high_water")
     verified = await site.vendor.VerifyAuditLog(
         apb.VerifyAuditLogRequest(), metadata=VENDOR, timeout=RPC_TIMEOUT
     )
@@ -452,16 +455,22 @@ async def books(site: Site, setup: Setup) -> Books:
     )
 
 
-def check_books(books: Books) -> None:
-    """What must hold after any crash and retry, whatever the flow."""
-    # The License Server holds exactly what the vendor records for that host.
-    assert books.held == books.vendor_held
-    assert len(books.held) == len({request for *_, request in books.held.values()})
-    for certificate_id, (*_, request_id) in books.held.items():
-        assert [a.certificate_id for a in books.activations if a.request_id == request_id] == [
-            certificate_id
-        ]
-    # Never more activated than sold, and the line's tally is its activations' sum.
+async def settled_books(site: Site, setup: Setup) -> Books:
+    """Books that read the same twice running. Each side is read call by call, so while
+    the Administrator may still be finishing the operation on its own (its resume at
+    start) one snapshot could mix states from before and after a step."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    last = await books(site, setup)
+    while True:
+        current = await books(site, setup)
+        if current == last:
+            return current
+        assert time.monotonic() < deadline, "the books never settled"
+        last = current
+
+
+def check_lines(books: Books) -> None:
+    """Never more activated than sold, and a line's tally is its activations' sum."""
     for line in books.lines:
         active = sum(
             a.count
@@ -471,6 +480,31 @@ def check_books(books: Books) -> None:
         assert 0 <= line.activated <= line.count == SOLD[line.feature]
         assert line.activated == active
         assert line.available == line.count - line.activated
+
+
+def check_interim(flow: str, books: Books) -> None:
+    """What holds between the crash and the retry: the License Server never serves more
+    seats than the vendor records for it, and seats being returned do not serve."""
+    check_lines(books)
+    for feature, serving in books.activated_on_host.items():
+        recorded = sum(count for f, count, *_ in books.vendor_held.values() if f == feature)
+        assert serving <= recorded, (feature, books)
+    if flow == RETURN:
+        # Every failpoint of a return comes after the License Server withheld the seats.
+        assert books.activated_on_host.get(STATION, 0) == 0, books
+    assert books.audit_intact
+
+
+def check_books(books: Books) -> None:
+    """What must hold after any crash and retry, whatever the flow."""
+    # The License Server holds exactly what the vendor records for that host.
+    assert books.held == books.vendor_held
+    assert len(books.held) == len({request for *_, request in books.held.values()})
+    for certificate_id, (*_, request_id) in books.held.items():
+        assert [a.certificate_id for a in books.activations if a.request_id == request_id] == [
+            certificate_id
+        ]
+    check_lines(books)
     # Trusted storage is healthy and serves exactly those seats.
     assert books.health.healthy, books.health
     assert not books.health.problems
@@ -573,7 +607,13 @@ async def test_a_crash_at_any_step_completes_exactly_once_on_retry(
     before = await books(site, setup)
 
     await crash(site, fault, setup)
-    await site.restart(fault.service)
+    # The books between crash and retry: with the Administrator dead nothing moves; a
+    # dead Activation Server or License Server has to come back to be read.
+    if fault.service != ADMIN:
+        await site.restart(fault.service)
+    check_interim(fault.flow, await settled_books(site, setup))
+    if fault.service == ADMIN:
+        await site.restart(fault.service)
     reply = await answered(lambda: run(site, fault.flow, setup))
 
     after = await books(site, setup)
