@@ -1,1 +1,2 @@
-"""The Activation Server's rules: entitlements, activation decisions, vendor signatures."""
+"""The Activation Server's rules: entitlements, activation, return and repair decisions,
+vendor signing keys and the audit log."""

@@ -101,9 +101,14 @@ class Repairs:
         allowed_at = next_allowed(recent, limit, REPAIR_WINDOW)
         if allowed_at is not None:
             when = iso_time(allowed_at)
+            next_repair = (
+                f"the next repair is allowed from {when[:10]}"
+                if limit
+                else "this Activation Server allows no repairs"
+            )
             raise RepairLimitReached(
                 f"host {request.host_id} was repaired {len(recent)} times in the last 365 "
-                f"days (at most {limit}); the next repair is allowed from {when[:10]}",
+                f"days (at most {limit}); {next_repair}",
                 metadata={"next_allowed_at": when, "host_id": request.host_id},
             )
         certificates = []

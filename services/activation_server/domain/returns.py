@@ -120,7 +120,7 @@ class Returns:
     ) -> SignedEnvelope:
         previous = await repo.get_return(request.host_id, request.request_id)
         if previous is not None:
-            return _replay(previous, request)
+            return _replay(previous, request, certificate_id)
         activation = await repo.find_certificate(certificate_id)
         if activation is None:
             raise CertificateNotFound(
@@ -144,7 +144,7 @@ class Returns:
         # A concurrent retry may have decided while this one waited for the certificate.
         previous = await repo.get_return(request.host_id, request.request_id)
         if previous is not None:
-            return _replay(previous, request)
+            return _replay(previous, request, certificate_id)
         found = await repo.get_line(activation.activation_id)
         assert found is not None  # an activation's line is never deleted
         line, _ = found
@@ -169,7 +169,11 @@ class Returns:
         allowed_at = next_allowed(credited, limit, window)
         if allowed_at is None:
             return None
-        when = f"the next return is allowed from {iso_time(allowed_at)}"
+        when = (
+            f"the next return is allowed from {iso_time(allowed_at)}"
+            if limit
+            else "this Activation Server accepts no returns"
+        )
         return (
             ReturnRefusal.RETURN_LIMIT_REACHED,
             f"{entitlement_id} had {len(credited)} returns in the last {window.days} days "
@@ -367,9 +371,11 @@ def _refusal(
     return None
 
 
-def _replay(previous: ReturnRecord, request: HostReturnRequest) -> SignedEnvelope:
+def _replay(
+    previous: ReturnRecord, request: HostReturnRequest, certificate_id: str
+) -> SignedEnvelope:
     if (previous.certificate_id, previous.count, previous.revision) != (
-        request.certificate_id,
+        certificate_id,
         request.count,
         request.revision,
     ):

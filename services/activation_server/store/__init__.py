@@ -1,1 +1,1 @@
-"""The Activation Server's storage: tables, repository, migrations."""
+"""The Activation Server's storage: tables, repository, migrations, vendor key files."""
