@@ -439,14 +439,14 @@ async def test_the_audit_command_reads_the_data_directory(
 # -- the migration that introduced the chain ---------------------------------------------
 
 
-async def _upgrade(engine: AsyncEngine, revision: str) -> None:
+async def _alembic(engine: AsyncEngine, action: str, revision: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     async with engine.begin() as connection:
 
         def run(sync_connection: Connection) -> None:
             config.attributes["connection"] = sync_connection
-            command.upgrade(config, revision)
+            getattr(command, action)(config, revision)
 
         await connection.run_sync(run)
 
@@ -456,7 +456,7 @@ async def test_the_migration_chains_the_existing_log_and_keeps_each_activations_
 ) -> None:
     engine = create_engine(await databases.new("activation"))
     try:
-        await _upgrade(engine, "0001")
+        await _alembic(engine, "upgrade", "0001")
         at = dt.datetime(2026, 11, 1, 9, 30, 15, 123456, tzinfo=dt.UTC)
         vendor_key = SigningKey.generate()
         certificate = seal(
@@ -515,5 +515,13 @@ async def test_the_migration_chains_the_existing_log_and_keeps_each_activations_
         assert SignedEnvelope.FromString(record.certificate_envelope) == certificate
         async with engine.connect() as connection:
             assert await connection.scalar(select(activations.c.registration)) is None
+
+        # And back: the log keeps its entries in order, the activation its row.
+        await _alembic(engine, "downgrade", "0001")
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT id, action FROM audit_log"))).all()
+            assert sorted(rows) == [(1, "entitlement.created"), (2, "activation.granted")]
+            count = await connection.scalar(text("SELECT count FROM activations"))
+            assert count == 2
     finally:
         await engine.dispose()

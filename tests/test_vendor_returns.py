@@ -177,6 +177,22 @@ async def test_the_same_request_gets_the_same_receipt_bytes(vendor: Vendor) -> N
     assert second.receipt.SerializeToString() == first.receipt.SerializeToString()
 
 
+async def test_a_retried_activation_still_gets_its_first_answer_after_a_partial_return(
+    vendor: Vendor,
+) -> None:
+    host = Host.new()
+    line = await vendor.line(count=5, partial_return_allowed=True)
+    request = host.activation(line.activation_id, 3)
+    first = await vendor.activation.Activate(apb.ActivateRequest(request=request))
+    certificate = vendor.open(
+        vendor.open(first.response, apb.VendorActivationResponse).certificate, LicenseCertificate
+    )
+    await give_back(vendor, host, certificate, count=1)
+    again = await vendor.activation.Activate(apb.ActivateRequest(request=request))
+    assert again.response == first.response  # revision 0: the License Server keeps the higher
+    assert (await vendor.line_now(line)).activated == 2
+
+
 async def test_a_request_id_reused_for_another_return_is_refused(vendor: Vendor) -> None:
     host = Host.new()
     line = await vendor.line(count=5, partial_return_allowed=True)

@@ -251,6 +251,6 @@ def downgrade() -> None:
             "holder_host_id",
         ):
             batch.drop_column(name)
-    with op.batch_alter_table("entitlement_lines") as batch:
-        for name in ("partial_return_allowed", "maintenance_ends_at", "duration_seconds"):
-            batch.drop_column(name)
+    # In place, as they were added (SQLite 3.35 and later drops columns itself).
+    for name in ("partial_return_allowed", "maintenance_ends_at", "duration_seconds"):
+        op.drop_column("entitlement_lines", name)
