@@ -124,6 +124,7 @@ repairs = Table(
     Column("host_id", String(32), primary_key=True),
     Column("request_id", String(128), primary_key=True),
     Column("host_public_key", LargeBinary, nullable=False),
+    # The host id whose certificates were re-issued (the request's, or its previous one).
     Column("previous_host_id", String(32), nullable=False),
     # The exact signed answer, so a retried request gets the same bytes back.
     Column("response_envelope", LargeBinary, nullable=False),
