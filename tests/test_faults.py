@@ -1,25 +1,29 @@
 """The crash suite (issue 4): SIGKILL any of the three services at any step of activate,
-return and repair, restart it, run the operation again, and check it completed exactly
-once with the books of the License Server and the vendor in agreement.
+return, repair and move, restart it, run the operation again, and check it completed
+exactly once with the books of the License Servers and the vendor in agreement.
 
 Every service runs as a real process (``python -m services.<name>``) on a free loopback
 port with its own data directory and database. The one service under test runs with
-``TESSERA_FAILPOINTS=<service>.<flow>.<step>`` and SIGKILLs itself on reaching that step
-(``tessera.failpoints``); the failpoint names are per flow, so arming the service for a
-return or a repair from the start leaves the activations that set the test up alone.
+``TESSERA_FAILPOINTS=<failpoint>`` and SIGKILLs itself on reaching that step
+(``tessera.failpoints``). It is armed from the start when the activations that set a
+return, repair or move up cannot pass its failpoint, and restarted armed after them
+when they can.
 
-For each failpoint of each flow:
+For each failpoint:
 
-1. the Administrator RPC (``Activate`` / ``Return`` / ``Repair``) with a fixed operation
-   id fails with ``UNAVAILABLE`` and the armed process exits with -9;
-2. the dead service restarts unarmed (same data directory, same database) and the same
+1. the Administrator RPC (``Activate`` / ``Return`` / ``Repair`` / ``Move``) with a fixed
+   operation id fails with ``UNAVAILABLE`` and the armed process exits with -9;
+2. between crash and retry, no License Server serves more seats than the vendor records
+   for it, all of them together no more than the line has activated, and seats being
+   returned or moved do not serve;
+3. the dead service restarts unarmed (same data directory, same database) and the same
    RPC with the same operation id succeeds;
-3. the books agree: the certificates in the License Server's trusted storage are exactly
-   the vendor's ACTIVE activations held by that host (id, seats, revision); every
-   entitlement line has ``activated <= count`` and ``activated`` is the sum of its ACTIVE
-   activations; trusted storage is healthy and serves exactly those seats; the audit log
-   is intact;
-4. exactly once: one vendor decision for the operation's request (one activation record,
+4. the books agree: each License Server's trusted storage holds exactly the vendor's
+   ACTIVE activations for that host (certificate, seats, revision, request); every
+   entitlement line has ``activated <= count`` and ``activated`` is the sum of its
+   ACTIVE activations; trusted storage is healthy and serves exactly those seats; the
+   audit log is intact;
+5. exactly once: one vendor decision for the operation's request (one activation record,
    one certificate, one granted / credited / repaired audit entry, one repair revision),
    and a third call answers the same and changes nothing anywhere.
 
@@ -29,9 +33,12 @@ again, waits (bounded) for its own resume at start to complete the operation.
 
 Repair is tested the way it is needed: the License Server restarts on another machine id
 (its host id changes, every certificate breaks with MACHINE_CHANGED) and the repair
-re-binds the vendor's records to the new host.
+re-binds the vendor's records to the new host. A move goes to a second License Server.
 
-The full matrix runs on SQLite and on PostgreSQL (each test once per backend).
+The full matrix (18 crash points of activate, return and repair, 11 of move, and 4
+journal resumes) runs on SQLite; PostgreSQL runs every activate crash point, each
+service once in return, repair and move, and all 4 resumes (``ON_POSTGRES``), to keep
+each backend at about two minutes.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -69,13 +76,16 @@ VENDOR = bearer_metadata(VENDOR_TOKEN)
 RPC_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0
 
-AS, LS, ADMIN = "activation_server", "license_server", "administrator"
+# The processes: a vendor, an Administrator, the License Server the operations are about
+# and, for a move, a second License Server the seats move to.
+AS, ADMIN, LS, TARGET = "activation_server", "administrator", "license_server", "target"
 MODULES = {
     AS: "services.activation_server",
-    LS: "services.license_server",
     ADMIN: "services.administrator",
+    LS: "services.license_server",
+    TARGET: "services.license_server",
 }
-ACTIVATE, RETURN, REPAIR = "activate", "return", "repair"
+ACTIVATE, RETURN, REPAIR, MOVE = "activate", "return", "repair", "move"
 FLOWS = (ACTIVATE, RETURN, REPAIR)
 
 # The steps each service can die at, per flow (``failpoints.reach`` under services/).
@@ -90,43 +100,97 @@ STEPS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 OPERATION_ID = "fault-operation-0001"
-MACHINE, NEW_MACHINE = "fault-machine-a", "fault-machine-b"
+MACHINE, NEW_MACHINE, TARGET_MACHINE = "fault-machine-a", "fault-machine-b", "fault-machine-t"
 STATION, ENTERPRISE = "client.station", "server.enterprise.base"
 SOLD = {STATION: 5, ENTERPRISE: 1}
 ACTIVE = apb.ACTIVATION_STATE_ACTIVE
 # The vendor's audit action that records the one decision of each flow.
 DECISION = {ACTIVATE: "activation.granted", RETURN: "return.credited", REPAIR: "repair.granted"}
+# A move's two halves have request ids derived from the operation id.
+MOVE_RETURN, MOVE_ACTIVATE = OPERATION_ID + ".return", OPERATION_ID + ".activate"
 
 
 @dataclass(frozen=True)
 class Fault:
     flow: str
+    # The process that dies ...
     service: str
-    step: str
+    # ... at this failpoint.
+    failpoint: str
 
     @property
-    def failpoint(self) -> str:
-        return f"{self.service}.{self.flow}.{self.step}"
+    def id(self) -> str:
+        return self.failpoint if self.flow != MOVE else f"move@{self.service}:{self.failpoint}"
+
+    @property
+    def fires_during_setup(self) -> bool:
+        """Whether the activations that set a return, repair or move up pass it."""
+        return self.flow != ACTIVATE and self.service in (AS, LS) and ".activate." in self.failpoint
 
 
 FAULTS = [
-    Fault(flow, service, step)
+    Fault(flow, service, f"{service}.{flow}.{step}")
     for flow in FLOWS
     for service in (ADMIN, AS, LS)
     for step in STEPS[service][flow]
 ]
 
+# A move is a return from the License Server and an activation on the target, with the
+# Administrator's own steps in between.
+MOVE_FAULTS = [
+    *(
+        Fault(MOVE, ADMIN, f"administrator.move.{step}")
+        for step in (
+            "after_prepare",
+            "after_return",
+            "after_target_prepare",
+            "after_target_vendor",
+            "after_install",
+        )
+    ),
+    Fault(MOVE, AS, "activation_server.return.after_commit"),
+    Fault(MOVE, AS, "activation_server.activate.after_commit"),
+    Fault(MOVE, LS, "license_server.return.after_prepare"),
+    Fault(MOVE, LS, "license_server.return.after_complete"),
+    Fault(MOVE, TARGET, "license_server.activate.after_prepare"),
+    Fault(MOVE, TARGET, "license_server.activate.after_install"),
+]
 
-# The site: three real processes
+# On PostgreSQL, to keep the suite within about two minutes per backend: every step of
+# activate, and each of the three services once in return, repair and move (on SQLite:
+# everything).
+ON_POSTGRES = {
+    *(fault.id for fault in FAULTS if fault.flow == ACTIVATE),
+    "administrator.return.after_vendor",
+    "activation_server.return.after_commit",
+    "license_server.return.after_prepare",
+    "administrator.repair.after_prepare",
+    "activation_server.repair.after_commit",
+    "license_server.repair.after_install",
+    "move@administrator:administrator.move.after_return",
+    "move@activation_server:activation_server.activate.after_commit",
+    "move@target:license_server.activate.after_install",
+}
+
+
+def representative(site: Site, fault: Fault) -> None:
+    if site.databases.kind == "postgres" and fault.id not in ON_POSTGRES:
+        pytest.skip("PostgreSQL runs a representative subset of the crash matrix")
+
+
+# The site: real processes
 
 
 @dataclass
 class Site:
     tmp_path: Path
     processes: Processes
-    urls: dict[str, str]
+    databases: DatabaseFactory
+    urls: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=lambda: {n: free_port() for n in MODULES})
-    machine_id: str = MACHINE
+    machine_ids: dict[str, str] = field(
+        default_factory=lambda: {LS: MACHINE, TARGET: TARGET_MACHINE}
+    )
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def arguments(self, name: str) -> list[str]:
@@ -137,13 +201,13 @@ class Site:
         ]  # fmt: skip
         if name == AS:
             arguments += ["--vendor-token", VENDOR_TOKEN]
-        elif name == LS:
+        elif name == ADMIN:
+            arguments += ["--activation-server", f"127.0.0.1:{self.ports[AS]}"]
+        else:
             arguments += [
                 "--vendor-keys", str(self.tmp_path / AS / "vendor-keys.pub"),
-                "--machine-id", self.machine_id,
+                "--machine-id", self.machine_ids[name],
             ]  # fmt: skip
-        else:
-            arguments += ["--activation-server", f"127.0.0.1:{self.ports[AS]}"]
         return arguments
 
     def launch(self, name: str, failpoint: str = "") -> None:
@@ -151,19 +215,23 @@ class Site:
             name, MODULES[name], *self.arguments(name), env={FAILPOINTS: failpoint}
         )
 
-    async def start(self, armed: Fault | None) -> None:
-        """All three; the License Server once the vendor has published its keys."""
+    async def start(self, servers: list[str], armed: Fault | None) -> None:
+        """The vendor, the Administrator and License Servers (these once the vendor has
+        published its keys), with ``armed``'s failpoint set in its service."""
 
         def failpoint(name: str) -> str:
             return armed.failpoint if armed is not None and armed.service == name else ""
 
+        names = [AS, ADMIN, *servers]
+        urls = await asyncio.gather(*(self.databases.new(name) for name in names))
+        self.urls.update(zip(names, urls, strict=True))
         self.launch(AS, failpoint(AS))
         self.launch(ADMIN, failpoint(ADMIN))
         await self.processes.wait_serving(AS, self.ports[AS])
-        self.launch(LS, failpoint(LS))
+        for server in servers:
+            self.launch(server, failpoint(server))
         await asyncio.gather(
-            self.processes.wait_serving(LS, self.ports[LS]),
-            self.processes.wait_serving(ADMIN, self.ports[ADMIN]),
+            *(self.processes.wait_serving(name, self.ports[name]) for name in names[1:])
         )
 
     async def restart(self, name: str, failpoint: str = "") -> None:
@@ -195,9 +263,9 @@ class Site:
         for name in list(self.channels):
             await self.forget_channel(name)
 
-    @property
-    def license_server(self) -> str:
-        return f"{self.ports[LS]}@127.0.0.1"
+    def address(self, server: str = LS) -> str:
+        """The License Server's address as the Administrator takes it."""
+        return f"{self.ports[server]}@127.0.0.1"
 
     @property
     def vendor(self) -> apb_grpc.VendorServiceStub:
@@ -211,16 +279,14 @@ class Site:
     def admin(self) -> adpb_grpc.AdministratorServiceStub:
         return adpb_grpc.AdministratorServiceStub(self.channel(ADMIN))
 
-    @property
-    def storage(self) -> lpb_grpc.TrustedStorageServiceStub:
-        return lpb_grpc.TrustedStorageServiceStub(self.channel(LS))
+    def storage(self, server: str = LS) -> lpb_grpc.TrustedStorageServiceStub:
+        return lpb_grpc.TrustedStorageServiceStub(self.channel(server))
 
-    @property
-    def leases(self) -> lpb_grpc.LeaseServiceStub:
-        return lpb_grpc.LeaseServiceStub(self.channel(LS))
+    def leases(self, server: str = LS) -> lpb_grpc.LeaseServiceStub:
+        return lpb_grpc.LeaseServiceStub(self.channel(server))
 
-    async def host_id(self) -> str:
-        identity = await self.storage.GetHostIdentity(
+    async def host_id(self, server: str = LS) -> str:
+        identity = await self.storage(server).GetHostIdentity(
             lpb.GetHostIdentityRequest(), timeout=RPC_TIMEOUT
         )
         return identity.host_id
@@ -237,9 +303,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 async def site(
     tmp_path: Path, databases: DatabaseFactory, processes: Processes
 ) -> AsyncIterator[Site]:
-    names = list(MODULES)
-    urls = await asyncio.gather(*(databases.new(name) for name in names))
-    site = Site(tmp_path, processes, dict(zip(names, urls, strict=True)))
+    site = Site(tmp_path, processes, databases)
     yield site
     await site.close()
 
@@ -249,14 +313,20 @@ async def site(
 
 @dataclass
 class Setup:
+    flow: str
     entitlement_id: str
     lines: dict[str, str]  # feature -> activation id
+    # The License Servers in play.
+    servers: list[str]
     # Certificates activated before the operation under test, by feature.
     certificates: dict[str, lpb.InstalledCertificate] = field(default_factory=dict)
     host_before: str = ""
 
+    def certificate_id(self, feature: str) -> str:
+        return self.certificates[feature].certificate.certificate_id
 
-async def create_entitlement(site: Site) -> Setup:
+
+async def create_entitlement(site: Site, flow: str, servers: list[str]) -> Setup:
     created = await site.vendor.CreateEntitlement(
         apb.CreateEntitlementRequest(
             customer_organization="Fault Tower",
@@ -272,23 +342,23 @@ async def create_entitlement(site: Site) -> Setup:
         timeout=RPC_TIMEOUT,
     )
     entitlement = created.entitlement
-    return Setup(
-        entitlement.entitlement_id, {line.feature: line.activation_id for line in entitlement.lines}
-    )
+    lines = {line.feature: line.activation_id for line in entitlement.lines}
+    return Setup(flow, entitlement.entitlement_id, lines, servers)
 
 
-async def prepare(site: Site, flow: str, fault: Fault | None) -> Setup:
-    """Start the site (the service under test armed) and set the flow's stage."""
-    armed_now = fault is not None and not (fault.flow == REPAIR and fault.service == LS)
-    await site.start(fault if armed_now else None)
-    setup = await create_entitlement(site)
-    if flow == ACTIVATE:
+async def prepare(site: Site, fault: Fault) -> Setup:
+    """Start the site with the service under test armed (after the setup's activations
+    when they would pass its failpoint) and set the flow's stage."""
+    servers = [LS, TARGET] if fault.flow == MOVE else [LS]
+    await site.start(servers, None if fault.fires_during_setup else fault)
+    setup = await create_entitlement(site, fault.flow, servers)
+    if fault.flow == ACTIVATE:
         return setup
-    # Two certificates: one to return (or repair), one that must stay as it is.
+    # Two certificates: one to return, repair or move, one that must stay as it is.
     for index, (feature, count) in enumerate(((STATION, 2), (ENTERPRISE, 1))):
         activated = await site.admin.Activate(
             adpb.ActivateRequest(
-                license_server=site.license_server,
+                license_server=site.address(),
                 activation_id=setup.lines[feature],
                 count=count,
                 operation_id=f"setup-activation-{index}",
@@ -297,44 +367,58 @@ async def prepare(site: Site, flow: str, fault: Fault | None) -> Setup:
         )
         assert activated.operation.state == adpb.OPERATION_STATE_COMPLETED
         setup.certificates[feature] = activated.certificate
-    if flow == REPAIR:
+    if fault.fires_during_setup:
+        await site.stop(fault.service)
+        await site.restart(fault.service, fault.failpoint)
+    if fault.flow == REPAIR:
         # The License Server moves to another machine: same host key, new host id, and
         # every certificate breaks until the vendor re-issues it.
         setup.host_before = await site.host_id()
         await site.stop(LS)
-        site.machine_id = NEW_MACHINE
-        armed = fault.failpoint if fault is not None and fault.service == LS else ""
-        await site.restart(LS, armed)
-        health = await site.storage.GetTrustHealth(lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT)
+        site.machine_ids[LS] = NEW_MACHINE
+        await site.restart(LS, fault.failpoint if fault.service == LS else "")
+        health = await site.storage().GetTrustHealth(
+            lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT
+        )
         assert not health.health.healthy
         assert {c.cause for c in health.health.certificates} == {"MACHINE_CHANGED"}
         assert health.health.sealed_host_id == setup.host_before != await site.host_id()
     return setup
 
 
-async def run(site: Site, flow: str, setup: Setup) -> Message:
+async def run(site: Site, setup: Setup) -> Message:
     """The Administrator RPC under test, always with the same operation id."""
-    if flow == ACTIVATE:
+    if setup.flow == ACTIVATE:
         return await site.admin.Activate(
             adpb.ActivateRequest(
-                license_server=site.license_server,
+                license_server=site.address(),
                 activation_id=setup.lines[STATION],
                 count=2,
                 operation_id=OPERATION_ID,
             ),
             timeout=RPC_TIMEOUT,
         )
-    if flow == RETURN:
+    if setup.flow == RETURN:
         return await site.admin.Return(
             adpb.ReturnRequest(
-                license_server=site.license_server,
-                certificate_id=setup.certificates[STATION].certificate.certificate_id,
+                license_server=site.address(),
+                certificate_id=setup.certificate_id(STATION),
+                operation_id=OPERATION_ID,
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+    if setup.flow == MOVE:
+        return await site.admin.Move(
+            adpb.MoveRequest(
+                from_license_server=site.address(),
+                to_license_server=site.address(TARGET),
+                certificate_id=setup.certificate_id(STATION),
                 operation_id=OPERATION_ID,
             ),
             timeout=RPC_TIMEOUT,
         )
     return await site.admin.Repair(
-        adpb.RepairRequest(license_server=site.license_server, operation_id=OPERATION_ID),
+        adpb.RepairRequest(license_server=site.address(), operation_id=OPERATION_ID),
         timeout=RPC_TIMEOUT,
     )
 
@@ -355,7 +439,7 @@ async def answered(call: Callable[[], Awaitable[T]]) -> T:
 async def crash(site: Site, fault: Fault, setup: Setup) -> None:
     """Run the operation into the armed failpoint: the call fails, the service is dead."""
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await run(site, fault.flow, setup)
+        await run(site, setup)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
     await site.died(fault.service)
 
@@ -363,17 +447,28 @@ async def crash(site: Site, fault: Fault, setup: Setup) -> None:
 # The books of both sides
 
 
+Held = dict[str, tuple[str, int, int, str]]
+
+
 @dataclass
-class Books:
+class Host:
+    """One License Server's books, and the vendor's for that host."""
+
     host_id: str
     # certificate id -> (feature, seats, revision, request id), in trusted storage ...
-    held: dict[str, tuple[str, int, int, str]]
+    held: Held
     # ... and the vendor's ACTIVE activations held by that host.
-    vendor_held: dict[str, tuple[str, int, int, str]]
+    vendor_held: Held
+    # Seats that serve, per feature (License Information's Activated).
+    serving: dict[str, int]
+    health: lpb.TrustHealth
+
+
+@dataclass
+class Books:
+    hosts: dict[str, Host]  # by License Server
     activations: list[apb.Activation]
     lines: list[apb.EntitlementLine]
-    activated_on_host: dict[str, int]
-    health: lpb.TrustHealth
     audit: list[apb.AuditEntry]
     audit_intact: bool
 
@@ -384,6 +479,9 @@ class Books:
             if entry.action == action
             and json.loads(entry.detail_json or "{}").get("request_id") == request_id
         ]
+
+    def activated(self) -> dict[str, int]:
+        return {line.feature: line.activated for line in self.lines}
 
 
 async def audit_log(site: Site) -> list[apb.AuditEntry]:
@@ -401,24 +499,54 @@ async def audit_log(site: Site) -> list[apb.AuditEntry]:
         after = page.next_after_sequence
 
 
+def held_in(certificates: Iterable[lpb.InstalledCertificate]) -> Held:
+    return {
+        c.certificate.certificate_id: (
+            c.certificate.feature,
+            c.certificate.count,
+            c.certificate.revision,
+            c.certificate.request_id,
+        )
+        for c in certificates
+    }
+
+
 async def books(site: Site, setup: Setup) -> Books:
-    """Both sides' books, the License Server's read first: it serves seats only after the
-    vendor recorded them and stops serving before the vendor credits them back, so what
-    it serves at one moment is still on the vendor's books a moment later."""
-    host_id = await site.host_id()
-    certificates = await site.storage.ListCertificates(
-        lpb.ListCertificatesRequest(), timeout=RPC_TIMEOUT
-    )
-    information = await site.leases.GetLicenseInformation(
-        lpb.GetLicenseInformationRequest(), timeout=RPC_TIMEOUT
-    )
-    health = await site.storage.GetTrustHealth(lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT)
-    # When it was checked and the clock's high-water mark move on by themselves.
-    health.health.ClearField("checked_at")
-    health.health.ClearField("clock_high_water")
-    held_by_host = await site.vendor.ListActivations(
-        apb.ListActivationsRequest(host_id=host_id), metadata=VENDOR, timeout=RPC_TIMEOUT
-    )
+    """Both sides' books, the License Servers' read first: they serve seats only after the
+    vendor recorded them and stop serving before the vendor credits them back, so what
+    serves at one moment is still on the vendor's books a moment later."""
+    servers: dict[str, tuple[str, Held, dict[str, int], lpb.TrustHealth]] = {}
+    for server in setup.servers:
+        host_id = await site.host_id(server)
+        storage = site.storage(server)
+        certificates = await storage.ListCertificates(
+            lpb.ListCertificatesRequest(), timeout=RPC_TIMEOUT
+        )
+        information = await site.leases(server).GetLicenseInformation(
+            lpb.GetLicenseInformationRequest(), timeout=RPC_TIMEOUT
+        )
+        health = await storage.GetTrustHealth(lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT)
+        # When it was checked and the clock's high-water mark move on by themselves.
+        health.health.ClearField("checked_at")
+        health.health.ClearField("clock_high_water")
+        serving = {f.feature: f.activated for f in information.features if f.activated}
+        servers[server] = (host_id, held_in(certificates.certificates), serving, health.health)
+    hosts = {}
+    for server, (host_id, held, serving, health) in servers.items():
+        vendor_held = await site.vendor.ListActivations(
+            apb.ListActivationsRequest(host_id=host_id), metadata=VENDOR, timeout=RPC_TIMEOUT
+        )
+        hosts[server] = Host(
+            host_id,
+            held,
+            {
+                a.certificate_id: (a.feature, a.count, a.revision, a.request_id)
+                for a in vendor_held.activations
+                if a.state == ACTIVE
+            },
+            serving,
+            health,
+        )
     everything = await site.vendor.ListActivations(
         apb.ListActivationsRequest(entitlement_id=setup.entitlement_id),
         metadata=VENDOR,
@@ -431,25 +559,9 @@ async def books(site: Site, setup: Setup) -> Books:
         apb.VerifyAuditLogRequest(), metadata=VENDOR, timeout=RPC_TIMEOUT
     )
     return Books(
-        host_id=host_id,
-        held={
-            c.certificate.certificate_id: (
-                c.certificate.feature,
-                c.certificate.count,
-                c.certificate.revision,
-                c.certificate.request_id,
-            )
-            for c in certificates.certificates
-        },
-        vendor_held={
-            a.certificate_id: (a.feature, a.count, a.revision, a.request_id)
-            for a in held_by_host.activations
-            if a.state == ACTIVE
-        },
+        hosts=hosts,
         activations=list(everything.activations),
         lines=list(order.entitlement.lines),
-        activated_on_host={f.feature: f.activated for f in information.features},
-        health=health.health,
         audit=await audit_log(site),
         audit_intact=verified.intact,
     )
@@ -470,7 +582,8 @@ async def settled_books(site: Site, setup: Setup) -> Books:
 
 
 def check_lines(books: Books) -> None:
-    """Never more activated than sold, and a line's tally is its activations' sum."""
+    """Never more activated than sold, a line's tally is its activations' sum, and all
+    License Servers together serve no more than that."""
     for line in books.lines:
         active = sum(
             a.count
@@ -480,87 +593,102 @@ def check_lines(books: Books) -> None:
         assert 0 <= line.activated <= line.count == SOLD[line.feature]
         assert line.activated == active
         assert line.available == line.count - line.activated
-
-
-def check_interim(flow: str, books: Books) -> None:
-    """What holds between the crash and the retry: the License Server never serves more
-    seats than the vendor records for it, and seats being returned do not serve."""
-    check_lines(books)
-    for feature, serving in books.activated_on_host.items():
-        recorded = sum(count for f, count, *_ in books.vendor_held.values() if f == feature)
-        assert serving <= recorded, (feature, books)
-    if flow == RETURN:
-        # Every failpoint of a return comes after the License Server withheld the seats.
-        assert books.activated_on_host.get(STATION, 0) == 0, books
+        serving = sum(host.serving.get(line.feature, 0) for host in books.hosts.values())
+        assert serving <= line.activated, (line, books)
     assert books.audit_intact
+
+
+def check_interim(books: Books, fault: Fault) -> None:
+    """What holds between the crash and the retry: no License Server serves more seats
+    than the vendor records for it, and seats being returned (or moved) do not serve."""
+    check_lines(books)
+    for host in books.hosts.values():
+        for feature, serving in host.serving.items():
+            recorded = sum(n for f, n, *_ in host.vendor_held.values() if f == feature)
+            assert serving <= recorded, (feature, books)
+    if fault.flow in (RETURN, MOVE):
+        # Every failpoint of a return or move comes after the License Server withheld
+        # the seats.
+        assert STATION not in books.hosts[LS].serving, books
 
 
 def check_books(books: Books) -> None:
     """What must hold after any crash and retry, whatever the flow."""
-    # The License Server holds exactly what the vendor records for that host.
-    assert books.held == books.vendor_held
-    assert len(books.held) == len({request for *_, request in books.held.values()})
-    for certificate_id, (*_, request_id) in books.held.items():
-        assert [a.certificate_id for a in books.activations if a.request_id == request_id] == [
-            certificate_id
-        ]
     check_lines(books)
-    # Trusted storage is healthy and serves exactly those seats.
-    assert books.health.healthy, books.health
-    assert not books.health.problems
-    assert books.health.host_id == books.health.sealed_host_id == books.host_id
-    serving: dict[str, int] = {}
-    for feature, count, *_ in books.held.values():
-        serving[feature] = serving.get(feature, 0) + count
-    assert books.health.serving_seats == sum(serving.values())
-    assert {f: n for f, n in books.activated_on_host.items() if n} == serving
-    assert books.audit_intact
+    for host in books.hosts.values():
+        # The License Server holds exactly what the vendor records for that host ...
+        assert host.held == host.vendor_held
+        for certificate_id, (*_, request_id) in host.held.items():
+            assert [a.certificate_id for a in books.activations if a.request_id == request_id] == [
+                certificate_id
+            ]
+        # ... its trusted storage is healthy and serves exactly those seats.
+        assert host.health.healthy, host.health
+        assert not host.health.problems
+        assert host.health.host_id == host.health.sealed_host_id == host.host_id
+        serving: dict[str, int] = {}
+        for feature, count, *_ in host.held.values():
+            serving[feature] = serving.get(feature, 0) + count
+        assert host.serving == serving
+        assert host.health.serving_seats == sum(serving.values())
 
 
-def check_flow(flow: str, setup: Setup, before: Books | None, after: Books, reply: Message) -> None:
+def only(activations: Iterable[apb.Activation], request_id: str) -> apb.Activation:
+    """The one activation the vendor granted for ``request_id``."""
+    granted = [a for a in activations if a.request_id == request_id]
+    assert len(granted) == 1, granted
+    return granted[0]
+
+
+def check_flow(setup: Setup, before: Books | None, after: Books, reply: Message) -> None:
     """The operation under test happened, and exactly once."""
-    assert isinstance(reply, adpb.ActivateResponse | adpb.ReturnResponse | adpb.RepairResponse)
+    assert isinstance(
+        reply,
+        adpb.ActivateResponse | adpb.ReturnResponse | adpb.RepairResponse | adpb.MoveResponse,
+    )
     operation = reply.operation
     assert operation.operation_id == OPERATION_ID
     assert operation.state == adpb.OPERATION_STATE_COMPLETED, operation
     request_id = operation.request_id
-    assert request_id
-    if flow == ACTIVATE:
+    here = after.hosts[LS]
+    if setup.flow == ACTIVATE:
         assert isinstance(reply, adpb.ActivateResponse)
-        mine = [a for a in after.activations if a.request_id == request_id]
-        assert len(mine) == 1, mine
-        [activation] = mine
+        activation = only(after.activations, request_id)
         assert (activation.state, activation.count, activation.host_id) == (
             ACTIVE,
             2,
-            after.host_id,
+            here.host_id,
         )
-        certificate = reply.certificate.certificate
-        assert certificate.certificate_id == activation.certificate_id
-        assert after.held == {
+        assert reply.certificate.certificate.certificate_id == activation.certificate_id
+        assert here.held == {
             activation.certificate_id: (STATION, 2, activation.revision, request_id)
         }
-        assert {line.feature: line.activated for line in after.lines} == {
-            STATION: 2,
-            ENTERPRISE: 0,
-        }
-    elif flow == RETURN:
-        returned = setup.certificates[STATION].certificate
-        kept = setup.certificates[ENTERPRISE].certificate
-        [activation] = [a for a in after.activations if a.certificate_id == returned.certificate_id]
+        assert after.activated() == {STATION: 2, ENTERPRISE: 0}
+    elif setup.flow in (RETURN, MOVE):
+        returned = setup.certificate_id(STATION)
+        [activation] = [a for a in after.activations if a.certificate_id == returned]
         assert activation.state == apb.ACTIVATION_STATE_RETURNED, activation
-        assert returned.certificate_id not in after.held
-        assert set(after.held) == {kept.certificate_id}
-        assert {line.feature: line.activated for line in after.lines} == {
-            STATION: 0,
-            ENTERPRISE: 1,
-        }
+        assert set(here.held) == {setup.certificate_id(ENTERPRISE)}
+        if setup.flow == RETURN:
+            assert after.activated() == {STATION: 0, ENTERPRISE: 1}
+        else:
+            assert isinstance(reply, adpb.MoveResponse)
+            assert (operation.request_id, operation.certificate_id) == (MOVE_RETURN, returned)
+            assert len(after.decisions(DECISION[ACTIVATE], MOVE_ACTIVATE)) == 1, after.audit
+            moved = only(after.activations, MOVE_ACTIVATE)
+            target = after.hosts[TARGET]
+            assert (moved.state, moved.count, moved.host_id) == (ACTIVE, 2, target.host_id)
+            assert reply.certificate.certificate.certificate_id == moved.certificate_id
+            assert target.held == {
+                moved.certificate_id: (STATION, 2, moved.revision, MOVE_ACTIVATE)
+            }
+            assert after.activated() == {STATION: 2, ENTERPRISE: 1}
     else:
         assert isinstance(reply, adpb.RepairResponse)
-        assert after.host_id != setup.host_before
+        assert here.host_id != setup.host_before
         assert reply.health.healthy, reply.health
         # Both certificates re-issued once, for the new host, seats unchanged.
-        assert after.held == {
+        assert here.held == {
             c.certificate.certificate_id: (
                 c.certificate.feature,
                 c.certificate.count,
@@ -569,21 +697,18 @@ def check_flow(flow: str, setup: Setup, before: Books | None, after: Books, repl
             )
             for c in setup.certificates.values()
         }
-        assert {line.feature: line.activated for line in after.lines} == {
-            STATION: 2,
-            ENTERPRISE: 1,
-        }
-    assert len(after.decisions(DECISION[flow], request_id)) == 1, after.audit
+        assert after.activated() == {STATION: 2, ENTERPRISE: 1}
+    decision = DECISION[RETURN if setup.flow == MOVE else setup.flow]
+    assert len(after.decisions(decision, request_id)) == 1, after.audit
     if before is not None:
-        # The audit log only grew by the operation's own decision (and, where a crash
-        # came before the answer, nothing else was decided twice).
+        # The audit log only grew.
         assert after.audit[: len(before.audit)] == before.audit
 
 
-async def check_idempotent(site: Site, flow: str, setup: Setup, reply: Message) -> None:
+async def check_idempotent(site: Site, setup: Setup, reply: Message) -> None:
     """A third call answers the same and changes nothing anywhere."""
     settled = await books(site, setup)
-    again = await run(site, flow, setup)
+    again = await run(site, setup)
     assert again == reply
     assert await books(site, setup) == settled
     operation = await site.admin.GetOperation(
@@ -599,11 +724,12 @@ async def check_idempotent(site: Site, flow: str, setup: Setup, reply: Message) 
 # The tests
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.failpoint)
+@pytest.mark.parametrize("fault", FAULTS + MOVE_FAULTS, ids=lambda fault: fault.id)
 async def test_a_crash_at_any_step_completes_exactly_once_on_retry(
     site: Site, fault: Fault
 ) -> None:
-    setup = await prepare(site, fault.flow, fault)
+    representative(site, fault)
+    setup = await prepare(site, fault)
     before = await books(site, setup)
 
     await crash(site, fault, setup)
@@ -611,36 +737,37 @@ async def test_a_crash_at_any_step_completes_exactly_once_on_retry(
     # dead Activation Server or License Server has to come back to be read.
     if fault.service != ADMIN:
         await site.restart(fault.service)
-    check_interim(fault.flow, await settled_books(site, setup))
+    check_interim(await settled_books(site, setup), fault)
     if fault.service == ADMIN:
         await site.restart(fault.service)
-    reply = await answered(lambda: run(site, fault.flow, setup))
+    reply = await answered(lambda: run(site, setup))
 
     after = await books(site, setup)
     check_books(after)
-    check_flow(fault.flow, setup, before, after, reply)
-    await check_idempotent(site, fault.flow, setup, reply)
+    check_flow(setup, before, after, reply)
+    await check_idempotent(site, setup, reply)
 
 
 # One Administrator crash per flow, each at another step: the vendor decided but nothing
 # was installed; seats withheld for a return the vendor has not heard of; a repair
-# installed but not journaled as done.
+# installed but not journaled as done; a move half way, returned but not yet activated.
 RESUMED = [
-    Fault(ACTIVATE, ADMIN, "after_vendor"),
-    Fault(RETURN, ADMIN, "after_prepare"),
-    Fault(REPAIR, ADMIN, "after_install"),
+    Fault(ACTIVATE, ADMIN, "administrator.activate.after_vendor"),
+    Fault(RETURN, ADMIN, "administrator.return.after_prepare"),
+    Fault(REPAIR, ADMIN, "administrator.repair.after_install"),
+    Fault(MOVE, ADMIN, "administrator.move.after_target_prepare"),
 ]
 
 
-@pytest.mark.parametrize("fault", RESUMED, ids=lambda fault: fault.failpoint)
+@pytest.mark.parametrize("fault", RESUMED, ids=lambda fault: fault.id)
 async def test_the_administrator_finishes_its_journal_after_a_crash(
     site: Site, fault: Fault
 ) -> None:
-    setup = await prepare(site, fault.flow, fault)
+    setup = await prepare(site, fault)
     await crash(site, fault, setup)
     await site.restart(ADMIN)
 
-    # Nobody calls Activate / Return / Repair again: the Administrator resumes its
+    # Nobody calls Activate / Return / Repair / Move again: the Administrator resumes its
     # unfinished operations at start by itself.
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
@@ -654,6 +781,6 @@ async def test_the_administrator_finishes_its_journal_after_a_crash(
 
     after = await books(site, setup)
     check_books(after)
-    reply = await run(site, fault.flow, setup)
-    check_flow(fault.flow, setup, None, after, reply)
-    await check_idempotent(site, fault.flow, setup, reply)
+    reply = await run(site, setup)
+    check_flow(setup, None, after, reply)
+    await check_idempotent(site, setup, reply)
