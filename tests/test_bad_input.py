@@ -129,6 +129,14 @@ async def count_rows(engine: AsyncEngine, table: Table) -> int:
         return int(await connection.scalar(select(func.count()).select_from(table)) or 0)
 
 
+async def count_decisions(engine: AsyncEngine) -> int:
+    """Audited vendor decisions other than refusals."""
+    audit = vendor_tables.audit_log
+    async with engine.connect() as connection:
+        query = select(func.count()).where(audit.c.action.not_like("%.refused"))
+        return int(await connection.scalar(query.select_from(audit)) or 0)
+
+
 async def license_state(site: Site, server: ls_server.LicenseServer, name: str) -> dict[str, Any]:
     information = await leases_of(site, server).GetLicenseInformation(
         lpb.GetLicenseInformationRequest()
@@ -169,7 +177,8 @@ async def snapshot(site: Site, *others: ls_server.LicenseServer) -> dict[str, An
         "vendor.activations": [
             (a.request_id, a.activation_id, a.count, a.host_id) for a in activations.activations
         ],
-        "vendor.audit": await count_rows(vendor_engine, vendor_tables.audit_log),
+        # A refusal is itself a vendor decision and is audited; nothing else may be.
+        "vendor.audit": await count_decisions(vendor_engine),
         "admin.operations": await count_rows(site.admin.journal.engine, admin_tables.operations),
         **await license_state(site, site.license, "ls"),
     }

@@ -348,10 +348,13 @@ async def test_a_repair_keeps_only_what_the_vendor_records(
     site: LicenseServerUnderTest, vendor: Vendor
 ) -> None:
     kept = await site.activate(vendor, 2)
+    returned = await site.activate(vendor, 4)
+    _, request = await site.prepare_return(returned.certificate_id)
+    await site.storage.CompleteReturn(pb.CompleteReturnRequest(receipt=vendor.credit(request)))
     await site.activate(vendor, 3)  # force-returned by the vendor meanwhile
+    await restart(site, machine_id="machine-b")  # and the machine changed
     prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest())
     request = apb.HostRepairRequest.FromString(prepared.request.payload)
-    assert request.previous_host_id == ""
     reissue = vendor.certificate(
         apb.HostActivationRequest(
             request_id=kept.request_id, activation_id=kept.activation_id, host_id=site.host_id
@@ -363,6 +366,7 @@ async def test_a_repair_keeps_only_what_the_vendor_records(
     repaired = await site.storage.CompleteRepair(
         pb.CompleteRepairRequest(response=vendor.repair(request, [reissue]))
     )
+    assert repaired.health.healthy, repaired.health.problems
     assert [c.certificate_id for c in repaired.health.certificates] == [kept.certificate_id]
     assert await site.activated() == 2
     listed = await site.storage.ListCertificates(pb.ListCertificatesRequest())

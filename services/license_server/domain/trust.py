@@ -105,9 +105,9 @@ def inspect(
     sealed_host_id = seal.host_id if seal is not None else identity.host_id
     verdicts = []
     for row in rows:
+        if row.returned_at is not None:
+            continue  # returned (or removed by a repair): it never serves again
         state = expected.get(row.certificate_id)
-        if row.returned_at is not None and state is not None and state.returned:
-            continue  # returned for good; nothing to judge
         document, problem = _judge(row, state, sealed_host_id, vendor_keys)
         expires_at = (
             from_timestamp(document.expires_at)
