@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ from tessera.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tests.conftest import DatabaseFactory
-from tests.processes import Processes, free_port
+from tests.processes import ROOT, Processes, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -722,6 +723,32 @@ async def check_idempotent(site: Site, setup: Setup, reply: Message) -> None:
 
 
 # The tests
+
+
+def test_the_matrix_covers_every_failpoint_of_the_services() -> None:
+    """A failpoint added to a service, or renamed, fails here until the matrix has it."""
+    sources = {
+        path.relative_to(ROOT).as_posix(): path.read_text()
+        for path in (ROOT / "services").rglob("*.py")
+    }
+    named = {
+        name
+        for text in sources.values()
+        for name in re.findall(r'failpoints\.reach\("([^"]+)"\)', text)
+    }
+    covered = {fault.failpoint for fault in FAULTS + MOVE_FAULTS if fault.service != ADMIN}
+    assert named == covered
+
+    def steps(path: str) -> set[str]:
+        return set(re.findall(r'\breach\(operation, "([^"]+)"\)', sources[path]))
+
+    exchange = steps("services/administrator/domain/exchange.py")
+    assert exchange == set(STEPS[ADMIN][ACTIVATE])
+    administrator = {fault.failpoint for fault in FAULTS + MOVE_FAULTS if fault.service == ADMIN}
+    assert administrator == {
+        *(f"administrator.{flow}.{step}" for flow in FLOWS for step in exchange),
+        *(f"administrator.move.{step}" for step in steps("services/administrator/domain/move.py")),
+    }
 
 
 @pytest.mark.parametrize("fault", FAULTS + MOVE_FAULTS, ids=lambda fault: fault.id)
