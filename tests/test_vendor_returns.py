@@ -265,6 +265,13 @@ async def test_unknown_and_local_certificates_cannot_be_returned(vendor: Vendor)
     assert (await vendor.line_now(local_line)).activated == 1
     reasons = [json.loads(e.detail_json)["reason"] for e in await vendor.audit("return.refused")]
     assert reasons == ["CERTIFICATE_NOT_FOUND", "LOCAL_LICENSE_NOT_RETURNABLE"]
+    # Nor repaired: a client host holding only local licenses gets a clear refusal.
+    await expect(
+        vendor.activation.Repair(apb.RepairRequest(request=host.repair())),
+        Code.FAILED_PRECONDITION,
+        "LOCAL_LICENSE_NOT_REPAIRABLE",
+    )
+    assert (await vendor.activation_of(local.certificate_id)).revision == 0
 
 
 async def test_bad_return_requests_are_refused_before_anything_is_decided(

@@ -25,6 +25,7 @@ ERRORS = ErrorTable(
         errors.CertificateNotHeld: Code.FAILED_PRECONDITION,
         errors.ReturnFromAnotherHost: Code.PERMISSION_DENIED,
         errors.LocalLicenseNotReturnable: Code.FAILED_PRECONDITION,
+        errors.LocalLicenseNotRepairable: Code.FAILED_PRECONDITION,
         errors.RepairFromAnotherHost: Code.PERMISSION_DENIED,
         errors.RepairLimitReached: Code.FAILED_PRECONDITION,
     },

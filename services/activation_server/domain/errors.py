@@ -76,6 +76,12 @@ class LocalLicenseNotReturnable(DomainError):
     reason = "LOCAL_LICENSE_NOT_RETURNABLE"
 
 
+class LocalLicenseNotRepairable(DomainError):
+    """Local (node-locked) licenses cannot be repaired."""
+
+    reason = "LOCAL_LICENSE_NOT_REPAIRABLE"
+
+
 class RepairFromAnotherHost(DomainError):
     """A repair must be signed by the key that activated the host's licenses."""
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 from services.activation_server.domain.audit import record_refusal
 from services.activation_server.domain.certificates import reissue
 from services.activation_server.domain.errors import (
+    LocalLicenseNotRepairable,
     RepairFromAnotherHost,
     RepairLimitReached,
     RequestIdReused,
@@ -89,6 +90,12 @@ class Repairs:
         if previous is not None:
             return _replay(previous, request, holder)
         held = await repo.held_by(holder)
+        if not held and await repo.holds_local_licenses(holder):
+            raise LocalLicenseNotRepairable(
+                f"host {holder} holds only local licenses; they cannot be repaired (a client "
+                "host whose local license broke gets a new one)",
+                metadata={"host_id": holder},
+            )
         if any(activation.host_public_key != request.host_public_key for activation in held):
             raise RepairFromAnotherHost(
                 f"the licenses of host {holder} were activated with another key; only the "

@@ -208,6 +208,20 @@ class Repository:
         ).mappings()
         return [_activation(row) for row in rows]
 
+    async def holds_local_licenses(self, holder_host_id: str) -> bool:
+        """Whether a host holds active local (node-locked) licenses."""
+        found = await self.session.scalar(
+            select(activations.c.request_id)
+            .join(entitlement_lines)
+            .where(
+                activations.c.holder_host_id == holder_host_id,
+                activations.c.state == ActivationState.ACTIVE.value,
+                entitlement_lines.c.kind == LicenseKind.LOCAL.value,
+            )
+            .limit(1)
+        )
+        return found is not None
+
     async def insert_activation(self, record: ActivationRecord) -> None:
         """Record an activation; DuplicateRequest when its request id is already recorded."""
         try:
