@@ -1,0 +1,54 @@
+"""``tessera config``: the settings in force and where each came from."""
+
+from __future__ import annotations
+
+import argparse
+
+from tessera_cli.session import Result, Session
+from tessera_cli.settings import Token
+from tessera_cli.terminal import Cell, Column, table
+
+
+def _token(token: Token | None) -> tuple[str, str]:
+    if token is None:
+        return "(none)", "-"
+    if token.path is not None:
+        state = "file" if token.path.is_file() else "file missing!"
+        return f"({state}) {token.path}", token.source
+    return "(set)", token.source
+
+
+async def show(args: argparse.Namespace, session: Session) -> Result:
+    s = session.settings
+    operator = _token(s.operator_token)
+    vendor = _token(s.vendor_token)
+    rows = [
+        ("administrator", s.administrator.value, s.administrator.source),
+        ("license_server", s.license_server.value, s.license_server.source),
+        ("activation_server", s.activation_server.value, s.activation_server.source),
+        ("timeout", f"{s.timeout:g} s", s.timeout_source),
+        ("data_dir", s.data_dir.value, s.data_dir.source),
+        ("operator_token", *operator),
+        ("vendor_token", *vendor),
+    ]
+    config_file = str(s.config_file) if s.config_file else "(none found)"
+    text = "\n".join(
+        [
+            f"Config file: {config_file}",
+            "",
+            table(
+                session.style,
+                [Column("Setting"), Column("Value"), Column("From")],
+                [[name, value, Cell(source, "dim")] for name, value, source in rows],
+            ),
+            "",
+            session.style.dim(
+                "Precedence: flag, then environment, then config file, then default."
+            ),
+        ]
+    )
+    data = {
+        "config_file": str(s.config_file) if s.config_file else None,
+        "settings": {name: {"value": value, "source": source} for name, value, source in rows},
+    }
+    return Result(data, text)

@@ -1,0 +1,225 @@
+"""Where the services are and which credentials to present.
+
+Each setting comes from the first of: a command-line flag, an environment variable, the
+config file (``--config``, ``TESSERA_CONFIG``, else ``$XDG_CONFIG_HOME/tessera/cli.toml``
+or ``~/.config/tessera/cli.toml``), and a default that matches ``make up``. Tokens may
+also come from the files ``make up`` leaves in its data directory (``./var`` unless told
+otherwise): ``var/license_server/operator-token`` and
+``var/activation_server/vendor-token``. ``tessera config`` shows what won and why.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tessera_cli.failures import UsageError
+
+DEFAULT_ADMINISTRATOR = "127.0.0.1:27200"
+DEFAULT_LICENSE_SERVER = "@localhost"
+DEFAULT_ACTIVATION_SERVER = "127.0.0.1:27100"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_DATA_DIR = "var"
+
+OPERATOR_TOKEN_FILE = Path("license_server") / "operator-token"
+VENDOR_TOKEN_FILE = Path("activation_server") / "vendor-token"
+
+CONFIG_KEYS = {
+    "administrator": "Administrator host:port",
+    "license_server": "License Server address (EBO style: @host, port@host, ';'-separated)",
+    "activation_server": "Activation Server host:port (vendor staff)",
+    "operator_token": "operator bearer token for the License Server's lease admin calls",
+    "operator_token_file": "file holding the operator bearer token",
+    "vendor_token": "vendor-staff bearer token for the Activation Server",
+    "vendor_token_file": "file holding the vendor-staff bearer token",
+    "timeout": "seconds to wait for an answer",
+    "data_dir": "the `make up` data directory whose token files are read",
+}
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The connection flags as given on the command line (None: not given)."""
+
+    administrator: str | None = None
+    license_server: str | None = None
+    activation_server: str | None = None
+    operator_token_file: str | None = None
+    vendor_token_file: str | None = None
+    timeout: str | None = None
+    data_dir: str | None = None
+    config: str | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One resolved value and where it came from (for ``tessera config``)."""
+
+    value: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Token:
+    """A bearer token, read when a command needs it."""
+
+    source: str
+    value: str | None = None
+    path: Path | None = None
+
+    def read(self) -> str:
+        if self.value is not None:
+            return self.value
+        assert self.path is not None
+        try:
+            token = self.path.read_text().strip()
+        except OSError as error:
+            raise UsageError(
+                f"cannot read the token file {self.path} ({self.source}): {error.strerror}"
+            ) from error
+        if not token:
+            raise UsageError(f"the token file {self.path} ({self.source}) is empty")
+        return token
+
+
+@dataclass(frozen=True)
+class Settings:
+    administrator: Setting
+    license_server: Setting
+    activation_server: Setting
+    timeout: float
+    timeout_source: str
+    data_dir: Setting
+    operator_token: Token | None
+    vendor_token: Token | None
+    config_file: Path | None
+
+
+def default_config_path(environ: Mapping[str, str], home: Path) -> Path:
+    base = environ.get("XDG_CONFIG_HOME") or str(home / ".config")
+    return Path(base) / "tessera" / "cli.toml"
+
+
+def load_config(
+    flags: Flags, environ: Mapping[str, str], home: Path
+) -> tuple[dict[str, Any], Path | None]:
+    """The config file's table and its path; an explicit file must exist."""
+    explicit = flags.config or environ.get("TESSERA_CONFIG")
+    path = Path(explicit).expanduser() if explicit else default_config_path(environ, home)
+    if not path.exists():
+        if explicit:
+            raise UsageError(f"the config file {path} does not exist")
+        return {}, None
+    try:
+        table = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UsageError(f"cannot read the config file {path}: {error}") from error
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(
+            f"the config file {path} has unknown keys: {', '.join(unknown)} "
+            f"(known: {', '.join(CONFIG_KEYS)})"
+        )
+    for key, value in table.items():
+        if key == "timeout":
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise UsageError(f"the config file {path}: timeout must be a number of seconds")
+        elif not isinstance(value, str):
+            raise UsageError(f"the config file {path}: {key} must be a string")
+    return table, path
+
+
+def resolve(
+    flags: Flags,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    home: Path | None = None,
+) -> Settings:
+    """The settings in force: flags, then environment, then config file, then defaults."""
+    environ = os.environ if environ is None else environ
+    cwd = cwd or Path.cwd()
+    home = home or Path.home()
+    config, config_path = load_config(flags, environ, home)
+    config_source = f"config {config_path}"
+
+    def pick(flag: str | None, flag_name: str, env: str, key: str, default: str) -> Setting:
+        if flag:
+            return Setting(flag, f"flag {flag_name}")
+        if environ.get(env):
+            return Setting(environ[env], f"env {env}")
+        if key in config:
+            return Setting(str(config[key]), config_source)
+        return Setting(default, "default")
+
+    def relative_to_config(text: str) -> Path:
+        path = Path(text).expanduser()
+        if config_path is not None and not path.is_absolute():
+            path = config_path.parent / path
+        return path
+
+    data_dir = pick(flags.data_dir, "--data-dir", "TESSERA_DATA_DIR", "data_dir", DEFAULT_DATA_DIR)
+    data_path = (
+        relative_to_config(data_dir.value)
+        if data_dir.source == config_source
+        else cwd / Path(data_dir.value).expanduser()
+    )
+
+    def token(kind: str, default_file: Path) -> Token | None:
+        flag = flags.operator_token_file if kind == "operator" else flags.vendor_token_file
+        env = f"TESSERA_{kind.upper()}_TOKEN"
+        if flag:
+            return Token(f"flag --{kind}-token-file", path=cwd / Path(flag).expanduser())
+        if environ.get(env):
+            return Token(f"env {env}", value=environ[env].strip())
+        if environ.get(env + "_FILE"):
+            return Token(f"env {env}_FILE", path=cwd / Path(environ[env + "_FILE"]).expanduser())
+        if f"{kind}_token" in config:
+            return Token(config_source, value=str(config[f"{kind}_token"]).strip())
+        if f"{kind}_token_file" in config:
+            return Token(config_source, path=relative_to_config(str(config[f"{kind}_token_file"])))
+        candidate = data_path / default_file
+        if candidate.is_file():
+            return Token(f"file {candidate}", path=candidate)
+        return None
+
+    timeout = pick(flags.timeout, "--timeout", "TESSERA_TIMEOUT", "timeout", str(DEFAULT_TIMEOUT))
+    try:
+        seconds = float(timeout.value)
+    except ValueError:
+        raise UsageError(f"timeout ({timeout.source}): {timeout.value!r} is not a number") from None
+    if not seconds > 0:
+        raise UsageError(f"timeout ({timeout.source}): must be more than 0 seconds")
+
+    return Settings(
+        administrator=pick(
+            flags.administrator,
+            "--administrator",
+            "TESSERA_ADMINISTRATOR",
+            "administrator",
+            DEFAULT_ADMINISTRATOR,
+        ),
+        license_server=pick(
+            flags.license_server,
+            "--license-server",
+            "TESSERA_LICENSE_SERVER",
+            "license_server",
+            DEFAULT_LICENSE_SERVER,
+        ),
+        activation_server=pick(
+            flags.activation_server,
+            "--activation-server",
+            "TESSERA_ACTIVATION_SERVER",
+            "activation_server",
+            DEFAULT_ACTIVATION_SERVER,
+        ),
+        timeout=seconds,
+        timeout_source=timeout.source,
+        data_dir=Setting(str(data_path), data_dir.source),
+        operator_token=token("operator", OPERATOR_TOKEN_FILE),
+        vendor_token=token("vendor", VENDOR_TOKEN_FILE),
+        config_file=config_path,
+    )
