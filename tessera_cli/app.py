@@ -151,7 +151,7 @@ class App:
         style = Style(wants_colour(self.stderr, self.environ, no_color))
         width = max(40, min(100, shutil.get_terminal_size((100, 24)).columns) - 2)
         lines = [_wrap(f"{style.bad('error:')} {failure.message}", width, "")]
-        if failure.reason and failure.code:
+        if failure.reason and failure.code and failure.reason != "UNREACHABLE":
             where = f" from the {failure.service}" if failure.service else ""
             lines.append(style.dim(f"  ({failure.code} {failure.reason}{where})"))
         if failure.hint:

@@ -270,7 +270,7 @@ def imported(style: Style, op: admin_pb2.Operation) -> str:
     head = (style.ok("Imported") if state == "completed" else style.warn("Imported")) + (
         f" the vendor's answer: {kind} {state} on {op.license_server}."
     )
-    return head + "\n" + operation(style, op)
+    return head + "\n" + pairs(style, operation_pairs(style, op))
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,6 +406,8 @@ def trust(style: Style, health: lpb.TrustHealth, advise: bool = True) -> str:
         + (f"; checked {clock(health.checked_at, True)}" if health.HasField("checked_at") else ""),
     ]
     if health.certificates:
+        # A storage-wide cause is told once, under Problems, not on every row.
+        told = " ".join(health.problems)
         rows: list[Row] = [
             [
                 Cell(short(c.certificate_id), "accent"),
@@ -416,7 +418,7 @@ def trust(style: Style, health: lpb.TrustHealth, advise: bool = True) -> str:
                     _CERTIFICATE_TONES.get(records.certificate_state(c.state), ""),
                 ),
                 c.cause or "-",
-                c.detail,
+                "" if c.detail in told else c.detail,
             ]
             for c in health.certificates
         ]
@@ -447,7 +449,7 @@ def trust(style: Style, health: lpb.TrustHealth, advise: bool = True) -> str:
 def registration(style: Style, r: apb.Registration) -> str:
     if not r.organization:
         return (
-            "No registration details yet. Set them before activating:\n"
+            "No registration details yet; the vendor records them with every activation:\n"
             '  tessera registration set --organization "…" --contact-name "…" --email …'
         )
     return "Registration details sent with every activation:\n" + pairs(

@@ -47,8 +47,9 @@ async def show(args: argparse.Namespace, session: Session) -> Result:
             ),
         ]
     )
-    data = {
-        "config_file": str(s.config_file) if s.config_file else None,
-        "settings": {name: {"value": value, "source": source} for name, value, source in rows},
+    settings: dict[str, dict[str, object]] = {
+        name: {"value": value, "source": source} for name, value, source in rows
     }
+    settings["timeout"]["value"] = s.timeout
+    data = {"config_file": str(s.config_file) if s.config_file else None, "settings": settings}
     return Result(data, text)
