@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from clients.startup import (
-    LicenseRequest,
+from clients import (
+    InvalidLicenseServerConfiguration,
+    Lease,
+    LicenseClient,
+    LicenseServerUnreachable,
     LocalLicense,
-    NetworkLease,
     NoLicense,
-    license_at_startup,
+    NoSeatAvailable,
 )
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.admin.v1 import admin_pb2
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.errors import InvalidLicenseServerAddress
-from tessera.keys import read_vendor_public_keys
 from tessera.local_licenses import LocalLicenseStore
 from tests.conftest import DatabaseFactory
 from tests.processes import free_port
@@ -44,15 +45,12 @@ async def line(site: Site, kind: int, count: int) -> str:
     return reply.entitlement.lines[0].activation_id
 
 
-def request(site: Site, address: str, store: LocalLicenseStore | None = None) -> LicenseRequest:
-    return LicenseRequest(
-        feature="client.station",
-        address=address,
+def client(site: Site, address: str, store: LocalLicenseStore | None = None) -> LicenseClient:
+    return LicenseClient(
+        address,
         client_host="ws-1",
-        local_store=store,
-        vendor_keys=read_vendor_public_keys(
-            [site.tmp_path / "activation_server" / "vendor-keys.pub"]
-        ),
+        local_licenses=store,
+        vendor_keys=site.tmp_path / "activation_server" / "vendor-keys.pub",
     )
 
 
@@ -60,10 +58,13 @@ async def test_a_valid_local_license_comes_first(site: Site, tmp_path: Path) -> 
     store = LocalLicenseStore(tmp_path / "ws-1", machine_id="ws-1")
     local = store.prepare_request(await line(site, LicenseKind.LICENSE_KIND_LOCAL, 1))
     reply = await site.administrator.Activate(admin_pb2.ActivateRequest(local_request=local))
-    store.install(reply.local_response, request(site, "@localhost").vendor_keys)
+    store.install(reply.local_response, client(site, "@localhost").vendor_keys)
     # No License Server at this address: the local license is enough, no network call.
-    decision = await license_at_startup(request(site, f"{free_port()}@127.0.0.1", store))
-    assert isinstance(decision, LocalLicense)
+    async with client(site, f"{free_port()}@127.0.0.1", store) as ws:
+        async with ws.license("client.station") as license:
+            assert isinstance(license, LocalLicense) and license.kind == "local"
+            assert license.held and license.certificate.feature == "client.station"
+        assert not license.held
 
 
 async def test_then_a_network_lease_on_the_first_server_that_grants(
@@ -77,21 +78,24 @@ async def test_then_a_network_lease_on_the_first_server_that_grants(
     )
     store = LocalLicenseStore(tmp_path / "ws-1", machine_id="ws-1")
     address = f"{free_port()}@127.0.0.1;{site.license_address}"  # the first one is down
-    decision = await license_at_startup(request(site, address, store))
-    assert isinstance(decision, NetworkLease)
-    assert decision.target == f"127.0.0.1:{site.license.port}"
+    async with client(site, address, store) as ws, ws.license("client.station") as license:
+        assert isinstance(license, Lease) and license.kind == "network"
+        assert license.server == f"127.0.0.1:{site.license.port}"
 
-    with pytest.raises(NoLicense) as refused:
-        await license_at_startup(request(site, address, store))
-    reasons = " ".join(refused.value.reasons)
-    assert "no local license of client.station" in reasons
-    assert "NO_SEAT_AVAILABLE" in reasons
+        with pytest.raises(NoLicense) as refused:
+            await ws.check_out("client.station")
+    assert refused.value.local_problems == ("no local license of client.station on this host",)
+    assert isinstance(refused.value.network_error, NoSeatAvailable)
+    assert refused.value.reason == "NO_SEAT_AVAILABLE"
+    assert "no local license of client.station" in str(refused.value)
 
 
 async def test_neither_is_a_clear_refusal(site: Site) -> None:
     with pytest.raises(NoLicense) as refused:
-        await license_at_startup(request(site, f"{free_port()}@127.0.0.1"))
+        await client(site, f"{free_port()}@127.0.0.1").check_out("client.station")
+    assert isinstance(refused.value.network_error, LicenseServerUnreachable)
     assert "no License Server answers" in str(refused.value)
-    with pytest.raises(InvalidLicenseServerAddress) as invalid:
-        await license_at_startup(request(site, "localhost"))
+    with pytest.raises(InvalidLicenseServerConfiguration) as invalid:
+        client(site, "localhost")  # refused when the client is made, before any call
     assert str(invalid.value).startswith("Invalid license server configuration")
+    assert isinstance(invalid.value, InvalidLicenseServerAddress)
