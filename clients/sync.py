@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
+import os
 import threading
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
+from nacl.signing import VerifyKey
+
+from clients.backoff import Backoff
 from clients.client import FeatureInformation, LicenseClient
 from clients.errors import LicenseLost
 from clients.license import EventCallback, License, LicenseState
+from tessera.local_licenses import LocalLicenseStore
 
 T = TypeVar("T")
 
@@ -88,11 +92,35 @@ class SyncLicense:
 
 
 class SyncLicenseClient:
-    """LicenseClient's API, blocking. Takes the same arguments as LicenseClient."""
+    """LicenseClient's API, blocking; the same arguments as LicenseClient."""
 
-    def __init__(self, address: str, **options: Any) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        client_host: str | None = None,
+        user: str = "",
+        display_name: str = "",
+        local_licenses: LocalLicenseStore | str | os.PathLike[str] | None = None,
+        vendor_keys: Mapping[str, VerifyKey] | str | os.PathLike[str] | None = None,
+        connect_timeout: float = 2.0,
+        call_timeout: float = 10.0,
+        release_timeout: float = 5.0,
+        backoff: Backoff | None = None,
+    ) -> None:
         # Built first: an invalid address raises before any thread or network call.
-        self._client = LicenseClient(address, **options)
+        self._client = LicenseClient(
+            address,
+            client_host=client_host,
+            user=user,
+            display_name=display_name,
+            local_licenses=local_licenses,
+            vendor_keys=vendor_keys,
+            connect_timeout=connect_timeout,
+            call_timeout=call_timeout,
+            release_timeout=release_timeout,
+            backoff=backoff,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tessera-license-client", daemon=True
@@ -184,11 +212,19 @@ class SyncLicenseClient:
             self._closed = True
         atexit.unregister(self._exit_hook)
         try:
-            self._run(self._client.close())
+            self._run(self._shutdown())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await self._client.close()
+        # Whatever still waits (a wait_lost given up on) ends before the loop does.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def __enter__(self) -> SyncLicenseClient:
         return self
@@ -203,9 +239,9 @@ class SyncLicenseClient:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except BaseException:  # a timeout, or Ctrl-C in the waiting thread
             future.cancel()
-            raise TimeoutError from None
+            raise
 
 
 def _close_at_exit(reference: weakref.ref[SyncLicenseClient]) -> None:
