@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from tessera_cli import parser as cli_parser
 from tessera_cli.connections import Connections
-from tessera_cli.failures import CliError, ExitCode, Failure
+from tessera_cli.failures import CliError, ExitCode, Failure, UsageError
 from tessera_cli.session import Result, Session
 from tessera_cli.settings import Flags, resolve
 from tessera_cli.terminal import Progress, Style, wants_colour
@@ -108,6 +108,9 @@ class App:
         wants_json = bool(args.json)
         no_color = bool(args.no_color)
         if args.run is None:
+            if wants_json:
+                missing = UsageError("no command given", "`tessera --help` lists the commands.")
+                return self.report(missing.failure, wants_json, no_color)
             args.help_of.print_help(self.stdout)
             return int(ExitCode.USAGE)
         try:
@@ -151,7 +154,7 @@ class App:
         style = Style(wants_colour(self.stderr, self.environ, no_color))
         width = max(40, min(100, shutil.get_terminal_size((100, 24)).columns) - 2)
         lines = [_wrap(f"{style.bad('error:')} {failure.message}", width, "")]
-        if failure.reason and failure.code and failure.reason != "UNREACHABLE":
+        if failure.reason and failure.code and failure.reason not in ("UNREACHABLE", failure.code):
             where = f" from the {failure.service}" if failure.service else ""
             lines.append(style.dim(f"  ({failure.code} {failure.reason}{where})"))
         if failure.hint:

@@ -293,8 +293,13 @@ def explain(
         return Failure(
             exit_code,
             f"the {service.value} at {target} did not answer within {timeout:g} s",
-            "Give it longer with --timeout; `tessera operations --unfinished` shows whether "
-            "the operation went through." + situation.resume,
+            "Give it longer with --timeout."
+            + (
+                " `tessera operations --unfinished` shows whether the operation went through."
+                if operation_id
+                else ""
+            )
+            + situation.resume,
             code=code.name,
             reason=reason or "DEADLINE_EXCEEDED",
             metadata=metadata,
