@@ -354,6 +354,9 @@ async def test_offline_request_submit_import(cli: Cli) -> None:
     repair_request = await cli.json("export-request", "repair", "-o", str(cli.cwd))
     assert Path(repair_request["file"]).name.endswith("-request.txt")
 
+    piped = await cli("export-request", "repair", "-o", "-")
+    assert piped.code == 0 and piped.stdout.startswith("-----BEGIN TESSERA REQUEST-----")
+
     missing = await cli("submit", "no-such-file.txt")
     assert missing.code == 2 and "no-such-file.txt" in missing.stderr
 

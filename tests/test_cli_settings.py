@@ -198,6 +198,23 @@ def test_colours_only_on_a_terminal_and_never_with_no_color() -> None:
     assert not wants_colour(io.StringIO(), {}, disabled=False)
 
 
+def test_the_app_colours_a_terminal_only(tmp_path: Path) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def config_output(env: dict[str, str], *flags: str) -> str:
+        stdout = Terminal()
+        app = App(environ=env, cwd=tmp_path, stdout=stdout, stderr=Terminal(), home=tmp_path)
+        assert asyncio.run(app.run(["config", *flags])) == 0
+        return stdout.getvalue()
+
+    assert "\x1b[" in config_output({})
+    assert "\x1b[" not in config_output({"NO_COLOR": "1"})
+    assert "\x1b[" not in config_output({}, "--no-color")
+    assert "\x1b[" not in config_output({}, "--json")
+
+
 def test_tables_align_whatever_the_colours() -> None:
     columns = [Column("Feature"), Column("Used", right=True), Column("Violation")]
     rows = [
