@@ -108,10 +108,14 @@ Hint = Callable[[Situation], str]
 
 def _repair_limit(s: Situation) -> str:
     when = s.get("next_allowed_at", "")
-    date = f" from {when[:10]} ({when})" if when else " later"
+    if when.startswith("9999-"):  # the vendor's limit is 0: no date ever fits
+        allowed = "This Activation Server allows no repairs at all."
+    else:
+        date = f" from {when[:10]} ({when})" if when else " later"
+        allowed = f"The vendor allows the next repair of this License Server{date}."
     return (
-        f"The vendor allows the next repair of this License Server{date}. Until then the "
-        "broken certificates do not serve; contact the vendor if that cannot wait."
+        f"{allowed} Until then the broken certificates do not serve; contact the vendor if "
+        "that cannot wait."
     )
 
 

@@ -313,18 +313,18 @@ async def test_trust_broken_repair_limit_and_repair(cli: Cli, site: Site) -> Non
     error = await cli.refused(1, "TRUSTED_STORAGE_BROKEN", "return", "--feature", "client.station")
     assert "tessera repair" in error["hint"]
 
-    await restart_activation_server(site, "--max-repairs-per-year", "0")
-    cli.point_at(site)
-    error = await cli.refused(1, "REPAIR_LIMIT_REACHED", "repair")
-    assert error["metadata"]["next_allowed_at"]
-    assert "next repair" in error["hint"]
-
-    await restart_activation_server(site)
+    await restart_activation_server(site, "--max-repairs-per-year", "1")
     cli.point_at(site)
     repaired = await cli.json("repair")
     assert repaired["operation"]["state"] == "completed"
     assert repaired["health"]["healthy"] is True
     assert (await cli("trust")).code == 0
+
+    # Broken again on yet another machine: the one repair of the year is used up.
+    await restart_license_server(site, machine_id="third-board")
+    error = await cli.refused(1, "REPAIR_LIMIT_REACHED", "repair")
+    next_allowed = error["metadata"]["next_allowed_at"]
+    assert f"next repair of this License Server from {next_allowed[:10]}" in error["hint"]
 
 
 async def test_offline_request_submit_import(cli: Cli) -> None:

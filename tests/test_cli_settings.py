@@ -13,7 +13,7 @@ import pytest
 
 from tessera_cli import parser as cli_parser
 from tessera_cli.app import App
-from tessera_cli.failures import ExitCode, UsageError
+from tessera_cli.failures import HINTS, ExitCode, Service, Situation, UsageError
 from tessera_cli.settings import Flags, resolve
 from tessera_cli.terminal import Cell, Column, Progress, Style, table, wants_colour
 
@@ -245,3 +245,19 @@ def test_progress_spins_on_a_terminal_and_clears_its_line() -> None:
     quiet = io.StringIO()
     asyncio.run(wait(Progress(quiet, enabled=False)))
     assert quiet.getvalue() == ""
+
+
+def test_a_repair_refusal_says_when_the_next_repair_is_allowed() -> None:
+    situation = Situation(
+        {"next_allowed_at": "2027-03-02T12:00:00Z"},
+        Service.ADMINISTRATOR,
+        "127.0.0.1:27200",
+        "",
+    )
+    assert "next repair of this License Server from 2027-03-02" in HINTS["REPAIR_LIMIT_REACHED"](
+        situation
+    )
+    never = Situation(
+        {"next_allowed_at": "9999-12-31T23:59:59Z"}, Service.ADMINISTRATOR, "127.0.0.1:27200", ""
+    )
+    assert "allows no repairs at all" in HINTS["REPAIR_LIMIT_REACHED"](never)
