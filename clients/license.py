@@ -14,7 +14,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 from clients.errors import LicenseLost, LocalLicenseExpired
 from clients.events import LeaseEvent, Lost, Released
@@ -112,7 +112,7 @@ class License:
         nothing to check in). Releasing twice, or after a loss, does nothing."""
         raise NotImplementedError
 
-    async def __aenter__(self) -> License:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

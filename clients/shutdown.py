@@ -39,17 +39,12 @@ class HeldLease:
 
 _held: dict[str, HeldLease] = {}
 _lock = threading.Lock()
-_hooked = False
 
 
 def hold(lease: HeldLease) -> None:
     """Remember ``lease`` until ``forget`` (its ``targets`` may be updated in place)."""
-    global _hooked
     with _lock:
         _held[lease.lease_id] = lease
-        if not _hooked:
-            atexit.register(check_in_everything)
-            _hooked = True
 
 
 def forget(lease_id: str) -> None:
@@ -92,3 +87,8 @@ def check_in_now(lease: HeldLease, timeout: float = EXIT_TIMEOUT) -> bool:
                 continue
             return True
     return False
+
+
+# Registered at import, so it runs after the hooks registered later (atexit runs them in
+# reverse): a SyncLicenseClient's own close comes first and checks in over its stream.
+atexit.register(check_in_everything)
