@@ -79,6 +79,7 @@ async def seed(leasing: Leasing, seats: int, feature: str = FEATURE) -> None:
                 installed_at=leasing.clock.now(),
             )
         )
+        await repo.lock_pool(feature)
         assert await repo.set_pool_activated(feature, await repo.serving_seats(feature))
 
 

@@ -120,6 +120,7 @@ class Vendor:
                 request_id=request.request_id,
                 host_id=request.host_id,
                 certificates=[self.sign(c) for c in certificates],
+                repaired_at=to_timestamp(dt.datetime.now(dt.UTC)),
                 repairs_left=3,
             )
         )

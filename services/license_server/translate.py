@@ -119,6 +119,7 @@ def health_to_proto(report: TrustReport, checked_at: dt.datetime) -> pb.TrustHea
                 cause=verdict.problem.cause if verdict.problem else "",
                 detail=verdict.problem.detail if verdict.problem else "",
                 returning=stored.returning,
+                return_request_id=stored.return_request_id or "",
             )
         )
     return pb.TrustHealth(

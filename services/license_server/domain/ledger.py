@@ -33,6 +33,8 @@ RETURNED = "returned"
 RETURN_REFUSED = "return_refused"
 REISSUED = "reissued"
 REMOVED = "removed"
+KEPT = "kept"
+RETURN_SETTLED = "return_settled"
 
 _SEAL_CONTEXT = b"tessera-trust-seal-v1\0"
 

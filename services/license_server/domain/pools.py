@@ -36,8 +36,8 @@ async def fit_pool(
     With ``revoke`` false, raise SeatsInUse instead of revoking leases. The caller
     publishes the returned events after its transaction commits.
     """
+    before = await repo.lock_pool(feature)
     target = await repo.serving_seats(feature)
-    before = await repo.get_pool(feature)
     events: list[LeaseEvent] = []
     while not await repo.set_pool_activated(feature, target):
         pool = await repo.get_pool(feature)
@@ -58,7 +58,7 @@ async def fit_pool(
                 events.append(LeaseEnded(lease.lease_id, why[1], message))
         if freed == 0:
             raise AssertionError(f"cannot fit the {feature} pool: no lease left to revoke")
-    if before is None or target > before.activated or events:
+    if target > before.activated or events:
         events.append(SeatsFreed(feature))
     for event in events:
         await repo.announce(event)

@@ -9,6 +9,7 @@ storage to this host and machine in a new ledger segment. Both are idempotent.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, replace
 
 from services.license_server.domain import ledger, pools
@@ -23,13 +24,15 @@ from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.trust import TrustReport
 from services.license_server.domain.trusted_storage import (
     TrustedStorage,
+    certificate_of,
     request_id_or_new,
     stored_from,
 )
+from services.license_server.store.repository import Repository
 from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
-from tessera.clock import to_timestamp
-from tessera.common.v1.common_pb2 import SignedEnvelope
+from tessera.clock import from_timestamp, to_timestamp
+from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.envelope import open_envelope, seal
 
 
@@ -111,6 +114,7 @@ class Repairs:
             (storage.open_certificate(envelope, trusted), envelope)
             for envelope in response.certificates
         ]
+        decided_at = from_timestamp(response.repaired_at)
         now = storage.clock.now()
         events: list[LeaseEvent] = []
         async with storage.store.transaction() as repo:
@@ -126,34 +130,7 @@ class Repairs:
             else:
                 already = False
                 rows = {row.certificate_id: row for row in await repo.list_certificates()}
-                changes: list[tuple[str, StoredCertificate]] = []
-                for document, envelope in reissued:
-                    row = rows.pop(document.certificate_id, None)
-                    fresh = stored_from(document, envelope, row.installed_at if row else now)
-                    if row is not None and row.returned_at is None and row.returning:
-                        # A return under way keeps its seats withheld.
-                        fresh = replace(
-                            fresh,
-                            returning=min(row.returning, fresh.count),
-                            return_request_id=row.return_request_id,
-                        )
-                    if row is None:
-                        await repo.insert_certificate(fresh)
-                    else:
-                        await repo.update_certificate(fresh)
-                    changes.append((ledger.REISSUED, fresh))
-                for row in rows.values():
-                    if row.returned_at is None:
-                        gone = replace(
-                            row,
-                            returning=0,
-                            return_request_id=None,
-                            returned_at=now,
-                            broken_cause=None,
-                            broken_detail=None,
-                        )
-                        await repo.update_certificate(gone)
-                        changes.append((ledger.REMOVED, gone))
+                changes = await _replace_certificates(repo, reissued, rows, decided_at, now)
                 written = await storage.reseal(repo, now, changes)
                 await repo.mark_request_installed(pending.request_id, now)
                 for feature in sorted({c.feature for _, c in changes}):
@@ -170,3 +147,56 @@ class Repairs:
             storage.publish(events)
             failpoints.reach("license_server.repair.after_install")
         return Repaired(await storage.check(), already_completed=already)
+
+
+async def _replace_certificates(
+    repo: Repository,
+    reissued: list[tuple[LicenseCertificate, SignedEnvelope]],
+    rows: dict[str, StoredCertificate],
+    decided_at: dt.datetime,
+    now: dt.datetime,
+) -> list[tuple[str, StoredCertificate]]:
+    """Make trusted storage hold what the vendor re-issued, and record every live
+    certificate in the new ledger segment.
+
+    An answer installed late (another repair, a return or an activation came after the
+    vendor decided it) never undoes what came after: a returned certificate stays
+    returned, a higher revision stays, and a certificate issued after the decision stays.
+    """
+    changes: list[tuple[str, StoredCertificate]] = []
+    for document, envelope in reissued:
+        row = rows.pop(document.certificate_id, None)
+        if row is not None and (row.returned_at is not None or row.revision >= document.revision):
+            if row.returned_at is None:
+                changes.append((ledger.KEPT, row))
+            continue
+        fresh = stored_from(document, envelope, row.installed_at if row else now)
+        if row is not None and row.returning:
+            # A return under way keeps its seats withheld.
+            fresh = replace(
+                fresh,
+                returning=min(row.returning, fresh.count),
+                return_request_id=row.return_request_id,
+            )
+        if row is None:
+            await repo.insert_certificate(fresh)
+        else:
+            await repo.update_certificate(fresh)
+        changes.append((ledger.REISSUED, fresh))
+    for row in rows.values():
+        if row.returned_at is not None:
+            continue
+        if from_timestamp(certificate_of(row).issued_at) > decided_at:
+            changes.append((ledger.KEPT, row))  # issued after the vendor decided this repair
+            continue
+        gone = replace(
+            row,
+            returning=0,
+            return_request_id=None,
+            returned_at=now,
+            broken_cause=None,
+            broken_detail=None,
+        )
+        await repo.update_certificate(gone)
+        changes.append((ledger.REMOVED, gone))
+    return changes

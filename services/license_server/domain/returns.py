@@ -83,10 +83,11 @@ class Returns:
         for _attempt in range(2):
             try:
                 async with storage.store.transaction() as repo:
+                    # Lock first: a concurrent prepare with this request id is then seen.
+                    seal_row = await storage.require_sound(repo)
                     existing = await repo.get_pending_request(request_id)
                     if existing is not None:
                         return _same_request(existing, certificate_id, count)
-                    seal_row = await storage.require_sound(repo)
                     stored = await repo.get_certificate(certificate_id)
                     if stored is None:
                         raise CertificateNotFound(
@@ -160,6 +161,8 @@ class Returns:
             remaining_document = storage.open_certificate(receipt.remaining_certificate, trusted)
         now = storage.clock.now()
         async with storage.store.transaction() as repo:
+            # Lock first, so a duplicate delivery of this receipt waits and then sees it done.
+            await repo.get_seal(lock=True)
             pending = await repo.get_pending_request(receipt.request_id)
             if pending is None or pending.kind is not RequestKind.RETURN:
                 raise RequestNotPreparedHere(
@@ -242,11 +245,17 @@ def _after_receipt(
     remaining: LicenseCertificate | None,
     now: dt.datetime,
 ) -> tuple[str, StoredCertificate]:
-    """The ledger action and the certificate as it stands after the vendor's receipt."""
-    released = replace(stored, returning=0, return_request_id=None)
+    """The ledger action and the certificate as it stands after the vendor's receipt.
+
+    A repair installed between the return's two halves may have moved the certificate on
+    already (re-issued it with a higher revision, or removed it when the vendor had
+    credited it): then the receipt only settles what is still withheld for this return.
+    """
+    ours = stored.return_request_id == pending.request_id
+    released = replace(stored, returning=0, return_request_id=None) if ours else stored
     if receipt.outcome == ReturnOutcome.RETURN_OUTCOME_REFUSED:
         if receipt.refusal_reason == CERTIFICATE_NOT_HELD:
-            return ledger.REMOVED, replace(released, returned_at=now)
+            return ledger.REMOVED, replace(released, returned_at=stored.returned_at or now)
         return ledger.RETURN_REFUSED, released
     if receipt.outcome != ReturnOutcome.RETURN_OUTCOME_CREDITED:
         raise AnswerDoesNotMatch("the receipt neither credits nor refuses the return")
@@ -254,14 +263,15 @@ def _after_receipt(
         raise AnswerDoesNotMatch(
             f"the receipt credits {receipt.credited} seat(s); {pending.count} were returned"
         )
-    if receipt.credited == stored.count:
+    if stored.returned_at is not None:
+        return ledger.RETURN_SETTLED, released
+    if not receipt.HasField("remaining_certificate"):
         return ledger.RETURNED, replace(released, returned_at=now)
-    if (
-        remaining is None
-        or remaining.certificate_id != stored.certificate_id
-        or remaining.count != stored.count - receipt.credited
-        or remaining.revision <= stored.revision
-    ):
-        raise AnswerDoesNotMatch("the receipt lacks a matching certificate for the seats kept")
+    if remaining is None or remaining.certificate_id != stored.certificate_id:
+        raise AnswerDoesNotMatch("the receipt's certificate for the seats kept is another one")
+    if remaining.revision <= stored.revision:
+        return ledger.RETURN_SETTLED, released  # a repair already re-issued the seats kept
+    if remaining.count != stored.count - receipt.credited:
+        raise AnswerDoesNotMatch("the receipt's certificate does not hold the seats kept")
     kept = stored_from(remaining, receipt.remaining_certificate, stored.installed_at)
     return ledger.REISSUED, replace(kept, broken_cause=stored.broken_cause)

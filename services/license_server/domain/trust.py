@@ -234,7 +234,13 @@ def _judge(
         return None, Problem(UNTRUSTED_VENDOR_KEY, error.message)
     except (EnvelopeRejected, DecodeError, ValueError) as error:
         return None, Problem(BAD_SIGNATURE, f"the certificate does not verify: {error}")
-    if document.certificate_id != row.certificate_id or document.count != row.count:
+    signed_expiry = from_timestamp(document.expires_at) if document.HasField("expires_at") else None
+    if (document.certificate_id, document.feature, document.count, signed_expiry) != (
+        row.certificate_id,
+        row.feature,
+        row.count,
+        row.expires_at,
+    ):
         return document, Problem(LEDGER_TAMPERED, "the stored row differs from its certificate")
     if document.host_id != sealed_host_id:
         return document, Problem(

@@ -148,7 +148,6 @@ class TrustedStorage:
             )
             if seal_row is not None and report.storage_problem is None:
                 await self._move_high_water(repo, seal_row, report, now)
-            touched = set()
             for verdict in report.verdicts:
                 cause = verdict.problem.cause if verdict.problem else None
                 detail = verdict.problem.detail if verdict.problem else None
@@ -159,8 +158,9 @@ class TrustedStorage:
                     await repo.update_certificate(
                         replace(stored, broken_cause=cause, broken_detail=detail)
                     )
-                    touched.add(stored.feature)
-            for feature in sorted(touched):
+            # Every pool, not only the ones whose certificates changed: a pool row edited
+            # by hand is put right too.
+            for feature in await repo.pool_features():
                 events += await fit_pool(
                     repo,
                     feature,

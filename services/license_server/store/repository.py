@@ -166,18 +166,34 @@ class Repository:
         )
         return int(total or 0)
 
-    async def set_pool_activated(self, feature: str, activated: int) -> bool:
-        """Set a pool's activated seats, unless more are in use than that (one statement)."""
+    async def lock_pool(self, feature: str) -> PoolInformation:
+        """The pool row of a feature (created empty when missing), locked until commit, so
+        recounts of one pool take turns and each sums what the one before it wrote."""
         upsert = postgresql.insert(pools) if self._dialect == "postgresql" else sqlite.insert(pools)
         await self.session.execute(
             upsert.values(feature=feature, activated=0, used=0).on_conflict_do_nothing()
         )
+        row = await first_row(
+            self.session, select(pools).where(pools.c.feature == feature).with_for_update()
+        )
+        assert row is not None
+        return PoolInformation(row["feature"], row["activated"], row["used"])
+
+    async def set_pool_activated(self, feature: str, activated: int) -> bool:
+        """Set a pool's activated seats, unless more are in use than that (one statement)."""
         result = await self.session.execute(
             update(pools)
             .where(pools.c.feature == feature, pools.c.used <= activated)
             .values(activated=activated)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def pool_features(self) -> list[str]:
+        """Every feature with a pool or a certificate."""
+        rows = await self.session.execute(
+            select(pools.c.feature).union(select(certificates.c.feature))
+        )
+        return sorted(rows.scalars())
 
     # The ledger and its seal
 
