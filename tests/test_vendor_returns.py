@@ -551,3 +551,21 @@ async def test_registration_is_recorded_with_the_activation(vendor: Vendor) -> N
         Code.INVALID_ARGUMENT,
         "INVALID_INPUT",
     )
+
+
+async def test_an_expired_certificate_is_not_credited_back(
+    vendor: Vendor, clock: FakeClock
+) -> None:
+    """Crediting it would let the seats be activated again with a fresh term."""
+    host = Host.new()
+    line = await vendor.line(count=4, duration=Duration(seconds=7 * 86400))
+    certificate = await activate(vendor, host, line, 4)
+    clock.advance(8 * 86400)
+
+    receipt, _ = await give_back(vendor, host, certificate)
+
+    assert (receipt.outcome, receipt.refusal_reason) == (REFUSED, "CERTIFICATE_EXPIRED")
+    assert receipt.credited == 0
+    assert (await vendor.line_now(line)).activated == 4
+    record = await vendor.activation_of(certificate.certificate_id)
+    assert record.state == apb.ACTIVATION_STATE_ACTIVE

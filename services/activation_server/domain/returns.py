@@ -48,8 +48,8 @@ from services.activation_server.store.repository import (
 from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostReturnRequest, VendorReturnReceipt
 from tessera.activation.v1.activation_pb2 import ReturnOutcome as ReturnOutcomeProto
-from tessera.clock import Clock, to_timestamp
-from tessera.common.v1.common_pb2 import SignedEnvelope
+from tessera.clock import Clock, from_timestamp, to_timestamp
+from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.errors import DomainError
 from tessera.validation import checked_text
 
@@ -64,6 +64,7 @@ class ReturnRefusal(StrEnum):
     PARTIAL_RETURN_NOT_ALLOWED = "PARTIAL_RETURN_NOT_ALLOWED"
     COUNT_ABOVE_HELD = "COUNT_ABOVE_HELD"
     STALE_REVISION = "STALE_REVISION"
+    CERTIFICATE_EXPIRED = "CERTIFICATE_EXPIRED"
     CERTIFICATE_NOT_HELD = CertificateNotHeld.reason
 
 
@@ -149,7 +150,7 @@ class Returns:
         assert found is not None  # an activation's line is never deleted
         line, _ = found
         now = self.clock.now()
-        refusal = _refusal(activation, line, request)
+        refusal = _refusal(activation, line, request, now)
         if refusal is None:
             refusal = await self._cycling_refusal(repo, activation.entitlement_id, now)
         if refusal is not None:
@@ -341,7 +342,10 @@ class Returns:
 
 
 def _refusal(
-    activation: ActivationRecord, line: EntitlementLine, request: HostReturnRequest
+    activation: ActivationRecord,
+    line: EntitlementLine,
+    request: HostReturnRequest,
+    now: dt.datetime,
 ) -> tuple[ReturnRefusal, str] | None:
     """The rule that refuses this return, if one does (the cycling limit aside)."""
     certificate_id = activation.certificate_id
@@ -355,6 +359,17 @@ def _refusal(
             ReturnRefusal.STALE_REVISION,
             f"certificate {certificate_id} is at revision {activation.revision}, "
             f"not {request.revision}; install the current certificate and return again",
+        )
+    certificate = LicenseCertificate.FromString(
+        SignedEnvelope.FromString(activation.certificate_envelope).payload
+    )
+    if certificate.HasField("expires_at") and from_timestamp(certificate.expires_at) <= now:
+        # Crediting it back would let the seats be activated again with a fresh term.
+        return (
+            ReturnRefusal.CERTIFICATE_EXPIRED,
+            f"certificate {certificate_id} expired at "
+            f"{from_timestamp(certificate.expires_at).isoformat(timespec='seconds')}; "
+            "expired licenses are not credited back",
         )
     if not 1 <= request.count <= activation.count:
         return (
