@@ -197,6 +197,10 @@ HINTS: dict[str, Hint] = {
         "`tessera licenses` lists the certificates this License Server holds."
     ),
     "CERTIFICATE_RETURNED": lambda s: "That certificate was returned already.",
+    "CERTIFICATE_EXPIRED": lambda s: (
+        "An expired certificate is not credited back (a return is no renewal); it simply "
+        "stops serving. Ask the vendor for a new order line."
+    ),
     "CERTIFICATE_NOT_HELD": lambda s: (
         "The vendor records that certificate as returned already (or force-returned)."
     ),
