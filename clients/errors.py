@@ -3,8 +3,8 @@
 Every failure the client library raises is a :class:`LicenseError`. It carries the
 License Server's machine-readable ``reason`` (the ``google.rpc.ErrorInfo`` reason, e.g.
 ``NO_SEAT_AVAILABLE``), its ``message``, the gRPC status ``code`` and the ``server``
-(``host:port``) that said so. :func:`error_from_rpc` and :func:`error_from_revocation` are
-the only places that turn statuses and pushed revocations into these classes::
+(``host:port``) that said so. The functions at the end, over the one REASONS table, are
+the only places that turn statuses and pushed messages into these classes::
 
     LicenseError
     ├── InvalidLicenseServerConfiguration   unparsable or empty address (before any call)
@@ -223,6 +223,12 @@ def error_from_rpc(error: grpc.aio.AioRpcError, server: str = "") -> LicenseErro
     metadata = dict(info.metadata) if info is not None else {}
     message = error.details() or error.code().name
     return error_from_status(error.code(), reason, message, server, metadata)
+
+
+def error_from_denial(reason: str, message: str, server: str = "") -> LicenseError:
+    """The exception for a ``denied`` on a lease stream whose status never came."""
+    cls = REASONS.get(reason, LicenseRefused)
+    return cls(message or reason, reason=reason, server=server)
 
 
 def error_from_revocation(reason: str, message: str, server: str = "") -> LicenseLost:

@@ -32,6 +32,7 @@ from clients.errors import (
     LicenseError,
     LicenseLost,
     LicenseServerUnreachable,
+    error_from_denial,
     error_from_revocation,
     error_from_rpc,
 )
@@ -182,7 +183,7 @@ class Lease(License):
                 if item.error is not None:
                     raise item.error
                 if denied is not None:
-                    raise LicenseError(denied.message, reason=denied.reason, server=stream.target)
+                    raise error_from_denial(denied.reason, denied.message, stream.target)
                 raise LicenseServerUnreachable(
                     "the License Server ended the stream without an answer", server=stream.target
                 )

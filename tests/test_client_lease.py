@@ -162,14 +162,16 @@ async def next_event(events: EventStream, *kinds: type) -> LeaseEvent:
 async def test_a_lease_heartbeats_by_itself_and_checks_in_on_exit(site: Site) -> None:
     port = await started(site)
     async with client_for(f"{port}@127.0.0.1") as client:
-        async with client.lease("client.station", ttl=1) as lease:
+        async with client.lease("client.station", ttl=2) as lease:
             assert lease.server == f"127.0.0.1:{port}"
-            assert lease.ttl == dt.timedelta(seconds=1)
-            assert lease.heartbeat_interval <= dt.timedelta(seconds=1) / 3
+            assert lease.ttl == dt.timedelta(seconds=2)
+            assert lease.heartbeat_interval <= dt.timedelta(seconds=2) / 3
             first_expiry = lease.expires_at
-            await asyncio.sleep(1.5)  # three TTL-thirds: the lease lives only by heartbeats
+            # Past the TTL, with the server's sweeper freeing expired leases every 0.2 s:
+            # the lease lives only by its heartbeats.
+            await asyncio.sleep(2.5)
             assert lease.state is LicenseState.HELD
-            assert lease.expires_at > first_expiry + dt.timedelta(seconds=1)
+            assert lease.expires_at > first_expiry + dt.timedelta(seconds=0.5)
             assert await site.used(port) == 1
         assert lease.state is LicenseState.RELEASED
         assert await site.used(port) == 0  # checked in at once, not after the TTL
