@@ -473,3 +473,103 @@ async def test_release_reports_false_when_no_server_can_be_reached(site: Site) -
     await site.stop(site.servers[0])
     assert not await lease.release()
     assert seen[-1] == Released(checked_in=False)
+
+
+class Proxy:
+    """A TCP proxy on loopback between the client and a License Server, to break the
+    network without the server noticing: ``cut`` closes the client's side only, ``freeze``
+    stops forwarding on the connections open now (new ones are forwarded again)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.frozen: set[asyncio.StreamWriter] = set()
+        self.pumps: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.links.append((writer, up_writer))
+        for source, target, gate in ((reader, up_writer, writer), (up_reader, writer, writer)):
+            task = asyncio.create_task(self._pump(source, target, gate))
+            self.pumps.add(task)
+            task.add_done_callback(self.pumps.discard)
+
+    async def _pump(
+        self, source: asyncio.StreamReader, target: asyncio.StreamWriter, gate: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                if gate not in self.frozen:
+                    target.write(data)
+                    await target.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if gate not in self.frozen:
+                target.close()
+
+    def cut(self) -> None:
+        for client_side, _ in self.links:
+            client_side.transport.abort()  # the server's side stays open, as in a blip
+        self.links.clear()
+
+    def freeze(self) -> None:
+        self.frozen.update(client_side for client_side, _ in self.links)
+        self.links.clear()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.pumps):
+            task.cancel()
+        await asyncio.gather(*self.pumps, return_exceptions=True)
+
+
+@pytest.fixture
+async def proxied(site: Site) -> AsyncIterator[tuple[int, Proxy]]:
+    port = await started(site)
+    proxy = Proxy(port)
+    await proxy.start()
+    yield port, proxy
+    await proxy.close()
+
+
+async def test_a_network_blip_resumes_the_same_lease_without_a_double_count(
+    site: Site, proxied: tuple[int, Proxy]
+) -> None:
+    port, proxy = proxied
+    assert proxy.server is not None
+    address = f"{proxy.server.sockets[0].getsockname()[1]}@127.0.0.1"
+    async with client_for(address) as client:
+        async with client.lease("client.station") as lease:
+            events = lease.events()
+            lease_id, epoch = lease.lease_id, lease.epoch
+            proxy.cut()  # the client's connection drops; the server's old stream lives on
+            await next_event(events, Resumed)
+            assert (lease.lease_id, lease.epoch) == (lease_id, epoch + 1)
+            assert await site.used(port) == 1
+            assert [entry.lease_id for entry in await site.held_leases(port)] == [lease_id]
+        assert await site.used(port) == 0
+
+
+async def test_a_silent_connection_is_noticed_by_the_missing_acknowledgement(
+    site: Site, proxied: tuple[int, Proxy]
+) -> None:
+    port, proxy = proxied
+    assert proxy.server is not None
+    address = f"{proxy.server.sockets[0].getsockname()[1]}@127.0.0.1"
+    async with client_for(address) as client:
+        async with client.lease("client.station", ttl=2) as lease:
+            events = lease.events()
+            proxy.freeze()  # nothing passes, nothing closes: a half-open connection
+            interrupted = await next_event(events, Interrupted)
+            assert isinstance(interrupted, Interrupted) and interrupted.error is not None
+            assert "no heartbeat acknowledgement" in interrupted.error.message
+            await next_event(events, Resumed)
+            assert lease.held and await site.used(port) == 1
+        assert await site.used(port) == 0
