@@ -34,10 +34,13 @@ from bench.phases import (
     streams_phase,
 )
 from bench.procstat import cpu_model
+from bench.scaleout import FailoverResult, ReplicasResult, failover_phase, replicas_phase
 from bench.services import Vendor
 from bench.stats import verdict
 
-PHASES = ("echo", "cycles", "streams", "storm")
+PHASES = ("echo", "cycles", "streams", "storm", "replicas", "failover")
+# The scale-out phases (replicas, failover) run only when asked for.
+DEFAULT_PHASES = PHASES[:4]
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 
 # Targets (issue "License Server ... fast").
@@ -56,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--phases", default=",".join(PHASES), help="comma-separated: " + ",".join(PHASES))
+    add(
+        "--phases",
+        default=",".join(DEFAULT_PHASES),
+        help="comma-separated: " + ",".join(PHASES),
+    )
     add("--cycles-dbs", default="sqlite,postgres", help="databases for the cycles phase")
     add(
         "--postgres-url",
@@ -92,6 +99,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds between heartbeats in the storm phase (the server's default)",
     )
     add("--lease-ttl", type=int, default=90, help="the License Server's --lease-ttl")
+    add("--replicas", default="1,3", help="replica counts the replicas phase compares")
+    add("--failover-leases", type=int, default=1_500, help="leases held in the failover phase")
+    add("--failover-ttl", type=int, default=30, help="--lease-ttl in the failover phase")
+    add(
+        "--failover-heartbeat-interval",
+        type=float,
+        default=10.0,
+        help="--heartbeat-interval in the failover phase",
+    )
+    add("--failover-timeout", type=float, default=60.0, help="give up on the failover after this")
     add("--work-dir", default="", help="where servers keep data (default: a temp dir)")
     add("--keep", action="store_true", help="keep the work dir (logs, SQLite files)")
     add("--profile", default="", help="record py-spy profiles of the server into this dir")
@@ -106,6 +123,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.phases.split(",")) - set(PHASES)
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    try:
+        counts = [int(count) for count in args.replicas.split(",") if count.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error(f"--replicas: {args.replicas!r} is not a list of counts such as 1,3")
     return args
 
 
@@ -215,6 +238,53 @@ def summary(results: dict[str, Any], options: Options) -> list[tuple[str, str, s
         )
     elif isinstance(storm, str):
         rows.append(("reconnect storm", storm, "", "ERROR"))
+    rows += scale_out_summary(results)
+    return rows
+
+
+def scale_out_summary(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    replicas = results.get("replicas")
+    if isinstance(replicas, ReplicasResult):
+        base = min(replicas.runs, default=0)
+        for count, run in sorted(replicas.runs.items()):
+            measured = (
+                f"{run.cycles_per_second:,.0f} cycles/s, p50 {run.p50 * 1000:.1f} ms, "
+                f"p99 {run.p99 * 1000:.1f} ms; servers {100 * run.server_cpu:.0f}% of a core"
+            )
+            if count != base and replicas.runs[base].cycles_per_second:
+                ratio = run.cycles_per_second / replicas.runs[base].cycles_per_second
+                measured += f" = {ratio:.2f} x {base} replica(s)"
+            ok = None if not run.errors else False
+            rows.append((f"cycles PostgreSQL, {count} replica(s)", measured, "-", verdict(ok)))
+    elif isinstance(replicas, str):
+        rows.append(("replicas", replicas, "", "ERROR"))
+    failover = results.get("failover")
+    if isinstance(failover, FailoverResult):
+        seconds = failover.all_resumed_seconds
+        measured = (f"{seconds:.2f} s" if seconds is not None else "not within the timeout") + (
+            f" for {failover.victims:,} leases (p50 {failover.p50:.2f} s), "
+            f"{failover.double_counts} double counts, {failover.lost} lost"
+        )
+        ok = (
+            seconds is not None
+            and seconds <= failover.ttl
+            and failover.double_counts == 0
+            and failover.lost == 0
+            and failover.missing_rows == 0
+            and failover.moved == failover.victims
+            and failover.used_after == failover.held
+        )
+        rows.append(
+            (
+                "failover (SIGKILL 1 of 3)",
+                measured,
+                f"<= 1 TTL ({failover.ttl} s), 0 double",
+                verdict(ok),
+            )
+        )
+    elif isinstance(failover, str):
+        rows.append(("failover", failover, "", "ERROR"))
     return rows
 
 
@@ -250,6 +320,11 @@ def make_options(args: argparse.Namespace) -> Options:
         lease_ttl=args.lease_ttl,
         profile_dir=Path(args.profile).resolve() if args.profile else None,
         profile_mode=args.profile_mode,
+        replica_counts=tuple(int(count) for count in args.replicas.split(",") if count.strip()),
+        failover_leases=args.failover_leases,
+        failover_ttl=args.failover_ttl,
+        failover_heartbeat_interval=args.failover_heartbeat_interval,
+        failover_timeout=args.failover_timeout,
     )
 
 
@@ -279,6 +354,12 @@ async def run(args: argparse.Namespace, options: Options) -> dict[str, Any]:
                     elif name == "streams":
                         assert vendor is not None
                         result = await streams_phase(options, vendor)
+                    elif name == "replicas":
+                        assert vendor is not None
+                        result = await replicas_phase(options, vendor)
+                    elif name == "failover":
+                        assert vendor is not None
+                        result = await failover_phase(options, vendor)
                     else:
                         assert vendor is not None
                         result = await storm_phase(options, vendor)

@@ -7,7 +7,7 @@ import asyncio
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -64,6 +64,13 @@ class Options:
     lease_ttl: int
     profile_dir: Path | None
     profile_mode: str = "all"
+    # Scale-out (bench/scaleout.py): replica counts compared by the replicas phase, and
+    # the failover phase's leases, lease TTL, heartbeat interval and timeout.
+    replica_counts: tuple[int, ...] = (1, 3)
+    failover_leases: int = 1_500
+    failover_ttl: int = 30
+    failover_heartbeat_interval: float = 10.0
+    failover_timeout: float = 60.0
 
 
 class Workers:
@@ -160,17 +167,29 @@ class UnaryResult:
     server_threads: str  # the server's CPU by thread
     others_cpu: float  # cores busy outside the server and the clients
     notes: list[str] = field(default_factory=list)
+    # With several replicas: each one's CPU (cores), in the order given.
+    replica_cpu: list[float] = field(default_factory=list)
+    # The PostgreSQL backends serving the License Server(s), when measured apart (cores).
+    database_cpu: float | None = None
 
     def show(self) -> None:
         print(
             f"  {self.cycles_per_second:,.0f} cycles/s ({2 * self.cycles_per_second:,.0f} RPC/s), "
             f"p50 {ms(self.p50)}, p99 {ms(self.p99)} per cycle; {self.completed:,} cycles"
         )
+        database = (
+            f"PostgreSQL backends {100 * self.database_cpu:.0f}%, "
+            if self.database_cpu is not None
+            else ""
+        )
         print(
             f"  CPU: server {100 * self.server_cpu:.0f}% of a core ({self.server_threads}), "
-            f"clients {100 * self.clients_cpu:.0f}%, everything else "
+            f"clients {100 * self.clients_cpu:.0f}%, {database}everything else "
             f"{100 * self.others_cpu:.0f}%; machine {100 * self.machine_busy:.0f}% busy"
         )
+        if len(self.replica_cpu) > 1:
+            shares = ", ".join(f"{100 * cpu:.0f}%" for cpu in self.replica_cpu)
+            print(f"  per replica: {shares} of a core")
         if self.errors:
             print(f"  errors: {self.errors}")
         for note in self.notes:
@@ -178,12 +197,30 @@ class UnaryResult:
 
 
 async def run_unary(
-    options: Options, name: str, target: str, op: str, server_pid: int
+    options: Options,
+    name: str,
+    target: str,
+    op: str,
+    server_pid: int,
+    replicas: Sequence[tuple[str, int]] = (),
+    backends: Callable[[], Awaitable[list[int]]] | None = None,
 ) -> UnaryResult:
+    """Closed loops of ``op`` against ``target``, or spread over ``replicas`` (target, pid)
+    when given; the server CPU is then the sum over the replicas (the thread split is
+    the first replica's). ``backends`` lists the PostgreSQL backends serving the servers
+    when the window opens, to measure the database's CPU apart."""
     specs = [
-        UnarySpec(target, op, index, options.concurrency, options.channels)
+        UnarySpec(
+            target,
+            op,
+            index,
+            options.concurrency,
+            options.channels,
+            tuple(replica for replica, _ in replicas),
+        )
         for index in range(options.client_procs)
     ]
+    server_pids = [pid for _, pid in replicas] or [server_pid]
     workers = Workers(unary_worker, specs)
     try:
         await workers.receive_all("ready", within=60)
@@ -191,8 +228,9 @@ async def run_unary(
         until = measure_from + options.duration
         workers.send_all("go", measure_from=measure_from, until=until)
         await sleep_until(measure_from)
-        window = CpuWindow([server_pid, *workers.pids])
-        profile = profile_window(options, server_pid, options.duration, name)
+        database_pids = await backends() if backends is not None else []
+        window = CpuWindow([*server_pids, *workers.pids, *database_pids])
+        profile = profile_window(options, server_pids[0], options.duration, name)
         await sleep_until(until)
         usage = window.stop()
         results = await workers.receive_all("result", within=60)
@@ -211,11 +249,13 @@ async def run_unary(
         p99=percentile(latencies, 0.99),
         completed=completed,
         errors=dict(errors),
-        server_cpu=usage.per_pid[server_pid],
+        server_cpu=usage.cores(server_pids),
         clients_cpu=usage.cores(workers.pids),
         machine_busy=usage.machine_busy,
         server_threads=usage.threads(),
-        others_cpu=usage.others([server_pid, *workers.pids]),
+        others_cpu=usage.others([*server_pids, *workers.pids, *database_pids]),
+        replica_cpu=[usage.per_pid[pid] for pid in server_pids] if replicas else [],
+        database_cpu=usage.cores(database_pids) if backends is not None else None,
     )
 
 
@@ -257,6 +297,11 @@ class Database:
         self.directory = directory
         self.url = ""
         self._pg_name = ""
+
+    @property
+    def name(self) -> str:
+        """The PostgreSQL database's name ("" for SQLite)."""
+        return self._pg_name
 
     async def __aenter__(self) -> str:
         if self.kind == "sqlite":

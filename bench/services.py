@@ -280,6 +280,19 @@ async def create_postgres_database(server_url: str) -> tuple[str, str]:
     return name, make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
+async def backend_pids(server_url: str, name: str) -> list[int]:
+    """The PostgreSQL backend processes connected to database ``name`` now."""
+    connection = await asyncpg.connect(_plain_dsn(server_url), timeout=5)
+    try:
+        rows = await connection.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+    finally:
+        await connection.close()
+    return [int(row["pid"]) for row in rows]
+
+
 async def drop_postgres_database(server_url: str, name: str) -> None:
     with contextlib.suppress(Exception):
         connection = await asyncpg.connect(_plain_dsn(server_url), timeout=5)

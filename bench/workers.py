@@ -68,6 +68,9 @@ class UnarySpec:
     worker: int
     concurrency: int
     channels: int
+    # Several License Server replicas: the closed loops are spread evenly over them,
+    # each replica with its own connections (``channels`` split between them).
+    replicas: tuple[str, ...] = ()
 
 
 def _echo_op(channel: grpc.aio.Channel, payload: bytes) -> Operation:
@@ -108,20 +111,25 @@ def unary_worker(connection: Connection, spec: UnarySpec) -> None:
 
 async def _unary_main(connection: Connection, spec: UnarySpec) -> None:
     mailbox = Mailbox(connection)
-    channels = [
-        grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS)
-        for _ in range(spec.channels)
+    targets = spec.replicas or (spec.target,)
+    per_target = max(1, round(spec.channels / len(targets)))
+    by_target = [
+        [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(per_target)]
+        for target in targets
     ]
+    channels = [channel for group in by_target for channel in group]
     try:
         ops: list[Operation] = []
         for index in range(spec.concurrency):
-            channel = channels[index % len(channels)]
+            # Loop i goes to replica (i + worker) mod n, so the processes even each other out.
+            group = by_target[(index + spec.worker) % len(targets)]
+            channel = group[(index // len(targets)) % len(group)]
             if spec.op == "echo":
                 ops.append(_echo_op(channel, echo_payload()))
             else:
                 ops.append(_cycle_op(channel, f"bench-{spec.worker}-{index:02d}"))
         for op in ops[: len(channels)]:
-            await op()  # connect every channel before the clock starts
+            await op()  # connect every channel before the clock starts (and warm it)
         mailbox.send("ready")
         kind, body = await mailbox.receive("go")
         if kind != "go":
