@@ -392,7 +392,8 @@ def check_service_files(
         [init] = pod["initContainers"]
         src, dst = init["command"][-2:]
         assert Path(dst) == data_dir
-        assert mounts(init)[dst]["name"] == mount_of(container, data_dir)["name"]  # type: ignore[index]
+        data = mount_of(container, data_dir)
+        assert data is not None and mounts(init)[dst]["name"] == data["name"], where
         assert volumes[mounts(init)[src]["name"]]["secret"]["secretName"] == (
             "activation-server-keys"
         )
