@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from tessera.rpc import rich_status
+from tessera.rpc import abort, rich_status
 
 
 def load_or_create_token(path: Path) -> tuple[str, bool]:
@@ -70,6 +70,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         status = rich_status(grpc.StatusCode.UNAUTHENTICATED, message, reason, self._domain, {})
 
         async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.abort_with_status(status)
+            await abort(context, status)
 
         return grpc.unary_unary_rpc_method_handler(refuse)

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tessera.logs import LOG_FORMATS
+from tessera.metrics import split_listen
 from tessera.storage import sqlite_url
 
 
@@ -26,8 +28,10 @@ class SettingsParser:
         default_listen: str,
         default_data_dir: str,
         environ: Mapping[str, str] | None = None,
+        service: str = "",
     ) -> None:
         self.prefix = prefix
+        self.service = service
         self.environ = os.environ if environ is None else environ
         self.parser = argparse.ArgumentParser(prog=prog, description=description)
         self.add("--listen", default_listen, "host:port to serve gRPC on")
@@ -39,6 +43,12 @@ class SettingsParser:
         )
         self.add("--data-dir", default_data_dir, "directory for keys and the default database")
         self.add("--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
+        self.add("--log-format", "text", "text, or json for one JSON object a line")
+        self.add(
+            "--metrics-listen",
+            "",
+            "host:port to serve Prometheus metrics on (GET /metrics); default: none",
+        )
         self.add("--shutdown-grace", "5", "seconds in-flight calls get on SIGTERM")
 
     def env_name(self, flag: str) -> str:
@@ -57,12 +67,24 @@ class SettingsParser:
             grace = float(args.shutdown_grace)
         except ValueError:
             self.parser.error(f"--shutdown-grace: {args.shutdown_grace!r} is not a number")
+        log_format = args.log_format.strip().lower()
+        if log_format not in LOG_FORMATS:
+            self.parser.error(f"--log-format: {args.log_format!r} is not text or json")
+        metrics_listen = args.metrics_listen.strip()
+        if metrics_listen:
+            try:
+                split_listen(metrics_listen)
+            except ValueError:
+                self.parser.error(f"--metrics-listen: {metrics_listen!r} is not HOST:PORT")
         common = CommonSettings(
             listen=args.listen,
             data_dir=data_dir,
             database_url=args.database_url,
             log_level=args.log_level,
             shutdown_grace=grace,
+            log_format=log_format,
+            metrics_listen=metrics_listen,
+            service=self.service,
         )
         return common, args
 
@@ -74,6 +96,11 @@ class CommonSettings:
     database_url: str
     log_level: str
     shutdown_grace: float
+    log_format: str = "text"
+    # Where GET /metrics is served; '' serves none.
+    metrics_listen: str = ""
+    # The service's name in logs and metrics (license_server, …).
+    service: str = ""
 
     def database_url_or_default(self, filename: str) -> str:
         return self.database_url or sqlite_url(self.data_dir, filename)

@@ -43,6 +43,14 @@ def rich_status(
     return status
 
 
+async def abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
+    """End the call with ``status``, keeping the trailing metadata set earlier in the call
+    (the request id): grpc.aio's own ``abort_with_status`` would replace it."""
+    earlier = tuple(context.trailing_metadata() or ())
+    await context.abort(status.code, status.details, (*earlier, *status.trailing_metadata))
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
 class ErrorTable:
     """One service's map from domain errors to status codes, applied to its servicers.
 
@@ -89,8 +97,7 @@ class ErrorTable:
             status = rich_status(
                 grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", self.domain, {}
             )
-        await context.abort_with_status(status)
-        raise AssertionError("abort_with_status returned")  # pragma: no cover
+        await abort(context, status)
 
     def unary(self, method: UnaryMethod[S, Req, Resp]) -> UnaryMethod[S, Req, Resp]:
         """Decorate a unary servicer method."""
@@ -211,7 +218,7 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
                 if isinstance(request, _Undecodable):
-                    await context.abort_with_status(malformed)
+                    await abort(context, malformed)
                 return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(

@@ -1,9 +1,13 @@
-"""Serving plumbing shared by the three services: health, reflection, graceful stop.
+"""Serving plumbing shared by the three services: health, reflection, graceful stop,
+request ids, metrics.
 
 Every service serves ``grpc.health.v1`` and server reflection, so grpcurl, ``buf curl``
-and Kubernetes gRPC probes work without our stubs. SIGTERM and SIGINT stop the service
-gracefully: health turns NOT_SERVING, new calls are refused, in-flight calls get a grace
-period, then the service's own cleanup (streams told, database closed) runs.
+and Kubernetes gRPC probes work without our stubs. Every call is observed (request id,
+latency histogram; ``tessera.call_observer``) and, with ``--metrics-listen``, the
+service's registry is served at ``GET /metrics`` on a port of its own. SIGTERM and
+SIGINT stop the service gracefully: health turns NOT_SERVING, new calls are refused,
+in-flight calls get a grace period, then the service's own cleanup (streams told,
+database closed) runs.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from typing import Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from tessera import logs
+from tessera.call_observer import CallObserver
 from tessera.config import CommonSettings
+from tessera.metrics import MetricsServer
 from tessera.rpc import MalformedRequestGuard
 
 log = logging.getLogger(__name__)
@@ -27,17 +35,27 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class Endpoint:
-    """A grpc.aio server with health and reflection for the given service names."""
+    """A grpc.aio server with health and reflection for the given service names, its
+    calls observed into ``registry`` (default: a new one of its own)."""
 
     def __init__(
         self,
         service_names: Iterable[str],
         error_domain: str,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        registry: CollectorRegistry | None = None,
     ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = MetricsServer(self.registry)
         self.server = grpc.aio.server(
-            # The guard goes last: it caches per method what lies behind it.
-            interceptors=[*interceptors, MalformedRequestGuard(error_domain)],
+            # The observer goes first, so it sees every call as its caller does (refused
+            # credentials included); the guard goes last: it caches per method what lies
+            # behind it.
+            interceptors=[
+                CallObserver(self.registry),
+                *interceptors,
+                MalformedRequestGuard(error_domain),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -57,10 +75,18 @@ class Endpoint:
             raise OSError(f"cannot listen on {listen}")
         return port
 
-    async def start(self) -> None:
+    async def start(self, metrics_listen: str = "") -> None:
+        """Serve gRPC and, when ``metrics_listen`` is set, GET /metrics there."""
+        if metrics_listen:
+            await self.metrics.start(metrics_listen)
         await self.server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port GET /metrics is served on, or None when it is not served."""
+        return self.metrics.port
 
     async def stop(
         self, grace: float, before_grace: Callable[[], Awaitable[None]] | None = None
@@ -70,6 +96,7 @@ class Endpoint:
         if before_grace is not None:
             await before_grace()
         await self.server.stop(grace)
+        await self.metrics.stop()
 
 
 async def wait_for_stop_signal() -> None:
@@ -82,11 +109,9 @@ async def wait_for_stop_signal() -> None:
     log.info("stop signal received; stopping gracefully")
 
 
-def configure_logging(level: str) -> None:
-    """Plain, timestamped log lines on stderr."""
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, log_format: str = "text", service: str = "") -> None:
+    """Timestamped log lines on stderr, as text or JSON (``tessera.logs``)."""
+    logs.configure_logging(level, log_format, service)
 
 
 async def is_serving(target: str, deadline: float = 1.0) -> bool:
@@ -124,7 +149,8 @@ def run_service(
 
     async def main() -> None:
         settings = load_settings()
-        configure_logging(settings.common.log_level)
+        common = settings.common
+        configure_logging(common.log_level, common.log_format, common.service)
         service = await build(settings)
         await wait_for_stop_signal()
         await service.stop(settings.common.shutdown_grace)

@@ -38,6 +38,7 @@ def load_settings(
         default_listen=DEFAULT_LISTEN,
         default_data_dir="var/activation_server",
         environ=environ,
+        service="activation_server",
     )
     parser.add("--signing-key", "", "vendor Ed25519 key file (created when missing)")
     parser.add("--vendor-token", "", "bearer token for VendorService (default: data-dir file)")

@@ -10,6 +10,7 @@ from services.activation_server.config import Settings
 from services.activation_server.domain.activations import Activations
 from services.activation_server.domain.audit import AuditLog
 from services.activation_server.domain.entitlements import Entitlements
+from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.repairs import Repairs
 from services.activation_server.domain.returns import Returns
 from services.activation_server.domain.vendor_key import VendorKey, VendorKeys
@@ -20,6 +21,7 @@ from services.activation_server.store.repository import ActivationStore
 from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
 from tessera.auth import BearerTokenInterceptor, load_or_create_token
 from tessera.clock import Clock, SystemClock
+from tessera.metrics import metrics_note, new_registry
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -38,6 +40,11 @@ class ActivationServer:
     store: ActivationStore
     vendor_keys: VendorKeys
     port: int
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where GET /metrics is served (``--metrics-listen``), or None."""
+        return self.endpoint.metrics_port
 
     @property
     def vendor_key(self) -> VendorKey:
@@ -61,16 +68,19 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     await migrate(engine, MIGRATIONS)
     store = ActivationStore(engine)
     vendor_keys = VendorKeys(KeyDirectory(settings.signing_key), store, clock)
+    registry = new_registry(settings.common.service)
+    metrics = VendorMetrics(registry)
     entitlements = Entitlements(store, clock)
-    activations = Activations(store, vendor_keys, clock)
-    returns = Returns(store, vendor_keys, clock, settings.limits)
-    repairs = Repairs(store, vendor_keys, clock, settings.limits)
+    activations = Activations(store, vendor_keys, clock, metrics)
+    returns = Returns(store, vendor_keys, clock, settings.limits, metrics)
+    repairs = Repairs(store, vendor_keys, clock, settings.limits, metrics)
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
         interceptors=[
             BearerTokenInterceptor(token, [SERVICE_NAMES[1]], domain="tessera.activation")
         ],
+        registry=registry,
     )
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(
         ActivationServicer(entitlements, activations, returns, repairs, vendor_keys),
@@ -81,11 +91,12 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
         endpoint.server,
     )
     port = endpoint.bind(settings.common.listen)
-    await endpoint.start()
+    await endpoint.start(settings.common.metrics_listen)
     log.info(
-        "Activation Server listening on %s (vendor key %s, database %s)",
+        "Activation Server listening on %s (vendor key %s, database %s)%s",
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
         vendor_keys.active.key_id,
         engine.url.render_as_string(hide_password=True),
+        metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )
     return ActivationServer(endpoint, store, vendor_keys, port)

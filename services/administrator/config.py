@@ -32,6 +32,7 @@ def load_settings(
         default_listen=DEFAULT_LISTEN,
         default_data_dir="var/administrator",
         environ=environ,
+        service="administrator",
     )
     parser.add("--activation-server", DEFAULT_ACTIVATION_SERVER, "Activation Server host:port")
     common, args = parser.parse(argv)

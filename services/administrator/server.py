@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.administrator.config import Settings
+from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.resume import ResumeReport
 from services.administrator.errors import ERRORS
@@ -18,6 +19,7 @@ from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.clock import Clock, SystemClock
+from tessera.metrics import metrics_note, new_registry
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -36,6 +38,11 @@ class Administrator:
     # The pass over the journal started with the service (await it to know it is done).
     resumed: asyncio.Task[ResumeReport]
     port: int
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where GET /metrics is served (``--metrics-listen``), or None."""
+        return self.endpoint.metrics_port
 
     async def stop(self, grace: float) -> None:
         await self.endpoint.stop(grace)
@@ -66,17 +73,21 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     await migrate(engine, MIGRATIONS)
     journal = Journal(engine)
     activation_server = ActivationServerClient(settings.activation_server)
-    operations = Operations(journal, activation_server, clock or SystemClock())
-    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain)
+    registry = new_registry(settings.common.service)
+    operations = Operations(
+        journal, activation_server, clock or SystemClock(), OperationMetrics(registry)
+    )
+    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain, registry=registry)
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server
     )
     port = endpoint.bind(settings.common.listen)
-    await endpoint.start()
+    await endpoint.start(settings.common.metrics_listen)
     log.info(
-        "Administrator listening on %s (Activation Server %s)",
+        "Administrator listening on %s (Activation Server %s)%s",
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
         settings.activation_server,
+        metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )
     resumed = asyncio.create_task(resume_in_background(operations))
     return Administrator(endpoint, journal, activation_server, operations, resumed, port)

@@ -47,6 +47,7 @@ def load_settings(
         default_listen=DEFAULT_LISTEN,
         default_data_dir="var/license_server",
         environ=environ,
+        service="license_server",
     )
     parser.add("--vendor-keys", "", "comma-separated files of trusted vendor public keys")
     parser.add(

@@ -13,6 +13,7 @@ from services.license_server.config import Settings
 from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.ledger import AnchorFile
+from services.license_server.domain.metrics import LeaseMetrics, SeatGauges
 from services.license_server.domain.repairs import Repairs
 from services.license_server.domain.returns import Returns
 from services.license_server.domain.trusted_storage import TrustedStorage
@@ -34,6 +35,7 @@ from tessera.keys import (
     read_vendor_public_keys,
 )
 from tessera.license.v1 import license_pb2, license_pb2_grpc
+from tessera.metrics import metrics_note, new_registry
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -58,6 +60,11 @@ class LicenseServer:
     sweeper: asyncio.Task[None]
     notifications: PostgresLeaseNotifications | None
     port: int
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where GET /metrics is served (``--metrics-listen``), or None."""
+        return self.endpoint.metrics_port
 
     async def stop(self, grace: float) -> None:
         async def tell_streams() -> None:
@@ -132,7 +139,9 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     if engine.dialect.name == "postgresql":
         notifications = PostgresLeaseNotifications(settings.database_url, bus, origin)
         await notifications.start()
-    leasing = Leasing(store, settings.policy, clock, bus)
+    registry = new_registry(settings.common.service)
+    lease_metrics = LeaseMetrics(registry)
+    leasing = Leasing(store, settings.policy, clock, bus, lease_metrics)
     trusted_storage = TrustedStorage(
         store,
         identity,
@@ -140,6 +149,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         clock,
         AnchorFile(settings.common.data_dir / "trust-anchor"),
         bus,
+        lease_metrics,
     )
     await trusted_storage.open()
     report = await trusted_storage.check()
@@ -154,7 +164,11 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
         interceptors=[BearerTokenInterceptor(token, [SERVICE_NAMES[2]], domain=ERRORS.domain)],
+        registry=registry,
     )
+    seats = SeatGauges(store, clock)
+    registry.register(seats)
+    endpoint.metrics.before_scrape.append(seats.refresh)
     lease_servicer = LeaseServicer(leasing)
     license_pb2_grpc.add_LeaseServiceServicer_to_server(lease_servicer, endpoint.server)
     license_pb2_grpc.add_LeaseAdminServiceServicer_to_server(
@@ -167,7 +181,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         endpoint.server,
     )
     port = endpoint.bind(settings.common.listen)
-    await endpoint.start()
+    await endpoint.start(settings.common.metrics_listen)
     sweeper = asyncio.create_task(
         sweep_forever(
             leasing, trusted_storage, settings.sweep_interval, settings.trust_check_interval
@@ -175,10 +189,11 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     )
     leasing.heartbeats.start()
     log.info(
-        "License Server %s listening on %s (database %s)",
+        "License Server %s listening on %s (database %s)%s",
         identity.host_id,
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
         engine.url.render_as_string(hide_password=True),
+        metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )
     return LicenseServer(
         endpoint, store, leasing, lease_servicer, identity, sweeper, notifications, port

@@ -52,6 +52,7 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         self.leasing = leasing
         self._inboxes: set[asyncio.Queue[object]] = set()
         self._closing = False
+        leasing.metrics.count_open_streams(lambda: len(self._inboxes))
 
     def close_streams(self) -> None:
         """Tell every open lease stream that the server is stopping (they may resume)."""

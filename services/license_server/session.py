@@ -170,6 +170,7 @@ class LeaseSession:
                 f"(position {outcome})",
                 metadata={"feature": waiter.request.feature},
             )
+            self.leasing.metrics.denied(error.reason)
             yield pb.LeaseResponse(
                 denied=pb.LeaseDenied(reason=error.reason, message=error.message)
             )

@@ -25,6 +25,7 @@ from services.activation_server.domain.host_requests import (
     checked_request_id,
     verify_host_signed,
 )
+from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.model import (
     ActivationRecord,
     ActivationState,
@@ -76,15 +77,33 @@ def checked_registration(registration: Registration | None) -> Registration | No
 class Activations:
     """Decides activation requests from License Servers and client hosts."""
 
-    def __init__(self, store: ActivationStore, signer: Signer, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        signer: Signer,
+        clock: Clock,
+        metrics: VendorMetrics | None = None,
+    ) -> None:
         self.store = store
         self.signer = signer
         self.clock = clock
+        self.metrics = metrics or VendorMetrics()
 
     async def activate(
         self, envelope: SignedEnvelope, registration: Registration | None = None
     ) -> SignedEnvelope:
         """Decide a signed HostActivationRequest; the same request id gets the same answer."""
+        try:
+            response = await self._activate(envelope, registration)
+        except DomainError as refusal:
+            self.metrics.activation(refusal.reason)
+            raise
+        self.metrics.activation()
+        return response
+
+    async def _activate(
+        self, envelope: SignedEnvelope, registration: Registration | None
+    ) -> SignedEnvelope:
         request = verify_host_request(envelope)
         checked_request_id(request.request_id)
         activation_id = parse_id(ACTIVATION_PREFIX, request.activation_id, "activation_id")

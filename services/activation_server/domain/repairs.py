@@ -24,6 +24,7 @@ from services.activation_server.domain.host_requests import (
     verify_host_signed,
 )
 from services.activation_server.domain.limits import REPAIR_WINDOW, Limits, iso_time, next_allowed
+from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.model import RepairRecord
 from services.activation_server.domain.vendor_key import Signer
 from services.activation_server.store.repository import (
@@ -45,15 +46,30 @@ class Repairs:
     """Decides repair requests from License Servers."""
 
     def __init__(
-        self, store: ActivationStore, signer: Signer, clock: Clock, limits: Limits
+        self,
+        store: ActivationStore,
+        signer: Signer,
+        clock: Clock,
+        limits: Limits,
+        metrics: VendorMetrics | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
         self.clock = clock
         self.limits = limits
+        self.metrics = metrics or VendorMetrics()
 
     async def repair(self, envelope: SignedEnvelope) -> SignedEnvelope:
         """Decide a signed HostRepairRequest; the same request id gets the same answer."""
+        try:
+            response = await self._repair(envelope)
+        except DomainError as refusal:
+            self.metrics.repair(refusal.reason)
+            raise
+        self.metrics.repair()
+        return response
+
+    async def _repair(self, envelope: SignedEnvelope) -> SignedEnvelope:
         request = verify_host_signed(envelope, HostRepairRequest)
         checked_request_id(request.request_id)
         previous_host_id = checked_text("previous_host_id", request.previous_host_id, MAX_HOST_ID)

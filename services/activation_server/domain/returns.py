@@ -31,6 +31,7 @@ from services.activation_server.domain.host_requests import (
     verify_host_signed,
 )
 from services.activation_server.domain.limits import Limits, iso_time, next_allowed
+from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.model import (
     ActivationRecord,
     ActivationState,
@@ -72,15 +73,30 @@ class Returns:
     """Decides return requests from License Servers, and forced returns by vendor staff."""
 
     def __init__(
-        self, store: ActivationStore, signer: Signer, clock: Clock, limits: Limits
+        self,
+        store: ActivationStore,
+        signer: Signer,
+        clock: Clock,
+        limits: Limits,
+        metrics: VendorMetrics | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
         self.clock = clock
         self.limits = limits
+        self.metrics = metrics or VendorMetrics()
 
     async def return_seats(self, envelope: SignedEnvelope) -> SignedEnvelope:
         """Decide a signed HostReturnRequest; the same request id gets the same receipt."""
+        try:
+            receipt = await self._return_seats(envelope)
+        except DomainError as refusal:
+            self.metrics.return_(refusal.reason)
+            raise
+        self.metrics.return_(VendorReturnReceipt.FromString(receipt.payload).refusal_reason)
+        return receipt
+
+    async def _return_seats(self, envelope: SignedEnvelope) -> SignedEnvelope:
         request = verify_host_signed(envelope, HostReturnRequest)
         checked_request_id(request.request_id)
         certificate_id = checked_text(
@@ -338,6 +354,7 @@ class Returns:
                     "reason": reason,
                 },
             )
+        self.metrics.forced_return()
         return updated
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from services.administrator.domain.errors import OperationIdReused, OperationNotFound
+from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.model import Intent, Operation, OperationState
 from services.administrator.store.repository import DuplicateOperation, Journal
 from tessera.clock import Clock
@@ -43,9 +44,12 @@ def status_name(error: DomainError, default: str) -> str:
 class OperationJournal:
     """The journal as the flows use it."""
 
-    def __init__(self, store: Journal, clock: Clock) -> None:
+    def __init__(
+        self, store: Journal, clock: Clock, metrics: OperationMetrics | None = None
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.metrics = metrics or OperationMetrics()
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}
 
@@ -112,6 +116,9 @@ class OperationJournal:
             )
         if not moved:
             return await self.get(operation.operation_id)
+        if state.finished:
+            reason = str(values.get("last_error", "")).partition(": ")[0]
+            self.metrics.operation_finished(operation.kind, state, reason)
         return replace(operation, state=state, updated_at=now, **values)
 
     async def fill(
@@ -145,6 +152,7 @@ class OperationJournal:
                 status_name(error, ""),
                 self.clock.now(),
             )
+        self.metrics.step_failed(operation.kind, error.reason)
 
     @asynccontextmanager
     async def noting_errors(self, operation: Operation) -> AsyncIterator[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from services.administrator.domain.activation import ActivationExchange, Activations
 from services.administrator.domain.exchange import ExchangeRunner
 from services.administrator.domain.journal import OperationJournal
+from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.model import OperationKind
 from services.administrator.domain.move import Moves
 from services.administrator.domain.offline import Offline
@@ -28,9 +29,13 @@ class Operations:
     """Brokers activation, return, repair and move between License Servers and the vendor."""
 
     def __init__(
-        self, store: Journal, activation_server: ActivationServerClient, clock: Clock
+        self,
+        store: Journal,
+        activation_server: ActivationServerClient,
+        clock: Clock,
+        metrics: OperationMetrics | None = None,
     ) -> None:
-        self.journal = OperationJournal(store, clock)
+        self.journal = OperationJournal(store, clock, metrics)
         self.registrations = Registrations(store, clock)
         runner = ExchangeRunner(self.journal, self.registrations, clock)
         activation = ActivationExchange(activation_server)

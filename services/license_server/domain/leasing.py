@@ -34,6 +34,7 @@ from services.license_server.domain.events import (
     SeatsFreed,
 )
 from services.license_server.domain.heartbeats import HeartbeatBatcher
+from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import (
     Grant,
     Lease,
@@ -44,7 +45,7 @@ from services.license_server.domain.model import (
 from services.license_server.domain.pools import fit_pool
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
-from tessera.errors import InvalidInput
+from tessera.errors import DomainError, InvalidInput
 from tessera.validation import checked_text
 
 MAX_SEATS_PER_LEASE = 10_000
@@ -87,18 +88,33 @@ class Leasing:
     """Seat pools, the leases on them and the clients waiting for them."""
 
     def __init__(
-        self, store: LicenseStore, policy: LeasePolicy, clock: Clock, bus: LeaseBus | None = None
+        self,
+        store: LicenseStore,
+        policy: LeasePolicy,
+        clock: Clock,
+        bus: LeaseBus | None = None,
+        metrics: LeaseMetrics | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.clock = clock
         self.bus = bus or LeaseBus()
+        self.metrics = metrics or LeaseMetrics()
         self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
 
     # Holding seats
 
     async def acquire(self, new: NewLease, ttl_seconds: int | None = None) -> Grant:
         """Take ``new.count`` seats of a feature, all or nothing, behind any waiters."""
+        try:
+            grant = await self._acquire(new, ttl_seconds)
+        except DomainError as refusal:
+            self.metrics.denied(refusal.reason)
+            raise
+        self.metrics.granted(grant.lease.feature)
+        return grant
+
+    async def _acquire(self, new: NewLease, ttl_seconds: int | None) -> Grant:
         new = _validated(new)
         ttl = self._ttl(ttl_seconds)
         now = self.clock.now()
@@ -155,6 +171,7 @@ class Leasing:
             event = LeaseResumed(lease.lease_id, lease.epoch)
             await repo.announce(event)
         self.bus.publish(event)
+        self.metrics.resumed()
         return self._grant(lease, secret, resumed=True)
 
     async def release(self, lease_id: str, secret: str, epoch: int | None = None) -> bool:
@@ -181,6 +198,13 @@ class Leasing:
 
     async def enqueue(self, new: NewLease) -> Waiter:
         """Put a client at the back of its feature's queue (it must be licensed here)."""
+        try:
+            return await self._enqueue(new)
+        except DomainError as refusal:
+            self.metrics.denied(refusal.reason)
+            raise
+
+    async def _enqueue(self, new: NewLease) -> Waiter:
         new = _validated(new)
         now = self.clock.now()
         async with self.store.transaction() as repo:
@@ -207,10 +231,13 @@ class Leasing:
                 and await repo.take_seats(request.feature, request.count, now, waiter.ticket)
             ):
                 await repo.leave_queue(waiter.waiter_id)
-                return await self._grant_new(repo, request, ttl, now)
-            alive_until = now + _seconds(self.policy.waiter_ttl_seconds)
-            await repo.keep_waiter_alive(waiter.waiter_id, alive_until)
-            return await repo.queue_position(waiter, now)
+                grant = await self._grant_new(repo, request, ttl, now)
+            else:
+                alive_until = now + _seconds(self.policy.waiter_ttl_seconds)
+                await repo.keep_waiter_alive(waiter.waiter_id, alive_until)
+                return await repo.queue_position(waiter, now)
+        self.metrics.granted(request.feature)
+        return grant
 
     async def leave_queue(self, waiter: Waiter) -> None:
         async with self.store.transaction() as repo:
@@ -239,6 +266,7 @@ class Leasing:
             for event in events:
                 await repo.announce(event)
         self._publish(events)
+        self.metrics.revoked(events)
         return True
 
     async def list_leases(self, feature: str = "") -> list[LeaseEntry]:
@@ -299,6 +327,7 @@ class Leasing:
                     await repo.announce(event)
                 await repo.drop_dead_waiters(now)
             self._publish(events)
+            self.metrics.expired(len(expired))
             freed += len(expired)
             if len(expired) < self.policy.sweep_batch:
                 return freed
@@ -323,6 +352,7 @@ class Leasing:
                     f"the {certificate.feature} license behind this lease expired",
                 )
             self._publish(events)
+            self.metrics.revoked(events)
         return retired
 
     # Rules

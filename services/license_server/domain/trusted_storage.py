@@ -31,6 +31,7 @@ from services.license_server.domain.errors import (
 )
 from services.license_server.domain.events import LeaseBus, LeaseEvent
 from services.license_server.domain.ledger import Anchor, AnchorFile, Seal
+from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
 from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.trust import TrustReport, inspect, state_of, storage_problem
@@ -96,6 +97,7 @@ class TrustedStorage:
         clock: Clock,
         anchor: AnchorFile,
         bus: LeaseBus | None = None,
+        metrics: LeaseMetrics | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
@@ -103,6 +105,7 @@ class TrustedStorage:
         self.clock = clock
         self.anchor = anchor
         self.bus = bus or LeaseBus()
+        self.metrics = metrics or LeaseMetrics()
 
     # Sealing, judging, recording
 
@@ -283,8 +286,11 @@ class TrustedStorage:
             )
 
     def publish(self, events: Sequence[LeaseEvent]) -> None:
+        """Tell the streams what a committed change did to their leases (and count the
+        leases it revoked)."""
         for event in events:
             self.bus.publish(event)
+        self.metrics.revoked(events)
 
     # Activation
 

@@ -331,6 +331,24 @@ class Repository:
         rows = (await self.session.execute(select(pools).order_by(pools.c.feature))).mappings()
         return [PoolInformation(row["feature"], row["activated"], row["used"]) for row in rows]
 
+    async def pools_with_queues(self, now: dt.datetime) -> list[PoolInformation]:
+        """Every pool with the number of live waiters for it, in one statement (for a
+        metrics scrape, which must stay cheap)."""
+        waiting = (
+            select(func.count())
+            .where(lease_queue.c.feature == pools.c.feature, lease_queue.c.alive_until > now)
+            .scalar_subquery()
+        )
+        rows = await self.session.execute(
+            select(pools.c.feature, pools.c.activated, pools.c.used, waiting).order_by(
+                pools.c.feature
+            )
+        )
+        return [
+            PoolInformation(feature, activated, used, queued=int(queued))
+            for feature, activated, used, queued in rows.all()
+        ]
+
     # Leases
 
     async def insert_lease(
