@@ -80,6 +80,7 @@ class MetricsServer:
         self.before_scrape: list[Refresh] = []
         self.port: int | None = None
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self, listen: str) -> int:
         """Listen on ``host:port`` (port 0: any free port); returns the bound port."""
@@ -93,6 +94,8 @@ class MetricsServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in list(self._connections):  # a scraper that never finishes asking
+                writer.close()
             await self._server.wait_closed()
             self._server = None
 
@@ -107,6 +110,7 @@ class MetricsServer:
         return encoder(self.registry), content_type
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
@@ -119,6 +123,7 @@ class MetricsServer:
         except ConnectionError:
             pass
         finally:
+            self._connections.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

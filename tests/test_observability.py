@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.activation_server import config as as_config
@@ -32,6 +33,7 @@ from tessera.admin.v1 import admin_pb2 as pb
 from tessera.auth import bearer_metadata
 from tessera.call_observer import REQUEST_ID_HEADER
 from tessera.license.v1 import license_pb2 as lpb
+from tessera.metrics import MetricsServer
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.support import OPERATOR_TOKEN, VENDOR_TOKEN, Site
@@ -334,6 +336,23 @@ async def test_metrics_endpoint_speaks_openmetrics_when_asked(sqlite_site: Site)
     assert (await http_get(port, path="/"))[0] == 404
     assert (await http_get(port, method="POST"))[0] == 405
     assert b"process_resident_memory_bytes" in (await http_get(port))[2]
+
+
+async def test_metrics_endpoint_refuses_oversized_requests_and_stops_on_idle_scrapers() -> None:
+    registry = CollectorRegistry()
+    server = MetricsServer(registry)
+    port = await server.start("127.0.0.1:0")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"x" * 20_000 + b"\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 431 ")
+        writer.close()
+        idle = await asyncio.open_connection("127.0.0.1", port)  # connects, never asks
+    finally:
+        async with asyncio.timeout(2):
+            await server.stop()
+    assert await idle[0].read() == b""
+    idle[1].close()
 
 
 async def test_metrics_are_off_unless_asked_for(tmp_path: Path) -> None:
