@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -214,6 +216,21 @@ def first_after(moments: list[float], moment: float) -> float:
     return next(t for t in moments if t > moment)
 
 
+class RetryCounter(logging.Handler):
+    """Counts the client library's failed resume attempts by what went wrong (it logs
+    each at DEBUG as "resume of lease <id>: <error>")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("resume of lease") and len(record.args or ()) >= 2:
+            error = record.args[-1] if isinstance(record.args, tuple) else ""
+            # Group by the error's text without the target (host:port).
+            self.counts[re.sub(r"127\.0\.0\.1:\d+", "<replica>", str(error))] += 1
+
+
 def failover_worker(connection: Connection, spec: FailoverSpec) -> None:
     asyncio.run(_failover_main(connection, spec))
 
@@ -228,6 +245,11 @@ async def _failover_main(connection: Connection, spec: FailoverSpec) -> None:
     acquiring = asyncio.Semaphore(spec.acquire_concurrency)
     errors: Counter[str] = Counter()
     killed: dict[str, Any] = {}
+    retries = RetryCounter()
+    client_log = logging.getLogger("clients.lease")
+    client_log.setLevel(logging.DEBUG)
+    client_log.addHandler(retries)
+    client_log.propagate = False  # the counts, not thousands of lines
 
     async def take(index: int) -> None:
         entry = tracked[index]
@@ -292,9 +314,18 @@ async def _failover_main(connection: Connection, spec: FailoverSpec) -> None:
             ),
             others_resumed=sum(1 for e in others if e.resumed_at),
             errors=dict(errors),
+            retries=dict(retries.counts),
         )
+        # Check in a few at a time: thousands at once would wait past the client's
+        # release timeout (5 s) for the surviving replicas.
+        releasing = asyncio.Semaphore(spec.acquire_concurrency)
+
+        async def release(lease: Lease) -> bool:
+            async with releasing:
+                return await lease.release()
+
         checked_in = await asyncio.gather(
-            *(e.lease.release() for e in tracked if e.lease is not None),
+            *(release(e.lease) for e in tracked if e.lease is not None),
             return_exceptions=True,
         )
         final["not_checked_in"] = sum(1 for ok in checked_in if ok is not True)
@@ -329,8 +360,11 @@ class FailoverResult:
     unknown_rows: int
     missing_rows: int
     survivors_cpu: float  # cores, from the SIGKILL to the last resume
+    clients_cpu: float  # cores, the client processes over the same window
+    machine_busy: float  # fraction of all cores, same window
     not_checked_in: int
     errors: dict[str, int]
+    retries: dict[str, int]  # failed resume attempts (each retried), by error
 
     @property
     def double_counts(self) -> int:
@@ -359,9 +393,14 @@ class FailoverResult:
             f"surviving replicas that resumed: {self.others_resumed}"
         )
         print(
-            f"  surviving replicas' CPU from the SIGKILL to the last resume: "
-            f"{100 * self.survivors_cpu:.0f}% of a core (both together)"
+            f"  CPU from the SIGKILL to the last resume: surviving replicas "
+            f"{100 * self.survivors_cpu:.0f}% of a core (both together), clients "
+            f"{100 * self.clients_cpu:.0f}%; machine {100 * self.machine_busy:.0f}% busy"
         )
+        if self.retries:
+            print(f"  failed resume attempts, each retried: {sum(self.retries.values()):,}")
+            for error, count in sorted(self.retries.items(), key=lambda item: -item[1]):
+                print(f"    {count:,} x {error[:160]}")
         if self.not_checked_in or self.errors:
             print(f"  not checked in at the end: {self.not_checked_in}; errors {self.errors}")
 
@@ -395,6 +434,7 @@ async def failover_phase(options: Options, vendor: Vendor) -> FailoverResult:
                 for index, count in enumerate(split(leases, procs))
             ]
             workers = Workers(failover_worker, specs)
+            client_pids = workers.pids
             try:
                 await workers.receive_all("started", within=60)
                 latest: list[dict[str, Any]] = [{} for _ in specs]
@@ -421,7 +461,7 @@ async def failover_phase(options: Options, vendor: Vendor) -> FailoverResult:
                 victim.process.kill()
                 workers.send_all("killed", target=victim.target, at=killed_at)
                 survivor_pids = [r.process.pid for r in replicas if r is not victim]
-                window = CpuWindow(survivor_pids)
+                window = CpuWindow([*survivor_pids, *workers.pids])
                 deadline = killed_at + options.failover_timeout
                 all_resumed_at: float | None = None
                 while time.monotonic() < deadline:
@@ -447,8 +487,10 @@ async def failover_phase(options: Options, vendor: Vendor) -> FailoverResult:
     ours = {lease_id for final in finals for lease_id in final["lease_ids"]}
     latencies = sorted(x for final in finals for x in final["victim_latencies"])
     errors: Counter[str] = Counter()
+    retries: Counter[str] = Counter()
     for final in finals:
         errors.update(final["errors"])
+        retries.update(final["retries"])
     return FailoverResult(
         leases=leases,
         held=held,
@@ -469,6 +511,9 @@ async def failover_phase(options: Options, vendor: Vendor) -> FailoverResult:
         unknown_rows=len(set(rows) - ours),
         missing_rows=len(ours - set(rows)),
         survivors_cpu=usage.cores(survivor_pids),
+        clients_cpu=usage.cores(client_pids),
+        machine_busy=usage.machine_busy,
         not_checked_in=sum(final["not_checked_in"] for final in finals),
         errors=dict(errors),
+        retries=dict(retries),
     )
