@@ -3,6 +3,7 @@
     .venv/bin/python -m bench                         # all phases, ~5 minutes
     .venv/bin/python -m bench --phases echo,cycles    # just the throughput phases
     .venv/bin/python -m bench --phases streams --streams 20000
+    .venv/bin/python -m bench --phases replicas,failover   # scale-out (opt-in, PostgreSQL)
 
 See docs/performance.md for what each phase measures and the figures on this machine.
 """
