@@ -75,22 +75,26 @@ class ErrorTable:
 
     def code_for(self, error: DomainError) -> grpc.StatusCode:
         """The status code of ``error``: its own class or its nearest mapped base class."""
+        return self._mapped_code(error) or grpc.StatusCode.INTERNAL
+
+    def _mapped_code(self, error: DomainError) -> grpc.StatusCode | None:
         if isinstance(error, PeerRefused):
-            return grpc.StatusCode[error.status_name]
+            return grpc.StatusCode[error.status_name]  # the peer's own code, INTERNAL too
         for cls in type(error).__mro__:
             code = self.table.get(cls)
             if code is not None:
                 return code
-        return grpc.StatusCode.INTERNAL
+        return None
 
     async def abort(
         self, context: grpc.aio.ServicerContext[Any, Any], error: Exception
     ) -> NoReturn:
         """End the call with the status that ``error`` deserves."""
         if isinstance(error, DomainError):
-            code = self.code_for(error)
-            if code is grpc.StatusCode.INTERNAL:
+            code = self._mapped_code(error)
+            if code is None:
                 log.error("domain error %s has no status code in the table", type(error).__name__)
+                code = grpc.StatusCode.INTERNAL
             status = rich_status(code, error.message, error.reason, self.domain, error.metadata)
         else:
             log.error("unexpected error", exc_info=error)
