@@ -10,20 +10,15 @@ waiter must hear at once is published as a lease event after the change commits.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from services.license_server.domain import pools
 from services.license_server.domain.errors import (
-    CountAboveActivated,
-    FeatureNotLicensed,
     LeaseExpired,
     LeaseNotFound,
     LeaseReleased,
-    NoSeatAvailable,
     StaleLeaseEpoch,
 )
 from services.license_server.domain.events import (
@@ -33,6 +28,7 @@ from services.license_server.domain.events import (
     LeaseResumed,
     SeatsFreed,
 )
+from services.license_server.domain.group_commit import GroupCommit
 from services.license_server.domain.heartbeats import HeartbeatBatcher
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import (
@@ -43,6 +39,12 @@ from services.license_server.domain.model import (
     Waiter,
 )
 from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.seats import (
+    above_activated,
+    new_lease,
+    not_licensed,
+    secret_hash,
+)
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput
@@ -80,10 +82,6 @@ class LeaseEntry:
     waiter: Waiter | None
 
 
-def secret_hash(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
 class Leasing:
     """Seat pools, the leases on them and the clients waiting for them."""
 
@@ -101,6 +99,7 @@ class Leasing:
         self.bus = bus or LeaseBus()
         self.metrics = metrics or LeaseMetrics()
         self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
+        self.group_commit = GroupCommit(store, clock, self.bus.publish)
 
     # Holding seats
 
@@ -116,20 +115,8 @@ class Leasing:
 
     async def _acquire(self, new: NewLease, ttl_seconds: int | None) -> Grant:
         new = _validated(new)
-        ttl = self._ttl(ttl_seconds)
-        now = self.clock.now()
-        async with self.store.transaction() as repo:
-            # A full pool is refused from a plain read, without queueing for the pool row's
-            # lock behind every other checkout; a grant is only ever the conditional UPDATE.
-            pool = await repo.get_pool(new.feature)
-            if pool is None or pool.available < new.count:
-                await self._refuse(repo, new, now)
-            # The lease row goes in first, so the pool row is locked only from its UPDATE
-            # to the commit.
-            grant = await self._grant_new(repo, new, ttl, now)
-            if not await repo.take_seats(new.feature, new.count, now):
-                await self._refuse(repo, new, now)
-            return grant
+        lease, secret = await self.group_commit.checkout(new, self._ttl(ttl_seconds))
+        return self._grant(lease, secret, resumed=False)
 
     async def heartbeat(
         self,
@@ -175,8 +162,11 @@ class Leasing:
         return self._grant(lease, secret, resumed=True)
 
     async def release(self, lease_id: str, secret: str, epoch: int | None = None) -> bool:
-        """Check a lease in; False when it was already released (not an error)."""
+        """Check a lease in; False when it was already released (not an error). A stream
+        passes its epoch (fencing); a check-in without one joins the group commit."""
         _require_lease_credentials(lease_id, secret)
+        if epoch is None:
+            return await self.group_commit.checkin(lease_id, secret)
         now = self.clock.now()
         async with self.store.transaction() as repo:
             # The check-in itself first; the lease is read only to explain a refusal.
@@ -210,9 +200,9 @@ class Leasing:
         async with self.store.transaction() as repo:
             pool = await repo.get_pool(new.feature)
             if pool is None or pool.activated == 0:
-                raise _not_licensed(new.feature)
+                raise not_licensed(new.feature)
             if new.count > pool.activated:
-                raise _above_activated(new, pool)
+                raise above_activated(new, pool)
             waiter = Waiter(str(uuid.uuid4()), new, now)
             ticket = await repo.enqueue(waiter, now + _seconds(self.policy.waiter_ttl_seconds))
         return replace(waiter, ticket=ticket)
@@ -300,7 +290,7 @@ class Leasing:
         names = sorted(set(pools) | set(required))
         if feature:
             if feature not in names:
-                raise _not_licensed(feature)
+                raise not_licensed(feature)
             names = [feature]
         return [
             PoolInformation(
@@ -368,25 +358,8 @@ class Leasing:
     async def _grant_new(
         self, repo: Repository, new: NewLease, ttl: int, now: dt.datetime
     ) -> Grant:
-        lease_id = str(uuid.uuid4())
-        secret = secrets.token_urlsafe(24)
-        await repo.insert_lease(
-            lease_id, secret_hash(secret), new, ttl, now, now + dt.timedelta(seconds=ttl)
-        )
-        lease = Lease(
-            lease_id=lease_id,
-            feature=new.feature,
-            count=new.count,
-            client_host=new.client_host,
-            user=new.user,
-            display_name=new.display_name,
-            ttl_seconds=ttl,
-            epoch=1,
-            granted_at=now,
-            last_heartbeat_at=now,
-            expires_at=now + dt.timedelta(seconds=ttl),
-            released_at=None,
-        )
+        lease, secret = new_lease(new, ttl, now)
+        await repo.insert_leases([(lease, secret_hash(secret))])
         return self._grant(lease, secret, resumed=False)
 
     def _grant(self, lease: Lease, secret: str, resumed: bool) -> Grant:
@@ -396,19 +369,6 @@ class Leasing:
     def _publish(self, events: Sequence[LeaseEvent]) -> None:
         for event in events:
             self.bus.publish(event)
-
-    async def _refuse(self, repo: Repository, new: NewLease, now: dt.datetime) -> None:
-        pool = await repo.get_pool(new.feature)
-        if pool is None or pool.activated == 0:
-            raise _not_licensed(new.feature)
-        if new.count > pool.activated:
-            raise _above_activated(new, pool)
-        queued = (await repo.queued_per_feature(now)).get(new.feature, 0)
-        raise NoSeatAvailable(
-            f"all {pool.activated} seats of {new.feature} are in use or promised to the queue "
-            f"({pool.available} free, {queued} waiting, {new.count} asked for)",
-            metadata={"feature": new.feature, "available": str(pool.available)},
-        )
 
     async def _explain_unusable(
         self, repo: Repository, lease_id: str, secret: str, epoch: int | None, now: dt.datetime
@@ -443,21 +403,6 @@ def _expiry_events(expired: list[tuple[str, str]]) -> list[LeaseEvent]:
 
 def _seconds(value: float) -> dt.timedelta:
     return dt.timedelta(seconds=value)
-
-
-def _not_licensed(feature: str) -> FeatureNotLicensed:
-    return FeatureNotLicensed(
-        f"no {feature} licenses are activated on this License Server",
-        metadata={"feature": feature},
-    )
-
-
-def _above_activated(new: NewLease, pool: PoolInformation) -> CountAboveActivated:
-    return CountAboveActivated(
-        f"{new.count} seats of {new.feature} asked for, but only {pool.activated} are "
-        "activated here",
-        metadata={"feature": new.feature, "activated": str(pool.activated)},
-    )
 
 
 def _validated(new: NewLease) -> NewLease:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from sqlalchemy import RowMapping, delete, exists, func, insert, select, update
+from sqlalchemy import RowMapping, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -327,6 +328,16 @@ class Repository:
             None if row is None else PoolInformation(row["feature"], row["activated"], row["used"])
         )
 
+    async def get_pools(self, features: Iterable[str]) -> dict[str, PoolInformation]:
+        """The pools of ``features`` that exist, by feature, in one statement."""
+        rows = (
+            await self.session.execute(select(pools).where(pools.c.feature.in_(set(features))))
+        ).mappings()
+        return {
+            row["feature"]: PoolInformation(row["feature"], row["activated"], row["used"])
+            for row in rows
+        }
+
     async def list_pools(self) -> list[PoolInformation]:
         rows = (await self.session.execute(select(pools).order_by(pools.c.feature))).mappings()
         return [PoolInformation(row["feature"], row["activated"], row["used"]) for row in rows]
@@ -351,32 +362,53 @@ class Repository:
 
     # Leases
 
-    async def insert_lease(
-        self,
-        lease_id: str,
-        secret_hash: bytes,
-        new: NewLease,
-        ttl_seconds: int,
-        now: dt.datetime,
-        expires_at: dt.datetime,
-    ) -> None:
+    async def insert_leases(self, granted: Sequence[tuple[Lease, bytes]]) -> None:
+        """Insert many new leases (each with its secret's hash) in one statement."""
         await self.session.execute(
-            insert(leases).values(
-                lease_id=lease_id,
-                secret_hash=secret_hash,
-                feature=new.feature,
-                count=new.count,
-                client_host=new.client_host,
-                user=new.user,
-                display_name=new.display_name,
-                ttl_seconds=ttl_seconds,
-                epoch=1,
-                granted_at=now,
-                last_heartbeat_at=now,
-                expires_at=expires_at,
-                released_at=None,
-            )
+            insert(leases),
+            [
+                {
+                    "lease_id": lease.lease_id,
+                    "secret_hash": hashed,
+                    "feature": lease.feature,
+                    "count": lease.count,
+                    "client_host": lease.client_host,
+                    "user": lease.user,
+                    "display_name": lease.display_name,
+                    "ttl_seconds": lease.ttl_seconds,
+                    "epoch": lease.epoch,
+                    "granted_at": lease.granted_at,
+                    "last_heartbeat_at": lease.last_heartbeat_at,
+                    "expires_at": lease.expires_at,
+                    "released_at": None,
+                }
+                for lease, hashed in granted
+            ],
         )
+
+    async def release_leases(
+        self, credentials: Iterable[tuple[str, bytes]], now: dt.datetime, reason: str
+    ) -> dict[str, str]:
+        """Release the held leases among (lease id, secret hash) pairs and give their
+        seats back, in one statement per table; the feature of each lease released.
+        (An OR of exact pairs uses the primary key; a row-value IN would scan.)"""
+        pairs = [
+            and_(leases.c.lease_id == lease_id, leases.c.secret_hash == hashed)
+            for lease_id, hashed in dict.fromkeys(credentials)
+        ]
+        rows = (
+            await self.session.execute(
+                update(leases)
+                .where(or_(*pairs), leases.c.released_at.is_(None))
+                .values(released_at=now, release_reason=reason)
+                .returning(leases.c.lease_id, leases.c.feature, leases.c.count)
+            )
+        ).all()
+        seats: Counter[str] = Counter()
+        for _, feature, count in rows:
+            seats[feature] += count
+        await self.give_back_seats(seats)
+        return {lease_id: feature for lease_id, feature, _ in rows}
 
     async def get_lease(self, lease_id: str, secret_hash: bytes) -> Lease | None:
         row = await first_row(

@@ -1,0 +1,211 @@
+"""Checkouts and check-ins that arrive together commit together (group commit).
+
+One transaction per call costs a BEGIN, a COMMIT and a few statements for every
+checkout and check-in. Here calls that arrive while a transaction is in flight wait for
+the next one, and that one serves them all: one UPDATE releases every check-in, one
+conditional UPDATE per feature takes the seats of every checkout that fits, one INSERT
+writes their leases. At low load a batch holds one call and costs what a call did.
+
+The invariants hold as they do call by call:
+- Seats are taken only by the conditional UPDATE on the pool row (``take_seats``, for a
+  batch's total of a feature), so replicas never over-allocate. When it fails (another
+  replica took seats meanwhile, or clients wait in the queue) the batch's checkouts of
+  that feature are tried one by one, as single calls are.
+- Checkouts are judged in arrival order, all or nothing each; check-ins go first, so
+  seats they free serve the checkouts of the same batch.
+- A caller hears its grant or release only after the transaction committed. When the
+  transaction fails, every caller in it gets the error and nothing of it was written.
+  A caller that gives up while its batch commits (a cancelled RPC) does not undo it:
+  its lease is held until its TTL runs out, as a lease whose grant was lost in transit is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.license_server.domain.errors import LeaseNotFound
+from services.license_server.domain.events import LeaseEvent, SeatsFreed
+from services.license_server.domain.model import Lease, NewLease
+from services.license_server.domain.seats import new_lease, refusal, secret_hash
+from services.license_server.store.repository import LicenseStore, Repository
+from tessera.clock import Clock
+from tessera.errors import DomainError
+
+# Calls served by one transaction at most (bounds its statements' size).
+MAX_BATCH = 256
+
+
+@dataclass
+class _Checkout:
+    new: NewLease
+    ttl: int
+    done: asyncio.Future[tuple[Lease, str]]
+
+
+@dataclass
+class _Checkin:
+    lease_id: str
+    secret: str
+    done: asyncio.Future[bool]
+
+
+@dataclass
+class _Outcome:
+    """What a committed batch answers each caller, and what it tells the bus."""
+
+    answers: list[tuple[asyncio.Future[Any], object]] = field(default_factory=list)
+    events: list[LeaseEvent] = field(default_factory=list)
+
+
+class GroupCommit:
+    """Batches the checkouts and check-ins of this process into shared transactions."""
+
+    def __init__(
+        self,
+        store: LicenseStore,
+        clock: Clock,
+        publish: Callable[[LeaseEvent], None],
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.publish = publish
+        self.max_batch = max_batch
+        self._checkouts: list[_Checkout] = []
+        self._checkins: list[_Checkin] = []
+        self._committer: asyncio.Task[None] | None = None
+        # Transactions committed and calls they served (a benchmark reads the ratio).
+        self.transactions = 0
+        self.calls = 0
+
+    async def checkout(self, new: NewLease, ttl: int) -> tuple[Lease, str]:
+        """A new lease on ``new``'s seats and its secret, or the DomainError why not."""
+        done: asyncio.Future[tuple[Lease, str]] = asyncio.get_running_loop().create_future()
+        self._checkouts.append(_Checkout(new, ttl, done))
+        self._start()
+        return await done
+
+    async def checkin(self, lease_id: str, secret: str) -> bool:
+        """Release a lease; False when it was already released, LeaseNotFound when no
+        lease has this id and secret."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._checkins.append(_Checkin(lease_id, secret, done))
+        self._start()
+        return await done
+
+    def _start(self) -> None:
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_while_pending())
+
+    async def _commit_while_pending(self) -> None:
+        while self._checkouts or self._checkins:
+            checkouts = self._checkouts[: self.max_batch]
+            del self._checkouts[: len(checkouts)]
+            checkins = self._checkins[: self.max_batch - len(checkouts)]
+            del self._checkins[: len(checkins)]
+            # A caller that gave up before its batch began asks for nothing.
+            checkouts = [c for c in checkouts if not c.done.done()]
+            checkins = [c for c in checkins if not c.done.done()]
+            if not (checkouts or checkins):
+                continue
+            callers: list[asyncio.Future[Any]] = [c.done for c in checkouts]
+            callers += [c.done for c in checkins]
+            try:
+                outcome = await self._commit(checkouts, checkins)
+            except Exception as error:  # nothing of the batch was written
+                for done in callers:
+                    if not done.done():
+                        done.set_exception(error)
+                continue
+            self.transactions += 1
+            self.calls += len(callers)
+            for done, answer in outcome.answers:
+                if done.done():
+                    continue  # the caller gave up; what committed stays committed
+                if isinstance(answer, BaseException):
+                    done.set_exception(answer)
+                else:
+                    done.set_result(answer)
+            for event in outcome.events:
+                self.publish(event)
+
+    async def _commit(self, checkouts: list[_Checkout], checkins: list[_Checkin]) -> _Outcome:
+        outcome = _Outcome()
+        now = self.clock.now()
+        async with self.store.transaction() as repo:
+            if checkins:
+                await self._release(repo, checkins, now, outcome)
+            if checkouts:
+                await self._grant(repo, checkouts, now, outcome)
+        return outcome
+
+    async def _release(
+        self, repo: Repository, checkins: list[_Checkin], now: dt.datetime, outcome: _Outcome
+    ) -> None:
+        hashes = [secret_hash(c.secret) for c in checkins]
+        released = await repo.release_leases(
+            [(c.lease_id, hashed) for c, hashed in zip(checkins, hashes, strict=True)],
+            now,
+            "checked_in",
+        )
+        answered: set[str] = set()
+        for checkin, hashed in zip(checkins, hashes, strict=True):
+            if checkin.lease_id in released and checkin.lease_id not in answered:
+                answered.add(checkin.lease_id)
+                outcome.answers.append((checkin.done, True))
+                continue
+            # Refused or a repeat within the batch: read the lease only to explain.
+            lease = await repo.get_lease(checkin.lease_id, hashed)
+            answer: object = (
+                LeaseNotFound(f"no lease {checkin.lease_id!r} with that secret")
+                if lease is None
+                else False
+            )
+            outcome.answers.append((checkin.done, answer))
+        for feature in sorted(set(released.values())):
+            event = SeatsFreed(feature)
+            await repo.announce(event)
+            outcome.events.append(event)
+
+    async def _grant(
+        self, repo: Repository, checkouts: list[_Checkout], now: dt.datetime, outcome: _Outcome
+    ) -> None:
+        by_feature: dict[str, list[_Checkout]] = {}
+        for checkout in checkouts:
+            by_feature.setdefault(checkout.new.feature, []).append(checkout)
+        pools = await repo.get_pools(by_feature)
+        granted: list[_Checkout] = []
+        refused: list[_Checkout] = []
+        for feature, asking in by_feature.items():
+            # A full pool is refused from the plain read; the grant is the UPDATE.
+            pool = pools.get(feature)
+            free = pool.available if pool is not None else 0
+            fitting: list[_Checkout] = []
+            for checkout in asking:
+                if checkout.new.count <= free:
+                    fitting.append(checkout)
+                    free -= checkout.new.count
+                else:
+                    refused.append(checkout)
+            if not fitting:
+                continue
+            if await repo.take_seats(feature, sum(c.new.count for c in fitting), now):
+                granted += fitting
+                continue
+            for checkout in fitting:  # raced or queued: one by one, as single calls
+                if await repo.take_seats(feature, checkout.new.count, now):
+                    granted.append(checkout)
+                else:
+                    refused.append(checkout)
+        leases = [(checkout, new_lease(checkout.new, checkout.ttl, now)) for checkout in granted]
+        if leases:
+            await repo.insert_leases([(lease, secret_hash(key)) for _, (lease, key) in leases])
+        for checkout, lease_and_secret in leases:
+            outcome.answers.append((checkout.done, lease_and_secret))
+        for checkout in refused:
+            reason: DomainError = await refusal(repo, checkout.new, now)
+            outcome.answers.append((checkout.done, reason))
