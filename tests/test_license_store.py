@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.license_server.domain.errors import (
     CountAboveActivated,
@@ -337,3 +338,137 @@ async def test_database_refuses_used_outside_zero_to_activated(
             await connection.execute(text(statement))
     info = await pool(leasing)
     assert (info.activated, info.used) == (3, 1)
+
+
+# The group commit of checkouts and check-ins (domain/group_commit.py): calls that arrive
+# together share one transaction, and each still gets the answer it would have got alone,
+# in arrival order. ``asyncio.gather`` starts every call before the first batch begins, so
+# the calls of one gather land in one batch; the tests assert that too, so they cannot
+# pass by accident with one transaction per call.
+
+
+async def test_one_batch_judges_checkouts_in_arrival_order_all_or_nothing(
+    leasing: Leasing,
+) -> None:
+    await seed(leasing, 10)
+    counts = [4, 4, 4, 2, 1]
+    results = await asyncio.gather(
+        *(leasing.acquire(new_lease(count, client=f"es-{i}")) for i, count in enumerate(counts)),
+        return_exceptions=True,
+    )
+    assert leasing.group_commit.transactions == 1
+    assert leasing.group_commit.calls == len(counts)
+    # One at a time: 4 (6 left), 4 (2 left), 4 refused, 2 (0 left), 1 refused.
+    assert [type(r) for r in results] == [Grant, Grant, NoSeatAvailable, Grant, NoSeatAvailable]
+    granted = [r for r in results if isinstance(r, Grant)]
+    assert [g.lease.count for g in granted] == [4, 4, 2]
+    assert len({g.lease.lease_id for g in granted}) == 3
+    info = await pool(leasing)
+    assert (info.activated, info.used) == (10, 10)
+    assert await held_seats(leasing) == 10
+
+
+async def test_check_ins_free_seats_for_the_checkouts_of_the_same_batch(leasing: Leasing) -> None:
+    await seed(leasing, 2)
+    first = await leasing.acquire(new_lease(client="ws-1"))
+    second = await leasing.acquire(new_lease(client="ws-2"))
+    before = leasing.group_commit.transactions
+    results = await asyncio.gather(
+        leasing.acquire(new_lease(2, client="es-1")),
+        leasing.release(first.lease.lease_id, first.secret),
+        leasing.release(second.lease.lease_id, second.secret),
+    )
+    assert leasing.group_commit.transactions == before + 1
+    grant, released_first, released_second = results
+    assert isinstance(grant, Grant) and grant.lease.count == 2
+    assert (released_first, released_second) == (True, True)
+    assert (await pool(leasing)).used == 2
+    assert await held_seats(leasing) == 2
+
+
+async def test_each_check_in_of_a_batch_gets_its_own_answer(leasing: Leasing) -> None:
+    """A wrong secret beside the right one for the same lease, and a repeat: the right one
+    releases, the repeat hears 'already released', the wrong one hears 'no such lease'."""
+    await seed(leasing, 3)
+    grant = await leasing.acquire(new_lease())
+    lease_id = grant.lease.lease_id
+    results = await asyncio.gather(
+        leasing.release(lease_id, "not-the-secret"),
+        leasing.release(lease_id, grant.secret),
+        leasing.release(lease_id, grant.secret),
+        leasing.release("no-such-lease", grant.secret),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], LeaseNotFound)
+    assert list(results[1:3]) == [True, False]
+    assert isinstance(results[3], LeaseNotFound)
+    assert (await pool(leasing)).used == 0
+    assert await held_seats(leasing) == 0
+
+
+async def read_only(engine: AsyncEngine, on: bool) -> None:
+    """Make the License Server's database refuse writes (or take them again)."""
+    if engine.dialect.name == "sqlite":  # the pool's one connection, outside a transaction
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            assert raw.driver_connection is not None
+            await raw.driver_connection.execute(f"PRAGMA query_only = {int(on)}")
+        return
+    # A connection of its own that may write, whatever the database's default says.
+    admin = create_async_engine(
+        engine.url, connect_args={"server_settings": {"default_transaction_read_only": "off"}}
+    )
+    async with admin.begin() as connection:
+        database = await connection.scalar(text("SELECT current_database()"))
+        setting = "on" if on else "off"
+        await connection.execute(
+            text(f'ALTER DATABASE "{database}" SET default_transaction_read_only = {setting}')
+        )
+    await admin.dispose()
+    await engine.dispose()  # new connections read the setting
+
+
+async def test_a_batch_that_fails_answers_every_caller_and_writes_nothing(
+    leasing: Leasing,
+) -> None:
+    """The database refuses the batch's writes: every caller in it gets the error, no seat
+    is taken or given back, and the next batch (writable again) works."""
+    await seed(leasing, 5)
+    held = await leasing.acquire(new_lease(client="ws-held"))
+    engine = leasing.store.engine
+    await read_only(engine, True)
+    results = await asyncio.gather(
+        leasing.acquire(new_lease(client="ws-1")),
+        leasing.acquire(new_lease(2, client="es-1")),
+        leasing.release(held.lease.lease_id, held.secret),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Exception) for r in results), results
+    assert not any(isinstance(r, Grant | bool) for r in results)
+
+    await read_only(engine, False)
+    info = await pool(leasing)
+    assert (info.activated, info.used) == (5, 1)
+    assert await held_seats(leasing) == 1
+    assert await leasing.release(held.lease.lease_id, held.secret) is True
+    assert isinstance(await leasing.acquire(new_lease(5)), Grant)
+
+
+async def test_batches_on_replicas_never_over_allocate(replicas: Replicas) -> None:
+    """Batches of mixed counts on two replicas race for one pool's seats: whatever each
+    batch's conditional UPDATE loses is retried call by call, never over the pool."""
+    servers = await replicas(2)
+    await seed(servers[0], 12)
+    results = await asyncio.gather(
+        *(servers[i % 2].acquire(new_lease(1 + i % 3, client=f"c-{i}")) for i in range(40)),
+        return_exceptions=True,
+    )
+    granted = [r for r in results if isinstance(r, Grant)]
+    assert all(isinstance(r, Grant | NoSeatAvailable) for r in results), results
+    taken = sum(g.lease.count for g in granted)
+    assert taken <= 12
+    assert (await pool(servers[1])).used == taken == await held_seats(servers[0])
+    # Nothing is given back here, so free seats only shrank: every refusal asked for
+    # more than is free now.
+    refused = [1 + i % 3 for i, r in enumerate(results) if isinstance(r, NoSeatAvailable)]
+    assert all(count > 12 - taken for count in refused)

@@ -152,10 +152,11 @@ class GroupCommit:
             now,
             "checked_in",
         )
-        answered: set[str] = set()
+        answered: set[tuple[str, bytes]] = set()
         for checkin, hashed in zip(checkins, hashes, strict=True):
-            if checkin.lease_id in released and checkin.lease_id not in answered:
-                answered.add(checkin.lease_id)
+            pair = (checkin.lease_id, hashed)
+            if pair in released and pair not in answered:
+                answered.add(pair)
                 outcome.answers.append((checkin.done, True))
                 continue
             # Refused or a repeat within the batch: read the lease only to explain.

@@ -388,9 +388,9 @@ class Repository:
 
     async def release_leases(
         self, credentials: Iterable[tuple[str, bytes]], now: dt.datetime, reason: str
-    ) -> dict[str, str]:
+    ) -> dict[tuple[str, bytes], str]:
         """Release the held leases among (lease id, secret hash) pairs and give their
-        seats back, in one statement per table; the feature of each lease released.
+        seats back, in one statement per table; the feature of each pair released.
         (An OR of exact pairs uses the primary key; a row-value IN would scan.)"""
         pairs = [
             and_(leases.c.lease_id == lease_id, leases.c.secret_hash == hashed)
@@ -401,14 +401,16 @@ class Repository:
                 update(leases)
                 .where(or_(*pairs), leases.c.released_at.is_(None))
                 .values(released_at=now, release_reason=reason)
-                .returning(leases.c.lease_id, leases.c.feature, leases.c.count)
+                .returning(
+                    leases.c.lease_id, leases.c.secret_hash, leases.c.feature, leases.c.count
+                )
             )
         ).all()
         seats: Counter[str] = Counter()
-        for _, feature, count in rows:
+        for *_, feature, count in rows:
             seats[feature] += count
         await self.give_back_seats(seats)
-        return {lease_id: feature for lease_id, feature, _ in rows}
+        return {(lease_id, bytes(hashed)): feature for lease_id, hashed, feature, _ in rows}
 
     async def get_lease(self, lease_id: str, secret_hash: bytes) -> Lease | None:
         row = await first_row(
