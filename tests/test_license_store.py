@@ -406,6 +406,24 @@ async def test_each_check_in_of_a_batch_gets_its_own_answer(leasing: Leasing) ->
     assert await held_seats(leasing) == 0
 
 
+async def test_crossed_ids_and_secrets_in_one_batch_release_nothing(leasing: Leasing) -> None:
+    """Each of two holders checks in the other's lease id with its own secret: both ids and
+    both secrets are in the batch, yet neither pair is, so nothing is released."""
+    await seed(leasing, 2)
+    a = await leasing.acquire(new_lease(client="ws-a"))
+    b = await leasing.acquire(new_lease(client="ws-b"))
+    results = await asyncio.gather(
+        leasing.release(b.lease.lease_id, a.secret),
+        leasing.release(a.lease.lease_id, b.secret),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, LeaseNotFound) for r in results), results
+    assert (await pool(leasing)).used == 2
+    assert await held_seats(leasing) == 2
+    assert await leasing.heartbeat(a.lease.lease_id, a.secret)
+    assert await leasing.release(b.lease.lease_id, b.secret) is True
+
+
 async def read_only(engine: AsyncEngine, on: bool) -> None:
     """Make the License Server's database refuse writes (or take them again)."""
     if engine.dialect.name == "sqlite":  # the pool's one connection, outside a transaction

@@ -178,12 +178,16 @@ class GroupCommit:
         by_feature: dict[str, list[_Checkout]] = {}
         for checkout in checkouts:
             by_feature.setdefault(checkout.new.feature, []).append(checkout)
-        pools = await repo.get_pools(by_feature)
         granted: list[_Checkout] = []
         refused: list[_Checkout] = []
         for feature, asking in by_feature.items():
-            # A full pool is refused from the plain read; the grant is the UPDATE.
-            pool = pools.get(feature)
+            # Optimistic: usually every checkout fits, and one UPDATE grants them all.
+            if await repo.take_seats(feature, sum(c.new.count for c in asking), now):
+                granted += asking
+                continue
+            # Not all fit: judge in arrival order against the pool as read, take the
+            # seats of those that fit in one UPDATE, or one by one when that races.
+            pool = await repo.get_pool(feature)
             free = pool.available if pool is not None else 0
             fitting: list[_Checkout] = []
             for checkout in asking:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from sqlalchemy import RowMapping, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import RowMapping, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -328,16 +328,6 @@ class Repository:
             None if row is None else PoolInformation(row["feature"], row["activated"], row["used"])
         )
 
-    async def get_pools(self, features: Iterable[str]) -> dict[str, PoolInformation]:
-        """The pools of ``features`` that exist, by feature, in one statement."""
-        rows = (
-            await self.session.execute(select(pools).where(pools.c.feature.in_(set(features))))
-        ).mappings()
-        return {
-            row["feature"]: PoolInformation(row["feature"], row["activated"], row["used"])
-            for row in rows
-        }
-
     async def list_pools(self) -> list[PoolInformation]:
         rows = (await self.session.execute(select(pools).order_by(pools.c.feature))).mappings()
         return [PoolInformation(row["feature"], row["activated"], row["used"]) for row in rows]
@@ -390,27 +380,41 @@ class Repository:
         self, credentials: Iterable[tuple[str, bytes]], now: dt.datetime, reason: str
     ) -> dict[tuple[str, bytes], str]:
         """Release the held leases among (lease id, secret hash) pairs and give their
-        seats back, in one statement per table; the feature of each pair released.
-        (An OR of exact pairs uses the primary key; a row-value IN would scan.)"""
-        pairs = [
-            and_(leases.c.lease_id == lease_id, leases.c.secret_hash == hashed)
-            for lease_id, hashed in dict.fromkeys(credentials)
-        ]
+        seats back; the feature of each pair released. One UPDATE finds the rows by the
+        ids (the primary key) and the hashes; the rare row whose id and hash came from
+        two different pairs is put back, as nobody asked for it with its own secret."""
+        asked = set(credentials)
         rows = (
             await self.session.execute(
                 update(leases)
-                .where(or_(*pairs), leases.c.released_at.is_(None))
+                .where(
+                    leases.c.lease_id.in_({lease_id for lease_id, _ in asked}),
+                    leases.c.secret_hash.in_({hashed for _, hashed in asked}),
+                    leases.c.released_at.is_(None),
+                )
                 .values(released_at=now, release_reason=reason)
                 .returning(
                     leases.c.lease_id, leases.c.secret_hash, leases.c.feature, leases.c.count
                 )
             )
         ).all()
+        released: dict[tuple[str, bytes], str] = {}
+        crossed: list[str] = []
         seats: Counter[str] = Counter()
-        for *_, feature, count in rows:
-            seats[feature] += count
+        for lease_id, hashed, feature, count in rows:
+            if (lease_id, bytes(hashed)) in asked:
+                released[(lease_id, bytes(hashed))] = feature
+                seats[feature] += count
+            else:
+                crossed.append(lease_id)
+        if crossed:
+            await self.session.execute(
+                update(leases)
+                .where(leases.c.lease_id.in_(crossed))
+                .values(released_at=None, release_reason=None)
+            )
         await self.give_back_seats(seats)
-        return {(lease_id, bytes(hashed)): feature for lease_id, hashed, feature, _ in rows}
+        return released
 
     async def get_lease(self, lease_id: str, secret_hash: bytes) -> Lease | None:
         row = await first_row(
