@@ -328,6 +328,7 @@ async def license_server(
         database_url=database_url,
         port=free_port(),
         vendor_keys=vendor.vendor_keys,
+        metrics_port=free_port(),
         lease_ttl=options.lease_ttl,
         heartbeat_interval=heartbeat_interval or options.heartbeat_interval,
     )
@@ -353,6 +354,16 @@ async def cycles_phase(options: Options, vendor: Vendor, kind: str) -> UnaryResu
             result.notes.append(
                 f"afterwards: {info.activated} activated, {info.used} used "
                 "(in-flight cycles at the window's end may still hold a seat until checked in)"
+            )
+            commits, calls = await asyncio.to_thread(
+                lambda: (
+                    config.counter("tessera_lease_group_commits_total"),
+                    config.counter("tessera_lease_group_commit_calls_total"),
+                )
+            )
+            result.notes.append(
+                f"group commit: {calls:,.0f} checkouts and check-ins in {commits:,.0f} "
+                f"transactions = {calls / max(commits, 1):.1f} per transaction (whole run)"
             )
             return result
         finally:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,8 @@ class LicenseServerConfig:
     lease_ttl: int = 90
     heartbeat_interval: float = 10.0
     sweep_interval: float = 5.0
+    # Where the server serves GET /metrics (0: not served).
+    metrics_port: int = 0
 
     @property
     def target(self) -> str:
@@ -166,7 +169,17 @@ class LicenseServerConfig:
             "--sweep-interval", str(self.sweep_interval),
             "--operator-token", OPERATOR_TOKEN,
             "--log-level", "WARNING",
-        ]  # fmt: skip
+        ] + (
+            ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else []
+        )  # fmt: skip
+
+    def counter(self, name: str) -> float:
+        """The value of an unlabelled counter on the server's GET /metrics (0 if absent)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as page:
+            for line in page.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return 0.0
 
 
 async def start_license_server(config: LicenseServerConfig, name: str) -> ServerProcess:

@@ -29,6 +29,7 @@ from typing import Any
 
 from services.license_server.domain.errors import LeaseNotFound
 from services.license_server.domain.events import LeaseEvent, SeatsFreed
+from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import Lease, NewLease
 from services.license_server.domain.seats import new_lease, refusal, secret_hash
 from services.license_server.store.repository import LicenseStore, Repository
@@ -69,16 +70,18 @@ class GroupCommit:
         store: LicenseStore,
         clock: Clock,
         publish: Callable[[LeaseEvent], None],
+        metrics: LeaseMetrics,
         max_batch: int = MAX_BATCH,
     ) -> None:
         self.store = store
         self.clock = clock
         self.publish = publish
+        self.metrics = metrics
         self.max_batch = max_batch
         self._checkouts: list[_Checkout] = []
         self._checkins: list[_Checkin] = []
         self._committer: asyncio.Task[None] | None = None
-        # Transactions committed and calls they served (a benchmark reads the ratio).
+        # Transactions committed and the calls they served (also in the metrics).
         self.transactions = 0
         self.calls = 0
 
@@ -123,6 +126,7 @@ class GroupCommit:
                 continue
             self.transactions += 1
             self.calls += len(callers)
+            self.metrics.group_committed(len(callers))
             for done, answer in outcome.answers:
                 if done.done():
                     continue  # the caller gave up; what committed stays committed

@@ -99,7 +99,7 @@ class Leasing:
         self.bus = bus or LeaseBus()
         self.metrics = metrics or LeaseMetrics()
         self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
-        self.group_commit = GroupCommit(store, clock, self.bus.publish)
+        self.group_commit = GroupCommit(store, clock, self.bus.publish, self.metrics)
 
     # Holding seats
 

@@ -60,6 +60,17 @@ class LeaseMetrics:
             "Lease streams open on this process",
             registry=registry,
         )
+        self.group_commits = Counter(
+            "tessera_lease_group_commits_total",
+            "Transactions of the checkout/check-in group commit",
+            registry=registry,
+        )
+        self.group_commit_calls = Counter(
+            "tessera_lease_group_commit_calls_total",
+            "Checkouts and check-ins those transactions served (calls per transaction = "
+            "this / tessera_lease_group_commits_total)",
+            registry=registry,
+        )
         self._grants: dict[str, Counter] = {}
 
     def granted(self, feature: str) -> None:
@@ -68,6 +79,10 @@ class LeaseMetrics:
         if child is None:
             child = self._grants[feature] = self.grants.labels(feature)
         child.inc()
+
+    def group_committed(self, calls: int) -> None:
+        self.group_commits.inc()
+        self.group_commit_calls.inc(calls)
 
     def denied(self, reason: str) -> None:
         self.denials.labels(reason).inc()
