@@ -424,6 +424,39 @@ async def test_crossed_ids_and_secrets_in_one_batch_release_nothing(leasing: Lea
     assert await leasing.release(b.lease.lease_id, b.secret) is True
 
 
+async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
+    leasing: Leasing, clock: FakeClock
+) -> None:
+    """Three leases resumed at once, one of them twice, plus a wrong secret and an expired
+    lease: one transaction; each resume raises its own lease's epoch (the repeat twice),
+    and the refused ones are told why."""
+    await seed(leasing, 5)
+    grants = [await leasing.acquire(new_lease(client=f"ws-{i}")) for i in range(3)]
+    stale = await leasing.acquire(new_lease(client="ws-stale"), ttl_seconds=5)
+    clock.advance(10)  # the stale lease's TTL ran out (not yet swept); the others' did not
+    before = leasing.group_commit.transactions
+    results = await asyncio.gather(
+        *(leasing.resume(g.lease.lease_id, g.secret) for g in grants),
+        leasing.resume(grants[0].lease.lease_id, grants[0].secret),
+        leasing.resume(grants[1].lease.lease_id, "not-the-secret"),
+        leasing.resume(stale.lease.lease_id, stale.secret),
+        return_exceptions=True,
+    )
+    assert leasing.group_commit.transactions == before + 1
+    resumed = [r for r in results[:4] if isinstance(r, Grant)]
+    assert len(resumed) == 4 and all(g.resumed for g in resumed)
+    assert [g.lease.epoch for g in resumed] == [2, 2, 2, 3]
+    assert all(g.lease.expires_at == clock.now() + dt.timedelta(seconds=TTL) for g in resumed)
+    assert isinstance(results[4], LeaseNotFound)
+    assert isinstance(results[5], LeaseExpired)
+    # The fence holds: the first resume of lease 0 was overtaken by the repeat.
+    with pytest.raises(StaleLeaseEpoch):
+        await leasing.heartbeat(grants[0].lease.lease_id, grants[0].secret, epoch=2)
+    assert await leasing.heartbeat(grants[0].lease.lease_id, grants[0].secret, epoch=3)
+    assert (await pool(leasing)).used == 4
+    assert await held_seats(leasing) == 4
+
+
 async def read_only(engine: AsyncEngine, on: bool) -> None:
     """Make the License Server's database refuse writes (or take them again)."""
     if engine.dialect.name == "sqlite":  # the pool's one connection, outside a transaction

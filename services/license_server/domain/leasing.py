@@ -16,16 +16,13 @@ from dataclasses import dataclass, replace
 
 from services.license_server.domain import pools
 from services.license_server.domain.errors import (
-    LeaseExpired,
     LeaseNotFound,
-    LeaseReleased,
     StaleLeaseEpoch,
 )
 from services.license_server.domain.events import (
     LeaseBus,
     LeaseEnded,
     LeaseEvent,
-    LeaseResumed,
     SeatsFreed,
 )
 from services.license_server.domain.group_commit import GroupCommit
@@ -44,6 +41,7 @@ from services.license_server.domain.seats import (
     new_lease,
     not_licensed,
     secret_hash,
+    unusable,
 )
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
@@ -134,7 +132,7 @@ class Leasing:
                 lease_id, secret_hash(secret), epoch, now, ttl_seconds
             )
             if expires_at is None:
-                await self._explain_unusable(repo, lease_id, secret, epoch, now)
+                raise await unusable(repo, lease_id, secret_hash(secret), epoch, now)
         assert expires_at is not None
         return expires_at
 
@@ -149,15 +147,7 @@ class Leasing:
     async def resume(self, lease_id: str, secret: str) -> Grant:
         """Take over a held lease from a broken stream: same seats, a new epoch."""
         _require_lease_credentials(lease_id, secret)
-        now = self.clock.now()
-        async with self.store.transaction() as repo:
-            lease = await repo.bump_epoch(lease_id, secret_hash(secret), now)
-            if lease is None:
-                await self._explain_unusable(repo, lease_id, secret, None, now)
-            assert lease is not None
-            event = LeaseResumed(lease.lease_id, lease.epoch)
-            await repo.announce(event)
-        self.bus.publish(event)
+        lease = await self.group_commit.resume(lease_id, secret)
         self.metrics.resumed()
         return self._grant(lease, secret, resumed=True)
 
@@ -369,27 +359,6 @@ class Leasing:
     def _publish(self, events: Sequence[LeaseEvent]) -> None:
         for event in events:
             self.bus.publish(event)
-
-    async def _explain_unusable(
-        self, repo: Repository, lease_id: str, secret: str, epoch: int | None, now: dt.datetime
-    ) -> None:
-        lease = await repo.get_lease(lease_id, secret_hash(secret))
-        if lease is None:
-            raise LeaseNotFound(f"no lease {lease_id!r} with that secret")
-        if lease.released_at is not None:
-            if lease.release_reason == "expired":
-                raise LeaseExpired(
-                    f"lease {lease_id} expired (no heartbeat within its TTL) and was released "
-                    f"at {lease.released_at.isoformat()}; acquire anew"
-                )
-            raise LeaseReleased(f"lease {lease_id} was released at {lease.released_at.isoformat()}")
-        if lease.expires_at <= now:
-            raise LeaseExpired(
-                f"lease {lease_id} expired at {lease.expires_at.isoformat()}; acquire anew"
-            )
-        if epoch is not None and lease.epoch != epoch:
-            raise StaleLeaseEpoch("the lease was resumed by another stream")
-        raise LeaseNotFound(f"lease {lease_id} cannot be used")  # pragma: no cover
 
 
 def _expiry_events(expired: list[tuple[str, str]]) -> list[LeaseEvent]:

@@ -11,7 +11,11 @@ import uuid
 from services.license_server.domain.errors import (
     CountAboveActivated,
     FeatureNotLicensed,
+    LeaseExpired,
+    LeaseNotFound,
+    LeaseReleased,
     NoSeatAvailable,
+    StaleLeaseEpoch,
 )
 from services.license_server.domain.model import Lease, NewLease, PoolInformation
 from services.license_server.store.repository import Repository
@@ -70,3 +74,26 @@ def above_activated(new: NewLease, pool: PoolInformation) -> CountAboveActivated
         "activated here",
         metadata={"feature": new.feature, "activated": str(pool.activated)},
     )
+
+
+async def unusable(
+    repo: Repository, lease_id: str, hashed: bytes, epoch: int | None, now: dt.datetime
+) -> DomainError:
+    """Why a lease cannot be heartbeaten, resumed or released by this caller now."""
+    lease = await repo.get_lease(lease_id, hashed)
+    if lease is None:
+        return LeaseNotFound(f"no lease {lease_id!r} with that secret")
+    if lease.released_at is not None:
+        if lease.release_reason == "expired":
+            return LeaseExpired(
+                f"lease {lease_id} expired (no heartbeat within its TTL) and was released "
+                f"at {lease.released_at.isoformat()}; acquire anew"
+            )
+        return LeaseReleased(f"lease {lease_id} was released at {lease.released_at.isoformat()}")
+    if lease.expires_at <= now:
+        return LeaseExpired(
+            f"lease {lease_id} expired at {lease.expires_at.isoformat()}; acquire anew"
+        )
+    if epoch is not None and lease.epoch != epoch:
+        return StaleLeaseEpoch("the lease was resumed by another stream")
+    return LeaseNotFound(f"lease {lease_id} cannot be used")  # pragma: no cover

@@ -7,11 +7,11 @@ a count into Python and writing it back.
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from sqlalchemy import RowMapping, delete, exists, func, insert, select, update
+from sqlalchemy import RowMapping, and_, delete, exists, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -506,6 +506,41 @@ class Repository:
         )
         return replace(lease, expires_at=expires_at)
 
+    async def bump_epochs(
+        self, credentials: Iterable[tuple[str, bytes]], now: dt.datetime
+    ) -> dict[tuple[str, bytes], Lease]:
+        """``bump_epoch`` for many (lease id, secret hash) pairs: one UPDATE fences and
+        extends the held, unexpired ones (an OR of exact pairs, on the primary key),
+        one more per TTL among them sets their expiry; each pair's lease as it is now."""
+        pairs = [
+            and_(leases.c.lease_id == lease_id, leases.c.secret_hash == hashed)
+            for lease_id, hashed in dict.fromkeys(credentials)
+        ]
+        rows = (
+            await self.session.execute(
+                update(leases)
+                .where(or_(*pairs), leases.c.released_at.is_(None), leases.c.expires_at > now)
+                .values(epoch=leases.c.epoch + 1, last_heartbeat_at=now)
+                .returning(*leases.c)
+            )
+        ).mappings()
+        bumped: dict[tuple[str, bytes], Lease] = {}
+        by_ttl: defaultdict[int, list[str]] = defaultdict(list)
+        for row in rows:
+            lease = _lease(row)
+            expires_at = now + dt.timedelta(seconds=lease.ttl_seconds)
+            bumped[(lease.lease_id, bytes(row["secret_hash"]))] = replace(
+                lease, expires_at=expires_at
+            )
+            by_ttl[lease.ttl_seconds].append(lease.lease_id)
+        for ttl, lease_ids in by_ttl.items():
+            await self.session.execute(
+                update(leases)
+                .where(leases.c.lease_id.in_(lease_ids))
+                .values(expires_at=now + dt.timedelta(seconds=ttl))
+            )
+        return bumped
+
     async def release_lease(
         self,
         lease_id: str,
@@ -740,6 +775,17 @@ class Repository:
         if self._dialect == "postgresql":
             await self.session.execute(
                 select(func.pg_notify(NOTIFY_CHANNEL, encode_event(event, self.origin)))
+            )
+
+    async def announce_all(self, events: Sequence[LeaseEvent]) -> None:
+        """``announce`` for many events in one statement."""
+        if self._dialect == "postgresql" and events:
+            await self.session.execute(
+                text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+                {
+                    "channel": NOTIFY_CHANNEL,
+                    "payloads": [encode_event(event, self.origin) for event in events],
+                },
             )
 
 
