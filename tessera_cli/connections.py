@@ -151,7 +151,8 @@ class Connections:
                 f"no License Server answers at {address}",
                 f"Tried {_summary(tried)}. Is the License Server running? Its address is set "
                 "with --license-server / TESSERA_LICENSE_SERVER; `tessera config` shows the "
-                "one in use.",
+                "one in use. One that serves TLS needs --tls-ca (and --tls-cert/--tls-key for "
+                "mutual TLS).",
                 code="UNAVAILABLE",
                 reason="UNREACHABLE",
                 service=Service.LICENSE_SERVER.value,
