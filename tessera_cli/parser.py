@@ -30,7 +30,7 @@ SETTINGS = """\
 settings: each from its flag, else the environment (TESSERA_ADMINISTRATOR,
 TESSERA_LICENSE_SERVER, TESSERA_ACTIVATION_SERVER, TESSERA_OPERATOR_TOKEN[_FILE],
 TESSERA_VENDOR_TOKEN[_FILE], TESSERA_TIMEOUT, TESSERA_DATA_DIR, TESSERA_CONFIG,
-TESSERA_TLS, TESSERA_TLS_CA, TESSERA_TLS_CERT, TESSERA_TLS_KEY, TESSERA_TLS_SERVER_NAME), else
+TESSERA_TLS[_CA|_CERT|_KEY|_SERVER_NAME]), else
 ~/.config/tessera/cli.toml, else the `make up` defaults; tokens also from the `make up`
 data directory (./var). `tessera config` shows what is in force.
 Guides: docs/operator.md, docs/vendor.md."""

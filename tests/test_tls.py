@@ -40,6 +40,8 @@ from tessera.tls import (
     open_channel,
 )
 from tessera_cli.app import App
+from tessera_cli.failures import UsageError
+from tessera_cli.settings import Flags, resolve
 from tests.processes import ROOT, Processes, free_port
 
 OPENSSL = "/usr/bin/openssl"
@@ -396,3 +398,29 @@ async def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
     app = App(environ={}, cwd=cwd, stdout=stdout, stderr=stderr, home=cwd)
     code = await app.run(argv)
     return code, stdout.getvalue() + stderr.getvalue()
+
+
+def test_cli_tls_settings_come_from_flags_environment_or_config(tmp_path: Path) -> None:
+    assert resolve(Flags(), {}, tmp_path, tmp_path).tls is None
+    by_flag = resolve(Flags(tls_ca="ca.pem"), {"TESSERA_TLS_CA": "/elsewhere"}, tmp_path, tmp_path)
+    assert by_flag.tls == ClientTls(ca=tmp_path / "ca.pem")
+    assert by_flag.tls_source == "flag --tls-ca"
+    by_env = resolve(Flags(), {"TESSERA_TLS": "true"}, tmp_path, tmp_path)
+    assert by_env.tls == ClientTls() and by_env.tls_source == "env TESSERA_TLS"
+    config = tmp_path / "etc" / "cli.toml"
+    config.parent.mkdir()
+    config.write_text(
+        'tls_ca = "ca.pem"\ntls_cert = "me.pem"\ntls_key = "me.key"\ntls_server_name = "es-host"\n'
+    )
+    by_config = resolve(Flags(config=str(config)), {}, tmp_path, tmp_path)
+    etc = config.parent
+    assert by_config.tls == ClientTls(etc / "ca.pem", etc / "me.pem", etc / "me.key", "es-host")
+    with pytest.raises(UsageError, match="TLS"):
+        resolve(Flags(tls_cert="me.pem"), {}, tmp_path, tmp_path)
+    code, out = asyncio.run(
+        run_cli(["config", "--json", "--tls-ca", "ca.pem", "--tls-cert", "c", "--tls-key", "k"],
+                tmp_path)
+    )  # fmt: skip
+    assert code == 0
+    shown = json.loads(out)["settings"]["tls"]
+    assert shown["value"].startswith("mutual TLS: CA ") and "flag --tls-ca" in shown["source"]
