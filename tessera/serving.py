@@ -173,6 +173,8 @@ def run_service(
         common = settings.common
         configure_logging(common.log_level, common.log_format, common.service)
         try:
+            if common.tls is not None:
+                common.tls.check()
             service = await build(settings)
         except REFUSALS as refusal:
             log.error("refusing to start: %s", refusal)

@@ -67,6 +67,10 @@ class ServerTls:
     def mutual(self) -> bool:
         return self.client_ca is not None
 
+    def check(self) -> None:
+        """Read the files now, so a service refuses them before it touches anything."""
+        self.credentials()
+
     def credentials(self) -> grpc.ServerCredentials:
         """Reads the files now (the key refused when group or others can read it)."""
         key = _read_key(self.key)
@@ -109,6 +113,11 @@ class ClientTls:
                 _read_pem(self.cert, "TLS client certificate") if self.cert is not None else None
             ),
         )
+
+    def check(self) -> None:
+        """Read the files now, so a missing file or a key others can read is refused at
+        start rather than on the first call."""
+        self.credentials()
 
     def options(self) -> list[ChannelOption]:
         if not self.server_name:

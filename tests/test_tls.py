@@ -267,12 +267,24 @@ async def test_services_refuse_to_start_with_a_key_or_token_file_others_can_read
             "--listen", f"127.0.0.1:{free_port()}",
             "--data-dir", str(vendor_data),
         )  # fmt: skip
+        processes.start(
+            "admin",
+            "services.administrator",
+            "--listen", f"127.0.0.1:{free_port()}",
+            "--data-dir", str(tmp_path / "admin"),
+            "--license-server-tls-cert", str(pki.client_cert),
+            "--license-server-tls-key", str(loose_key),
+        )  # fmt: skip
         statuses = await asyncio.gather(
-            processes.wait_exit("license"), processes.wait_exit("activation")
+            *(processes.wait_exit(name) for name in ("license", "activation", "admin"))
         )
     finally:
         processes.kill_all()
-    assert statuses == [2, 2]
+    assert statuses == [2, 2, 2]
+    # Refused before anything was made: no database, no host key.
+    assert not (tmp_path / "license").exists()
+    assert not (tmp_path / "admin").exists()
+    assert f"(run: chmod 600 {loose_key})" in processes.log("admin")
     license_log, activation_log = processes.log("license"), processes.log("activation")
     assert f"refusing to start: {loose_key} has mode -rw-r--r--" in license_log
     assert f"(run: chmod 600 {loose_key})" in license_log

@@ -69,6 +69,9 @@ async def resume_in_background(operations: Operations) -> ResumeReport:
 
 
 async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
+    for tls in (settings.activation_server_tls, settings.license_server_tls):
+        if tls is not None:
+            tls.check()
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     journal = Journal(engine)
