@@ -11,7 +11,8 @@ hold their licenses.
 
 ``LicenseClient.license()`` applies EBO's start-up rule (a valid local license first, else
 a network lease, else NoLicense); ``SyncLicenseClient`` is the same API for code without
-an event loop. docs/integrator.md is the guide.
+an event loop. ``ClientTls`` turns on TLS (and mutual TLS) for the connections.
+docs/integrator.md is the guide.
 """
 
 from clients.backoff import Backoff
@@ -46,9 +47,11 @@ from clients.events import (
 from clients.lease import Lease
 from clients.license import License, LicenseState, LocalLicense
 from clients.sync import SyncLicense, SyncLicenseClient
+from tessera.tls import ClientTls
 
 __all__ = [
     "Backoff",
+    "ClientTls",
     "CountAboveActivated",
     "ExpiryWarning",
     "FeatureInformation",

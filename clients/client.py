@@ -38,6 +38,7 @@ from tessera.keys import read_vendor_public_keys
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
 from tessera.local_licenses import LocalLicenseStore
+from tessera.tls import ClientTls
 
 Reply = TypeVar("Reply")
 
@@ -68,6 +69,9 @@ class LicenseClient:
     mapping of key id to key, or the path of ``vendor-keys.pub``), ``license()`` applies
     EBO's start-up rule: a valid local license first, else a network lease.
 
+    With ``tls`` (a ClientTls: the CA to trust, and a client certificate and key when the
+    License Server asks for mutual TLS) every connection is TLS; without it, plaintext.
+
     Use it as ``async with``, or call ``close()``: that checks in every license still
     held.
     """
@@ -85,6 +89,7 @@ class LicenseClient:
         call_timeout: float = 10.0,
         release_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         try:
             servers = parse_address(address)
@@ -97,6 +102,7 @@ class LicenseClient:
             call_timeout=call_timeout,
             release_timeout=release_timeout,
             backoff=backoff or Backoff(),
+            tls=tls,
         )
         self.client_host = client_host or socket.gethostname()
         self.user = user
@@ -259,7 +265,9 @@ class LicenseClient:
         attempts: list[str] = []
         for target in self.settings.targets:
             try:
-                async with connected(target, self.settings.connect_timeout) as channel:
+                async with connected(
+                    target, self.settings.connect_timeout, self.settings.tls
+                ) as channel:
                     return await call(pb_grpc.LeaseServiceStub(channel), self.settings.call_timeout)
             except LicenseServerUnreachable as error:
                 attempts.append(f"{target}: {error.message}")

@@ -130,7 +130,9 @@ class Lease(License):
         for server in self._settings.servers:
             for target in server.targets():
                 try:
-                    stream = await LeaseStream.open(target, self._settings.connect_timeout)
+                    stream = await LeaseStream.open(
+                        target, self._settings.connect_timeout, self._settings.tls
+                    )
                 except LicenseServerUnreachable as error:
                     attempts.append(f"{target}: {error.message}")
                     continue
@@ -330,7 +332,9 @@ class Lease(License):
                 remaining = self._deadline - loop.time()
                 try:
                     stream = await LeaseStream.open(
-                        target, min(self._settings.connect_timeout, remaining)
+                        target,
+                        min(self._settings.connect_timeout, remaining),
+                        self._settings.tls,
                     )
                 except LicenseServerUnreachable as error:
                     log.debug("resume of lease %s: %s", self.lease_id, error)
@@ -433,7 +437,9 @@ class Lease(License):
             async with asyncio.timeout(self._settings.release_timeout):
                 for target in self._settings.targets_from(self.server):
                     try:
-                        async with connected(target, self._settings.connect_timeout) as channel:
+                        async with connected(
+                            target, self._settings.connect_timeout, self._settings.tls
+                        ) as channel:
                             await pb_grpc.LeaseServiceStub(channel).Checkin(
                                 request, timeout=self._settings.call_timeout
                             )

@@ -1,4 +1,4 @@
-"""How a client reaches its License Servers: the parsed address and the timeouts."""
+"""How a client reaches its License Servers: the parsed address, TLS and the timeouts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from clients.backoff import Backoff
 from tessera.address import ServerAddress
+from tessera.tls import ClientTls
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class ClientSettings:
     ``connect_timeout``: per target, to get a connection (a refused port fails at once).
     ``call_timeout``: for an answer to an acquire, resume, or unary call.
     ``release_timeout``: for the whole check-in on exit, across every target.
+    ``tls``: how to dial TLS (None: plaintext).
     """
 
     address: str
@@ -25,6 +27,7 @@ class ClientSettings:
     release_timeout: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+    tls: ClientTls | None = None
 
     @property
     def targets(self) -> list[str]:

@@ -32,6 +32,7 @@ from clients.client import FeatureInformation, LicenseClient
 from clients.errors import LicenseLost
 from clients.license import EventCallback, License, LicenseState
 from tessera.local_licenses import LocalLicenseStore
+from tessera.tls import ClientTls
 
 T = TypeVar("T")
 
@@ -107,6 +108,7 @@ class SyncLicenseClient:
         call_timeout: float = 10.0,
         release_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         # Built first: an invalid address raises before any thread or network call.
         self._client = LicenseClient(
@@ -120,6 +122,7 @@ class SyncLicenseClient:
             call_timeout=call_timeout,
             release_timeout=release_timeout,
             backoff=backoff,
+            tls=tls,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(

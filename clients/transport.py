@@ -3,7 +3,8 @@
 Every attempt gets a fresh channel with its own subchannel pool. grpc otherwise shares
 connections between channels to the same target, with its own reconnect backoff (up to
 two minutes), and a new channel would keep failing fast long after its License Server
-came back; the client's resume loop applies its own jittered backoff instead.
+came back; the client's resume loop applies its own jittered backoff instead. Channels
+are TLS when the client was given a ``ClientTls`` (``tessera.tls``), else plaintext.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ import grpc
 from clients.errors import LicenseError, LicenseServerUnreachable, error_from_rpc
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
+from tessera.tls import ClientTls, open_channel
 
 # No keepalive pings (a server may refuse them as too frequent): heartbeats and their
 # acknowledgements already prove the stream is alive.
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 0)]
 
 
-async def connect(target: str, within: float) -> grpc.aio.Channel:
+async def connect(target: str, within: float, tls: ClientTls | None = None) -> grpc.aio.Channel:
     """A channel to ``target`` that is READY, or LicenseServerUnreachable. A refused
-    connection fails at once (no waiting through grpc's reconnect backoff), so trying
-    the ten ports of ``@host`` is quick."""
-    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    connection (or a failed TLS handshake) fails at once (no waiting through grpc's
+    reconnect backoff), so trying the ten ports of ``@host`` is quick."""
+    channel = open_channel(target, tls, CHANNEL_OPTIONS)
     try:
         async with asyncio.timeout(within):
             state = channel.get_state(try_to_connect=True)
@@ -54,8 +56,10 @@ async def connect(target: str, within: float) -> grpc.aio.Channel:
 
 
 @contextlib.asynccontextmanager
-async def connected(target: str, within: float) -> AsyncIterator[grpc.aio.Channel]:
-    channel = await connect(target, within)
+async def connected(
+    target: str, within: float, tls: ClientTls | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    channel = await connect(target, within, tls)
     try:
         yield channel
     finally:
@@ -91,8 +95,8 @@ class LeaseStream:
         self._reader = asyncio.create_task(self._read(), name=f"tessera lease stream {target}")
 
     @classmethod
-    async def open(cls, target: str, within: float) -> LeaseStream:
-        return cls(target, await connect(target, within))
+    async def open(cls, target: str, within: float, tls: ClientTls | None = None) -> LeaseStream:
+        return cls(target, await connect(target, within, tls))
 
     async def _read(self) -> None:
         try:

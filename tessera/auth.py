@@ -16,16 +16,18 @@ from typing import Any
 
 import grpc
 
+from tessera.keys import read_private_file
 from tessera.rpc import abort, rich_status
 
 
 def load_or_create_token(path: Path) -> tuple[str, bool]:
-    """The token stored at ``path`` (mode 0600), created when missing."""
+    """The token stored at ``path`` (mode 0600), created when missing. An existing file
+    that group or others can read is refused (InsecureKeyFile)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return path.read_text().strip(), False
+        return read_private_file(path, "token").decode().strip(), False
     token = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")

@@ -2,6 +2,10 @@
 
 Each service has one environment prefix (``TESSERA_AS_``, ``TESSERA_LS_``,
 ``TESSERA_ADMIN_``); a flag ``--database-url`` reads ``<PREFIX>DATABASE_URL``.
+
+Transport security is common to all three: ``--tls-cert``/``--tls-key`` serve TLS,
+``--tls-client-ca`` adds mutual TLS, and plaintext is served on loopback only unless
+``--allow-plaintext`` says otherwise (``tessera.tls``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from pathlib import Path
 from tessera.logs import LOG_FORMATS
 from tessera.metrics import split_listen
 from tessera.storage import sqlite_url
+from tessera.tls import PlaintextRefused, ServerTls, check_plaintext
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
 class SettingsParser:
@@ -50,6 +58,27 @@ class SettingsParser:
             "host:port to serve Prometheus metrics on (GET /metrics); default: none",
         )
         self.add("--shutdown-grace", "5", "seconds in-flight calls get on SIGTERM")
+        self.add("--tls-cert", "", "PEM certificate chain to serve TLS with (needs --tls-key)")
+        self.add("--tls-key", "", "PEM private key of --tls-cert (mode 0600)")
+        self.add(
+            "--tls-client-ca",
+            "",
+            "PEM CA certificate(s): clients must present a certificate it signed (mutual TLS)",
+        )
+        self.add_switch(
+            "--allow-plaintext",
+            "serve plaintext gRPC on an address other than loopback (refused by default)",
+        )
+
+    def add_switch(self, flag: str, help_text: str) -> None:
+        """A flag without a value; its environment variable takes true/false, 1/0, …"""
+        env = self.env_name(flag)
+        value = self.environ.get(env, "").strip().lower()
+        if value not in TRUE_WORDS + FALSE_WORDS:
+            self.parser.error(f"{env}: {value!r} is not true or false")
+        self.parser.add_argument(
+            flag, action="store_true", default=value in TRUE_WORDS, help=f"{help_text} [env {env}]"
+        )
 
     def env_name(self, flag: str) -> str:
         return self.prefix + flag.lstrip("-").replace("-", "_").upper()
@@ -76,6 +105,13 @@ class SettingsParser:
                 split_listen(metrics_listen)
             except ValueError:
                 self.parser.error(f"--metrics-listen: {metrics_listen!r} is not HOST:PORT")
+        tls = self._server_tls(args)
+        if not args.allow_plaintext:
+            # Refused here, before anything starts; when allowed, Endpoint.bind warns.
+            try:
+                check_plaintext(args.listen, tls, allow_plaintext=False)
+            except PlaintextRefused as refusal:
+                self.parser.error(str(refusal))
         common = CommonSettings(
             listen=args.listen,
             data_dir=data_dir,
@@ -85,8 +121,29 @@ class SettingsParser:
             log_format=log_format,
             metrics_listen=metrics_listen,
             service=self.service,
+            tls=tls,
+            allow_plaintext=args.allow_plaintext,
         )
         return common, args
+
+    def _server_tls(self, args: argparse.Namespace) -> ServerTls | None:
+        cert, key, client_ca = (
+            args.tls_cert.strip(),
+            args.tls_key.strip(),
+            args.tls_client_ca.strip(),
+        )
+        if not (cert or key or client_ca):
+            return None
+        if not (cert and key):
+            self.parser.error("TLS needs both --tls-cert and --tls-key")
+        for flag, value in (
+            ("--tls-cert", cert),
+            ("--tls-key", key),
+            ("--tls-client-ca", client_ca),
+        ):
+            if value and not Path(value).is_file():
+                self.parser.error(f"{flag}: {value} is not a file")
+        return ServerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
 @dataclass(frozen=True)
@@ -101,6 +158,16 @@ class CommonSettings:
     metrics_listen: str = ""
     # The service's name in logs and metrics (license_server, …).
     service: str = ""
+    # TLS to serve with; None serves plaintext (loopback only unless allow_plaintext).
+    tls: ServerTls | None = None
+    allow_plaintext: bool = False
+
+    @property
+    def transport(self) -> str:
+        """How gRPC is served, for the start-up log line."""
+        if self.tls is None:
+            return "plaintext"
+        return "mutual TLS" if self.tls.mutual else "TLS"
 
     def database_url_or_default(self, filename: str) -> str:
         return self.database_url or sqlite_url(self.data_dir, filename)

@@ -2,6 +2,8 @@
 
 Private keys live in files of mode 0600 holding the hex seed. A key file that others can
 read is refused: a leaked host key lets anyone return or repair that host's licenses.
+The same rule holds for every secret file a service reads (bearer tokens, TLS keys):
+``read_private_file``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,23 @@ from tessera.ids import fingerprint
 
 
 class InsecureKeyFile(Exception):
-    """A private key file is readable by group or others."""
+    """A private key (or token) file is readable by group or others."""
+
+
+def check_private_file(path: Path, what: str = "private key") -> None:
+    """Raise InsecureKeyFile when group or others may read, write or run ``path``."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureKeyFile(
+            f"{path} has mode {stat.filemode(mode)}; a {what} file must be 0600 "
+            f"(run: chmod 600 {path})"
+        )
+
+
+def read_private_file(path: Path, what: str = "private key") -> bytes:
+    """The bytes of a secret file, refusing one that group or others can read."""
+    check_private_file(path, what)
+    return path.read_bytes()
 
 
 @dataclass(frozen=True)
@@ -46,13 +64,7 @@ def load_or_create_signing_key(path: Path) -> KeyFile:
 
 def load_signing_key(path: Path) -> SigningKey:
     """Load an Ed25519 key file, refusing one that group or others can read."""
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InsecureKeyFile(
-            f"{path} has mode {stat.filemode(mode)}; a private key must be 0600 "
-            f"(run: chmod 600 {path})"
-        )
-    seed = bytes.fromhex(path.read_text().strip())
+    seed = bytes.fromhex(read_private_file(path).decode().strip())
     return SigningKey(seed)
 
 

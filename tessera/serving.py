@@ -7,7 +7,9 @@ latency histogram; ``tessera.call_observer``) and, with ``--metrics-listen``, th
 service's registry is served at ``GET /metrics`` on a port of its own. SIGTERM and
 SIGINT stop the service gracefully: health turns NOT_SERVING, new calls are refused,
 in-flight calls get a grace period, then the service's own cleanup (streams told,
-database closed) runs.
+database closed) runs. A service serves TLS (or mutual TLS) when configured, and
+plaintext only on loopback unless explicitly allowed (``tessera.tls``); a refused
+configuration or a private key file others can read stops it before it serves.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
@@ -26,8 +29,17 @@ from prometheus_client import CollectorRegistry
 from tessera import logs
 from tessera.call_observer import CallObserver
 from tessera.config import CommonSettings
+from tessera.keys import InsecureKeyFile
 from tessera.metrics import MetricsServer
 from tessera.rpc import MalformedRequestGuard
+from tessera.tls import (
+    ClientTls,
+    PlaintextRefused,
+    ServerTls,
+    TlsConfigurationError,
+    check_plaintext,
+    open_channel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +80,15 @@ class Endpoint:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
 
-    def bind(self, listen: str) -> int:
-        """Listen on ``host:port`` (plaintext); returns the bound port (useful with port 0)."""
-        port: int = self.server.add_insecure_port(listen)
+    def bind(self, listen: str, tls: ServerTls | None = None, allow_plaintext: bool = False) -> int:
+        """Listen on ``host:port``, with ``tls`` or else plaintext; returns the bound port
+        (useful with port 0). Plaintext off loopback raises PlaintextRefused unless
+        ``allow_plaintext``."""
+        check_plaintext(listen, tls, allow_plaintext)
+        if tls is not None:
+            port: int = self.server.add_secure_port(listen, tls.credentials())
+        else:
+            port = self.server.add_insecure_port(listen)
         if port == 0:
             raise OSError(f"cannot listen on {listen}")
         return port
@@ -114,9 +132,10 @@ def configure_logging(level: str, log_format: str = "text", service: str = "") -
     logs.configure_logging(level, log_format, service)
 
 
-async def is_serving(target: str, deadline: float = 1.0) -> bool:
-    """Whether the service at ``target`` answers grpc.health.v1 Check with SERVING."""
-    async with grpc.aio.insecure_channel(target) as channel:
+async def is_serving(target: str, deadline: float = 1.0, tls: ClientTls | None = None) -> bool:
+    """Whether the service at ``target`` answers grpc.health.v1 Check with SERVING
+    (dialled with ``tls``, else plaintext)."""
+    async with open_channel(target, tls) as channel:
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -145,14 +164,27 @@ def run_service(
     load_settings: Callable[[], SettingsT],
     build: Callable[[SettingsT], Awaitable[_Service]],
 ) -> None:
-    """A service's ``__main__``: settings -> logging -> build -> serve until SIGTERM."""
+    """A service's ``__main__``: settings -> logging -> build -> serve until SIGTERM. A
+    configuration it refuses (a key file others can read, plaintext off loopback, an
+    unreadable TLS file) ends it with status 2 and the reason, without a traceback."""
 
-    async def main() -> None:
+    async def main() -> int:
         settings = load_settings()
         common = settings.common
         configure_logging(common.log_level, common.log_format, common.service)
-        service = await build(settings)
+        try:
+            if common.tls is not None:
+                common.tls.check()
+            service = await build(settings)
+        except REFUSALS as refusal:
+            log.error("refusing to start: %s", refusal)
+            return 2
         await wait_for_stop_signal()
         await service.stop(settings.common.shutdown_grace)
+        return 0
 
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))
+
+
+# What stops a service from starting with a message rather than a traceback.
+REFUSALS = (InsecureKeyFile, PlaintextRefused, TlsConfigurationError)

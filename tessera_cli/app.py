@@ -34,6 +34,11 @@ _FLAG_NAMES = (
     "timeout",
     "data_dir",
     "config",
+    "tls",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_server_name",
 )
 
 

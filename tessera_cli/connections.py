@@ -3,7 +3,8 @@
 Every call goes through ``Connections.call``, which applies the deadline and the bearer
 token and turns a failed call into a ``CliError`` that names the service. The License
 Server is found the way EBO clients find it: each server and port of its address in
-order (``@host`` tries 27000-27009), the first that answers wins.
+order (``@host`` tries 27000-27009), the first that answers wins. Channels are TLS when
+the settings say so (``--tls``, ``--tls-ca``, …), else plaintext.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from tessera.address import parse_address
 from tessera.admin.v1 import admin_pb2_grpc
 from tessera.auth import bearer_metadata
 from tessera.errors import InvalidLicenseServerAddress
+from tessera.keys import InsecureKeyFile
 from tessera.license.v1 import license_pb2, license_pb2_grpc
+from tessera.tls import TlsConfigurationError, open_channel
 from tessera_cli.failures import CliError, ExitCode, Failure, Service, UsageError, explain
 from tessera_cli.settings import Settings, Token
 
@@ -52,7 +55,13 @@ class Connections:
 
     def channel(self, target: str) -> grpc.aio.Channel:
         if target not in self._channels:
-            self._channels[target] = grpc.aio.insecure_channel(target)
+            try:
+                self._channels[target] = open_channel(target, self.settings.tls)
+            except (TlsConfigurationError, InsecureKeyFile) as error:
+                raise UsageError(
+                    f"TLS ({self.settings.tls_source}): {error}",
+                    "`tessera config` shows the TLS settings in use.",
+                ) from error
         return self._channels[target]
 
     @property
@@ -142,7 +151,8 @@ class Connections:
                 f"no License Server answers at {address}",
                 f"Tried {_summary(tried)}. Is the License Server running? Its address is set "
                 "with --license-server / TESSERA_LICENSE_SERVER; `tessera config` shows the "
-                "one in use.",
+                "one in use. One that serves TLS needs --tls-ca (and --tls-cert/--tls-key for "
+                "mutual TLS).",
                 code="UNAVAILABLE",
                 reason="UNREACHABLE",
                 service=Service.LICENSE_SERVER.value,

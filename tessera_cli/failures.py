@@ -292,7 +292,9 @@ def explain(
             exit_code,
             f"cannot reach the {service.value} at {target}",
             f"Is it running (`make up` starts all three)? Its address is set with "
-            f"{SETTING_OF[service]}; `tessera config` shows the one in use." + situation.resume,
+            f"{SETTING_OF[service]}; `tessera config` shows the one in use. A service that "
+            "serves TLS needs --tls-ca (and --tls-cert/--tls-key for mutual TLS)."
+            + situation.resume,
             code=code.name,
             reason="UNREACHABLE",
             service=service.value,

@@ -29,7 +29,8 @@ exit codes:
 SETTINGS = """\
 settings: each from its flag, else the environment (TESSERA_ADMINISTRATOR,
 TESSERA_LICENSE_SERVER, TESSERA_ACTIVATION_SERVER, TESSERA_OPERATOR_TOKEN[_FILE],
-TESSERA_VENDOR_TOKEN[_FILE], TESSERA_TIMEOUT, TESSERA_DATA_DIR, TESSERA_CONFIG), else
+TESSERA_VENDOR_TOKEN[_FILE], TESSERA_TIMEOUT, TESSERA_DATA_DIR, TESSERA_CONFIG,
+TESSERA_TLS[_CA|_CERT|_KEY|_SERVER_NAME]), else
 ~/.config/tessera/cli.toml, else the `make up` defaults; tokens also from the `make up`
 data directory (./var). `tessera config` shows what is in force.
 Guides: docs/operator.md, docs/vendor.md."""
@@ -38,7 +39,8 @@ Guides: docs/operator.md, docs/vendor.md."""
 COMMON_NOTE = """\
 Every command also takes --no-color and the connection options of `tessera --help`
 (--administrator, --license-server, --activation-server, --operator-token-file,
---vendor-token-file, --timeout, --data-dir, --config)."""
+--vendor-token-file, --timeout, --data-dir, --config, --tls, --tls-ca, --tls-cert,
+--tls-key, --tls-server-name)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -137,6 +139,40 @@ def _common(subcommand: bool) -> Parser:
         metavar="FILE",
         default=default(None),
         help=shown("config file [TESSERA_CONFIG; ~/.config/tessera/cli.toml]"),
+    )
+    tls = parent.add_argument_group("TLS (one setting for every service; default: plaintext)")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(None),
+        help=shown("speak TLS, trusting the system's CAs unless --tls-ca [TESSERA_TLS]"),
+    )
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=default(None),
+        help=shown("PEM CA that signed the services' certificates; implies --tls [TESSERA_TLS_CA]"),
+    )
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=default(None),
+        help=shown("PEM client certificate for mutual TLS [TESSERA_TLS_CERT]"),
+    )
+    tls.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=default(None),
+        help=shown("PEM key of --tls-cert, mode 0600 [TESSERA_TLS_KEY]"),
+    )
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=default(None),
+        help=shown(
+            "the name the services' certificates carry, when not the host dialled "
+            "[TESSERA_TLS_SERVER_NAME]"
+        ),
     )
     return parent
 

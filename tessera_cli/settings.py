@@ -6,17 +6,22 @@ or ``~/.config/tessera/cli.toml``), and a default that matches ``make up``. Toke
 also come from the files ``make up`` leaves in its data directory (``./var`` unless told
 otherwise): ``var/license_server/operator-token`` and
 ``var/activation_server/vendor-token``. ``tessera config`` shows what won and why.
+
+TLS (``--tls``, ``--tls-ca``, ``--tls-cert``/``--tls-key`` for mutual TLS,
+``--tls-server-name``) applies to every service the CLI calls; without it the CLI speaks
+plaintext, as ``make up``'s loopback services do.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tessera.tls import ClientTls, TlsConfigurationError, client_tls
 from tessera_cli.failures import UsageError
 
 DEFAULT_ADMINISTRATOR = "127.0.0.1:27200"
@@ -38,7 +43,13 @@ CONFIG_KEYS = {
     "vendor_token_file": "file holding the vendor-staff bearer token",
     "timeout": "seconds to wait for an answer",
     "data_dir": "the `make up` data directory whose token files are read",
+    "tls": "true: speak TLS to every service (implied by the tls_* keys)",
+    "tls_ca": "PEM file of the CA that signed the services' certificates",
+    "tls_cert": "PEM client certificate, for services that ask for mutual TLS",
+    "tls_key": "PEM key of tls_cert (mode 0600)",
+    "tls_server_name": "the name the services' certificates carry, when not the host dialled",
 }
+TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,11 @@ class Flags:
     timeout: str | None = None
     data_dir: str | None = None
     config: str | None = None
+    tls: bool | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,9 @@ class Settings:
     operator_token: Token | None
     vendor_token: Token | None
     config_file: Path | None
+    # How every service is dialled (None: plaintext), and where that came from.
+    tls: ClientTls | None = None
+    tls_source: str = "default"
 
 
 def default_config_path(environ: Mapping[str, str], home: Path) -> Path:
@@ -128,6 +147,9 @@ def load_config(
         if key == "timeout":
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise UsageError(f"the config file {path}: timeout must be a number of seconds")
+        elif key == "tls":
+            if not isinstance(value, bool):
+                raise UsageError(f"the config file {path}: tls must be true or false")
         elif not isinstance(value, str):
             raise UsageError(f"the config file {path}: {key} must be a string")
     return table, path
@@ -194,6 +216,8 @@ def resolve(
     if not seconds > 0:
         raise UsageError(f"timeout ({timeout.source}): must be more than 0 seconds")
 
+    tls, tls_source = _tls(flags, environ, config, config_source, cwd, relative_to_config)
+
     return Settings(
         administrator=pick(
             flags.administrator,
@@ -222,4 +246,63 @@ def resolve(
         operator_token=token("operator", OPERATOR_TOKEN_FILE),
         vendor_token=token("vendor", VENDOR_TOKEN_FILE),
         config_file=config_path,
+        tls=tls,
+        tls_source=tls_source,
     )
+
+
+def _tls(
+    flags: Flags,
+    environ: Mapping[str, str],
+    config: Mapping[str, Any],
+    config_source: str,
+    cwd: Path,
+    relative_to_config: Callable[[str], Path],
+) -> tuple[ClientTls | None, str]:
+    """The TLS settings, each from its flag, environment variable or config key; files
+    named on the command line or in the environment are relative to the working
+    directory, those in the config file to the config file."""
+    sources: list[str] = []
+
+    def file(flag: str | None, flag_name: str, env: str, key: str) -> str:
+        if flag:
+            sources.append(f"flag {flag_name}")
+            return str(cwd / Path(flag).expanduser())
+        if environ.get(env):
+            sources.append(f"env {env}")
+            return str(cwd / Path(environ[env]).expanduser())
+        if key in config:
+            sources.append(config_source)
+            return str(relative_to_config(str(config[key])))
+        return ""
+
+    enabled = False
+    if flags.tls:
+        enabled = True
+        sources.append("flag --tls")
+    elif environ.get("TESSERA_TLS", "").strip().lower() in TRUE_WORDS:
+        enabled = True
+        sources.append("env TESSERA_TLS")
+    elif config.get("tls") is True:
+        enabled = True
+        sources.append(config_source)
+    ca = file(flags.tls_ca, "--tls-ca", "TESSERA_TLS_CA", "tls_ca")
+    cert = file(flags.tls_cert, "--tls-cert", "TESSERA_TLS_CERT", "tls_cert")
+    key = file(flags.tls_key, "--tls-key", "TESSERA_TLS_KEY", "tls_key")
+    server_name = ""
+    if flags.tls_server_name:
+        server_name = flags.tls_server_name
+        sources.append("flag --tls-server-name")
+    elif environ.get("TESSERA_TLS_SERVER_NAME"):
+        server_name = environ["TESSERA_TLS_SERVER_NAME"]
+        sources.append("env TESSERA_TLS_SERVER_NAME")
+    elif "tls_server_name" in config:
+        server_name = str(config["tls_server_name"])
+        sources.append(config_source)
+    try:
+        tls = client_tls(enabled, ca, cert, key, server_name)
+    except TlsConfigurationError as error:
+        raise UsageError(
+            f"TLS: {error}", "Give --tls-cert and --tls-key together (mutual TLS)."
+        ) from None
+    return tls, ", ".join(dict.fromkeys(sources)) or "default"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tessera.serving import is_serving
+from tessera.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +45,13 @@ class Processes:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
 
-    async def wait_serving(self, name: str, port: int) -> None:
+    async def wait_serving(self, name: str, port: int, tls: ClientTls | None = None) -> None:
+        """Wait until the process answers its health check (dialled with ``tls``)."""
         for _ in range(300):
             process = self.running[name]
             if process.poll() is not None:
                 pytest.fail(f"{name} exited with {process.returncode}: {self.log(name)}")
-            if await is_serving(f"127.0.0.1:{port}", deadline=0.5):
+            if await is_serving(f"127.0.0.1:{port}", deadline=0.5, tls=tls):
                 return
             await asyncio.sleep(0.05)
         pytest.fail(f"{name} never became healthy: {self.log(name)}")

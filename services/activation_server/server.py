@@ -90,11 +90,13 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
         VendorServicer(entitlements, activations, returns, AuditLog(store), vendor_keys),
         endpoint.server,
     )
-    port = endpoint.bind(settings.common.listen)
+    common = settings.common
+    port = endpoint.bind(common.listen, common.tls, common.allow_plaintext)
     await endpoint.start(settings.common.metrics_listen)
     log.info(
-        "Activation Server listening on %s (vendor key %s, database %s)%s",
+        "Activation Server listening on %s, %s (vendor key %s, database %s)%s",
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
+        common.transport,
         vendor_keys.active.key_id,
         engine.url.render_as_string(hide_password=True),
         metrics_note(settings.common.metrics_listen, endpoint.metrics_port),

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tessera.config import CommonSettings, SettingsParser
+from tessera.tls import ClientTls, TlsConfigurationError, client_tls
 
 DEFAULT_LISTEN = "127.0.0.1:27200"
 DEFAULT_ACTIVATION_SERVER = "127.0.0.1:27100"
@@ -16,6 +17,10 @@ class Settings:
     common: CommonSettings
     # gRPC target (host:port) of the vendor's Activation Server.
     activation_server: str
+    # How the Administrator dials the Activation Server and License Servers (None:
+    # plaintext).
+    activation_server_tls: ClientTls | None = None
+    license_server_tls: ClientTls | None = None
 
     @property
     def database_url(self) -> str:
@@ -35,5 +40,44 @@ def load_settings(
         service="administrator",
     )
     parser.add("--activation-server", DEFAULT_ACTIVATION_SERVER, "Activation Server host:port")
+    for peer, name in (
+        ("activation-server", "the Activation Server"),
+        ("license-server", "License Servers"),
+    ):
+        parser.add_switch(
+            f"--{peer}-tls", f"dial {name} over TLS (implied by the other --{peer}-tls-* flags)"
+        )
+        parser.add(
+            f"--{peer}-tls-ca", "", f"PEM CA to trust for {name} (default: the system's roots)"
+        )
+        parser.add(f"--{peer}-tls-cert", "", f"PEM client certificate for {name} (mutual TLS)")
+        parser.add(f"--{peer}-tls-key", "", f"PEM key of --{peer}-tls-cert (mode 0600)")
+        parser.add(
+            f"--{peer}-tls-server-name",
+            "",
+            f"the name the certificate of {name} carries, when not the host dialled",
+        )
     common, args = parser.parse(argv)
-    return Settings(common=common, activation_server=args.activation_server)
+    try:
+        activation_server_tls = client_tls(
+            args.activation_server_tls,
+            args.activation_server_tls_ca,
+            args.activation_server_tls_cert,
+            args.activation_server_tls_key,
+            args.activation_server_tls_server_name,
+        )
+        license_server_tls = client_tls(
+            args.license_server_tls,
+            args.license_server_tls_ca,
+            args.license_server_tls_cert,
+            args.license_server_tls_key,
+            args.license_server_tls_server_name,
+        )
+    except TlsConfigurationError as error:
+        parser.parser.error(str(error))
+    return Settings(
+        common=common,
+        activation_server=args.activation_server,
+        activation_server_tls=activation_server_tls,
+        license_server_tls=license_server_tls,
+    )

@@ -8,7 +8,8 @@ exactly why the vendor or the License Server said no.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -21,6 +22,7 @@ from tessera.errors import PeerRefused, PeerUnavailable
 from tessera.license.v1 import license_pb2 as license_pb
 from tessera.license.v1 import license_pb2_grpc as license_grpc
 from tessera.rpc import error_info
+from tessera.tls import ClientTls, open_channel
 
 T = TypeVar("T")
 
@@ -49,11 +51,11 @@ async def call_peer(peer: str, address: str, call: Callable[[], Awaitable[T]]) -
 
 
 class ActivationServerClient:
-    """The vendor's Activation Server at one gRPC target."""
+    """The vendor's Activation Server at one gRPC target (over TLS with ``tls``)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls: ClientTls | None = None) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = open_channel(target, tls)
         self._stub = activation_grpc.ActivationServiceStub(self._channel)
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -99,12 +101,12 @@ class LicenseServerClient:
         self.leases = license_grpc.LeaseServiceStub(channel)
 
     @classmethod
-    async def connect(cls, address: str) -> LicenseServerClient:
+    async def connect(cls, address: str, tls: ClientTls | None = None) -> LicenseServerClient:
         """Try each server and port of ``address`` in order; the first that answers wins."""
         tried = []
         for server in parse_address(address):
             for target in server.targets():
-                channel = grpc.aio.insecure_channel(target)
+                channel = open_channel(target, tls)
                 stub = license_grpc.TrustedStorageServiceStub(channel)
                 try:
                     identity = await stub.GetHostIdentity(
@@ -185,10 +187,26 @@ class LicenseServerClient:
 
 
 @asynccontextmanager
-async def connected(address: str) -> AsyncIterator[LicenseServerClient]:
+async def connected(
+    address: str, tls: ClientTls | None = None
+) -> AsyncIterator[LicenseServerClient]:
     """The License Server at ``address`` for the duration of a block."""
-    server = await LicenseServerClient.connect(address)
+    server = await LicenseServerClient.connect(address, tls)
     try:
         yield server
     finally:
         await server.close()
+
+
+@dataclass(frozen=True)
+class LicenseServers:
+    """How the Administrator reaches License Servers: every one dialled with ``tls``
+    (None: plaintext)."""
+
+    tls: ClientTls | None = None
+
+    async def connect(self, address: str) -> LicenseServerClient:
+        return await LicenseServerClient.connect(address, self.tls)
+
+    def connected(self, address: str) -> AbstractAsyncContextManager[LicenseServerClient]:
+        return connected(address, self.tls)

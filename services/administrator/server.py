@@ -14,7 +14,7 @@ from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.resume import ResumeReport
 from services.administrator.errors import ERRORS
-from services.administrator.peers import ActivationServerClient
+from services.administrator.peers import ActivationServerClient, LicenseServers
 from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -69,23 +69,34 @@ async def resume_in_background(operations: Operations) -> ResumeReport:
 
 
 async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
+    for tls in (settings.activation_server_tls, settings.license_server_tls):
+        if tls is not None:
+            tls.check()
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     journal = Journal(engine)
-    activation_server = ActivationServerClient(settings.activation_server)
+    activation_server = ActivationServerClient(
+        settings.activation_server, settings.activation_server_tls
+    )
     registry = new_registry(settings.common.service)
     operations = Operations(
-        journal, activation_server, clock or SystemClock(), OperationMetrics(registry)
+        journal,
+        activation_server,
+        clock or SystemClock(),
+        OperationMetrics(registry),
+        LicenseServers(settings.license_server_tls),
     )
     endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain, registry=registry)
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server
     )
-    port = endpoint.bind(settings.common.listen)
+    common = settings.common
+    port = endpoint.bind(common.listen, common.tls, common.allow_plaintext)
     await endpoint.start(settings.common.metrics_listen)
     log.info(
-        "Administrator listening on %s (Activation Server %s)%s",
+        "Administrator listening on %s, %s (Activation Server %s)%s",
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
+        common.transport,
         settings.activation_server,
         metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )

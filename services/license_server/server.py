@@ -180,7 +180,8 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         ),
         endpoint.server,
     )
-    port = endpoint.bind(settings.common.listen)
+    common = settings.common
+    port = endpoint.bind(common.listen, common.tls, common.allow_plaintext)
     await endpoint.start(settings.common.metrics_listen)
     sweeper = asyncio.create_task(
         sweep_forever(
@@ -189,9 +190,10 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     )
     leasing.heartbeats.start()
     log.info(
-        "License Server %s listening on %s (database %s)%s",
+        "License Server %s listening on %s, %s (database %s)%s",
         identity.host_id,
         settings.common.listen.rsplit(":", 1)[0] + f":{port}",
+        common.transport,
         engine.url.render_as_string(hide_password=True),
         metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )

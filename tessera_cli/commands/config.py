@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tessera.tls import ClientTls
 from tessera_cli.session import Result, Session
 from tessera_cli.settings import Token
 from tessera_cli.terminal import Cell, Column, table
@@ -18,6 +19,17 @@ def _token(token: Token | None) -> tuple[str, str]:
     return "(set)", token.source
 
 
+def _tls(tls: ClientTls | None) -> str:
+    if tls is None:
+        return "off (plaintext)"
+    parts = [f"CA {tls.ca}" if tls.ca else "system CAs"]
+    if tls.cert is not None:
+        parts.append(f"client certificate {tls.cert}")
+    if tls.server_name:
+        parts.append(f"server name {tls.server_name}")
+    return ("mutual TLS" if tls.cert is not None else "TLS") + ": " + ", ".join(parts)
+
+
 async def show(args: argparse.Namespace, session: Session) -> Result:
     s = session.settings
     operator = _token(s.operator_token)
@@ -30,6 +42,7 @@ async def show(args: argparse.Namespace, session: Session) -> Result:
         ("data_dir", s.data_dir.value, s.data_dir.source),
         ("operator_token", *operator),
         ("vendor_token", *vendor),
+        ("tls", _tls(s.tls), s.tls_source),
     ]
     config_file = str(s.config_file) if s.config_file else "(none found)"
     text = "\n".join(
