@@ -31,6 +31,7 @@ from bench.phases import (
     UnaryResult,
     cycles_phase,
     echo_phase,
+    floor_phase,
     storm_phase,
     streams_phase,
 )
@@ -39,9 +40,9 @@ from bench.scaleout import FailoverResult, ReplicasResult, failover_phase, repli
 from bench.services import Vendor
 from bench.stats import verdict
 
-PHASES = ("echo", "cycles", "streams", "storm", "replicas", "failover")
+PHASES = ("echo", "floor", "cycles", "streams", "storm", "replicas", "failover")
 # The scale-out phases (replicas, failover) run only when asked for.
-DEFAULT_PHASES = PHASES[:4]
+DEFAULT_PHASES = PHASES[:5]
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 
 # Targets (issue "License Server ... fast").
@@ -172,6 +173,12 @@ def summary(results: dict[str, Any], options: Options) -> list[tuple[str, str, s
                 "",
             )
         )
+    floor = results.get("floor")
+    if isinstance(floor, UnaryResult):
+        measured = f"{floor.cycles_per_second:,.0f} cycles/s (2 health Checks each)"
+        if ceiling:
+            measured += f" = {floor.cycles_per_second / ceiling:.2f} x echo"
+        rows.append(("LS gRPC floor", measured, "-", ""))
     for kind, ratio in (("sqlite", SQLITE_RATIO), ("postgres", POSTGRES_RATIO)):
         result = results.get(f"cycles-{kind}")
         label = f"cycles {'SQLite' if kind == 'sqlite' else 'PostgreSQL'}"
@@ -349,6 +356,9 @@ async def run(args: argparse.Namespace, options: Options) -> dict[str, Any]:
                 try:
                     if name == "echo":
                         result: Any = await echo_phase(options)
+                    elif name == "floor":
+                        assert vendor is not None
+                        result = await floor_phase(options, vendor)
                     elif name.startswith("cycles-"):
                         assert vendor is not None
                         result = await cycles_phase(options, vendor, name.split("-", 1)[1])

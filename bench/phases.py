@@ -267,6 +267,20 @@ async def echo_phase(options: Options) -> UnaryResult:
         server.stop()
 
 
+async def floor_phase(options: Options, vendor: Vendor) -> UnaryResult:
+    """The same harness against a License Server's grpc.health Check: what a cycle costs
+    on this server's gRPC stack before any lease work (no target; it bounds the ratio)."""
+    name = "floor"
+    directory = options.work_dir / name
+    directory.mkdir(parents=True, exist_ok=True)
+    async with Database(options, "sqlite", directory) as database_url:
+        server, config = await license_server(options, vendor, name, database_url, 1)
+        try:
+            return await run_unary(options, name, config.target, "health", server.pid)
+        finally:
+            server.stop()
+
+
 async def license_information(target: str) -> lpb.FeatureInformation:
     async with grpc.aio.insecure_channel(target) as channel:
         reply = await lpb_grpc.LeaseServiceStub(channel).GetLicenseInformation(

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any, TypeAlias
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from bench.echo_server import METHOD as ECHO_METHOD
 from bench.mailbox import Mailbox
@@ -64,7 +65,7 @@ def describe(error: grpc.aio.AioRpcError) -> str:
 @dataclass(frozen=True)
 class UnarySpec:
     target: str
-    op: str  # "echo" or "cycle"
+    op: str  # "echo", "health" or "cycle"
     worker: int
     concurrency: int
     channels: int
@@ -98,6 +99,23 @@ def _cycle_op(channel: grpc.aio.Channel, client_host: str) -> Operation:
     return op
 
 
+def _health_op(channel: grpc.aio.Channel) -> Operation:
+    """Two grpc.health Checks: the License Server's own stack (interceptors, protobuf,
+    servicer dispatch) with no lease work behind it."""
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    request = health_pb2.HealthCheckRequest()
+
+    async def op() -> None:
+        await check(request)
+        await check(request)
+
+    return op
+
+
 def echo_payload() -> bytes:
     """What the echo RPC carries: a Checkout request of the size the real one has."""
     return lpb.CheckoutRequest(
@@ -126,6 +144,8 @@ async def _unary_main(connection: Connection, spec: UnarySpec) -> None:
             channel = group[(index // len(targets)) % len(group)]
             if spec.op == "echo":
                 ops.append(_echo_op(channel, echo_payload()))
+            elif spec.op == "health":
+                ops.append(_health_op(channel))
             else:
                 ops.append(_cycle_op(channel, f"bench-{spec.worker}-{index:02d}"))
         for op in ops[: len(channels)]:
