@@ -457,6 +457,27 @@ async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
     assert await held_seats(leasing) == 4
 
 
+async def test_check_ins_do_not_wait_behind_a_backlog_of_checkouts(leasing: Leasing) -> None:
+    """With more checkouts pending than a batch takes, a check-in still joins the next
+    batch instead of waiting until the checkouts are through."""
+    await seed(leasing, 10)
+    held = await leasing.acquire(new_lease(client="ws-held"))
+    leasing.group_commit.max_batch = 2
+    finished: list[str] = []
+
+    async def track(name: str, call: Awaitable[object]) -> None:
+        await call
+        finished.append(name)
+
+    await asyncio.gather(
+        *(track(f"checkout-{i}", leasing.acquire(new_lease(client=f"ws-{i}"))) for i in range(6)),
+        track("check-in", leasing.release(held.lease.lease_id, held.secret)),
+    )
+    # Batches: checkouts 0-1 with the check-in, then 2-3, then 4-5.
+    assert finished.index("check-in") < finished.index("checkout-2")
+    assert (await pool(leasing)).used == 6
+
+
 async def read_only(engine: AsyncEngine, on: bool) -> None:
     """Make the License Server's database refuse writes (or take them again)."""
     if engine.dialect.name == "sqlite":  # the pool's one connection, outside a transaction

@@ -39,7 +39,8 @@ from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError
 
-# Calls served by one transaction at most (bounds its statements' size).
+# Calls of each kind (checkouts, check-ins, resumes) one transaction serves at most;
+# bounds its statements' size.
 MAX_BATCH = 256
 
 
@@ -125,10 +126,10 @@ class GroupCommit:
 
     async def _commit_while_pending(self) -> None:
         while self._checkouts or self._checkins or self._resumes:
-            room = self.max_batch
-            checkouts, room = _take(self._checkouts, room)
-            checkins, room = _take(self._checkins, room)
-            resumes, room = _take(self._resumes, room)
+            # Up to max_batch calls of each kind, so no kind waits behind another's.
+            checkouts = _take(self._checkouts, self.max_batch)
+            checkins = _take(self._checkins, self.max_batch)
+            resumes = _take(self._resumes, self.max_batch)
             callers: list[asyncio.Future[Any]] = [c.done for c in checkouts]
             callers += [c.done for c in checkins]
             callers += [r.done for r in resumes]
@@ -268,9 +269,9 @@ class GroupCommit:
 T = TypeVar("T", _Checkout, _Checkin, _Resume)
 
 
-def _take(pending: list[T], room: int) -> tuple[list[T], int]:
-    """Up to ``room`` calls from the front of ``pending`` (removed from it), less those
-    whose callers gave up before their batch began; and the room left."""
-    taken = pending[:room]
+def _take(pending: list[T], limit: int) -> list[T]:
+    """Up to ``limit`` calls from the front of ``pending`` (removed from it), less those
+    whose callers gave up before their batch began."""
+    taken = pending[:limit]
     del pending[: len(taken)]
-    return [call for call in taken if not call.done.done()], room - len(taken)
+    return [call for call in taken if not call.done.done()]
