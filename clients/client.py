@@ -85,6 +85,7 @@ class LicenseClient:
         call_timeout: float = 10.0,
         release_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        site_token: str | None = None,
     ) -> None:
         try:
             servers = parse_address(address)
@@ -97,6 +98,7 @@ class LicenseClient:
             call_timeout=call_timeout,
             release_timeout=release_timeout,
             backoff=backoff or Backoff(),
+            site_token=site_token,
         )
         self.client_host = client_host or socket.gethostname()
         self.user = user
@@ -225,13 +227,19 @@ class LicenseClient:
         request = pb.DeclareRequirementRequest(
             client_host=self.client_host, feature=feature, required=required
         )
-        await self._unary(lambda stub, timeout: stub.DeclareRequirement(request, timeout=timeout))
+        await self._unary(
+            lambda stub, timeout: stub.DeclareRequirement(
+                request, timeout=timeout, metadata=self.settings.metadata
+            )
+        )
 
     async def license_information(self, feature: str = "") -> list[FeatureInformation]:
         """Per feature: Activated, Used, Available, Queued, Required, violation."""
         request = pb.GetLicenseInformationRequest(feature=feature)
         reply = await self._unary(
-            lambda stub, timeout: stub.GetLicenseInformation(request, timeout=timeout)
+            lambda stub, timeout: stub.GetLicenseInformation(
+                request, timeout=timeout, metadata=self.settings.metadata
+            )
         )
         return [
             FeatureInformation(

@@ -130,7 +130,9 @@ class Lease(License):
         for server in self._settings.servers:
             for target in server.targets():
                 try:
-                    stream = await LeaseStream.open(target, self._settings.connect_timeout)
+                    stream = await LeaseStream.open(
+                        target, self._settings.connect_timeout, self._settings.metadata
+                    )
                 except LicenseServerUnreachable as error:
                     attempts.append(f"{target}: {error.message}")
                     continue
@@ -219,7 +221,9 @@ class Lease(License):
         self.state = LicenseState.HELD
         targets = self._settings.targets_from(self.server)
         if self._exit_record is None:
-            self._exit_record = shutdown.HeldLease(self.lease_id, self._secret, targets)
+            self._exit_record = shutdown.HeldLease(
+                self.lease_id, self._secret, targets, self._settings.metadata
+            )
             shutdown.hold(self._exit_record)
         else:
             self._exit_record.targets = targets
@@ -330,7 +334,9 @@ class Lease(License):
                 remaining = self._deadline - loop.time()
                 try:
                     stream = await LeaseStream.open(
-                        target, min(self._settings.connect_timeout, remaining)
+                        target,
+                        min(self._settings.connect_timeout, remaining),
+                        self._settings.metadata,
                     )
                 except LicenseServerUnreachable as error:
                     log.debug("resume of lease %s: %s", self.lease_id, error)
@@ -435,7 +441,9 @@ class Lease(License):
                     try:
                         async with connected(target, self._settings.connect_timeout) as channel:
                             await pb_grpc.LeaseServiceStub(channel).Checkin(
-                                request, timeout=self._settings.call_timeout
+                                request,
+                                timeout=self._settings.call_timeout,
+                                metadata=self._settings.metadata,
                             )
                     except LicenseServerUnreachable:
                         continue

@@ -16,6 +16,8 @@ class ClientSettings:
     ``connect_timeout``: per target, to get a connection (a refused port fails at once).
     ``call_timeout``: for an answer to an acquire, resume, or unary call.
     ``release_timeout``: for the whole check-in on exit, across every target.
+    ``site_token``: the site's token, presented on every call when the License Server
+    requires one (``--site-token-sha256``); None presents none.
     """
 
     address: str
@@ -25,6 +27,12 @@ class ClientSettings:
     release_timeout: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+    site_token: str | None = field(default=None, repr=False)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the site token, if there is one."""
+        return (("authorization", f"Bearer {self.site_token}"),) if self.site_token else ()
 
     @property
     def targets(self) -> list[str]:

@@ -107,6 +107,7 @@ class SyncLicenseClient:
         call_timeout: float = 10.0,
         release_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        site_token: str | None = None,
     ) -> None:
         # Built first: an invalid address raises before any thread or network call.
         self._client = LicenseClient(
@@ -120,6 +121,7 @@ class SyncLicenseClient:
             call_timeout=call_timeout,
             release_timeout=release_timeout,
             backoff=backoff,
+            site_token=site_token,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(

@@ -3,6 +3,10 @@
 Failures of a peer become domain errors here: unreachable -> PeerUnavailable, a refusal
 -> PeerRefused carrying the peer's own status code and reason, so the operator sees
 exactly why the vendor or the License Server said no.
+
+The Administrator presents its License Server credential (role ``administrator``, or the
+operator's) on every call to a License Server; the Activation Server needs none (its
+requests are envelopes signed by the License Server's host key).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import grpc
 from tessera.activation.v1 import activation_pb2 as activation_pb
 from tessera.activation.v1 import activation_pb2_grpc as activation_grpc
 from tessera.address import parse_address
+from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import PeerRefused, PeerUnavailable
 from tessera.license.v1 import license_pb2 as license_pb
@@ -91,16 +96,24 @@ class ActivationServerClient:
 class LicenseServerClient:
     """One License Server, found at the first answering target of an EBO address."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, host_id: str) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        address: str,
+        host_id: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._channel = channel
         self.address = address
         self.host_id = host_id
+        self.metadata = metadata
         self.trusted_storage = license_grpc.TrustedStorageServiceStub(channel)
         self.leases = license_grpc.LeaseServiceStub(channel)
 
     @classmethod
-    async def connect(cls, address: str) -> LicenseServerClient:
-        """Try each server and port of ``address`` in order; the first that answers wins."""
+    async def connect(cls, address: str, token: str | None = None) -> LicenseServerClient:
+        """Try each server and port of ``address`` in order; the first that answers wins.
+        ``token``, when given, is presented on every call but the probe."""
         tried = []
         for server in parse_address(address):
             for target in server.targets():
@@ -114,7 +127,8 @@ class LicenseServerClient:
                     await channel.close()
                     tried.append(f"{target} ({error.code().name})")
                     continue
-                return cls(channel, address, identity.host_id)
+                metadata = bearer_metadata(token) if token else ()
+                return cls(channel, address, identity.host_id, metadata)
         raise PeerUnavailable(LICENSE_SERVER, address, "no answer from " + ", ".join(tried))
 
     async def call(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -123,14 +137,18 @@ class LicenseServerClient:
     async def list_certificates(self) -> list[license_pb.InstalledCertificate]:
         request = license_pb.ListCertificatesRequest()
         response = await self.call(
-            lambda: self.trusted_storage.ListCertificates(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.ListCertificates(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
         return list(response.certificates)
 
     async def license_information(self) -> list[license_pb.FeatureInformation]:
         request = license_pb.GetLicenseInformationRequest()
         response = await self.call(
-            lambda: self.leases.GetLicenseInformation(request, timeout=CALL_TIMEOUT)
+            lambda: self.leases.GetLicenseInformation(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
         return list(response.features)
 
@@ -141,7 +159,9 @@ class LicenseServerClient:
             activation_id=activation_id, count=count, request_id=request_id
         )
         return await self.call(
-            lambda: self.trusted_storage.PrepareActivation(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.PrepareActivation(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def install_activation(
@@ -149,7 +169,9 @@ class LicenseServerClient:
     ) -> license_pb.InstallActivationResponse:
         request = license_pb.InstallActivationRequest(response=response)
         return await self.call(
-            lambda: self.trusted_storage.InstallActivation(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.InstallActivation(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def prepare_return(
@@ -159,36 +181,55 @@ class LicenseServerClient:
             certificate_id=certificate_id, count=count, request_id=request_id, force=force
         )
         return await self.call(
-            lambda: self.trusted_storage.PrepareReturn(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.PrepareReturn(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def complete_return(self, receipt: SignedEnvelope) -> license_pb.CompleteReturnResponse:
         request = license_pb.CompleteReturnRequest(receipt=receipt)
         return await self.call(
-            lambda: self.trusted_storage.CompleteReturn(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.CompleteReturn(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def prepare_repair(self, request_id: str) -> license_pb.PrepareRepairResponse:
         request = license_pb.PrepareRepairRequest(request_id=request_id)
         return await self.call(
-            lambda: self.trusted_storage.PrepareRepair(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.PrepareRepair(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def complete_repair(self, response: SignedEnvelope) -> license_pb.CompleteRepairResponse:
         request = license_pb.CompleteRepairRequest(response=response)
         return await self.call(
-            lambda: self.trusted_storage.CompleteRepair(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.CompleteRepair(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def close(self) -> None:
         await self._channel.close()
 
 
-@asynccontextmanager
-async def connected(address: str) -> AsyncIterator[LicenseServerClient]:
-    """The License Server at ``address`` for the duration of a block."""
-    server = await LicenseServerClient.connect(address)
-    try:
-        yield server
-    finally:
-        await server.close()
+class LicenseServers:
+    """Connects to License Servers, presenting the Administrator's credential for them.
+    ``token`` is asked each time (a token file is read per connection, so a rotated one
+    is picked up without a restart)."""
+
+    def __init__(self, token: Callable[[], str | None] = lambda: None) -> None:
+        self._token = token
+
+    async def connect(self, address: str) -> LicenseServerClient:
+        return await LicenseServerClient.connect(address, self._token())
+
+    @asynccontextmanager
+    async def connected(self, address: str) -> AsyncIterator[LicenseServerClient]:
+        """The License Server at ``address`` for the duration of a block."""
+        server = await self.connect(address)
+        try:
+            yield server
+        finally:
+            await server.close()

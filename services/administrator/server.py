@@ -14,10 +14,11 @@ from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.resume import ResumeReport
 from services.administrator.errors import ERRORS
-from services.administrator.peers import ActivationServerClient
+from services.administrator.peers import ActivationServerClient, LicenseServers
 from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.metrics import metrics_note, new_registry
 from tessera.serving import Endpoint
@@ -69,15 +70,25 @@ async def resume_in_background(operations: Operations) -> ResumeReport:
 
 
 async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
+    credentials = settings.credentials.with_token_files(settings.common.data_dir)
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     journal = Journal(engine)
     activation_server = ActivationServerClient(settings.activation_server)
     registry = new_registry(settings.common.service)
     operations = Operations(
-        journal, activation_server, clock or SystemClock(), OperationMetrics(registry)
+        journal,
+        activation_server,
+        clock or SystemClock(),
+        OperationMetrics(registry),
+        LicenseServers(settings.license_server_credential),
     )
-    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain, registry=registry)
+    endpoint = Endpoint(
+        SERVICE_NAMES,
+        error_domain=ERRORS.domain,
+        interceptors=[AccessControl(credentials, domain=ERRORS.domain)],
+        registry=registry,
+    )
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server
     )

@@ -35,7 +35,7 @@ from services.administrator.domain.registration import Registrations
 from services.administrator.peers import (
     ActivationServerClient,
     LicenseServerClient,
-    connected,
+    LicenseServers,
 )
 from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
@@ -153,11 +153,16 @@ class ExchangeRunner:
     """Takes journaled operations through prepare -> vendor -> install."""
 
     def __init__(
-        self, journal: OperationJournal, registrations: Registrations, clock: Clock
+        self,
+        journal: OperationJournal,
+        registrations: Registrations,
+        clock: Clock,
+        license_servers: LicenseServers,
     ) -> None:
         self.journal = journal
         self.registrations = registrations
         self.clock = clock
+        self.license_servers = license_servers
 
     async def run(self, exchange: Exchange, intent: Intent, operation_id: str) -> Operation:
         """The whole operation, online; run again with the same id it continues where it
@@ -167,7 +172,7 @@ class ExchangeRunner:
             if operation is not None and operation.state.finished:
                 return self.outcome(exchange, operation)
             if operation is None:
-                async with connected(intent.license_server) as server:
+                async with self.license_servers.connected(intent.license_server) as server:
                     operation = await self.prepare(exchange, server, intent, operation_id)
                     return await self.complete(exchange, server, operation)
             async with self.reach_license_server(operation, intent.license_server) as server:
@@ -189,7 +194,7 @@ class ExchangeRunner:
         """The License Server a journaled operation continues on; if it cannot be reached,
         the journal notes why."""
         async with self.journal.noting_errors(operation):
-            server = await LicenseServerClient.connect(address)
+            server = await self.license_servers.connect(address)
         try:
             yield server
         finally:

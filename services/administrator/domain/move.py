@@ -31,7 +31,6 @@ from services.administrator.domain.model import (
 )
 from services.administrator.domain.registration import Registrations
 from services.administrator.domain.returns import ReturnExchange, refusal_in
-from services.administrator.peers import connected
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.license.v1.license_pb2 import InstalledCertificate
@@ -104,8 +103,8 @@ class Moves:
         """Both License Servers answer, the certificate is on the source: withhold its
         seats there and journal the move."""
         async with (
-            connected(intent.license_server) as source,
-            connected(intent.target_license_server) as target,
+            self.runner.license_servers.connected(intent.license_server) as source,
+            self.runner.license_servers.connected(intent.target_license_server) as target,
         ):
             if source.host_id == target.host_id:
                 raise SameLicenseServer(
@@ -178,7 +177,7 @@ class Moves:
         receipt = SignedEnvelope.FromString(operation.response_envelope)
         async with (
             self.journal.noting_errors(operation),
-            connected(operation.license_server) as source,
+            self.runner.license_servers.connected(operation.license_server) as source,
         ):
             check_host(source, operation.host_id, operation.operation_id)
             completed = await source.complete_return(receipt)
@@ -189,7 +188,7 @@ class Moves:
             )
         async with (
             self.journal.noting_errors(operation),
-            connected(operation.target_license_server) as target,
+            self.runner.license_servers.connected(operation.target_license_server) as target,
         ):
             check_host(target, operation.target_host_id, operation.operation_id)
             prepared = await target.prepare_activation(
@@ -223,7 +222,7 @@ class Moves:
         answer = SignedEnvelope.FromString(operation.target_response_envelope)
         async with (
             self.journal.noting_errors(operation),
-            connected(operation.target_license_server) as target,
+            self.runner.license_servers.connected(operation.target_license_server) as target,
         ):
             check_host(target, operation.target_host_id, operation.operation_id)
             installed = await target.install_activation(answer)

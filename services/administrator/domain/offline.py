@@ -43,7 +43,6 @@ from services.administrator.domain.registration import (
     checked_registration,
     registration_to_proto,
 )
-from services.administrator.peers import connected
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import InvalidInput
@@ -166,7 +165,7 @@ class Offline:
         async with self.journal.exclusive(operation_id):
             operation = await self.journal.existing(operation_id, intent)
             if operation is None:
-                async with connected(intent.license_server) as server:
+                async with self.runner.license_servers.connected(intent.license_server) as server:
                     operation = await self.runner.prepare(exchange, server, intent, operation_id)
         request_file = pb.RequestFile(
             format_version=FORMAT_VERSION,

@@ -20,7 +20,7 @@ from services.administrator.domain.registration import Registrations
 from services.administrator.domain.repair import RepairExchange, Repairs
 from services.administrator.domain.resume import ResumeReport, resume_unfinished
 from services.administrator.domain.returns import ReturnExchange, Returns
-from services.administrator.peers import ActivationServerClient
+from services.administrator.peers import ActivationServerClient, LicenseServers
 from services.administrator.store.repository import Journal
 from tessera.clock import Clock
 
@@ -34,14 +34,16 @@ class Operations:
         activation_server: ActivationServerClient,
         clock: Clock,
         metrics: OperationMetrics | None = None,
+        license_servers: LicenseServers | None = None,
     ) -> None:
+        license_servers = license_servers or LicenseServers()
         self.journal = OperationJournal(store, clock, metrics)
         self.registrations = Registrations(store, clock)
-        runner = ExchangeRunner(self.journal, self.registrations, clock)
+        runner = ExchangeRunner(self.journal, self.registrations, clock, license_servers)
         activation = ActivationExchange(activation_server)
         return_ = ReturnExchange(activation_server)
         repair = RepairExchange(activation_server)
-        self.overview = Overview(activation_server)
+        self.overview = Overview(activation_server, license_servers)
         self.activations = Activations(self.journal, runner, activation, clock)
         self.returns = Returns(runner, return_)
         self.repairs = Repairs(runner, repair)

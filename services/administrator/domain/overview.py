@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.administrator.domain import inputs
-from services.administrator.peers import ActivationServerClient, connected
+from services.administrator.peers import ActivationServerClient, LicenseServers
 from tessera.activation.v1 import activation_pb2 as activation_pb
 from tessera.ids import ENTITLEMENT_PREFIX, parse_id
 from tessera.license.v1 import license_pb2 as license_pb
@@ -19,15 +19,18 @@ class LicenseOverview:
 
 
 class Overview:
-    def __init__(self, activation_server: ActivationServerClient) -> None:
+    def __init__(
+        self, activation_server: ActivationServerClient, license_servers: LicenseServers
+    ) -> None:
         self.activation_server = activation_server
+        self.license_servers = license_servers
 
     async def get_order(self, entitlement_id: str) -> activation_pb.Entitlement:
         entitlement_id = parse_id(ENTITLEMENT_PREFIX, entitlement_id, "entitlement_id")
         return await self.activation_server.get_order(entitlement_id)
 
     async def list_licenses(self, license_server: str) -> LicenseOverview:
-        async with connected(inputs.license_server(license_server)) as server:
+        async with self.license_servers.connected(inputs.license_server(license_server)) as server:
             certificates = await server.list_certificates()
             features = await server.license_information()
         return LicenseOverview(server.host_id, features, certificates)
