@@ -417,7 +417,11 @@ class AccessControl(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.PERMISSION_DENIED
             message = f"the {principal.role.value} role may not call this method"
             log.warning(
-                "refused %s for %s: role %s not allowed", method, principal.name, principal.role
+                "refused %s for %s (role %s): %s",
+                method,
+                principal.name,
+                principal.role.value,
+                reason,
             )
             metadata = {"role": principal.role.value}
         return rich_status(code, message, reason, self.domain, metadata)
