@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tessera.rpc import abort, rich_status
+from tessera.errors import CredentialInvalid, CredentialMissing, DomainError, RoleNotAllowed
+from tessera.rpc import ErrorTable, abort, rich_status
 
 if TYPE_CHECKING:
     from tessera.config import SettingsParser
@@ -44,10 +45,6 @@ log = logging.getLogger("tessera.auth")
 AUTHORIZATION = "authorization"
 DIGEST_PREFIX = "sha256:"
 IDENTITY_PREFIX = "x509:"
-CREDENTIAL_MISSING = "CREDENTIAL_MISSING"
-CREDENTIAL_INVALID = "CREDENTIAL_INVALID"
-ROLE_NOT_ALLOWED = "ROLE_NOT_ALLOWED"
-REASONS = (CREDENTIAL_MISSING, CREDENTIAL_INVALID, ROLE_NOT_ALLOWED)
 
 
 class Role(enum.StrEnum):
@@ -349,16 +346,17 @@ Continuation = Callable[
 
 
 class AccessControl(grpc.aio.ServerInterceptor):
-    """Admits a call only with a credential of a role ``ACCESS`` allows for its method."""
+    """Admits a call only with a credential of a role ``ACCESS`` allows for its method;
+    a refusal gets its status code from the service's error table."""
 
     def __init__(
         self,
         credentials: Credentials,
-        domain: str,
+        errors: ErrorTable,
         table: Mapping[str, Mapping[str, Access]] = ACCESS,
     ) -> None:
         self.credentials = credentials
-        self.domain = domain
+        self.errors = errors
         self.table = table
         self._site_token = credentials.has_role(Role.CLIENT)
 
@@ -373,19 +371,19 @@ class AccessControl(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         if access is None:
-            return self._refuse(handler, method, ROLE_NOT_ALLOWED, None)
+            return self._refuse(handler, method, RoleNotAllowed("no role may call this method"))
         token = presented_token(handler_call_details.invocation_metadata)
         if token is None and self.credentials.identities:
             return _checked_at_call(
                 handler, lambda context: self._judge_peer(method, access, context)
             )
         if not token:
-            return self._refuse(handler, method, CREDENTIAL_MISSING, None)
+            return self._refuse(handler, method, _missing())
         principal = self.credentials.by_token(token)
         if principal is None:
-            return self._refuse(handler, method, CREDENTIAL_INVALID, None)
+            return self._refuse(handler, method, _invalid())
         if not access.admits(principal.role):
-            return self._refuse(handler, method, ROLE_NOT_ALLOWED, principal)
+            return self._refuse(handler, method, _not_allowed(principal), principal)
         log.debug("%s admitted for %s (%s)", method, principal.name, principal.role.value)
         return handler
 
@@ -394,47 +392,51 @@ class AccessControl(grpc.aio.ServerInterceptor):
     ) -> grpc.Status | None:
         common_name = peer_common_name(context)
         if common_name is None:
-            return self._status(method, CREDENTIAL_MISSING, None)
+            return self._status(method, _missing())
         principal = self.credentials.by_common_name(common_name)
         if principal is None:
-            return self._status(method, CREDENTIAL_INVALID, None)
+            return self._status(method, _invalid())
         if not access.admits(principal.role):
-            return self._status(method, ROLE_NOT_ALLOWED, principal)
+            return self._status(method, _not_allowed(principal), principal)
         log.debug("%s admitted for %s (%s, mTLS)", method, principal.name, principal.role.value)
         return None
 
-    def _status(self, method: str, reason: str, principal: Principal | None) -> grpc.Status:
-        if principal is None:
-            code = grpc.StatusCode.UNAUTHENTICATED
-            message = (
-                "this call needs a credential (a bearer token or a client certificate)"
-                if reason == CREDENTIAL_MISSING
-                else "the credential is not valid"
-            )
-            log.warning("refused %s: %s", method, reason)
-            metadata: dict[str, str] = {}
-        else:
-            code = grpc.StatusCode.PERMISSION_DENIED
-            message = f"the {principal.role.value} role may not call this method"
-            log.warning(
-                "refused %s for %s (role %s): %s",
-                method,
-                principal.name,
-                principal.role.value,
-                reason,
-            )
-            metadata = {"role": principal.role.value}
-        return rich_status(code, message, reason, self.domain, metadata)
+    def _status(
+        self, method: str, error: DomainError, principal: Principal | None = None
+    ) -> grpc.Status:
+        who = f" for {principal.name} (role {principal.role.value})" if principal else ""
+        log.warning("refused %s%s: %s", method, who, error.reason)
+        return rich_status(
+            self.errors.code_for(error), error.message, error.reason, self.errors.domain,
+            error.metadata,
+        )  # fmt: skip
 
     def _refuse(
         self,
         handler: grpc.RpcMethodHandler[Any, Any],
         method: str,
-        reason: str,
-        principal: Principal | None,
+        error: DomainError,
+        principal: Principal | None = None,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        status = self._status(method, reason, principal)
+        status = self._status(method, error, principal)
         return _checked_at_call(handler, lambda _context: status)
+
+
+def _missing() -> CredentialMissing:
+    return CredentialMissing(
+        "this call needs a credential (a bearer token or a client certificate)"
+    )
+
+
+def _invalid() -> CredentialInvalid:
+    return CredentialInvalid("the credential is not valid")
+
+
+def _not_allowed(principal: Principal) -> RoleNotAllowed:
+    return RoleNotAllowed(
+        f"the {principal.role.value} role may not call this method",
+        metadata={"role": principal.role.value},
+    )
 
 
 def _checked_at_call(

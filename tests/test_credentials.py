@@ -25,6 +25,7 @@ from services.activation_server import server as as_server
 from services.administrator import config as admin_config
 from services.administrator import server as admin_server
 from services.license_server import config as ls_config
+from services.license_server import errors as license_errors
 from services.license_server import server as ls_server
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.activation.v1 import activation_pb2_grpc as apb_grpc
@@ -432,7 +433,7 @@ async def test_a_client_certificate_common_name_maps_to_a_role(tmp_path: Path) -
     credentials = parse_credentials(
         "x509:ops-console operator ops-console\nx509:ws-client client ws\n"
     ).merged(Credentials().with_token(TOKENS[Role.OPERATOR], Role.OPERATOR, "ops-token"))
-    server = grpc.aio.server(interceptors=[AccessControl(credentials, domain="tessera.license")])
+    server = grpc.aio.server(interceptors=[AccessControl(credentials, license_errors.ERRORS)])
     lpb_grpc.add_LeaseAdminServiceServicer_to_server(LeaseAdmin(), server)
     port = server.add_secure_port(
         "127.0.0.1:0",

@@ -72,7 +72,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[AccessControl(credentials, domain=ERRORS.domain)],
+        interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
     )
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(

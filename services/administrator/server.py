@@ -86,7 +86,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[AccessControl(credentials, domain=ERRORS.domain)],
+        interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
     )
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(

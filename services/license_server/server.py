@@ -153,7 +153,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[AccessControl(credentials, domain=ERRORS.domain)],
+        interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
     )
     seats = SeatGauges(store, clock)
