@@ -68,6 +68,8 @@ class LicenseClient:
     mapping of key id to key, or the path of ``vendor-keys.pub``), ``license()`` applies
     EBO's start-up rule: a valid local license first, else a network lease.
 
+    ``site_token`` is presented on every call, for a License Server that requires one.
+
     Use it as ``async with``, or call ``close()``: that checks in every license still
     held.
     """
