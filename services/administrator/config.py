@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.auth import (
@@ -32,7 +32,7 @@ class Settings:
     # The credential presented to License Servers (their administrator-token, or an
     # operator token): a file read at each connection, or the token itself.
     license_server_token_file: Path | None = None
-    license_server_token: str = ""
+    license_server_token: str = field(default="", repr=False)
 
     @property
     def database_url(self) -> str:
