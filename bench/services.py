@@ -238,6 +238,9 @@ class Vendor:
                     "--listen", "127.0.0.1:0",
                     "--data-dir", str(work_dir / "administrator"),
                     "--activation-server", f"127.0.0.1:{activation.port}",
+                    # The operator token is admitted here and by the License Server.
+                    "--operator-token", OPERATOR_TOKEN,
+                    "--license-server-token", OPERATOR_TOKEN,
                     "--log-level", "WARNING",
                 ],
                 environ={},
@@ -270,7 +273,8 @@ class Vendor:
                     license_server=license_server,
                     activation_id=created.entitlement.lines[0].activation_id,
                     count=seats,
-                )
+                ),
+                metadata=bearer_metadata(OPERATOR_TOKEN),
             )
 
     async def stop(self) -> None:

@@ -71,6 +71,7 @@ class LicenseClient:
 
     With ``tls`` (a ClientTls: the CA to trust, and a client certificate and key when the
     License Server asks for mutual TLS) every connection is TLS; without it, plaintext.
+    ``site_token`` is presented on every call, for a License Server that requires one.
 
     Use it as ``async with``, or call ``close()``: that checks in every license still
     held.
@@ -90,6 +91,7 @@ class LicenseClient:
         release_timeout: float = 5.0,
         backoff: Backoff | None = None,
         tls: ClientTls | None = None,
+        site_token: str | None = None,
     ) -> None:
         try:
             servers = parse_address(address)
@@ -103,6 +105,7 @@ class LicenseClient:
             release_timeout=release_timeout,
             backoff=backoff or Backoff(),
             tls=tls,
+            site_token=site_token,
         )
         self.client_host = client_host or socket.gethostname()
         self.user = user
@@ -231,13 +234,19 @@ class LicenseClient:
         request = pb.DeclareRequirementRequest(
             client_host=self.client_host, feature=feature, required=required
         )
-        await self._unary(lambda stub, timeout: stub.DeclareRequirement(request, timeout=timeout))
+        await self._unary(
+            lambda stub, timeout: stub.DeclareRequirement(
+                request, timeout=timeout, metadata=self.settings.metadata
+            )
+        )
 
     async def license_information(self, feature: str = "") -> list[FeatureInformation]:
         """Per feature: Activated, Used, Available, Queued, Required, violation."""
         request = pb.GetLicenseInformationRequest(feature=feature)
         reply = await self._unary(
-            lambda stub, timeout: stub.GetLicenseInformation(request, timeout=timeout)
+            lambda stub, timeout: stub.GetLicenseInformation(
+                request, timeout=timeout, metadata=self.settings.metadata
+            )
         )
         return [
             FeatureInformation(

@@ -131,7 +131,10 @@ class Lease(License):
             for target in server.targets():
                 try:
                     stream = await LeaseStream.open(
-                        target, self._settings.connect_timeout, self._settings.tls
+                        target,
+                        self._settings.connect_timeout,
+                        self._settings.tls,
+                        self._settings.metadata,
                     )
                 except LicenseServerUnreachable as error:
                     attempts.append(f"{target}: {error.message}")
@@ -221,7 +224,9 @@ class Lease(License):
         self.state = LicenseState.HELD
         targets = self._settings.targets_from(self.server)
         if self._exit_record is None:
-            self._exit_record = shutdown.HeldLease(self.lease_id, self._secret, targets)
+            self._exit_record = shutdown.HeldLease(
+                self.lease_id, self._secret, targets, self._settings.metadata
+            )
             shutdown.hold(self._exit_record)
         else:
             self._exit_record.targets = targets
@@ -335,6 +340,7 @@ class Lease(License):
                         target,
                         min(self._settings.connect_timeout, remaining),
                         self._settings.tls,
+                        self._settings.metadata,
                     )
                 except LicenseServerUnreachable as error:
                     log.debug("resume of lease %s: %s", self.lease_id, error)
@@ -441,7 +447,9 @@ class Lease(License):
                             target, self._settings.connect_timeout, self._settings.tls
                         ) as channel:
                             await pb_grpc.LeaseServiceStub(channel).Checkin(
-                                request, timeout=self._settings.call_timeout
+                                request,
+                                timeout=self._settings.call_timeout,
+                                metadata=self._settings.metadata,
                             )
                     except LicenseServerUnreachable:
                         continue

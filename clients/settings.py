@@ -18,6 +18,8 @@ class ClientSettings:
     ``call_timeout``: for an answer to an acquire, resume, or unary call.
     ``release_timeout``: for the whole check-in on exit, across every target.
     ``tls``: how to dial TLS (None: plaintext).
+    ``site_token``: the site's token, presented on every call when the License Server
+    requires one (``--site-token-sha256``); None presents none.
     """
 
     address: str
@@ -28,6 +30,12 @@ class ClientSettings:
     backoff: Backoff = field(default_factory=Backoff)
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
     tls: ClientTls | None = None
+    site_token: str | None = field(default=None, repr=False)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the site token, if there is one."""
+        return (("authorization", f"Bearer {self.site_token}"),) if self.site_token else ()
 
     @property
     def targets(self) -> list[str]:

@@ -35,6 +35,8 @@ class HeldLease:
     lease_id: str
     secret: str
     targets: list[str] = field(default_factory=list)
+    # The site token's call metadata, when the License Server requires one.
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 _held: dict[str, HeldLease] = {}
@@ -75,7 +77,9 @@ def check_in_now(lease: HeldLease, timeout: float = EXIT_TIMEOUT) -> bool:
     for target in lease.targets:
         with grpc.insecure_channel(target) as channel:
             try:
-                pb_grpc.LeaseServiceStub(channel).Checkin(request, timeout=timeout)
+                pb_grpc.LeaseServiceStub(channel).Checkin(
+                    request, timeout=timeout, metadata=lease.metadata
+                )
             except grpc.RpcError as error:
                 if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.NOT_FOUND:
                     continue  # not this License Server's lease

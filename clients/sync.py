@@ -109,6 +109,7 @@ class SyncLicenseClient:
         release_timeout: float = 5.0,
         backoff: Backoff | None = None,
         tls: ClientTls | None = None,
+        site_token: str | None = None,
     ) -> None:
         # Built first: an invalid address raises before any thread or network call.
         self._client = LicenseClient(
@@ -123,6 +124,7 @@ class SyncLicenseClient:
             release_timeout=release_timeout,
             backoff=backoff,
             tls=tls,
+            site_token=site_token,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(

@@ -87,16 +87,27 @@ class LeaseStream:
     response (and finally the end of the stream) into ``inbox``, so waiting for the next
     item can time out without cancelling the call."""
 
-    def __init__(self, target: str, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self,
+        target: str,
+        channel: grpc.aio.Channel,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.target = target
         self.channel = channel
-        self.call = pb_grpc.LeaseServiceStub(channel).Lease()
+        self.call = pb_grpc.LeaseServiceStub(channel).Lease(metadata=metadata)
         self.inbox: asyncio.Queue[Item] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read(), name=f"tessera lease stream {target}")
 
     @classmethod
-    async def open(cls, target: str, within: float, tls: ClientTls | None = None) -> LeaseStream:
-        return cls(target, await connect(target, within, tls))
+    async def open(
+        cls,
+        target: str,
+        within: float,
+        tls: ClientTls | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> LeaseStream:
+        return cls(target, await connect(target, within, tls), metadata)
 
     async def _read(self) -> None:
         try:

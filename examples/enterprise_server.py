@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -36,6 +37,16 @@ from clients import (
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 
 DEMO_ENTITLEMENT = Path(__file__).resolve().parents[1] / "var" / "demo-entitlement.txt"
+OPERATOR_TOKEN = Path(__file__).resolve().parents[1] / "var" / "administrator" / "operator-token"
+
+
+def read_token(env: str, path: Path | None) -> str | None:
+    """A token from the environment variable ``env``, else from the file ``path``."""
+    if os.environ.get(env):
+        return os.environ[env].strip()
+    if path is not None and path.is_file():
+        return path.read_text().strip() or None
+    return None
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -46,11 +57,26 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--host", default=f"es-{socket.gethostname()}", help="this server's name")
     parser.add_argument("--administrator", default="127.0.0.1:27200", help="to activate seats")
     parser.add_argument("--entitlement", default="", help="Entitlement ID to activate from")
+    parser.add_argument(
+        "--operator-token-file",
+        type=Path,
+        default=OPERATOR_TOKEN,
+        help="the Administrator's operator token, to activate [env TESSERA_ADMINISTRATOR_TOKEN]",
+    )
+    parser.add_argument(
+        "--site-token-file",
+        type=Path,
+        help="the site token, if the License Server requires one [env TESSERA_SITE_TOKEN]",
+    )
     return parser.parse_args()
 
 
 async def ensure_seats(
-    client: LicenseClient, needed: dict[str, int], administrator: str, entitlement_id: str
+    client: LicenseClient,
+    needed: dict[str, int],
+    administrator: str,
+    entitlement_id: str,
+    operator_token: str | None,
 ) -> None:
     """Activate from the order what the License Server lacks (the operator's job on a
     real site, done here so the example runs on a fresh `make up`)."""
@@ -62,9 +88,12 @@ async def ensure_seats(
         entitlement_id = DEMO_ENTITLEMENT.read_text().strip()
     if not entitlement_id:
         sys.exit(f"the License Server lacks {missing}; activate them or pass --entitlement")
+    operator = (("authorization", f"Bearer {operator_token}"),) if operator_token else ()
     async with grpc.aio.insecure_channel(administrator) as channel:
         admin = admin_pb2_grpc.AdministratorServiceStub(channel)
-        order = await admin.GetOrder(admin_pb2.GetOrderRequest(entitlement_id=entitlement_id))
+        order = await admin.GetOrder(
+            admin_pb2.GetOrderRequest(entitlement_id=entitlement_id), metadata=operator
+        )
         for line in order.entitlement.lines:
             if line.feature in missing:
                 count = min(missing[line.feature], line.available)
@@ -74,7 +103,8 @@ async def ensure_seats(
                             license_server=client.address,
                             activation_id=line.activation_id,
                             count=count,
-                        )
+                        ),
+                        metadata=operator,
                     )
                     print(f"Activated {count} x {line.feature} from {entitlement_id}")
 
@@ -99,11 +129,20 @@ def describe(lease: Lease, event: LeaseEvent) -> None:
 
 async def serve(arguments: argparse.Namespace) -> int:
     client = LicenseClient(
-        arguments.address, client_host=arguments.host, display_name="Enterprise Server (example)"
+        arguments.address,
+        client_host=arguments.host,
+        display_name="Enterprise Server (example)",
+        site_token=read_token("TESSERA_SITE_TOKEN", arguments.site_token_file),
     )
     async with client:
         needed = {"server.enterprise.base": 1, "server.device.es": arguments.devices}
-        await ensure_seats(client, needed, arguments.administrator, arguments.entitlement)
+        await ensure_seats(
+            client,
+            needed,
+            arguments.administrator,
+            arguments.entitlement,
+            read_token("TESSERA_ADMINISTRATOR_TOKEN", arguments.operator_token_file),
+        )
         for feature, count in needed.items():
             await client.declare_requirement(feature, count)
         for info in await client.license_information():

@@ -2,12 +2,16 @@
 
     .venv/bin/python examples/thin_path.py [ENTITLEMENT_ID]
 
-Without an argument it uses the demo entitlement that `make up` created.
+Without an argument it uses the demo entitlement that `make up` created. The Administrator
+needs the operator token: TESSERA_ADMINISTRATOR_TOKEN, else the file `make up` leaves in
+var/administrator/operator-token. A License Server that requires a site token gets
+TESSERA_SITE_TOKEN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +23,15 @@ from tessera.license.v1 import license_pb2, license_pb2_grpc
 ADMINISTRATOR = "127.0.0.1:27200"
 LICENSE_SERVER_ADDRESS = "@localhost"  # EBO style: ports 27000-27009 on this machine
 LICENSE_SERVER = "127.0.0.1:27000"
+VAR = Path(__file__).resolve().parents[1] / "var"
+
+
+def bearer(env: str, path: Path | None = None) -> tuple[tuple[str, str], ...]:
+    """Call metadata with the token in ``env`` (else in the file ``path``), if any."""
+    token = os.environ.get(env, "").strip()
+    if not token and path is not None and path.is_file():
+        token = path.read_text().strip()
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 async def next_response(
@@ -31,9 +44,13 @@ async def next_response(
 
 
 async def main(entitlement_id: str) -> None:
+    operator = bearer("TESSERA_ADMINISTRATOR_TOKEN", VAR / "administrator" / "operator-token")
+    site = bearer("TESSERA_SITE_TOKEN")
     async with grpc.aio.insecure_channel(ADMINISTRATOR) as admin_channel:
         admin = admin_pb2_grpc.AdministratorServiceStub(admin_channel)
-        order = await admin.GetOrder(admin_pb2.GetOrderRequest(entitlement_id=entitlement_id))
+        order = await admin.GetOrder(
+            admin_pb2.GetOrderRequest(entitlement_id=entitlement_id), metadata=operator
+        )
         print(f"Order {entitlement_id} for {order.entitlement.customer_organization}:")
         for line in order.entitlement.lines:
             print(f"  {line.activation_id}  {line.feature:<24} {line.available}/{line.count} left")
@@ -43,7 +60,8 @@ async def main(entitlement_id: str) -> None:
         activated = await admin.Activate(
             admin_pb2.ActivateRequest(
                 license_server=LICENSE_SERVER_ADDRESS, activation_id=station.activation_id, count=2
-            )
+            ),
+            metadata=operator,
         )
         certificate = activated.certificate.certificate
         print(
@@ -53,7 +71,7 @@ async def main(entitlement_id: str) -> None:
 
     async with grpc.aio.insecure_channel(LICENSE_SERVER) as channel:
         leases = license_pb2_grpc.LeaseServiceStub(channel)
-        stream = leases.Lease()
+        stream = leases.Lease(metadata=site)
         await stream.write(
             license_pb2.LeaseRequest(
                 acquire=license_pb2.LeaseAcquire(
@@ -66,7 +84,9 @@ async def main(entitlement_id: str) -> None:
         await stream.write(license_pb2.LeaseRequest(heartbeat=license_pb2.LeaseHeartbeat()))
         ack = (await next_response(stream)).heartbeat_ack
         print(f"Heartbeat acknowledged; lease now expires at {ack.expires_at.ToDatetime()} UTC")
-        info = await leases.GetLicenseInformation(license_pb2.GetLicenseInformationRequest())
+        info = await leases.GetLicenseInformation(
+            license_pb2.GetLicenseInformationRequest(), metadata=site
+        )
         print("License Information:")
         for feature in info.features:
             print(

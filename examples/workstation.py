@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import signal
 import socket
 import sys
@@ -31,6 +32,16 @@ from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ENTITLEMENT = ROOT / "var" / "demo-entitlement.txt"
 VENDOR_KEYS = ROOT / "var" / "activation_server" / "vendor-keys.pub"
+OPERATOR_TOKEN = ROOT / "var" / "administrator" / "operator-token"
+
+
+def read_token(env: str, path: Path | None) -> str | None:
+    """A token from the environment variable ``env``, else from the file ``path``."""
+    if os.environ.get(env):
+        return os.environ[env].strip()
+    if path is not None and path.is_file():
+        return path.read_text().strip() or None
+    return None
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -44,15 +55,32 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--administrator", default="127.0.0.1:27200", help="to activate seats")
     parser.add_argument("--entitlement", default="", help="Entitlement ID to activate from")
     parser.add_argument("--no-activate", action="store_true", help="never activate seats")
+    parser.add_argument(
+        "--operator-token-file",
+        type=Path,
+        default=OPERATOR_TOKEN,
+        help="the Administrator's operator token, to activate [env TESSERA_ADMINISTRATOR_TOKEN]",
+    )
+    parser.add_argument(
+        "--site-token-file",
+        type=Path,
+        help="the site token, if the License Server requires one [env TESSERA_SITE_TOKEN]",
+    )
     return parser.parse_args()
 
 
-async def ensure_a_seat(address: str, administrator: str, entitlement_id: str) -> None:
+async def ensure_a_seat(
+    address: str,
+    administrator: str,
+    entitlement_id: str,
+    operator_token: str | None,
+    site_token: str | None,
+) -> None:
     """Activate 2 client.station seats from the order when the License Server has none
     (the operator's job on a real site, done here so the example runs on a fresh
     `make up`)."""
     try:
-        async with LicenseClient(address) as client:
+        async with LicenseClient(address, site_token=site_token) as client:
             information = await client.license_information()
     except LicenseError:
         return  # the start-up rule will say what is wrong
@@ -62,14 +90,18 @@ async def ensure_a_seat(address: str, administrator: str, entitlement_id: str) -
         entitlement_id = DEMO_ENTITLEMENT.read_text().strip()
     if not entitlement_id:
         return  # nothing to activate from: the start-up rule will say what is missing
+    operator = (("authorization", f"Bearer {operator_token}"),) if operator_token else ()
     async with grpc.aio.insecure_channel(administrator) as channel:
         admin = admin_pb2_grpc.AdministratorServiceStub(channel)
-        order = await admin.GetOrder(admin_pb2.GetOrderRequest(entitlement_id=entitlement_id))
+        order = await admin.GetOrder(
+            admin_pb2.GetOrderRequest(entitlement_id=entitlement_id), metadata=operator
+        )
         line = next(line for line in order.entitlement.lines if line.feature == "client.station")
         await admin.Activate(  # the operator's step (as in examples/thin_path.py)
             admin_pb2.ActivateRequest(
                 license_server=address, activation_id=line.activation_id, count=2
-            )
+            ),
+            metadata=operator,
         )
         print(f"Activated 2 x client.station from {entitlement_id}")
 
@@ -84,6 +116,7 @@ def on_event(event: LeaseEvent) -> None:
 def main() -> int:
     arguments = parse_arguments()
     local = arguments.local_licenses
+    site_token = read_token("TESSERA_SITE_TOKEN", arguments.site_token_file)
     # An invalid address is refused here, before any network call.
     client = SyncLicenseClient(
         arguments.address,
@@ -92,10 +125,17 @@ def main() -> int:
         display_name="WorkStation (example)",
         local_licenses=local,
         vendor_keys=arguments.vendor_keys if local is not None else None,
+        site_token=site_token,
     )
     if not arguments.no_activate:
         asyncio.run(
-            ensure_a_seat(arguments.address, arguments.administrator, arguments.entitlement)
+            ensure_a_seat(
+                arguments.address,
+                arguments.administrator,
+                arguments.entitlement,
+                read_token("TESSERA_ADMINISTRATOR_TOKEN", arguments.operator_token_file),
+                site_token,
+            )
         )
     # SIGTERM leaves through the `with` blocks below like Ctrl-C, so the seat is checked in.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

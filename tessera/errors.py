@@ -73,6 +73,24 @@ class InvalidLicenseServerAddress(DomainError):
     reason = "INVALID_LICENSE_SERVER_ADDRESS"
 
 
+class CredentialMissing(DomainError):
+    """The call needs a credential (bearer token or client certificate) and has none."""
+
+    reason = "CREDENTIAL_MISSING"
+
+
+class CredentialInvalid(DomainError):
+    """The call's credential is not one this service was given."""
+
+    reason = "CREDENTIAL_INVALID"
+
+
+class RoleNotAllowed(DomainError):
+    """The credential is valid, but its role may not call this method."""
+
+    reason = "ROLE_NOT_ALLOWED"
+
+
 class PeerUnavailable(DomainError):
     """A service this call needs (Activation Server, License Server) cannot be reached."""
 

@@ -29,6 +29,7 @@ _FLAG_NAMES = (
     "administrator",
     "license_server",
     "activation_server",
+    "administrator_token_file",
     "operator_token_file",
     "vendor_token_file",
     "timeout",

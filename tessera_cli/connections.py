@@ -90,7 +90,13 @@ class Connections:
         token: Token | None = None,
         target: str | None = None,
     ) -> Resp:
-        """One unary call with the deadline (and token); a failure becomes a CliError."""
+        """One unary call with the deadline and a token (``token``, else the one set for the
+        service, if any); a failure becomes a CliError."""
+        if token is None:
+            token = {
+                Service.ADMINISTRATOR: self.settings.administrator_token,
+                Service.LICENSE_SERVER: self.settings.operator_token,
+            }.get(service)
         if target is None:
             target = {
                 Service.ADMINISTRATOR: self.administrator_target,

@@ -10,7 +10,7 @@ reason, and an exit code from the status:
 1     a service refused (nothing changed), or failed
 2     usage: a flag, argument, ID or file is not valid (ours or INVALID_ARGUMENT)
 3     a service, or a peer it needs, is unreachable (UNAVAILABLE, no answer in time)
-4     the bearer token is missing or was not accepted (UNAUTHENTICATED)
+4     the bearer token is missing or was not accepted (UNAUTHENTICATED, ROLE_NOT_ALLOWED)
 5     a check found a problem: trusted storage broken, audit log not intact
 130   interrupted (Ctrl-C)
 ====  =====================================================================
@@ -133,11 +133,25 @@ def _peer_unavailable(s: Situation) -> str:
 
 
 def _credential(s: Situation) -> str:
+    if s.get("peer", "") == Service.LICENSE_SERVER.value:
+        return (
+            "The License Server did not accept the Administrator's own credential. Start the "
+            "Administrator with --license-server-token-file naming the License Server's "
+            "administrator-token (in its data directory; `make up` does this), or give the "
+            "License Server that token's digest (--administrator-token-sha256)."
+        )
     if s.service is Service.ACTIVATION_SERVER:
         return (
             "Give the vendor-staff token: TESSERA_VENDOR_TOKEN, --vendor-token-file, or "
             "vendor_token in the config file (`make up` keeps it in "
             "var/activation_server/vendor-token)."
+        )
+    if s.service is Service.ADMINISTRATOR:
+        return (
+            "Give the Administrator's operator token: TESSERA_ADMINISTRATOR_TOKEN, "
+            "--administrator-token-file, or administrator_token in the config file (the "
+            "Administrator keeps it in its data directory as operator-token; `make up`: "
+            "var/administrator/operator-token)."
         )
     return (
         "Give the operator token: TESSERA_OPERATOR_TOKEN, --operator-token-file, or "
@@ -160,6 +174,9 @@ HINTS: dict[str, Hint] = {
     "PEER_UNAVAILABLE": _peer_unavailable,
     "CREDENTIAL_MISSING": _credential,
     "CREDENTIAL_INVALID": _credential,
+    "ROLE_NOT_ALLOWED": lambda s: (
+        f"The token is valid but its role ({s.get('role', '?')}) may not do this; " + _credential(s)
+    ),
     "ENTITLEMENT_NOT_FOUND": lambda s: (
         "Check the Entitlement ID on the entitlement certificate; the vendor has no such order."
     ),
@@ -285,6 +302,8 @@ def explain(
     metadata = dict(info.metadata) if info is not None else {}
     situation = Situation(metadata, service, target, operation_id)
     exit_code = _exit_code_for(code)
+    if reason == "ROLE_NOT_ALLOWED":
+        exit_code = ExitCode.CREDENTIALS  # a token of another role: not accepted either
     details = error.details() or code.name
     if not reason and code is grpc.StatusCode.UNAVAILABLE:
         # Nobody answered at all: our own connection, not a refusal.

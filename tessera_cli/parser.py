@@ -38,9 +38,9 @@ Guides: docs/operator.md, docs/vendor.md."""
 
 COMMON_NOTE = """\
 Every command also takes --no-color and the connection options of `tessera --help`
-(--administrator, --license-server, --activation-server, --operator-token-file,
---vendor-token-file, --timeout, --data-dir, --config, --tls, --tls-ca, --tls-cert,
---tls-key, --tls-server-name)."""
+(--administrator, --license-server, --activation-server, --administrator-token-file,
+--operator-token-file, --vendor-token-file, --timeout, --data-dir, --config, --tls,
+--tls-ca, --tls-cert, --tls-key, --tls-server-name)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,6 +103,15 @@ def _common(subcommand: bool) -> Parser:
         metavar="HOST:PORT",
         default=default(None),
         help=shown("the vendor's Activation Server [TESSERA_ACTIVATION_SERVER; 127.0.0.1:27100]"),
+    )
+    where.add_argument(
+        "--administrator-token-file",
+        metavar="FILE",
+        default=default(None),
+        help=shown(
+            "the Administrator's operator token file [TESSERA_ADMINISTRATOR_TOKEN, "
+            "TESSERA_ADMINISTRATOR_TOKEN_FILE; var/administrator/operator-token]"
+        ),
     )
     where.add_argument(
         "--operator-token-file",

@@ -4,8 +4,9 @@ Each setting comes from the first of: a command-line flag, an environment variab
 config file (``--config``, ``TESSERA_CONFIG``, else ``$XDG_CONFIG_HOME/tessera/cli.toml``
 or ``~/.config/tessera/cli.toml``), and a default that matches ``make up``. Tokens may
 also come from the files ``make up`` leaves in its data directory (``./var`` unless told
-otherwise): ``var/license_server/operator-token`` and
-``var/activation_server/vendor-token``. ``tessera config`` shows what won and why.
+otherwise): ``var/administrator/operator-token`` (the Administrator's),
+``var/license_server/operator-token`` and ``var/activation_server/vendor-token``.
+``tessera config`` shows what won and why.
 
 TLS (``--tls``, ``--tls-ca``, ``--tls-cert``/``--tls-key`` for mutual TLS,
 ``--tls-server-name``) applies to every service the CLI calls; without it the CLI speaks
@@ -31,13 +32,16 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_DATA_DIR = "var"
 
 OPERATOR_TOKEN_FILE = Path("license_server") / "operator-token"
+ADMINISTRATOR_TOKEN_FILE = Path("administrator") / "operator-token"
 VENDOR_TOKEN_FILE = Path("activation_server") / "vendor-token"
 
 CONFIG_KEYS = {
     "administrator": "Administrator host:port",
     "license_server": "License Server address (EBO style: @host, port@host, ';'-separated)",
     "activation_server": "Activation Server host:port (vendor staff)",
-    "operator_token": "operator bearer token for the License Server's lease admin calls",
+    "administrator_token": "operator bearer token for the Administrator",
+    "administrator_token_file": "file holding the Administrator's operator bearer token",
+    "operator_token": "operator bearer token for the License Server",
     "operator_token_file": "file holding the operator bearer token",
     "vendor_token": "vendor-staff bearer token for the Activation Server",
     "vendor_token_file": "file holding the vendor-staff bearer token",
@@ -62,6 +66,7 @@ class Flags:
     operator_token_file: str | None = None
     vendor_token_file: str | None = None
     timeout: str | None = None
+    administrator_token_file: str | None = None
     data_dir: str | None = None
     config: str | None = None
     tls: bool | None = None
@@ -116,6 +121,8 @@ class Settings:
     # How every service is dialled (None: plaintext), and where that came from.
     tls: ClientTls | None = None
     tls_source: str = "default"
+    # The operator token the Administrator admits (its data directory's operator-token).
+    administrator_token: Token | None = None
 
 
 def default_config_path(environ: Mapping[str, str], home: Path) -> Path:
@@ -191,7 +198,7 @@ def resolve(
     )
 
     def token(kind: str, default_file: Path) -> Token | None:
-        flag = flags.operator_token_file if kind == "operator" else flags.vendor_token_file
+        flag = getattr(flags, f"{kind}_token_file")
         env = f"TESSERA_{kind.upper()}_TOKEN"
         if flag:
             return Token(f"flag --{kind}-token-file", path=cwd / Path(flag).expanduser())
@@ -248,6 +255,7 @@ def resolve(
         config_file=config_path,
         tls=tls,
         tls_source=tls_source,
+        administrator_token=token("administrator", ADMINISTRATOR_TOKEN_FILE),
     )
 
 

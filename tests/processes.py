@@ -12,12 +12,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
+from tessera.auth import BearerCredentials
 from tessera.serving import is_serving
 from tessera.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Credentials every process started here gets through its environment (a flag a test
+# gives still wins): the Administrator admits OPERATOR_TOKEN and presents
+# ADMINISTRATOR_TOKEN to License Servers, which admit it.
+OPERATOR_TOKEN = "process-operator-token"
+ADMINISTRATOR_TOKEN = "process-administrator-token"
+CREDENTIALS_ENV = {
+    "TESSERA_ADMIN_OPERATOR_TOKEN": OPERATOR_TOKEN,
+    "TESSERA_ADMIN_LICENSE_SERVER_TOKEN": ADMINISTRATOR_TOKEN,
+    "TESSERA_LS_ADMINISTRATOR_TOKEN": ADMINISTRATOR_TOKEN,
+}
+
+
+def credentialed_channel(target: str, token: str = OPERATOR_TOKEN) -> grpc.aio.Channel:
+    """A channel whose calls present ``token`` unless they carry their own credential."""
+    return grpc.aio.insecure_channel(target, interceptors=[BearerCredentials(lambda: token)])
 
 
 def free_port() -> int:
@@ -42,7 +60,7 @@ class Processes:
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **CREDENTIALS_ENV, **(env or {})},
             )
 
     async def wait_serving(self, name: str, port: int, tls: ClientTls | None = None) -> None:

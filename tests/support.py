@@ -21,7 +21,7 @@ from services.license_server import server as ls_server
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.activation.v1 import activation_pb2_grpc as apb_grpc
 from tessera.admin.v1 import admin_pb2_grpc
-from tessera.auth import bearer_metadata
+from tessera.auth import BearerCredentials, bearer_metadata
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2_grpc
@@ -29,6 +29,19 @@ from tests.conftest import DatabaseFactory
 
 VENDOR_TOKEN = "test-vendor-token"
 OPERATOR_TOKEN = "test-operator-token"
+# What the Administrator presents to License Servers (their administrator role).
+ADMINISTRATOR_TOKEN = "test-administrator-token"
+# The Administrator's credential flags: the site's operator token admits the operator,
+# and the Administrator presents ADMINISTRATOR_TOKEN to License Servers.
+ADMINISTRATOR_FLAGS = (
+    "--operator-token", OPERATOR_TOKEN,
+    "--license-server-token", ADMINISTRATOR_TOKEN,
+)  # fmt: skip
+# A License Server's credential flags, matching the Administrator's.
+LICENSE_SERVER_FLAGS = (
+    "--operator-token", OPERATOR_TOKEN,
+    "--administrator-token", ADMINISTRATOR_TOKEN,
+)  # fmt: skip
 
 
 @dataclass
@@ -54,18 +67,22 @@ class Site:
     def license_address(self) -> str:
         return f"{self.license.port}@127.0.0.1"
 
-    def channel(self, port: int) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    def channel(self, port: int, token: str = OPERATOR_TOKEN) -> grpc.aio.Channel:
+        """A channel to ``port`` whose calls present ``token`` (default: the operator's,
+        which the License Server and the Administrator admit) unless they carry their
+        own credential; ``token=""`` presents none."""
+        interceptors = [BearerCredentials(lambda: token)] if token else None
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors)
         self.channels.append(channel)
         return channel
 
     @property
     def vendor(self) -> apb_grpc.VendorServiceStub:
-        return apb_grpc.VendorServiceStub(self.channel(self.activation.port))
+        return apb_grpc.VendorServiceStub(self.channel(self.activation.port, token=""))
 
     @property
     def activation_service(self) -> apb_grpc.ActivationServiceStub:
-        return apb_grpc.ActivationServiceStub(self.channel(self.activation.port))
+        return apb_grpc.ActivationServiceStub(self.channel(self.activation.port, token=""))
 
     @property
     def leases(self) -> license_pb2_grpc.LeaseServiceStub:
@@ -73,7 +90,8 @@ class Site:
 
     @property
     def lease_admin(self) -> license_pb2_grpc.LeaseAdminServiceStub:
-        return license_pb2_grpc.LeaseAdminServiceStub(self.channel(self.license.port))
+        # No default credential: the operator RPCs' tests present theirs.
+        return license_pb2_grpc.LeaseAdminServiceStub(self.channel(self.license.port, token=""))
 
     @property
     def trusted_storage(self) -> license_pb2_grpc.TrustedStorageServiceStub:
@@ -136,7 +154,7 @@ async def start_site(
                 "--machine-id", machine_id,
                 "--lease-ttl", str(lease_ttl),
                 "--sweep-interval", "3600",
-                "--operator-token", OPERATOR_TOKEN,
+                *LICENSE_SERVER_FLAGS,
             ],
             environ={},
     )  # fmt: skip
@@ -148,6 +166,7 @@ async def start_site(
                 "--data-dir", str(tmp_path / "administrator"),
                 "--database-url", await databases.new("admin"),
                 "--activation-server", f"127.0.0.1:{activation.port}",
+                *ADMINISTRATOR_FLAGS,
             ],
             environ={},
         )
@@ -175,6 +194,7 @@ async def restart_administrator(site: Site, activation_server: str | None = None
                 "--database-url", url,
                 "--activation-server",
                 activation_server or f"127.0.0.1:{site.activation.port}",
+                *ADMINISTRATOR_FLAGS,
             ],
             environ={},
         )
@@ -225,6 +245,7 @@ async def start_another_license_server(
                 "--vendor-keys", str(site.tmp_path / "activation_server" / "vendor-keys.pub"),
                 "--machine-id", machine_id,
                 "--sweep-interval", "3600",
+                *LICENSE_SERVER_FLAGS,
             ],
             environ={},
         ),

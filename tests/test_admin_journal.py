@@ -18,7 +18,6 @@ import pytest
 
 from services.administrator.domain.model import Intent, OperationKind, OperationState
 from services.administrator.domain.offline_files import read_request_file
-from services.administrator.peers import connected
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.common.v1.common_pb2 import SignedEnvelope
@@ -363,7 +362,7 @@ async def test_an_answered_activation_is_installed_at_the_next_start(site: Site)
         activation_id=activation_id,
         count=2,
     )
-    async with connected(site.license_address) as server:
+    async with runner.license_servers.connected(site.license_address) as server:
         prepared = await runner.prepare(exchange, server, intent, "op-answered")
     answered = await runner.ask_vendor(exchange, prepared)
     assert answered.state is OperationState.ANSWERED

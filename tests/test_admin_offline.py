@@ -38,6 +38,7 @@ from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.support import (
+    ADMINISTRATOR_FLAGS,
     VENDOR_TOKEN,
     Site,
     restart_license_server,
@@ -70,6 +71,7 @@ async def internet(
                 "--data-dir", str(site.tmp_path / "administrator_internet"),
                 "--database-url", await databases.new("admin_internet"),
                 "--activation-server", f"127.0.0.1:{site.activation.port}",
+                *ADMINISTRATOR_FLAGS,
             ],
             environ={},
         )

@@ -42,7 +42,13 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import VENDOR_TOKEN, Site, start_site
+from tests.support import (
+    ADMINISTRATOR_FLAGS,
+    LICENSE_SERVER_FLAGS,
+    VENDOR_TOKEN,
+    Site,
+    start_site,
+)
 
 Code = grpc.StatusCode
 NETWORK = LicenseKind.LICENSE_KIND_NETWORK
@@ -76,6 +82,7 @@ async def host_b(
                 "--vendor-keys", str(site.tmp_path / "activation_server" / "vendor-keys.pub"),
                 "--machine-id", "other-machine",
                 "--sweep-interval", "3600",
+                *LICENSE_SERVER_FLAGS,
             ],
             environ={},
         ),
@@ -1533,6 +1540,7 @@ async def test_administrator_without_the_activation_server(
                 "--data-dir", str(site.tmp_path / "administrator_lonely"),
                 "--database-url", await databases.new("admin_lonely"),
                 "--activation-server", f"127.0.0.1:{free_port()}",
+                *ADMINISTRATOR_FLAGS,
             ],
             environ={},
         )

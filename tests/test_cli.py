@@ -89,6 +89,7 @@ class Cli:
             "TESSERA_ADMINISTRATOR": f"127.0.0.1:{site.admin.port}",
             "TESSERA_LICENSE_SERVER": site.license_address,
             "TESSERA_ACTIVATION_SERVER": f"127.0.0.1:{site.activation.port}",
+            "TESSERA_ADMINISTRATOR_TOKEN": OPERATOR_TOKEN,
             "TESSERA_OPERATOR_TOKEN": OPERATOR_TOKEN,
             "TESSERA_VENDOR_TOKEN": VENDOR_TOKEN,
             "TESSERA_TIMEOUT": "20",

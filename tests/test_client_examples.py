@@ -7,6 +7,7 @@ Each example is a real process against a real vendor, License Server and Adminis
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,6 +42,7 @@ async def start(
         "--entitlement", entitlement,
         *args,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "TESSERA_ADMINISTRATOR_TOKEN": OPERATOR_TOKEN},
     )  # fmt: skip
 
 

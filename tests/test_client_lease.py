@@ -45,7 +45,7 @@ from clients.license import EventStream
 from services.license_server import config as ls_config
 from services.license_server import server as ls_server
 from tessera.activation.v1 import activation_pb2 as apb
-from tessera.auth import bearer_metadata
+from tessera.auth import BearerCredentials, bearer_metadata
 from tessera.clock import Clock
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
@@ -100,7 +100,9 @@ class Site:
         return pb_grpc.LeaseAdminServiceStub(channel)
 
     async def activate(self, port: int, count: int, feature: str = "client.station") -> None:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", interceptors=[BearerCredentials(lambda: OPERATOR_TOKEN)]
+        )
         self.channels.append(channel)
         storage = pb_grpc.TrustedStorageServiceStub(channel)
         prepared = await storage.PrepareActivation(

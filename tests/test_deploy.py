@@ -55,6 +55,7 @@ SECRET_SAMPLES = {
     "database-url": "postgresql+asyncpg://tessera:secret@postgresql:5432/tessera",
     "vendor-token": "vendor-token-sample",
     "operator-token": "operator-token-sample",
+    "administrator-token": "administrator-token-sample",
 }
 
 
@@ -86,16 +87,21 @@ SERVICES = {
             "license_server",
             "TESSERA_LS_",
             27000,
-            frozenset(COMMON_REQUIRED | {"MACHINE_ID", "VENDOR_KEYS", "OPERATOR_TOKEN"}),
-            frozenset({"DATABASE_URL", "OPERATOR_TOKEN"}),
+            frozenset(
+                COMMON_REQUIRED
+                | {"MACHINE_ID", "VENDOR_KEYS", "OPERATOR_TOKEN", "ADMINISTRATOR_TOKEN"}
+            ),
+            frozenset({"DATABASE_URL", "OPERATOR_TOKEN", "ADMINISTRATOR_TOKEN"}),
         ),
         Service(
             "administrator",
             "administrator",
             "TESSERA_ADMIN_",
             27200,
-            frozenset(COMMON_REQUIRED | {"ACTIVATION_SERVER"}),
-            frozenset({"DATABASE_URL"}),
+            frozenset(
+                COMMON_REQUIRED | {"ACTIVATION_SERVER", "OPERATOR_TOKEN", "LICENSE_SERVER_TOKEN"}
+            ),
+            frozenset({"DATABASE_URL", "OPERATOR_TOKEN", "LICENSE_SERVER_TOKEN"}),
         ),
     ]
 }

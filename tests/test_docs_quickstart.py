@@ -147,6 +147,8 @@ async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
             targets["admin"],
             "--activation-server",
             targets["activation"],
+            "--license-server-token-file",
+            str(checkout / "var" / "license_server" / "administrator-token"),
         ],
     }
     processes: dict[str, subprocess.Popen[bytes]] = {}

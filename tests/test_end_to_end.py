@@ -23,7 +23,7 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory
-from tests.processes import Processes, free_port
+from tests.processes import Processes, credentialed_channel, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -91,7 +91,7 @@ async def used_seats(leases: license_pb2_grpc.LeaseServiceStub) -> int:
 async def test_thin_path_through_three_real_processes(stack: Stack) -> None:
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{stack.activation_port}") as vendor_channel,
-        grpc.aio.insecure_channel(f"127.0.0.1:{stack.admin_port}") as admin_channel,
+        credentialed_channel(f"127.0.0.1:{stack.admin_port}") as admin_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{stack.license_port}") as license_channel,
     ):
         vendor = apb_grpc.VendorServiceStub(vendor_channel)
@@ -190,7 +190,7 @@ async def test_thin_path_through_three_real_processes(stack: Stack) -> None:
 async def test_sigterm_tells_open_lease_streams_and_exits_cleanly(stack: Stack) -> None:
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{stack.activation_port}") as vendor_channel,
-        grpc.aio.insecure_channel(f"127.0.0.1:{stack.admin_port}") as admin_channel,
+        credentialed_channel(f"127.0.0.1:{stack.admin_port}") as admin_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{stack.license_port}") as license_channel,
     ):
         created = await apb_grpc.VendorServiceStub(vendor_channel).CreateEntitlement(
@@ -238,7 +238,7 @@ async def test_services_start_healthy_without_peers_and_answer_unavailable(
         "--activation-server", f"127.0.0.1:{dead_port}",
     )  # fmt: skip
     await processes.wait_serving("administrator", admin_port)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}") as channel:
+    async with credentialed_channel(f"127.0.0.1:{admin_port}") as channel:
         admin = admin_pb2_grpc.AdministratorServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as order_error:
             await admin.GetOrder(admin_pb2.GetOrderRequest(entitlement_id="ENT-0000-0000-0000"))

@@ -66,7 +66,14 @@ from tessera.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tests.conftest import DatabaseFactory
-from tests.processes import ROOT, Processes, free_port
+from tests.processes import (
+    ADMINISTRATOR_TOKEN,
+    OPERATOR_TOKEN,
+    ROOT,
+    Processes,
+    credentialed_channel,
+    free_port,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -257,7 +264,10 @@ class Site:
 
     def channel(self, name: str) -> grpc.aio.Channel:
         if name not in self.channels:
-            self.channels[name] = grpc.aio.insecure_channel(f"127.0.0.1:{self.ports[name]}")
+            # The Administrator admits the operator's token, License Servers the
+            # Administrator's; a vendor call presents its own.
+            token = OPERATOR_TOKEN if name == ADMIN else ADMINISTRATOR_TOKEN
+            self.channels[name] = credentialed_channel(f"127.0.0.1:{self.ports[name]}", token)
         return self.channels[name]
 
     async def close(self) -> None:

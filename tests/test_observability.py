@@ -36,7 +36,13 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.metrics import MetricsServer
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import OPERATOR_TOKEN, VENDOR_TOKEN, Site
+from tests.support import (
+    ADMINISTRATOR_FLAGS,
+    LICENSE_SERVER_FLAGS,
+    OPERATOR_TOKEN,
+    VENDOR_TOKEN,
+    Site,
+)
 
 STATION = "client.station"
 LEASES = "tessera.license.v1.LeaseService"
@@ -67,7 +73,7 @@ async def start_observed_site(
             "--vendor-keys", str(tmp_path / "activation_server" / "vendor-keys.pub"),
             "--machine-id", "test-machine",
             "--sweep-interval", "3600",
-            "--operator-token", OPERATOR_TOKEN,
+            *LICENSE_SERVER_FLAGS,
         ],
         environ={},
     )  # fmt: skip
@@ -79,6 +85,7 @@ async def start_observed_site(
                 "--data-dir", str(tmp_path / "administrator"),
                 "--database-url", await databases.new("admin"),
                 "--activation-server", f"127.0.0.1:{activation.port}",
+                *ADMINISTRATOR_FLAGS,
             ],
             environ={},
         )

@@ -38,7 +38,7 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory
-from tests.processes import ROOT, Processes, free_port
+from tests.processes import CREDENTIALS_ENV, ROOT, Processes, credentialed_channel, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ class Vendor:
     async def activate(self, license_server: str, feature: str, seats: int) -> None:
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{self.activation.port}") as vendor_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{self.admin.port}") as admin_channel,
+            credentialed_channel(f"127.0.0.1:{self.admin.port}") as admin_channel,
         ):
             created = await apb_grpc.VendorServiceStub(vendor_channel).CreateEntitlement(
                 apb.CreateEntitlementRequest(
@@ -98,7 +98,7 @@ async def vendor(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Ve
                 "--database-url", await databases.new("admin"),
                 "--activation-server", f"127.0.0.1:{activation.port}",
             ],
-            environ={},
+            environ=CREDENTIALS_ENV,
         )
     )  # fmt: skip
     yield Vendor(activation, admin)

@@ -46,7 +46,8 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory
-from tests.processes import Processes, free_port
+from tests.processes import ADMINISTRATOR_TOKEN, Processes, credentialed_channel, free_port
+from tests.processes import OPERATOR_TOKEN as SITE_OPERATOR_TOKEN
 
 pytestmark = pytest.mark.e2e
 
@@ -254,7 +255,7 @@ async def test_a_replica_sigkilled_under_load_its_leases_resume_elsewhere_within
     # The site's seats, through the second Activation Server replica onto the second
     # License Server replica: one activation serves all three (one host identity).
     entitlement_id, activation_id = await sell(as_ports[0], SEATS)
-    async with grpc.aio.insecure_channel(target(admin_port)) as channel:
+    async with credentialed_channel(target(admin_port), SITE_OPERATOR_TOKEN) as channel:
         administrator = admin_pb2_grpc.AdministratorServiceStub(channel)
         activated = await administrator.Activate(
             admin_pb2.ActivateRequest(
@@ -530,7 +531,10 @@ async def test_two_administrators_on_two_vendor_replicas_never_activate_more_tha
     await start(processes, vendor(1))
 
     entitlement_id, activation_id = await sell(as_ports[0], SOLD)
-    channels = [grpc.aio.insecure_channel(target(port)) for port in (*admin_ports, *ls_ports)]
+    channels = [
+        *(credentialed_channel(target(port), SITE_OPERATOR_TOKEN) for port in admin_ports),
+        *(credentialed_channel(target(port), ADMINISTRATOR_TOKEN) for port in ls_ports),
+    ]
     try:
         administrators = [admin_pb2_grpc.AdministratorServiceStub(c) for c in channels[:2]]
         lease_stubs = [lpb_grpc.LeaseServiceStub(c) for c in channels[2:]]

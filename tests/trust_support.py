@@ -21,7 +21,7 @@ from services.license_server import config as ls_config
 from services.license_server import server as ls_server
 from services.license_server.store.tables import metadata as license_tables
 from tessera.activation.v1 import activation_pb2 as apb
-from tessera.auth import bearer_metadata
+from tessera.auth import BearerCredentials, bearer_metadata
 from tessera.clock import Clock, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, LicenseKind, SignedEnvelope
 from tessera.envelope import seal
@@ -165,7 +165,11 @@ class LicenseServerUnderTest:
 
     def _channel(self) -> grpc.aio.Channel:
         assert self.server is not None
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
+        # Calls present the operator token unless they carry their own credential.
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{self.server.port}",
+            interceptors=[BearerCredentials(lambda: OPERATOR_TOKEN)],
+        )
         self.channels.append(channel)
         return channel
 

@@ -3,6 +3,11 @@
 Starts the Activation Server, then the License Server and the Administrator, waits until
 each reports healthy, creates a demo entitlement on first start, prints where everything
 listens and what to try, and stops all three cleanly on Ctrl-C.
+
+Credentials: each service makes its token files in its data directory on first start
+(var/activation_server/vendor-token, var/license_server/operator-token and
+administrator-token, var/administrator/operator-token); the Administrator presents the
+License Server's administrator-token, and `tessera` run from the checkout finds the rest.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ async def main() -> int:
             ADMINISTRATOR,
             "--activation-server",
             ACTIVATION_SERVER,
+            "--license-server-token-file",
+            str(VAR / "license_server" / "administrator-token"),
         )
         processes.append(administrator)
         await wait_healthy(LICENSE_SERVER, license_server, "License Server")
@@ -109,14 +116,15 @@ Tessera is up (SQLite under {VAR}):
   Activation Server  {ACTIVATION_SERVER}   (vendor token in var/activation_server/vendor-token)
   License Server     {LICENSE_SERVER}   (address @localhost; operator token in
                                        var/license_server/operator-token)
-  Administrator      {ADMINISTRATOR}
+  Administrator      {ADMINISTRATOR}   (operator token in var/administrator/operator-token)
 
 Demo Entitlement ID: {entitlement_id}
   ({", ".join(f"{count} x {feature}" for feature, count in DEMO_LINES)})
 
 Try, in another terminal:
   .venv/bin/python examples/thin_path.py
-  grpcurl -plaintext -d '{{"entitlement_id": "{entitlement_id}"}}' \\
+  grpcurl -plaintext -H "authorization: Bearer $(cat var/administrator/operator-token)" \\
+      -d '{{"entitlement_id": "{entitlement_id}"}}' \\
       {ADMINISTRATOR} tessera.admin.v1.AdministratorService/GetOrder
 
 Ctrl-C stops all three.""",

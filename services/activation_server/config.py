@@ -8,9 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.activation_server.domain.limits import Limits
+from tessera.auth import (
+    CredentialSettings,
+    Role,
+    RoleFlags,
+    add_credential_flags,
+    credential_settings,
+)
 from tessera.config import CommonSettings, SettingsParser
 
 DEFAULT_LISTEN = "127.0.0.1:27100"
+# --vendor-token / --vendor-token-sha256; vendor-token in the data directory otherwise.
+CREDENTIAL_ROLES = (RoleFlags("vendor", Role.VENDOR_STAFF, "vendor-token"),)
 
 
 @dataclass(frozen=True)
@@ -19,8 +28,8 @@ class Settings:
     # The first vendor signing key file; default: vendor-signing.key in the data
     # directory. Keys made by rotation, and vendor-keys.pub, lie beside it.
     signing_key: Path
-    # Vendor-staff bearer token; default: read from (or created in) vendor-token.
-    vendor_token: str
+    # Vendor-staff credentials (digests only); default: the data directory's vendor-token.
+    credentials: CredentialSettings
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -41,13 +50,14 @@ def load_settings(
         service="activation_server",
     )
     parser.add("--signing-key", "", "vendor Ed25519 key file (created when missing)")
-    parser.add("--vendor-token", "", "bearer token for VendorService (default: data-dir file)")
+    add_credential_flags(parser, CREDENTIAL_ROLES)
     parser.add(
         "--max-returns-per-entitlement", "10", "credited returns an order may have per window"
     )
     parser.add("--return-window-days", "30", "the rolling window of that limit, in days")
     parser.add("--max-repairs-per-year", "4", "repairs a host may have in any 365 days")
     common, args = parser.parse(argv)
+    credentials = credential_settings(parser, args, CREDENTIAL_ROLES)
     signing_key = (
         Path(args.signing_key) if args.signing_key else common.data_dir / "vendor-signing.key"
     )
@@ -62,9 +72,7 @@ def load_settings(
             parser, "--max-repairs-per-year", args.max_repairs_per_year, 0
         ),
     )
-    return Settings(
-        common=common, signing_key=signing_key, vendor_token=args.vendor_token, limits=limits
-    )
+    return Settings(common=common, signing_key=signing_key, credentials=credentials, limits=limits)
 
 
 def _whole_number(parser: SettingsParser, flag: str, value: str, minimum: int) -> int:

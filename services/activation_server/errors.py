@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from services.activation_server.domain import errors
+from tessera import errors as shared
 from tessera.rpc import ErrorTable
 
 Code = grpc.StatusCode
@@ -12,6 +13,10 @@ Code = grpc.StatusCode
 ERRORS = ErrorTable(
     domain="tessera.activation",
     table={
+        # Credentials and roles (tessera.auth), the same in every service.
+        shared.CredentialMissing: Code.UNAUTHENTICATED,
+        shared.CredentialInvalid: Code.UNAUTHENTICATED,
+        shared.RoleNotAllowed: Code.PERMISSION_DENIED,
         errors.HostKeyMismatch: Code.PERMISSION_DENIED,
         errors.UnknownFeature: Code.INVALID_ARGUMENT,
         errors.EntitlementNotFound: Code.NOT_FOUND,

@@ -19,7 +19,7 @@ from services.activation_server.servicer import ActivationServicer, VendorServic
 from services.activation_server.store.key_files import KeyDirectory
 from services.activation_server.store.repository import ActivationStore
 from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
-from tessera.auth import BearerTokenInterceptor, load_or_create_token
+from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.metrics import metrics_note, new_registry
 from tessera.serving import Endpoint
@@ -58,12 +58,7 @@ class ActivationServer:
 
 async def build(settings: Settings, clock: Clock | None = None) -> ActivationServer:
     clock = clock or SystemClock()
-    token = settings.vendor_token
-    if not token:
-        token_path = settings.common.data_dir / "vendor-token"
-        token, created = load_or_create_token(token_path)
-        if created:
-            log.warning("created the vendor-staff bearer token in %s", token_path)
+    credentials = settings.credentials.with_token_files(settings.common.data_dir)
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     store = ActivationStore(engine)
@@ -77,9 +72,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[
-            BearerTokenInterceptor(token, [SERVICE_NAMES[1]], domain="tessera.activation")
-        ],
+        interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
     )
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from tessera.auth import (
+    CredentialSettings,
+    Role,
+    RoleFlags,
+    add_credential_flags,
+    credential_settings,
+)
 from tessera.config import CommonSettings, SettingsParser
 from tessera.tls import ClientTls, TlsConfigurationError, client_tls
 
 DEFAULT_LISTEN = "127.0.0.1:27200"
 DEFAULT_ACTIVATION_SERVER = "127.0.0.1:27100"
+# --operator-token / --operator-token-sha256; operator-token in the data directory otherwise.
+CREDENTIAL_ROLES = (RoleFlags("operator", Role.OPERATOR, "operator-token"),)
 
 
 @dataclass(frozen=True)
@@ -17,6 +27,13 @@ class Settings:
     common: CommonSettings
     # gRPC target (host:port) of the vendor's Activation Server.
     activation_server: str
+    # Who may call the Administrator (digests only); default: the data directory's
+    # operator-token.
+    credentials: CredentialSettings
+    # The credential presented to License Servers (their administrator-token, or an
+    # operator token): a file read at each connection, or the token itself.
+    license_server_token_file: Path | None = None
+    license_server_token: str = field(default="", repr=False)
     # How the Administrator dials the Activation Server and License Servers (None:
     # plaintext).
     activation_server_tls: ClientTls | None = None
@@ -25,6 +42,18 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.common.database_url_or_default("administrator.db")
+
+    def license_server_credential(self) -> str | None:
+        """The token to present to License Servers now, if any (the file is read anew, so
+        it may be created, or rotated, after the Administrator started)."""
+        if self.license_server_token:
+            return self.license_server_token
+        if self.license_server_token_file is None:
+            return None
+        try:
+            return self.license_server_token_file.read_text().strip() or None
+        except OSError:
+            return None
 
 
 def load_settings(
@@ -57,7 +86,20 @@ def load_settings(
             "",
             f"the name the certificate of {name} carries, when not the host dialled",
         )
+    add_credential_flags(parser, CREDENTIAL_ROLES)
+    parser.add(
+        "--license-server-token-file",
+        "",
+        "file with the token to present to License Servers (their administrator-token)",
+    )
+    parser.add(
+        "--license-server-token",
+        "",
+        "the token to present to License Servers itself (prefer the file, or the env)",
+    )
     common, args = parser.parse(argv)
+    credentials = credential_settings(parser, args, CREDENTIAL_ROLES)
+    token_file = args.license_server_token_file.strip()
     try:
         activation_server_tls = client_tls(
             args.activation_server_tls,
@@ -80,4 +122,7 @@ def load_settings(
         activation_server=args.activation_server,
         activation_server_tls=activation_server_tls,
         license_server_tls=license_server_tls,
+        credentials=credentials,
+        license_server_token_file=Path(token_file) if token_file else None,
+        license_server_token=args.license_server_token.strip(),
     )

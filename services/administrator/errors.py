@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 
 from services.administrator.domain import errors
+from tessera import errors as shared
 from tessera.rpc import ErrorTable
 
 Code = grpc.StatusCode
@@ -17,6 +18,10 @@ Code = grpc.StatusCode
 ERRORS = ErrorTable(
     domain="tessera.admin",
     table={
+        # Credentials and roles (tessera.auth), the same in every service.
+        shared.CredentialMissing: Code.UNAUTHENTICATED,
+        shared.CredentialInvalid: Code.UNAUTHENTICATED,
+        shared.RoleNotAllowed: Code.PERMISSION_DENIED,
         errors.OperationIdReused: Code.ALREADY_EXISTS,
         errors.OperationHostChanged: Code.FAILED_PRECONDITION,
         errors.OperationNotFound: Code.NOT_FOUND,

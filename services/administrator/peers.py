@@ -3,13 +3,16 @@
 Failures of a peer become domain errors here: unreachable -> PeerUnavailable, a refusal
 -> PeerRefused carrying the peer's own status code and reason, so the operator sees
 exactly why the vendor or the License Server said no.
+
+The Administrator presents its License Server credential (role ``administrator``, or the
+operator's) on every call to a License Server; the Activation Server needs none (its
+requests are envelopes signed by the License Server's host key).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -17,6 +20,7 @@ import grpc
 from tessera.activation.v1 import activation_pb2 as activation_pb
 from tessera.activation.v1 import activation_pb2_grpc as activation_grpc
 from tessera.address import parse_address
+from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import PeerRefused, PeerUnavailable
 from tessera.license.v1 import license_pb2 as license_pb
@@ -93,16 +97,27 @@ class ActivationServerClient:
 class LicenseServerClient:
     """One License Server, found at the first answering target of an EBO address."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, host_id: str) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        address: str,
+        host_id: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._channel = channel
         self.address = address
         self.host_id = host_id
+        self.metadata = metadata
         self.trusted_storage = license_grpc.TrustedStorageServiceStub(channel)
         self.leases = license_grpc.LeaseServiceStub(channel)
 
     @classmethod
-    async def connect(cls, address: str, tls: ClientTls | None = None) -> LicenseServerClient:
-        """Try each server and port of ``address`` in order; the first that answers wins."""
+    async def connect(
+        cls, address: str, tls: ClientTls | None = None, token: str | None = None
+    ) -> LicenseServerClient:
+        """Try each server and port of ``address`` in order; the first that answers wins.
+        ``tls``: how to dial (None: plaintext); ``token``, when given, is presented on
+        every call but the probe."""
         tried = []
         for server in parse_address(address):
             for target in server.targets():
@@ -116,7 +131,8 @@ class LicenseServerClient:
                     await channel.close()
                     tried.append(f"{target} ({error.code().name})")
                     continue
-                return cls(channel, address, identity.host_id)
+                metadata = bearer_metadata(token) if token else ()
+                return cls(channel, address, identity.host_id, metadata)
         raise PeerUnavailable(LICENSE_SERVER, address, "no answer from " + ", ".join(tried))
 
     async def call(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -125,14 +141,18 @@ class LicenseServerClient:
     async def list_certificates(self) -> list[license_pb.InstalledCertificate]:
         request = license_pb.ListCertificatesRequest()
         response = await self.call(
-            lambda: self.trusted_storage.ListCertificates(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.ListCertificates(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
         return list(response.certificates)
 
     async def license_information(self) -> list[license_pb.FeatureInformation]:
         request = license_pb.GetLicenseInformationRequest()
         response = await self.call(
-            lambda: self.leases.GetLicenseInformation(request, timeout=CALL_TIMEOUT)
+            lambda: self.leases.GetLicenseInformation(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
         return list(response.features)
 
@@ -143,7 +163,9 @@ class LicenseServerClient:
             activation_id=activation_id, count=count, request_id=request_id
         )
         return await self.call(
-            lambda: self.trusted_storage.PrepareActivation(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.PrepareActivation(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def install_activation(
@@ -151,7 +173,9 @@ class LicenseServerClient:
     ) -> license_pb.InstallActivationResponse:
         request = license_pb.InstallActivationRequest(response=response)
         return await self.call(
-            lambda: self.trusted_storage.InstallActivation(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.InstallActivation(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def prepare_return(
@@ -161,25 +185,33 @@ class LicenseServerClient:
             certificate_id=certificate_id, count=count, request_id=request_id, force=force
         )
         return await self.call(
-            lambda: self.trusted_storage.PrepareReturn(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.PrepareReturn(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def complete_return(self, receipt: SignedEnvelope) -> license_pb.CompleteReturnResponse:
         request = license_pb.CompleteReturnRequest(receipt=receipt)
         return await self.call(
-            lambda: self.trusted_storage.CompleteReturn(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.CompleteReturn(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def prepare_repair(self, request_id: str) -> license_pb.PrepareRepairResponse:
         request = license_pb.PrepareRepairRequest(request_id=request_id)
         return await self.call(
-            lambda: self.trusted_storage.PrepareRepair(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.PrepareRepair(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def complete_repair(self, response: SignedEnvelope) -> license_pb.CompleteRepairResponse:
         request = license_pb.CompleteRepairRequest(response=response)
         return await self.call(
-            lambda: self.trusted_storage.CompleteRepair(request, timeout=CALL_TIMEOUT)
+            lambda: self.trusted_storage.CompleteRepair(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
         )
 
     async def close(self) -> None:
@@ -188,25 +220,30 @@ class LicenseServerClient:
 
 @asynccontextmanager
 async def connected(
-    address: str, tls: ClientTls | None = None
+    address: str, tls: ClientTls | None = None, token: str | None = None
 ) -> AsyncIterator[LicenseServerClient]:
     """The License Server at ``address`` for the duration of a block."""
-    server = await LicenseServerClient.connect(address, tls)
+    server = await LicenseServerClient.connect(address, tls, token)
     try:
         yield server
     finally:
         await server.close()
 
 
-@dataclass(frozen=True)
 class LicenseServers:
-    """How the Administrator reaches License Servers: every one dialled with ``tls``
-    (None: plaintext)."""
+    """How the Administrator reaches License Servers: each dialled with ``tls`` (None:
+    plaintext), presenting the Administrator's credential for them. ``token`` is asked
+    each time (a token file is read per connection, so a rotated one is picked up
+    without a restart)."""
 
-    tls: ClientTls | None = None
+    def __init__(
+        self, tls: ClientTls | None = None, token: Callable[[], str | None] = lambda: None
+    ) -> None:
+        self.tls = tls
+        self._token = token
 
     async def connect(self, address: str) -> LicenseServerClient:
-        return await LicenseServerClient.connect(address, self.tls)
+        return await LicenseServerClient.connect(address, self.tls, self._token())
 
     def connected(self, address: str) -> AbstractAsyncContextManager[LicenseServerClient]:
-        return connected(address, self.tls)
+        return connected(address, self.tls, self._token())

@@ -18,6 +18,7 @@ from services.administrator.peers import ActivationServerClient, LicenseServers
 from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
+from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.metrics import metrics_note, new_registry
 from tessera.serving import Endpoint
@@ -72,6 +73,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     for tls in (settings.activation_server_tls, settings.license_server_tls):
         if tls is not None:
             tls.check()
+    credentials = settings.credentials.with_token_files(settings.common.data_dir)
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     journal = Journal(engine)
@@ -84,9 +86,14 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
         activation_server,
         clock or SystemClock(),
         OperationMetrics(registry),
-        LicenseServers(settings.license_server_tls),
+        LicenseServers(settings.license_server_tls, settings.license_server_credential),
     )
-    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain, registry=registry)
+    endpoint = Endpoint(
+        SERVICE_NAMES,
+        error_domain=ERRORS.domain,
+        interceptors=[AccessControl(credentials, ERRORS)],
+        registry=registry,
+    )
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server
     )

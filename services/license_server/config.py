@@ -8,9 +8,22 @@ from pathlib import Path
 
 from services.license_server.domain.leasing import LeasePolicy
 from tessera.address import DEFAULT_PORT
+from tessera.auth import (
+    CredentialSettings,
+    Role,
+    RoleFlags,
+    add_credential_flags,
+    credential_settings,
+)
 from tessera.config import CommonSettings, SettingsParser
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+CREDENTIAL_ROLES = (
+    RoleFlags("operator", Role.OPERATOR, "operator-token"),
+    RoleFlags("administrator", Role.ADMINISTRATOR, "administrator-token"),
+    # A site token makes LeaseService require it (or an operator/administrator token).
+    RoleFlags("site", Role.CLIENT),
+)
 
 
 @dataclass(frozen=True)
@@ -24,9 +37,9 @@ class Settings:
     sweep_interval: float
     # Seconds between re-judgements of trusted storage (also done at start).
     trust_check_interval: float
-    # Operator bearer token for LeaseAdminService; default: read from (or created in)
-    # operator-token in the data directory.
-    operator_token: str
+    # Operator, administrator and site credentials (digests only); operator and
+    # administrator default to the data directory's operator-token and administrator-token.
+    credentials: CredentialSettings
 
     @property
     def database_url(self) -> str:
@@ -59,10 +72,9 @@ def load_settings(
     parser.add(
         "--trust-check-interval", "60", "seconds between re-verifications of trusted storage"
     )
-    parser.add(
-        "--operator-token", "", "bearer token for LeaseAdminService (default: data-dir file)"
-    )
+    add_credential_flags(parser, CREDENTIAL_ROLES)
     common, args = parser.parse(argv)
+    credentials = credential_settings(parser, args, CREDENTIAL_ROLES)
     try:
         ttl = int(args.lease_ttl)
         interval = float(args.heartbeat_interval)
@@ -85,5 +97,5 @@ def load_settings(
         policy=LeasePolicy(ttl_seconds=ttl, heartbeat_interval_seconds=interval),
         sweep_interval=sweep,
         trust_check_interval=trust_check,
-        operator_token=args.operator_token,
+        credentials=credentials,
     )

@@ -25,7 +25,7 @@ from services.license_server.servicer import (
 )
 from services.license_server.store.notifications import PostgresLeaseNotifications
 from services.license_server.store.repository import LicenseStore
-from tessera.auth import BearerTokenInterceptor, load_or_create_token
+from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.keys import (
     HostIdentity,
@@ -116,20 +116,10 @@ def load_host_identity(settings: Settings) -> HostIdentity:
     return identity
 
 
-def operator_token(settings: Settings) -> str:
-    if settings.operator_token:
-        return settings.operator_token
-    path = settings.common.data_dir / "operator-token"
-    token, created = load_or_create_token(path)
-    if created:
-        log.warning("created the operator bearer token in %s", path)
-    return token
-
-
 async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer:
     clock = clock or SystemClock()
     identity = load_host_identity(settings)
-    token = operator_token(settings)
+    credentials = settings.credentials.with_token_files(settings.common.data_dir)
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     origin = uuid.uuid4().hex
@@ -163,7 +153,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[BearerTokenInterceptor(token, [SERVICE_NAMES[2]], domain=ERRORS.domain)],
+        interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
     )
     seats = SeatGauges(store, clock)

@@ -32,6 +32,7 @@ def _tls(tls: ClientTls | None) -> str:
 
 async def show(args: argparse.Namespace, session: Session) -> Result:
     s = session.settings
+    administrator = _token(s.administrator_token)
     operator = _token(s.operator_token)
     vendor = _token(s.vendor_token)
     rows = [
@@ -40,6 +41,7 @@ async def show(args: argparse.Namespace, session: Session) -> Result:
         ("activation_server", s.activation_server.value, s.activation_server.source),
         ("timeout", f"{s.timeout:g} s", s.timeout_source),
         ("data_dir", s.data_dir.value, s.data_dir.source),
+        ("administrator_token", *administrator),
         ("operator_token", *operator),
         ("vendor_token", *vendor),
         ("tls", _tls(s.tls), s.tls_source),
