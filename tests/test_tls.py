@@ -27,7 +27,7 @@ from services.administrator.config import load_settings as admin_settings
 from services.administrator.peers import ActivationServerClient, LicenseServerClient
 from services.license_server.config import load_settings as license_settings
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.auth import load_or_create_token
+from tessera.auth import bearer_metadata, load_or_create_token
 from tessera.errors import PeerUnavailable
 from tessera.ids import ENTITLEMENT_PREFIX, new_id
 from tessera.keys import InsecureKeyFile, read_private_file
@@ -42,7 +42,7 @@ from tessera.tls import (
 from tessera_cli.app import App
 from tessera_cli.failures import UsageError
 from tessera_cli.settings import Flags, resolve
-from tests.processes import ROOT, Processes, free_port
+from tests.processes import OPERATOR_TOKEN, ROOT, Processes, free_port
 
 OPENSSL = "/usr/bin/openssl"
 
@@ -356,16 +356,20 @@ async def test_clients_cli_and_administrator_reach_mutual_tls_services(
                 await client.license_information()
 
         # The Administrator reaches both peers over mutual TLS.
+        operator = bearer_metadata(OPERATOR_TOKEN)  # tests.processes gives it the Administrator
         async with open_channel(f"127.0.0.1:{ports['admin']}", pki.client) as channel:
             admin = admin_pb2_grpc.AdministratorServiceStub(channel)
             listed = await admin.ListLicenses(
-                admin_pb2.ListLicensesRequest(license_server=license_address), timeout=10
+                admin_pb2.ListLicensesRequest(license_server=license_address),
+                timeout=10,
+                metadata=operator,
             )
             assert listed.host_id
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await admin.GetOrder(
                     admin_pb2.GetOrderRequest(entitlement_id=new_id(ENTITLEMENT_PREFIX)),
                     timeout=10,
+                    metadata=operator,
                 )
             # The vendor's own answer about an order it does not know, not "unreachable".
             assert refused.value.code() is grpc.StatusCode.NOT_FOUND
@@ -386,6 +390,7 @@ async def test_clients_cli_and_administrator_reach_mutual_tls_services(
             "--administrator", f"127.0.0.1:{ports['admin']}",
             "--license-server", license_address,
             "--activation-server", f"127.0.0.1:{ports['activation']}",
+            "--operator-token-file", str(tmp_path / "license" / "operator-token"),
         ]  # fmt: skip
         tls_flags = [
             "--tls-ca", str(pki.ca),
