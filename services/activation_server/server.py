@@ -81,6 +81,8 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
             BearerTokenInterceptor(token, [SERVICE_NAMES[1]], domain="tessera.activation")
         ],
         registry=registry,
+        max_message_bytes=settings.common.max_message_bytes,
+        max_call_seconds=settings.common.max_call_seconds,
     )
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(
         ActivationServicer(entitlements, activations, returns, repairs, vendor_keys),

@@ -77,7 +77,13 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     operations = Operations(
         journal, activation_server, clock or SystemClock(), OperationMetrics(registry)
     )
-    endpoint = Endpoint(SERVICE_NAMES, error_domain=ERRORS.domain, registry=registry)
+    endpoint = Endpoint(
+        SERVICE_NAMES,
+        error_domain=ERRORS.domain,
+        registry=registry,
+        max_message_bytes=settings.common.max_message_bytes,
+        max_call_seconds=settings.common.max_call_seconds,
+    )
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server
     )
