@@ -146,8 +146,20 @@ def _credential(s: Situation) -> str:
     )
 
 
+def _activation_limit(s: Situation) -> str:
+    when = s.get("next_allowed_at", "")
+    if when.startswith("9999-"):  # the vendor's limit is 0: no date ever fits
+        return "This Activation Server activates no network licenses; contact the vendor."
+    date = f" from {when[:10]} ({when})" if when else " later"
+    return (
+        f"The order was activated as often as the vendor allows in its window; the next "
+        f"activation fits{date}. Contact the vendor if that cannot wait."
+    )
+
+
 HINTS: dict[str, Hint] = {
     "REPAIR_LIMIT_REACHED": _repair_limit,
+    "ACTIVATION_LIMIT_REACHED": _activation_limit,
     "SEATS_IN_USE": lambda s: (
         f"{s.get('used')} seat(s) of {s.get('feature')} are leased. Wait until their holders "
         "check in (`tessera leases` shows who), or run again with --force to revoke those "

@@ -35,6 +35,7 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.limits import StreamCounter, TokenBuckets, peer_host
 from tessera.rpc import error_info, reason_of, retry_delay
+from tessera_cli.failures import HINTS, Service, Situation
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.support import Site, start_site
 from tests.test_vendor_support import Host, activate, expect, give_back, start_vendor
@@ -389,3 +390,12 @@ async def test_network_activations_per_order_are_limited_in_a_rolling_window(
         assert (await vendor.line_now(line)).activated == 2
     finally:
         await vendor.close()
+
+
+def test_the_cli_says_when_the_next_activation_fits() -> None:
+    def hint(when: str) -> str:
+        situation = Situation({"next_allowed_at": when}, Service.ADMINISTRATOR, "admin", "")
+        return HINTS["ACTIVATION_LIMIT_REACHED"](situation)
+
+    assert "next activation fits from 2027-01-26" in hint("2027-01-26T12:00:00Z")
+    assert "activates no network licenses" in hint("9999-12-31T23:59:59Z")
