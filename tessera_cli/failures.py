@@ -268,6 +268,11 @@ HINTS: dict[str, Hint] = {
         "Only the License Server holding the certificate may return it; ask the vendor for "
         "a forced return if that server is gone."
     ),
+    "CALL_DEADLINE_EXCEEDED": lambda s: (
+        f"The {s.service.value} ended the call at its own limit "
+        f"({s.get('max_call_seconds')} s, --max-call-seconds) and changed nothing; try again. "
+        "If it keeps happening, its database is slow or locked: see its log." + s.resume
+    ),
     "SERVER_SHUTTING_DOWN": lambda s: f"The {s.service.value} is stopping; try again shortly.",
     "UNKNOWN_FEATURE": lambda s: f"{s.get('feature')} is not in the vendor's catalog.",
 }
@@ -309,7 +314,7 @@ def explain(
             reason="UNREACHABLE",
             service=service.value,
         )
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED and reason != "CALL_DEADLINE_EXCEEDED":
         return Failure(
             exit_code,
             f"the {service.value} at {target} did not answer within {timeout:g} s",

@@ -34,8 +34,8 @@ from tessera.admin.v1 import admin_pb2
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.limits import StreamCounter, TokenBuckets, peer_host
-from tessera.rpc import error_info, reason_of, retry_delay
-from tessera_cli.failures import HINTS, Service, Situation
+from tessera.rpc import error_info, reason_of, retry_delay, rich_status
+from tessera_cli.failures import HINTS, Service, Situation, explain
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.support import Site, start_site
 from tests.test_vendor_support import Host, activate, expect, give_back, start_vendor
@@ -398,3 +398,23 @@ def test_the_cli_says_when_the_next_activation_fits() -> None:
 
     assert "next activation fits from 2027-01-26" in hint("2027-01-26T12:00:00Z")
     assert "activates no network licenses" in hint("9999-12-31T23:59:59Z")
+
+
+def test_the_cli_tells_a_server_cut_call_from_its_own_timeout() -> None:
+    status = rich_status(
+        Code.DEADLINE_EXCEEDED,
+        "the call ran longer than this service allows one call (30 s)",
+        "CALL_DEADLINE_EXCEEDED",
+        "tessera.admin",
+        {"max_call_seconds": "30"},
+    )
+    error = grpc.aio.AioRpcError(
+        Code.DEADLINE_EXCEEDED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*status.trailing_metadata),
+        status.details,
+    )
+    failure = explain(error, Service.ADMINISTRATOR, "127.0.0.1:27200", "op-1", timeout=60)
+    assert failure.reason == "CALL_DEADLINE_EXCEEDED"
+    assert "own limit (30 s, --max-call-seconds)" in failure.hint
+    assert "changed nothing" in failure.hint and "did not answer" not in failure.message
