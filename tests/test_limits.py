@@ -31,13 +31,14 @@ from services.license_server import server as ls_server
 from services.license_server.domain.admission import ClientLimits
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.admin.v1 import admin_pb2
+from tessera.auth import bearer_metadata
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.limits import StreamCounter, TokenBuckets, peer_host
 from tessera.rpc import error_info, reason_of, retry_delay, rich_status
 from tessera_cli.failures import HINTS, Service, Situation, explain
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import Site, start_site
+from tests.support import VENDOR_TOKEN, Site, restart_activation_server, start_site
 from tests.test_vendor_support import Host, activate, expect, give_back, start_vendor
 
 Code = grpc.StatusCode
@@ -389,6 +390,42 @@ async def test_network_activations_per_order_are_limited_in_a_rolling_window(
         assert (await vendor.line_now(line)).activated == 2
     finally:
         await vendor.close()
+
+
+@SQLITE
+async def test_the_administrator_journals_the_activation_limit_as_the_vendors_refusal(
+    site: Site,
+) -> None:
+    # The site fixture activated the order once; the vendor now allows one per window.
+    await restart_activation_server(site, "--max-activations-per-entitlement", "1")
+    activation_id = (
+        (
+            await site.vendor.ListActivations(
+                apb.ListActivationsRequest(), metadata=bearer_metadata(VENDOR_TOKEN)
+            )
+        )
+        .activations[0]
+        .activation_id
+    )
+    request = admin_pb2.ActivateRequest(
+        license_server=site.license_address,
+        activation_id=activation_id,
+        count=1,
+        operation_id="one-more",
+    )
+    error = await expect(
+        site.administrator.Activate(request), Code.RESOURCE_EXHAUSTED, "ACTIVATION_LIMIT_REACHED"
+    )
+    assert "next activation is allowed from" in (error.details() or "")
+    found = await site.administrator.GetOperation(
+        admin_pb2.GetOperationRequest(operation_id="one-more")
+    )
+    assert found.operation.state == admin_pb2.OPERATION_STATE_REFUSED
+    assert await used(site) == 0
+    info = await leases_from(site, "127.0.0.1").GetLicenseInformation(
+        lpb.GetLicenseInformationRequest(feature="client.station")
+    )
+    assert info.features[0].activated == 10  # the earlier activation still serves
 
 
 def test_the_cli_says_when_the_next_activation_fits() -> None:
