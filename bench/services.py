@@ -169,6 +169,9 @@ class LicenseServerConfig:
             "--sweep-interval", str(self.sweep_interval),
             "--operator-token", OPERATOR_TOKEN,
             "--log-level", "WARNING",
+            # Thousands of clients from one address stand in for thousands of hosts.
+            "--max-streams-per-host", "0",
+            "--acquire-rate", "0",
         ] + (
             ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else []
         )  # fmt: skip

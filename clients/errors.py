@@ -16,7 +16,8 @@ the only places that turn statuses and pushed messages into these classes::
     │   ├── CountAboveActivated             more seats asked for than are activated at all
     │   ├── TrustedStorageBroken            trusted storage needs a repair first
     │   ├── InvalidLicenseRequest           a field of the request is malformed
-    │   └── LicensePermissionDenied         the call needs a credential
+    │   ├── LicensePermissionDenied         the call needs a credential
+    │   └── LicenseServerBusy               a per-client limit: ask again after a pause
     ├── LicenseLost                         a license the client held is gone
     │   ├── LeaseRevoked                    taken away (operator, return, expiry of the
     │   │                                   license, trust broken, resumed elsewhere)
@@ -125,6 +126,20 @@ class LicensePermissionDenied(LicenseRefused):
     """The call needs a credential the client did not give (operator RPCs)."""
 
 
+class LicenseServerBusy(LicenseRefused):
+    """The License Server protected itself from this client host for now (too many lease
+    streams open, acquires too fast, a call that ran too long): nothing changed, and
+    asking again after a pause works. ``retry_after`` is the server's hint in seconds
+    (None when it gave none: back off as for an unreachable server)."""
+
+    @property
+    def retry_after(self) -> float | None:
+        try:
+            return float(self.metadata["retry_after_seconds"])
+        except (KeyError, ValueError):
+            return None
+
+
 class LicenseLost(LicenseError):
     """A license the client held is gone: its seats are no longer the client's."""
 
@@ -190,6 +205,10 @@ REASONS: dict[str, type[LicenseError]] = {
     "LICENSE_EXPIRED": LeaseRevoked,
     "LICENSE_RETURNED": LeaseRevoked,
     "LICENSE_NOT_HELD": LeaseRevoked,
+    "TOO_MANY_STREAMS": LicenseServerBusy,
+    "ACQUIRE_RATE_EXCEEDED": LicenseServerBusy,
+    "CALL_DEADLINE_EXCEEDED": LicenseServerBusy,
+    "LEASE_STREAM_IDLE": LicenseServerBusy,
 }
 
 # When the server gave no reason this table knows: by status code alone.

@@ -24,6 +24,11 @@ from tessera.tls import PlaintextRefused, ServerTls, check_plaintext
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
 
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Below this, health checks and ordinary requests would not fit.
+MIN_MESSAGE_BYTES = 4 * 1024
+DEFAULT_MAX_CALL_SECONDS = 30.0
+
 
 class SettingsParser:
     """An argparse parser whose defaults come from prefixed environment variables."""
@@ -37,6 +42,8 @@ class SettingsParser:
         default_data_dir: str,
         environ: Mapping[str, str] | None = None,
         service: str = "",
+        default_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        default_max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS,
     ) -> None:
         self.prefix = prefix
         self.service = service
@@ -69,6 +76,17 @@ class SettingsParser:
             "--allow-plaintext",
             "serve plaintext gRPC on an address other than loopback (refused by default)",
         )
+        self.add(
+            "--max-message-bytes",
+            str(default_max_message_bytes),
+            "largest request message accepted; larger ones get RESOURCE_EXHAUSTED",
+        )
+        self.add(
+            "--max-call-seconds",
+            f"{default_max_call_seconds:g}",
+            "longest a unary call may run before it is cancelled and rolled back "
+            "(DEADLINE_EXCEEDED); 0: no limit",
+        )
 
     def add_switch(self, flag: str, help_text: str) -> None:
         """A flag without a value; its environment variable takes true/false, 1/0, …"""
@@ -99,6 +117,23 @@ class SettingsParser:
         log_format = args.log_format.strip().lower()
         if log_format not in LOG_FORMATS:
             self.parser.error(f"--log-format: {args.log_format!r} is not text or json")
+        try:
+            max_message_bytes = int(args.max_message_bytes)
+        except ValueError:
+            max_message_bytes = 0
+        if max_message_bytes < MIN_MESSAGE_BYTES:
+            self.parser.error(
+                f"--max-message-bytes: {args.max_message_bytes!r} is not a whole number of at "
+                f"least {MIN_MESSAGE_BYTES}"
+            )
+        try:
+            max_call_seconds = float(args.max_call_seconds)
+        except ValueError:
+            max_call_seconds = -1.0
+        if not 0 <= max_call_seconds < float("inf"):
+            self.parser.error(
+                f"--max-call-seconds: {args.max_call_seconds!r} is not a number of seconds >= 0"
+            )
         metrics_listen = args.metrics_listen.strip()
         if metrics_listen:
             try:
@@ -123,6 +158,8 @@ class SettingsParser:
             service=self.service,
             tls=tls,
             allow_plaintext=args.allow_plaintext,
+            max_message_bytes=max_message_bytes,
+            max_call_seconds=max_call_seconds,
         )
         return common, args
 
@@ -161,6 +198,10 @@ class CommonSettings:
     # TLS to serve with; None serves plaintext (loopback only unless allow_plaintext).
     tls: ServerTls | None = None
     allow_plaintext: bool = False
+    # The largest request message grpc accepts (``--max-message-bytes``).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # The longest a unary call may run (``--max-call-seconds``); 0: no limit.
+    max_call_seconds: float = DEFAULT_MAX_CALL_SECONDS
 
     @property
     def transport(self) -> str:

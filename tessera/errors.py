@@ -14,6 +14,9 @@ class DomainError(Exception):
     """A rule of the domain refused the request; nothing was changed."""
 
     reason: str = "DOMAIN_ERROR"
+    # Seconds after which asking again may succeed (a limit refills); travels to the
+    # caller as a google.rpc.RetryInfo.
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -112,3 +115,10 @@ class PeerRefused(DomainError):
         super().__init__(f"the {peer} refused: {message}", metadata={**metadata, "peer": peer})
         self.status_name = status_name
         self.reason = reason
+
+
+class CallDeadlineExceeded(DomainError):
+    """The call ran longer than the service allows one call (``--max-call-seconds``); it
+    was cancelled and its transaction rolled back."""
+
+    reason = "CALL_DEADLINE_EXCEEDED"

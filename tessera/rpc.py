@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -32,13 +32,26 @@ StreamMethod = Callable[[S, Any, grpc.aio.ServicerContext[Any, Resp]], AsyncIter
 
 
 def rich_status(
-    code: grpc.StatusCode, message: str, reason: str, domain: str, metadata: Mapping[str, str]
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    domain: str,
+    metadata: Mapping[str, str],
+    retry_after: float | None = None,
 ) -> grpc.Status:
-    """A status carrying a google.rpc.ErrorInfo in ``grpc-status-details-bin``."""
+    """A status carrying a google.rpc.ErrorInfo in ``grpc-status-details-bin``, and a
+    google.rpc.RetryInfo when ``retry_after`` (seconds) is given."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata))
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    details = [detail]
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, round(retry_after * 1e9)))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
+    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
     status: grpc.Status = rpc_status.to_status(proto)
     return status
 
@@ -70,6 +83,7 @@ class ErrorTable:
             errors.UnknownSigningKey: grpc.StatusCode.PERMISSION_DENIED,
             errors.InvalidLicenseServerAddress: grpc.StatusCode.INVALID_ARGUMENT,
             errors.PeerUnavailable: grpc.StatusCode.UNAVAILABLE,
+            errors.CallDeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
             **table,
         }
 
@@ -95,7 +109,9 @@ class ErrorTable:
             if code is None:
                 log.error("domain error %s has no status code in the table", type(error).__name__)
                 code = grpc.StatusCode.INTERNAL
-            status = rich_status(code, error.message, error.reason, self.domain, error.metadata)
+            status = rich_status(
+                code, error.message, error.reason, self.domain, error.metadata, error.retry_after
+            )
         else:
             log.error("unexpected error", exc_info=error)
             status = rich_status(
@@ -147,6 +163,19 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
                     return info
+    return None
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The seconds a server's google.rpc.RetryInfo asks the caller to wait, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    return float(info.retry_delay.ToNanoseconds()) / 1e9
     return None
 
 

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from tessera import logs
 from tessera.call_observer import CallObserver
 from tessera.config import CommonSettings
+from tessera.deadlines import CallDeadline
 from tessera.keys import InsecureKeyFile
 from tessera.metrics import MetricsServer
 from tessera.rpc import MalformedRequestGuard
@@ -48,7 +49,13 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 class Endpoint:
     """A grpc.aio server with health and reflection for the given service names, its
-    calls observed into ``registry`` (default: a new one of its own)."""
+    calls observed into ``registry`` (default: a new one of its own).
+
+    A request larger than ``max_message_bytes`` is refused by grpc itself, before any
+    Tessera code runs, with RESOURCE_EXHAUSTED ("received message larger than max");
+    a unary call running longer than ``max_call_seconds`` (0: no limit) is cancelled
+    with DEADLINE_EXCEEDED / CALL_DEADLINE_EXCEEDED (``tessera.deadlines``).
+    """
 
     def __init__(
         self,
@@ -56,6 +63,8 @@ class Endpoint:
         error_domain: str,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         registry: CollectorRegistry | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_call_seconds: float = 0,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = MetricsServer(self.registry)
@@ -66,10 +75,11 @@ class Endpoint:
             interceptors=[
                 CallObserver(self.registry),
                 *interceptors,
+                CallDeadline(max_call_seconds, error_domain),
                 MalformedRequestGuard(error_domain),
             ],
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )

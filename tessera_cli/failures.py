@@ -160,8 +160,20 @@ def _credential(s: Situation) -> str:
     )
 
 
+def _activation_limit(s: Situation) -> str:
+    when = s.get("next_allowed_at", "")
+    if when.startswith("9999-"):  # the vendor's limit is 0: no date ever fits
+        return "This Activation Server activates no network licenses; contact the vendor."
+    date = f" from {when[:10]} ({when})" if when else " later"
+    return (
+        f"The order was activated as often as the vendor allows in its window; the next "
+        f"activation fits{date}. Contact the vendor if that cannot wait."
+    )
+
+
 HINTS: dict[str, Hint] = {
     "REPAIR_LIMIT_REACHED": _repair_limit,
+    "ACTIVATION_LIMIT_REACHED": _activation_limit,
     "SEATS_IN_USE": lambda s: (
         f"{s.get('used')} seat(s) of {s.get('feature')} are leased. Wait until their holders "
         "check in (`tessera leases` shows who), or run again with --force to revoke those "
@@ -273,6 +285,11 @@ HINTS: dict[str, Hint] = {
         "Only the License Server holding the certificate may return it; ask the vendor for "
         "a forced return if that server is gone."
     ),
+    "CALL_DEADLINE_EXCEEDED": lambda s: (
+        f"The {s.service.value} ended the call at its own limit "
+        f"({s.get('max_call_seconds')} s, --max-call-seconds) and changed nothing; try again. "
+        "If it keeps happening, its database is slow or locked: see its log." + s.resume
+    ),
     "SERVER_SHUTTING_DOWN": lambda s: f"The {s.service.value} is stopping; try again shortly.",
     "UNKNOWN_FEATURE": lambda s: f"{s.get('feature')} is not in the vendor's catalog.",
 }
@@ -318,7 +335,7 @@ def explain(
             reason="UNREACHABLE",
             service=service.value,
         )
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED and reason != "CALL_DEADLINE_EXCEEDED":
         return Failure(
             exit_code,
             f"the {service.value} at {target} did not answer within {timeout:g} s",

@@ -385,7 +385,7 @@ async def test_a_repair_over_the_yearly_limit_is_refused_and_journaled(site: Sit
         site.administrator.Repair(
             pb.RepairRequest(license_server=site.license_address, operation_id="fix-limit")
         ),
-        Code.FAILED_PRECONDITION,
+        Code.RESOURCE_EXHAUSTED,
         "REPAIR_LIMIT_REACHED",
     )
     operation = await journaled(site, "fix-limit")
@@ -395,7 +395,7 @@ async def test_a_repair_over_the_yearly_limit_is_refused_and_journaled(site: Sit
         site.administrator.Repair(
             pb.RepairRequest(license_server=site.license_address, operation_id="fix-limit")
         ),
-        Code.FAILED_PRECONDITION,
+        Code.RESOURCE_EXHAUSTED,
         "REPAIR_LIMIT_REACHED",
     )
     assert again.details() == error.details()

@@ -27,6 +27,7 @@ from clients import (
     LicenseLost,
     LicensePermissionDenied,
     LicenseRefused,
+    LicenseServerBusy,
     LicenseServerUnreachable,
     NoSeatAvailable,
     QueueTimeout,
@@ -116,6 +117,10 @@ STATUSES: list[tuple[Code, str, type[LicenseError]]] = [
     (Code.FAILED_PRECONDITION, "LEASE_RESUMED_ELSEWHERE", LeaseRevoked),
     (Code.FAILED_PRECONDITION, "REVOKED_BY_OPERATOR", LeaseRevoked),
     (Code.FAILED_PRECONDITION, "LICENSE_EXPIRED", LeaseRevoked),
+    (Code.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS", LicenseServerBusy),
+    (Code.RESOURCE_EXHAUSTED, "ACQUIRE_RATE_EXCEEDED", LicenseServerBusy),
+    (Code.DEADLINE_EXCEEDED, "CALL_DEADLINE_EXCEEDED", LicenseServerBusy),
+    (Code.DEADLINE_EXCEEDED, "LEASE_STREAM_IDLE", LicenseServerBusy),
     # No reason the client knows: the status code decides.
     (Code.RESOURCE_EXHAUSTED, "", NoSeatAvailable),
     (Code.UNAVAILABLE, "", LicenseServerUnreachable),

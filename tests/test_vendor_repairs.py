@@ -150,7 +150,7 @@ async def test_the_fifth_repair_in_a_year_is_refused_with_the_date_of_the_next(
     audited = len(await vendor.audit())
     error = await expect(
         vendor.activation.Repair(apb.RepairRequest(request=host.repair(request_id="repair-5"))),
-        Code.FAILED_PRECONDITION,
+        Code.RESOURCE_EXHAUSTED,
         "REPAIR_LIMIT_REACHED",
     )
     next_allowed = first_at + dt.timedelta(days=365)

@@ -56,6 +56,12 @@ def load_settings(
     )
     parser.add("--return-window-days", "30", "the rolling window of that limit, in days")
     parser.add("--max-repairs-per-year", "4", "repairs a host may have in any 365 days")
+    parser.add(
+        "--max-activations-per-entitlement",
+        "100",
+        "network activations an order may have per window (bounds activate/return cycling)",
+    )
+    parser.add("--activation-window-days", "30", "the rolling window of that limit, in days")
     common, args = parser.parse(argv)
     credentials = credential_settings(parser, args, CREDENTIAL_ROLES)
     signing_key = (
@@ -70,6 +76,12 @@ def load_settings(
         ),
         max_repairs_per_year=_whole_number(
             parser, "--max-repairs-per-year", args.max_repairs_per_year, 0
+        ),
+        max_activations_per_entitlement=_whole_number(
+            parser, "--max-activations-per-entitlement", args.max_activations_per_entitlement, 0
+        ),
+        activation_window=dt.timedelta(
+            days=_whole_number(parser, "--activation-window-days", args.activation_window_days, 1)
         ),
     )
     return Settings(common=common, signing_key=signing_key, credentials=credentials, limits=limits)

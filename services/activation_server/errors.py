@@ -22,6 +22,7 @@ ERRORS = ErrorTable(
         errors.EntitlementNotFound: Code.NOT_FOUND,
         errors.ActivationIdNotFound: Code.NOT_FOUND,
         errors.NotEnoughSeatsLeft: Code.RESOURCE_EXHAUSTED,
+        errors.ActivationLimitReached: Code.RESOURCE_EXHAUSTED,
         errors.LineExpired: Code.FAILED_PRECONDITION,
         errors.LocalLineNotActivatable: Code.FAILED_PRECONDITION,
         errors.NetworkLineNotLocal: Code.FAILED_PRECONDITION,
@@ -32,6 +33,6 @@ ERRORS = ErrorTable(
         errors.LocalLicenseNotReturnable: Code.FAILED_PRECONDITION,
         errors.LocalLicenseNotRepairable: Code.FAILED_PRECONDITION,
         errors.RepairFromAnotherHost: Code.PERMISSION_DENIED,
-        errors.RepairLimitReached: Code.FAILED_PRECONDITION,
+        errors.RepairLimitReached: Code.RESOURCE_EXHAUSTED,
     },
 )

@@ -66,7 +66,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     registry = new_registry(settings.common.service)
     metrics = VendorMetrics(registry)
     entitlements = Entitlements(store, clock)
-    activations = Activations(store, vendor_keys, clock, metrics)
+    activations = Activations(store, vendor_keys, clock, metrics, settings.limits)
     returns = Returns(store, vendor_keys, clock, settings.limits, metrics)
     repairs = Repairs(store, vendor_keys, clock, settings.limits, metrics)
     endpoint = Endpoint(
@@ -74,6 +74,8 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
         error_domain=ERRORS.domain,
         interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
+        max_message_bytes=settings.common.max_message_bytes,
+        max_call_seconds=settings.common.max_call_seconds,
     )
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(
         ActivationServicer(entitlements, activations, returns, repairs, vendor_keys),

@@ -67,6 +67,9 @@ def load_settings(
         default_data_dir="var/administrator",
         environ=environ,
         service="administrator",
+        # One operation asks the License Server and the vendor in turn, each call up to
+        # its own 30 s; the journal resumes an operation cut short.
+        default_max_call_seconds=120,
     )
     parser.add("--activation-server", DEFAULT_ACTIVATION_SERVER, "Activation Server host:port")
     for peer, name in (

@@ -93,6 +93,8 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
         error_domain=ERRORS.domain,
         interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
+        max_message_bytes=settings.common.max_message_bytes,
+        max_call_seconds=settings.common.max_call_seconds,
     )
     admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
         AdministratorServicer(operations), endpoint.server

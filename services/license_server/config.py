@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.license_server.domain.admission import ClientLimits
 from services.license_server.domain.leasing import LeasePolicy
 from tessera.address import DEFAULT_PORT
 from tessera.auth import (
@@ -40,6 +42,8 @@ class Settings:
     # Operator, administrator and site credentials (digests only); operator and
     # administrator default to the data directory's operator-token and administrator-token.
     credentials: CredentialSettings
+    # Each client host's share: open lease streams, acquire rate, idle streams.
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
 
     @property
     def database_url(self) -> str:
@@ -61,6 +65,8 @@ def load_settings(
         default_data_dir="var/license_server",
         environ=environ,
         service="license_server",
+        # Lease messages are a few hundred bytes; a vendor answer a few KB per certificate.
+        default_max_message_bytes=1024 * 1024,
     )
     parser.add("--vendor-keys", "", "comma-separated files of trusted vendor public keys")
     parser.add(
@@ -73,8 +79,26 @@ def load_settings(
         "--trust-check-interval", "60", "seconds between re-verifications of trusted storage"
     )
     add_credential_flags(parser, CREDENTIAL_ROLES)
+    defaults = ClientLimits()
+    parser.add(
+        "--max-streams-per-host",
+        str(defaults.max_streams_per_host),
+        "lease streams one client host (connection address) may have open; 0: no limit",
+    )
+    parser.add(
+        "--acquire-rate",
+        f"{defaults.acquire_rate:g}",
+        "acquires (stream or Checkout) a second one client host may make; 0: no limit",
+    )
+    parser.add("--acquire-burst", str(defaults.acquire_burst), "acquires a host may make at once")
+    parser.add(
+        "--stream-idle-seconds",
+        f"{defaults.stream_idle_seconds:g}",
+        "a lease stream that sends no acquire or resume this long is closed; 0: never",
+    )
     common, args = parser.parse(argv)
     credentials = credential_settings(parser, args, CREDENTIAL_ROLES)
+    client_limits = _client_limits(parser, args)
     try:
         ttl = int(args.lease_ttl)
         interval = float(args.heartbeat_interval)
@@ -98,4 +122,28 @@ def load_settings(
         sweep_interval=sweep,
         trust_check_interval=trust_check,
         credentials=credentials,
+        client_limits=client_limits,
     )
+
+
+def _client_limits(parser: SettingsParser, args: argparse.Namespace) -> ClientLimits:
+    try:
+        limits = ClientLimits(
+            max_streams_per_host=int(args.max_streams_per_host),
+            acquire_rate=float(args.acquire_rate),
+            acquire_burst=int(args.acquire_burst),
+            stream_idle_seconds=float(args.stream_idle_seconds),
+        )
+    except ValueError as error:
+        parser.parser.error(f"client limits must be numbers: {error}")
+    numbers = (limits.acquire_rate, limits.stream_idle_seconds)
+    if (
+        limits.max_streams_per_host < 0
+        or limits.acquire_burst < 1
+        or not all(0 <= number < float("inf") for number in numbers)
+    ):
+        parser.parser.error(
+            "--max-streams-per-host, --acquire-rate and --stream-idle-seconds must be >= 0, "
+            "--acquire-burst >= 1"
+        )
+    return limits

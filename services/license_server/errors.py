@@ -39,5 +39,8 @@ ERRORS = ErrorTable(
         errors.PartialReturnNotAllowed: Code.FAILED_PRECONDITION,
         errors.TrustedStorageBroken: Code.FAILED_PRECONDITION,
         errors.AnswerDoesNotMatch: Code.INVALID_ARGUMENT,
+        errors.TooManyStreams: Code.RESOURCE_EXHAUSTED,
+        errors.AcquireRateExceeded: Code.RESOURCE_EXHAUSTED,
+        errors.LeaseStreamIdle: Code.DEADLINE_EXCEEDED,
     },
 )

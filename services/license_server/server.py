@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.license_server.config import Settings
+from services.license_server.domain.admission import Admission
 from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.ledger import AnchorFile
@@ -155,11 +156,13 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         error_domain=ERRORS.domain,
         interceptors=[AccessControl(credentials, ERRORS)],
         registry=registry,
+        max_message_bytes=settings.common.max_message_bytes,
+        max_call_seconds=settings.common.max_call_seconds,
     )
     seats = SeatGauges(store, clock)
     registry.register(seats)
     endpoint.metrics.before_scrape.append(seats.refresh)
-    lease_servicer = LeaseServicer(leasing)
+    lease_servicer = LeaseServicer(leasing, Admission(settings.client_limits, lease_metrics))
     license_pb2_grpc.add_LeaseServiceServicer_to_server(lease_servicer, endpoint.server)
     license_pb2_grpc.add_LeaseAdminServiceServicer_to_server(
         LeaseAdminServicer(leasing), endpoint.server

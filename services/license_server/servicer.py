@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
 
-from services.license_server.domain.errors import ServerShuttingDown
+from services.license_server.domain.admission import Admission, ClientLimits
+from services.license_server.domain.errors import LeaseStreamIdle, ServerShuttingDown
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.repairs import Repairs
 from services.license_server.domain.returns import Returns
@@ -26,6 +27,7 @@ from tessera.errors import DomainError, InvalidInput
 from tessera.keys import HostIdentity
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
+from tessera.limits import peer_host
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -45,11 +47,24 @@ async def _pump(requests: AsyncIterator[pb.LeaseRequest], inbox: asyncio.Queue[o
         await inbox.put(_END)
 
 
+async def _within(next_item: Awaitable[object], remaining: float, idle: float) -> object:
+    """The stream's next item, unless none comes before the idle limit runs out."""
+    try:
+        return await asyncio.wait_for(next_item, max(0.0, remaining))
+    except TimeoutError:
+        raise LeaseStreamIdle(
+            f"the lease stream sent no acquire or resume within {idle:g} s of opening; "
+            "open a stream when there is a lease to ask for",
+            metadata={"stream_idle_seconds": f"{idle:g}"},
+        ) from None
+
+
 class LeaseServicer(pb_grpc.LeaseServiceServicer):
     """tessera.license.v1.LeaseService."""
 
-    def __init__(self, leasing: Leasing) -> None:
+    def __init__(self, leasing: Leasing, admission: Admission | None = None) -> None:
         self.leasing = leasing
+        self.admission = admission or Admission(ClientLimits(), leasing.metrics)
         self._inboxes: set[asyncio.Queue[object]] = set()
         self._closing = False
         leasing.metrics.count_open_streams(lambda: len(self._inboxes))
@@ -64,12 +79,22 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
     async def Lease(
         self, request_iterator: AsyncIterator[pb.LeaseRequest], context: Context
     ) -> AsyncIterator[pb.LeaseResponse]:
-        session = LeaseSession(self.leasing)
+        host = peer_host(context.peer())
+        session = LeaseSession(self.leasing, lambda: self.admission.admit_acquire(host))
+        self.admission.open_stream(host)  # from here on, closed in the finally below
         self._inboxes.add(session.inbox)
         reader = asyncio.create_task(_pump(request_iterator, session.inbox))
+        idle = self.admission.limits.stream_idle_seconds
+        loop = asyncio.get_running_loop()
+        idle_at = loop.time() + idle
         try:
             while True:
-                item = _SHUTDOWN if self._closing else await session.next_item()
+                if self._closing:
+                    item: object = _SHUTDOWN
+                elif idle > 0 and not session.started:
+                    item = await _within(session.next_item(), idle_at - loop.time(), idle)
+                else:
+                    item = await session.next_item()
                 if item is _END:
                     # A stream that ends without release keeps its lease until the TTL
                     # runs out, so the client can resume it after a network blip.
@@ -86,6 +111,7 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                 if session.finished:
                     return
         finally:
+            self.admission.close_stream(host)
             self._inboxes.discard(session.inbox)
             reader.cancel()
             await session.close()
@@ -104,6 +130,7 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         if not request.HasField("acquire"):
             raise InvalidInput("acquire", "is required")
         new, ttl = new_lease_from_proto(request.acquire)
+        self.admission.admit_acquire(peer_host(context.peer()))
         grant = await self.leasing.acquire(new, ttl)
         return pb.CheckoutResponse(granted=granted_to_proto(grant))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from services.license_server.domain.errors import (
     LeaseExpired,
@@ -39,12 +39,17 @@ _TICK = object()  # a queued session's timer
 class LeaseSession:
     """The state of one Lease stream."""
 
-    def __init__(self, leasing: Leasing) -> None:
+    def __init__(self, leasing: Leasing, admit_acquire: Callable[[], None] | None = None) -> None:
         self.leasing = leasing
+        # Refuses an acquire over the client host's share (raises a DomainError).
+        self._admit_acquire = admit_acquire or (lambda: None)
         self.inbox: asyncio.Queue[object] = asyncio.Queue()
         self.held: Grant | None = None
         self.waiter: Waiter | None = None
         self.finished = False
+        # Whether the client asked for a lease yet (acquire or resume); until it does,
+        # the stream holds nothing and may be closed as idle.
+        self.started = False
         self._ttl: int | None = None
         self._expires_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._deadline = 0.0
@@ -97,6 +102,8 @@ class LeaseSession:
             raise LeaseProtocolViolation("heartbeat before a lease was granted")
         if kind == "release" and not busy:
             raise LeaseProtocolViolation("release before acquire or resume")
+        if kind in ("acquire", "resume"):
+            self.started = True
         if kind == "acquire":
             async for response in self._acquire(request.acquire):
                 yield response
@@ -132,6 +139,7 @@ class LeaseSession:
         new, ttl = new_lease_from_proto(acquire)
         wait = wait_timeout_from_proto(acquire)
         try:
+            self._admit_acquire()
             if wait <= 0:
                 grant = await self.leasing.acquire(new, ttl)
             else:

@@ -9,12 +9,14 @@ deciding one rolls back.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict
 
 from services.activation_server.domain.audit import record_refusal
 from services.activation_server.domain.certificates import first_issue
 from services.activation_server.domain.errors import (
     ActivationIdNotFound,
+    ActivationLimitReached,
     LineExpired,
     LocalLineNotActivatable,
     NetworkLineNotLocal,
@@ -25,6 +27,7 @@ from services.activation_server.domain.host_requests import (
     checked_request_id,
     verify_host_signed,
 )
+from services.activation_server.domain.limits import Limits, iso_time, next_allowed
 from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.model import (
     ActivationRecord,
@@ -83,11 +86,13 @@ class Activations:
         signer: Signer,
         clock: Clock,
         metrics: VendorMetrics | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
         self.clock = clock
         self.metrics = metrics or VendorMetrics()
+        self.limits = limits or Limits()
 
     async def activate(
         self, envelope: SignedEnvelope, registration: Registration | None = None
@@ -163,6 +168,8 @@ class Activations:
             )
         if line.expires_at is not None and line.expires_at <= now:
             raise LineExpired(f"{activation_id} expired at {line.expires_at.isoformat()}")
+        if line.kind is LicenseKind.NETWORK:
+            await self._check_cycling(repo, line.entitlement_id, now)
         if not await repo.take_seats(activation_id, request.count):
             # A concurrent retry of this very request may have taken the seats while we
             # waited for the line; read committed sees its row now, so answer as it did.
@@ -225,6 +232,32 @@ class Activations:
             },
         )
         return response
+
+    async def _check_cycling(self, repo: Repository, entitlement_id: str, now: dt.datetime) -> None:
+        """ActivationLimitReached when the order's network activations in the window are
+        used up (activate -> return -> activate loops end here)."""
+        # Activations and returns of one order are decided one at a time, so none slips
+        # past the limit; the order is locked before the line, as a return does.
+        await repo.lock_entitlement(entitlement_id)
+        window = self.limits.activation_window
+        limit = self.limits.max_activations_per_entitlement
+        recent = await repo.network_activations_since(entitlement_id, now - window)
+        allowed_at = next_allowed(recent, limit, window)
+        if allowed_at is None:
+            return
+        when = (
+            f"the next activation is allowed from {iso_time(allowed_at)}"
+            if limit
+            else "this Activation Server accepts no activations of network licenses"
+        )
+        error = ActivationLimitReached(
+            f"{entitlement_id} had {len(recent)} activations in the last {window.days} days "
+            f"(at most {limit}); {when}",
+            metadata={"entitlement_id": entitlement_id, "next_allowed_at": iso_time(allowed_at)},
+        )
+        if limit:
+            error.retry_after = (allowed_at - now).total_seconds()
+        raise error
 
     async def list(self, entitlement_id: str, host_id: str) -> list[ActivationRecord]:
         """Activations, optionally of one entitlement and/or held by one host."""

@@ -23,6 +23,14 @@ class NotEnoughSeatsLeft(DomainError):
     reason = "NOT_ENOUGH_SEATS_LEFT"
 
 
+class ActivationLimitReached(DomainError):
+    """The order had as many network activations in the rolling window as one order may
+    (``--max-activations-per-entitlement``); metadata says when the next fits
+    (``next_allowed_at``)."""
+
+    reason = "ACTIVATION_LIMIT_REACHED"
+
+
 class LineExpired(DomainError):
     reason = "LINE_EXPIRED"
 

@@ -1,4 +1,5 @@
-"""The vendor's limits on return cycling and repairs: at most N in any rolling window."""
+"""The vendor's limits on activation and return cycling and on repairs: at most N in any
+rolling window."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ REPAIR_WINDOW = dt.timedelta(days=365)
 @dataclass(frozen=True)
 class Limits:
     """At most ``max_returns_per_entitlement`` credited returns per order in any
-    ``return_window``, and ``max_repairs_per_year`` repairs per host key in any 365 days."""
+    ``return_window``, ``max_activations_per_entitlement`` network activations per order
+    in any ``activation_window``, and ``max_repairs_per_year`` repairs per host key in any
+    365 days."""
 
     max_returns_per_entitlement: int = 10
     return_window: dt.timedelta = dt.timedelta(days=30)
     max_repairs_per_year: int = 4
+    # Bounds activate -> return -> activate loops, and an order split into many small
+    # certificates; local (node-locked) issues are not counted: they cannot be returned.
+    max_activations_per_entitlement: int = 100
+    activation_window: dt.timedelta = dt.timedelta(days=30)
 
 
 def next_allowed(recent: list[dt.datetime], limit: int, window: dt.timedelta) -> dt.datetime | None:

@@ -307,6 +307,23 @@ class Repository:
         except IntegrityError as error:
             raise DuplicateRequest(record.request_id) from error
 
+    async def network_activations_since(
+        self, entitlement_id: str, since: dt.datetime
+    ) -> list[dt.datetime]:
+        """When each network activation of the order was granted after ``since``, oldest
+        first."""
+        rows = await self.session.execute(
+            select(activations.c.activated_at)
+            .join(entitlement_lines)
+            .where(
+                entitlement_lines.c.entitlement_id == entitlement_id,
+                entitlement_lines.c.kind == LicenseKind.NETWORK.value,
+                activations.c.activated_at > since,
+            )
+            .order_by(activations.c.activated_at)
+        )
+        return list(rows.scalars())
+
     async def credited_returns_since(
         self, entitlement_id: str, since: dt.datetime
     ) -> list[dt.datetime]:

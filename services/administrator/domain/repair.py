@@ -2,7 +2,7 @@
 changed machine), the vendor re-issues exactly what its records say the host holds.
 
 The request must be signed by the License Server that activated the licenses; the vendor
-allows four repairs per host a year (FAILED_PRECONDITION / REPAIR_LIMIT_REACHED) and logs
+allows four repairs per host a year (RESOURCE_EXHAUSTED / REPAIR_LIMIT_REACHED) and logs
 every one. A refusal is the vendor's decision and ends the operation as REFUSED.
 """
 

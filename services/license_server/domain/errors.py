@@ -135,3 +135,30 @@ class AnswerDoesNotMatch(DomainError):
     """A vendor answer does not fit the request it claims to answer."""
 
     reason = "ANSWER_DOES_NOT_MATCH_REQUEST"
+
+
+class TooManyStreams(DomainError):
+    """The client's host has as many lease streams open as one host may
+    (``--max-streams-per-host``); close one, or ask again later."""
+
+    reason = "TOO_MANY_STREAMS"
+
+
+class AcquireRateExceeded(DomainError):
+    """The client's host asked for seats faster than one host may (``--acquire-rate``);
+    ``retry_after`` says when the next acquire fits."""
+
+    reason = "ACQUIRE_RATE_EXCEEDED"
+
+    def __init__(self, message: str, retry_after: float, host: str) -> None:
+        super().__init__(
+            message, metadata={"client_address": host, "retry_after_seconds": f"{retry_after:.3f}"}
+        )
+        self.retry_after = retry_after
+
+
+class LeaseStreamIdle(DomainError):
+    """A lease stream sent no acquire or resume within ``--stream-idle-seconds`` of
+    opening; it is closed so that it holds nothing."""
+
+    reason = "LEASE_STREAM_IDLE"
