@@ -478,6 +478,28 @@ async def test_check_ins_do_not_wait_behind_a_backlog_of_checkouts(leasing: Leas
     assert (await pool(leasing)).used == 6
 
 
+async def test_a_checkout_given_up_while_its_batch_waits_takes_nothing(leasing: Leasing) -> None:
+    """The caller of a checkout goes away (a deadline, a cancelled RPC) while its batch
+    waits for the pool: the batch gives its seats back and writes no lease."""
+    await seed(leasing, 3)
+    async with leasing.store.transaction() as repo:
+        await repo.lock_pool(FEATURE)  # PostgreSQL: the row; SQLite: the one connection
+        caller = asyncio.create_task(leasing.acquire(new_lease(client="ws-gone")))
+        # Yield (no timed wait) until the committer has taken the call into its batch.
+        while not leasing.group_commit.calls_in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    kept = await leasing.acquire(new_lease(client="ws-kept"))  # after that batch
+    assert (await pool(leasing)).used == 1
+    assert await held_seats(leasing) == 1
+    async with leasing.store.engine.connect() as connection:
+        rows = await connection.scalar(select(func.count()).select_from(leases))
+    assert rows == 1
+    assert await leasing.release(kept.lease.lease_id, kept.secret) is True
+
+
 async def read_only(engine: AsyncEngine, on: bool) -> None:
     """Make the License Server's database refuse writes (or take them again)."""
     if engine.dialect.name == "sqlite":  # the pool's one connection, outside a transaction

@@ -18,14 +18,17 @@ The invariants hold as they do call by call:
   fencing epoch exactly as a single one does (a repeat in the same batch raises it again).
 - A caller hears its grant or release only after the transaction committed. When the
   transaction fails, every caller in it gets the error and nothing of it was written.
-  A caller that gives up while its batch commits (a cancelled RPC) does not undo it:
-  its lease is held until its TTL runs out, as a lease whose grant was lost in transit is.
+  A checkout whose caller gave up (a cancelled RPC, a passed deadline) before the
+  batch writes its lease gets nothing: its seats go back within the transaction. One
+  that gives up during the COMMIT itself cannot undo it: its lease is held until its
+  TTL runs out, as a lease whose grant was lost in transit is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -93,7 +96,9 @@ class GroupCommit:
         self._checkins: list[_Checkin] = []
         self._resumes: list[_Resume] = []
         self._committer: asyncio.Task[None] | None = None
-        # Transactions committed and the calls they served (also in the metrics).
+        # Transactions committed and the calls they served (also in the metrics); the
+        # calls of the batch committing now.
+        self.calls_in_flight = 0
         self.transactions = 0
         self.calls = 0
 
@@ -135,6 +140,7 @@ class GroupCommit:
             callers += [r.done for r in resumes]
             if not callers:
                 continue
+            self.calls_in_flight = len(callers)
             try:
                 outcome = await self._commit(checkouts, checkins, resumes)
             except Exception as error:  # nothing of the batch was written
@@ -142,6 +148,8 @@ class GroupCommit:
                     if not done.done():
                         done.set_exception(error)
                 continue
+            finally:
+                self.calls_in_flight = 0
             self.transactions += 1
             self.calls += len(callers)
             self.metrics.group_committed(len(callers))
@@ -256,6 +264,15 @@ class GroupCommit:
                     granted.append(checkout)
                 else:
                     refused.append(checkout)
+        # A caller that gave up while the batch waited (its deadline passed, its client
+        # went away) gets nothing: its seats go back before any lease is written.
+        gone = [checkout for checkout in granted if checkout.done.done()]
+        if gone:
+            seats: Counter[str] = Counter()
+            for checkout in gone:
+                seats[checkout.new.feature] += checkout.new.count
+            await repo.give_back_seats(seats)
+            granted = [checkout for checkout in granted if not checkout.done.done()]
         leases = [(checkout, new_lease(checkout.new, checkout.ttl, now)) for checkout in granted]
         if leases:
             await repo.insert_leases([(lease, secret_hash(key)) for _, (lease, key) in leases])
