@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.activation.v1 import activation_pb2 as apb
@@ -297,3 +298,15 @@ def started_site(root: Path, ls_args: tuple[str, ...] = ()) -> Iterator[RealSite
         yield site
     finally:
         site.close()
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed synchronous call, or ''."""
+    assert isinstance(error, grpc.Call)
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return ""
