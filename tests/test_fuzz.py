@@ -40,9 +40,9 @@ from tessera.license.v1 import license_pb2
 from tessera.license.v1 import license_pb2 as lpb
 from tests.attack_support import RealSite, Volatile, changed_tables, started_site, state_of
 
-pytestmark = pytest.mark.e2e
-
 MESSAGES = int(os.environ.get("TESSERA_FUZZ_MESSAGES", "0") or 0)
+# The long mode takes its time: about 100 messages a second on one core.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(120, MESSAGES // 10))]
 QUICK_PER_RPC = 24
 CALL_TIMEOUT = 20.0
 Code = grpc.StatusCode
