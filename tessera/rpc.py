@@ -2,8 +2,9 @@
 
 Each service builds one ``ErrorTable`` from its ``errors.py`` and decorates its servicer
 methods with it. A DomainError becomes its mapped status code with the error's reason;
-anything unexpected becomes INTERNAL with a generic message while the traceback goes to
-the log, so internals never leak to callers.
+a database that cannot serve now (read-only, full, restarting) becomes UNAVAILABLE with
+the reason DATABASE_UNAVAILABLE; anything else unexpected becomes INTERNAL with a generic
+message while the traceback goes to the log, so internals never leak to callers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tessera import errors
+from tessera.database_errors import REASON as DATABASE_UNAVAILABLE
+from tessera.database_errors import database_unavailable
 from tessera.errors import DomainError, MalformedRequest, PeerRefused
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,15 @@ class ErrorTable:
                 log.error("domain error %s has no status code in the table", type(error).__name__)
                 code = grpc.StatusCode.INTERNAL
             status = rich_status(code, error.message, error.reason, self.domain, error.metadata)
+        elif (why := database_unavailable(error)) is not None:
+            log.warning("database unavailable: %s (%s)", why, type(error).__name__)
+            status = rich_status(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the service's database is unavailable: {why}; try again later",
+                DATABASE_UNAVAILABLE,
+                self.domain,
+                {},
+            )
         else:
             log.error("unexpected error", exc_info=error)
             status = rich_status(
