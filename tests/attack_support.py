@@ -46,6 +46,7 @@ class Service:
     database: Path
     args: list[str]
     env: Mapping[str, str] = field(default_factory=dict)
+    url: str = ""  # another database than the SQLite file (e.g. PostgreSQL)
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
 
@@ -55,7 +56,7 @@ class Service:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.database}"
+        return self.url or f"sqlite+aiosqlite:///{self.database}"
 
     def token(self) -> str:
         """The bearer token the service created in its data directory ('' if none)."""
@@ -71,7 +72,9 @@ class Service:
 class RealSite:
     """The three services as real processes; start() waits until each answers health."""
 
-    def __init__(self, root: Path, ls_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, ls_args: tuple[str, ...] = (), ls_database_url: str = ""
+    ) -> None:
         self.root = root
         activation = Service(
             "activation", "services.activation_server", free_port(),
@@ -86,6 +89,7 @@ class RealSite:
                 "--sweep-interval", "3600",
                 *ls_args,
             ],
+            url=ls_database_url,
         )  # fmt: skip
         administrator = Service(
             "admin", "services.administrator", free_port(),
