@@ -304,13 +304,19 @@ def started_site(root: Path, ls_args: tuple[str, ...] = ()) -> Iterator[RealSite
         site.close()
 
 
-def reason_of(error: grpc.RpcError) -> str:
-    """The ErrorInfo reason of a failed synchronous call, or ''."""
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo of a failed synchronous call, if the server attached one."""
     assert isinstance(error, grpc.Call)
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             for detail in status_pb2.Status.FromString(value).details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
+                    return info
+    return None
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed synchronous call, or ''."""
+    info = error_info(error)
+    return str(info.reason) if info is not None else ""

@@ -307,13 +307,13 @@ def test_an_old_answer_file_imported_after_a_return_changes_nothing(
     # Straight to the License Server, past the Administrator's journal: the request it
     # answers was consumed, so the old answer cannot install the returned seats again.
     envelope = read_response_file(answer).response
-    error = refused(
+    replayed = refused(
         site.trusted_storage.InstallActivation,
         lpb.InstallActivationRequest(response=envelope),
         metadata=site["license"].credentials(),
     )
-    assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason_of(error) == "CERTIFICATE_RETURNED"
+    assert code_of(replayed) == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(replayed) == "CERTIFICATE_RETURNED"
     assert everything(site) == before
     # The returned seats do not come back.
     info = site.leases.GetLicenseInformation(lpb.GetLicenseInformationRequest(), timeout=TIMEOUT)

@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
@@ -50,6 +50,7 @@ pytestmark = pytest.mark.e2e
 FEATURE = "client.station"
 Code = grpc.StatusCode
 WITHIN = 60.0  # every wait in this file is bounded by this
+StreamCall: TypeAlias = "grpc.aio.StreamStreamCall[lpb.LeaseRequest, lpb.LeaseResponse]"
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,8 +206,8 @@ class Holder:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.2)
 
-    async def _session(self, stub: lpb_grpc.LeaseServiceStub, stop: asyncio.Event) -> None:
-        call = stub.Lease(timeout=WITHIN)
+    async def _session(self, stub: lpb_grpc.LeaseServiceAsyncStub, stop: asyncio.Event) -> None:
+        call: StreamCall = stub.Lease(timeout=WITHIN)
         try:
             if not self.lease_id:
                 acquire = lpb.LeaseAcquire(feature=FEATURE, count=1, client_host=self.host)
@@ -331,7 +332,8 @@ async def test_postgres_restarted_under_load_loses_and_doubles_no_lease(
     holders = [Holder(target, f"holder-{n}", outcomes) for n in range(10)]
     churners = [Churner(target, f"churner-{n}", outcomes) for n in range(4)]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(c.run(stop)) for c in [*holders, *churners]]
+    clients: list[Holder | Churner] = [*holders, *churners]
+    tasks = [asyncio.create_task(c.run(stop)) for c in clients]
     try:
         await bounded(lambda: asyncio.gather(*(h.granted.wait() for h in holders)), "grants")
         await bounded(lambda: until(lambda: min(c.cycles for c in churners) >= 3, holders), "churn")
@@ -553,7 +555,7 @@ async def test_a_client_that_stops_reading_does_not_stall_the_others(tmp_path: P
         # The slow client's window stays at HTTP/2's 64 KiB (no BDP probing), so its unread
         # answers push back on the server within seconds.
         async with grpc.aio.insecure_channel(target, options=SMALL_WINDOW) as channel:
-            slow = lpb_grpc.LeaseServiceStub(channel).Lease(timeout=WITHIN)
+            slow: StreamCall = lpb_grpc.LeaseServiceStub(channel).Lease(timeout=WITHIN)
             await slow.write(
                 lpb.LeaseRequest(
                     acquire=lpb.LeaseAcquire(feature=FEATURE, count=1, client_host="slow")
