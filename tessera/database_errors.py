@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from sqlalchemy import exc
 
-REASON = "DATABASE_UNAVAILABLE"
-
 # SQLite's messages for conditions outside the program (sqlite3 gives no codes before 3.11's
 # sqlite_errorname, and aiosqlite wraps it anyway).
 _SQLITE = {

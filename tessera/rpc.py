@@ -20,8 +20,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tessera import errors
-from tessera.database_errors import REASON as DATABASE_UNAVAILABLE
-from tessera.database_errors import database_unavailable
 from tessera.errors import DomainError, MalformedRequest, PeerRefused
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,17 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status
     earlier = tuple(context.trailing_metadata() or ())
     await context.abort(status.code, status.details, (*earlier, *status.trailing_metadata))
     raise AssertionError("abort returned")  # pragma: no cover
+
+
+def _database_unavailable(error: Exception) -> str | None:
+    # Imported on use: tessera.rpc ships in the client package, which has no database
+    # (and no SQLAlchemy); only a server gets here with a database error.
+    from tessera.database_errors import database_unavailable
+
+    return database_unavailable(error)
+
+
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
 
 
 class ErrorTable:
@@ -99,7 +108,7 @@ class ErrorTable:
                 log.error("domain error %s has no status code in the table", type(error).__name__)
                 code = grpc.StatusCode.INTERNAL
             status = rich_status(code, error.message, error.reason, self.domain, error.metadata)
-        elif (why := database_unavailable(error)) is not None:
+        elif (why := _database_unavailable(error)) is not None:
             log.warning("database unavailable: %s (%s)", why, type(error).__name__)
             status = rich_status(
                 grpc.StatusCode.UNAVAILABLE,
