@@ -4,6 +4,7 @@
     .venv/bin/python -m bench --phases echo,cycles    # just the throughput phases
     .venv/bin/python -m bench --phases streams --streams 20000
     .venv/bin/python -m bench --phases replicas,failover   # scale-out (opt-in, PostgreSQL)
+    .venv/bin/python -m bench.soak --minutes 60       # leaks and memory drift (bench/soak.py)
 
 See docs/performance.md for what each phase measures and the figures on this machine.
 """

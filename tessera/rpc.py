@@ -2,8 +2,9 @@
 
 Each service builds one ``ErrorTable`` from its ``errors.py`` and decorates its servicer
 methods with it. A DomainError becomes its mapped status code with the error's reason;
-anything unexpected becomes INTERNAL with a generic message while the traceback goes to
-the log, so internals never leak to callers.
+a database that cannot serve now (read-only, full, restarting) becomes UNAVAILABLE with
+the reason DATABASE_UNAVAILABLE; anything else unexpected becomes INTERNAL with a generic
+message while the traceback goes to the log, so internals never leak to callers.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status
     raise AssertionError("abort returned")  # pragma: no cover
 
 
+def _database_unavailable(error: Exception) -> str | None:
+    # Imported on use: tessera.rpc ships in the client package, which has no database
+    # (and no SQLAlchemy); only a server gets here with a database error.
+    from tessera.database_errors import database_unavailable
+
+    return database_unavailable(error)
+
+
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+
+
 class ErrorTable:
     """One service's map from domain errors to status codes, applied to its servicers.
 
@@ -111,6 +123,15 @@ class ErrorTable:
                 code = grpc.StatusCode.INTERNAL
             status = rich_status(
                 code, error.message, error.reason, self.domain, error.metadata, error.retry_after
+            )
+        elif (why := _database_unavailable(error)) is not None:
+            log.warning("database unavailable: %s (%s)", why, type(error).__name__)
+            status = rich_status(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the service's database is unavailable: {why}; try again later",
+                DATABASE_UNAVAILABLE,
+                self.domain,
+                {},
             )
         else:
             log.error("unexpected error", exc_info=error)

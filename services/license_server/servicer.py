@@ -35,10 +35,21 @@ _END = object()  # the client half-closed or went away
 _SHUTDOWN = object()  # the server is stopping
 
 
-async def _pump(requests: AsyncIterator[pb.LeaseRequest], inbox: asyncio.Queue[object]) -> None:
+# Client messages read ahead of the session: beyond this the stream stops reading, so a
+# client that writes without reading the answers is held back by HTTP/2 flow control
+# instead of filling the server's memory.
+READ_AHEAD = 16
+
+
+async def _pump(
+    requests: AsyncIterator[pb.LeaseRequest],
+    inbox: asyncio.Queue[object],
+    credit: asyncio.Semaphore,
+) -> None:
     try:
         async for message in requests:
             await inbox.put(message)
+            await credit.acquire()
     except DomainError as error:  # e.g. a message that does not parse
         await inbox.put(error)
     except Exception:  # the client went away mid-read; treat like a half-close
@@ -83,7 +94,8 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         session = LeaseSession(self.leasing, lambda: self.admission.admit_acquire(host))
         self.admission.open_stream(host)  # from here on, closed in the finally below
         self._inboxes.add(session.inbox)
-        reader = asyncio.create_task(_pump(request_iterator, session.inbox))
+        credit = asyncio.Semaphore(READ_AHEAD)
+        reader = asyncio.create_task(_pump(request_iterator, session.inbox, credit))
         idle = self.admission.limits.stream_idle_seconds
         loop = asyncio.get_running_loop()
         idle_at = loop.time() + idle
@@ -108,6 +120,8 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     raise item
                 async for response in session.handle(item):
                     yield response
+                if isinstance(item, pb.LeaseRequest):
+                    credit.release()
                 if session.finished:
                     return
         finally:

@@ -25,6 +25,7 @@ from services.license_server.domain import ledger, pools
 from services.license_server.domain.errors import (
     CertificateForAnotherHost,
     CertificateMismatch,
+    CertificateReturned,
     RequestIdReused,
     RequestNotPreparedHere,
     TrustedStorageBroken,
@@ -402,6 +403,14 @@ class TrustedStorage:
                 raise CertificateMismatch("the certificate does not match the request it answers")
             existing = await repo.get_certificate_for_request(pending.request_id)
             if existing is not None:
+                if existing.returned_at is not None:
+                    # An old answer replayed after the return: "already installed" would
+                    # tell the caller the returned seats serve again.
+                    raise CertificateReturned(
+                        f"certificate {existing.certificate_id} answering request "
+                        f"{request_id!r} was returned to the vendor; activate anew",
+                        metadata={"certificate_id": existing.certificate_id},
+                    )
                 return Installed(certificate_of(existing), existing, already_installed=True)
             seal_row = await self.require_sound(repo)
             stored = stored_from(certificate, response.certificate, now)
