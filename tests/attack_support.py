@@ -9,6 +9,7 @@ three databases hold (read-only), so a test can prove that a refused call change
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import sqlite3
@@ -59,14 +60,50 @@ class Service:
         return self.url or f"sqlite+aiosqlite:///{self.database}"
 
     def token(self) -> str:
-        """The bearer token the service created in its data directory ('' if none)."""
-        for path in sorted(self.data_dir.glob("*-token")):
-            return path.read_text().strip()
+        """The bearer token the service created in its data directory for its operator or
+        vendor staff ('' if none)."""
+        for name in ("operator-token", "vendor-token"):
+            path = self.data_dir / name
+            if path.exists():
+                return path.read_text().strip()
         return ""
 
     def credentials(self) -> tuple[tuple[str, str], ...]:
         token = self.token()
         return bearer_metadata(token) if token else ()
+
+
+class _Details(
+    collections.namedtuple(
+        "_Details",
+        ["method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"],
+    ),
+    grpc.ClientCallDetails,
+):
+    """Call details with other metadata (grpc.ClientCallDetails has no constructor)."""
+
+
+class _DefaultCredential(grpc.UnaryUnaryClientInterceptor):
+    """Adds a service's token to unary calls that carry no authorization."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata += self.service.credentials()
+        return continuation(
+            _Details(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                details.wait_for_ready,
+                getattr(details, "compression", None),
+            ),
+            request,
+        )
 
 
 class RealSite:
@@ -94,7 +131,12 @@ class RealSite:
         administrator = Service(
             "admin", "services.administrator", free_port(),
             root / "admin", root / "admin.db",
-            ["--activation-server", activation.target],
+            [
+                "--activation-server", activation.target,
+                # The License Server's administrator-token (read at each connection).
+                "--license-server-token-file",
+                str(license_server.data_dir / "administrator-token"),
+            ],
         )  # fmt: skip
         self.services = {s.name: s for s in (activation, license_server, administrator)}
 
@@ -184,9 +226,14 @@ class RealSite:
         assert channel is not None, f"{name} is not running"
         return channel
 
+    def credentialed(self, name: str) -> grpc.Channel:
+        """``channel(name)``, presenting the service's operator or vendor-staff token on
+        every unary call that carries no credential of its own."""
+        return grpc.intercept_channel(self.channel(name), _DefaultCredential(self[name]))
+
     @property
     def vendor(self) -> apb_grpc.VendorServiceStub:
-        return apb_grpc.VendorServiceStub(self.channel("activation"))
+        return apb_grpc.VendorServiceStub(self.credentialed("activation"))
 
     @property
     def activation_service(self) -> apb_grpc.ActivationServiceStub:
@@ -198,15 +245,15 @@ class RealSite:
 
     @property
     def lease_admin(self) -> lpb_grpc.LeaseAdminServiceStub:
-        return lpb_grpc.LeaseAdminServiceStub(self.channel("license"))
+        return lpb_grpc.LeaseAdminServiceStub(self.credentialed("license"))
 
     @property
     def trusted_storage(self) -> lpb_grpc.TrustedStorageServiceStub:
-        return lpb_grpc.TrustedStorageServiceStub(self.channel("license"))
+        return lpb_grpc.TrustedStorageServiceStub(self.credentialed("license"))
 
     @property
     def administrator(self) -> admin_pb2_grpc.AdministratorServiceStub:
-        return admin_pb2_grpc.AdministratorServiceStub(self.channel("admin"))
+        return admin_pb2_grpc.AdministratorServiceStub(self.credentialed("admin"))
 
     @property
     def license_address(self) -> str:
