@@ -86,8 +86,11 @@ class Site:
         return server
 
     async def stop(self, server: ls_server.LicenseServer) -> None:
+        """A graceful stop, as SIGTERM does: open streams are told SERVER_SHUTTING_DOWN
+        and end at once, so the grace period is never waited out. (With no grace at all,
+        grpc may cancel a stream before its goodbye goes out.)"""
         self.servers.remove(server)
-        await server.stop(0)
+        await server.stop(5)
 
     def leases(self, port: int) -> pb_grpc.LeaseServiceAsyncStub:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
