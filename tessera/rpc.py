@@ -226,12 +226,29 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+def _refusing(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:
+            raise MalformedRequest(
+                "a message on the stream does not parse as the request message"
+            ) from error
+
+    return deserialize
+
+
 class MalformedRequestGuard(grpc.aio.ServerInterceptor):
     """Turns request bytes that do not parse into INVALID_ARGUMENT / MALFORMED_REQUEST.
 
     Left alone, grpcio answers UNKNOWN with a Python exception name. The guard wraps each
-    method's deserializer once (cached per method) so a bad message reaches the handler
-    as a marker, and the call ends with a clear status before any servicer code runs.
+    method's deserializer once (cached per method): a unary request that does not parse
+    reaches the handler as a marker, and the call ends with a clear status before any
+    servicer code runs; a stream message that does not parse raises MalformedRequest
+    where the handler reads it, for the handler's error table to answer.
     """
 
     def __init__(self, domain: str) -> None:
@@ -281,25 +298,12 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
-            stream: Any = handler.stream_stream
-
-            async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-                async for request in requests:
-                    if isinstance(request, _Undecodable):
-                        raise MalformedRequest(
-                            "a message on the stream does not parse as the request message"
-                        )
-                    yield request
-
-            async def guarded_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                async for response in stream(checked(requests), context):
-                    yield response
-
+            # On a stream the deserializer runs inside the handler's own read of the next
+            # message, so it can raise the refusal there: the handler's error table turns
+            # it into the status, and no wrapper sits between each message and the handler.
             return grpc.stream_stream_rpc_method_handler(
-                guarded_stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                handler.stream_stream,
+                request_deserializer=_refusing(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -1159,6 +1159,33 @@ async def test_lease_stream_refuses_bad_messages(site: Site, subtests: pytest.Su
                 )
 
 
+async def test_lease_stream_refuses_bytes_that_do_not_parse(
+    site: Site, subtests: pytest.Subtests
+) -> None:
+    """Bytes that are not a LeaseRequest, first or after a grant, end the stream with
+    INVALID_ARGUMENT / MALFORMED_REQUEST (not grpc's UNKNOWN); a lease granted before is
+    kept, as with any other refusal."""
+    await activate(site, seats=2)
+    garbage = b"\xff\xff\xff\xff"  # a field with an invalid wire type
+    for case, first in (("first message", None), ("after a grant", acquire())):
+        with subtests.test(case):
+            stream = site.channel(site.license.port).stream_stream(
+                "/tessera.license.v1.LeaseService/Lease",
+                request_serializer=None,
+                response_deserializer=lpb.LeaseResponse.FromString,
+            )()
+            if first is not None:
+                await stream.write(lpb.LeaseRequest(acquire=first).SerializeToString())
+                granted = (await stream.read()).granted
+                assert granted.lease_id
+            await stream.write(garbage)
+            await expect(stream.read(), Code.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+            if first is not None:
+                assert await site.leases.Checkin(
+                    lpb.CheckinRequest(lease_id=granted.lease_id, lease_secret=granted.lease_secret)
+                )
+
+
 # request -> code, reason (2 seats of client.station are activated)
 CHECKOUT_CASES: dict[str, tuple[lpb.CheckoutRequest, Code, str]] = {
     "no-acquire": (lpb.CheckoutRequest(), Code.INVALID_ARGUMENT, "INVALID_INPUT"),
