@@ -11,41 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from tessera.errors import CallDeadlineExceeded
-from tessera.rpc import abort, rich_status
+from tessera.rpc import HandlerWrapper, abort, rich_status
 
 log = logging.getLogger(__name__)
 
 
-class CallDeadline(grpc.aio.ServerInterceptor):
+class CallDeadline(HandlerWrapper):
     """Cancels a unary call after ``seconds`` (0: never)."""
 
     def __init__(self, seconds: float, domain: str) -> None:
+        super().__init__()
         self.seconds = seconds
         self.domain = domain
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method: str = handler_call_details.method
-        if method in self._handlers:
-            return self._handlers[method]
-        handler = await continuation(handler_call_details)
-        bounded = self._bound(method, handler)
-        self._handlers[method] = bounded
-        return bounded
-
-    def _bound(
+    def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any] | None
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if handler is None or handler.unary_unary is None or self.seconds <= 0:

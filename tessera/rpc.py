@@ -241,18 +241,12 @@ def _refusing(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-class MalformedRequestGuard(grpc.aio.ServerInterceptor):
-    """Turns request bytes that do not parse into INVALID_ARGUMENT / MALFORMED_REQUEST.
+class HandlerWrapper(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once and reuses the wrapper:
+    what lies behind it must not vary per call (put it last, or behind only others of
+    its kind). Subclasses say how a handler is wrapped."""
 
-    Left alone, grpcio answers UNKNOWN with a Python exception name. The guard wraps each
-    method's deserializer once (cached per method): a unary request that does not parse
-    reaches the handler as a marker, and the call ends with a clear status before any
-    servicer code runs; a stream message that does not parse raises MalformedRequest
-    where the handler reads it, for the handler's error table to answer.
-    """
-
-    def __init__(self, domain: str) -> None:
-        self.domain = domain
+    def __init__(self) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
     async def intercept_service(
@@ -265,13 +259,32 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if method in self._handlers:
             return self._handlers[method]
-        handler = await continuation(handler_call_details)
-        guarded = self._guard(handler)
-        self._handlers[method] = guarded
-        return guarded
+        wrapped = self.wrap(method, await continuation(handler_call_details))
+        self._handlers[method] = wrapped
+        return wrapped
 
-    def _guard(
-        self, handler: grpc.RpcMethodHandler[Any, Any] | None
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any] | None
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        raise NotImplementedError
+
+
+class MalformedRequestGuard(HandlerWrapper):
+    """Turns request bytes that do not parse into INVALID_ARGUMENT / MALFORMED_REQUEST.
+
+    Left alone, grpcio answers UNKNOWN with a Python exception name. The guard wraps each
+    method's deserializer once (cached per method): a unary request that does not parse
+    reaches the handler as a marker, and the call ends with a clear status before any
+    servicer code runs; a stream message that does not parse raises MalformedRequest
+    where the handler reads it, for the handler's error table to answer.
+    """
+
+    def __init__(self, domain: str) -> None:
+        super().__init__()
+        self.domain = domain
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any] | None
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if handler is None:
             return None
