@@ -500,6 +500,28 @@ async def test_a_checkout_given_up_while_its_batch_waits_takes_nothing(leasing: 
     assert await leasing.release(kept.lease.lease_id, kept.secret) is True
 
 
+async def test_a_committer_stopped_mid_batch_leaves_no_caller_waiting(leasing: Leasing) -> None:
+    """The event loop cancels the committer (the server stops) while a batch waits for
+    the pool: its callers and those queued behind it are cancelled, not left hanging."""
+    await seed(leasing, 3)
+    async with leasing.store.transaction() as repo:
+        await repo.lock_pool(FEATURE)
+        first = asyncio.create_task(leasing.acquire(new_lease(client="ws-1")))
+        # Yield (no timed wait) until the committer has taken the call into its batch.
+        while not leasing.group_commit.calls_in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        behind = asyncio.create_task(leasing.acquire(new_lease(client="ws-2")))
+        await asyncio.sleep(0)  # queued behind the batch in flight
+        committer = leasing.group_commit._committer
+        assert committer is not None
+        committer.cancel()
+        for caller in (first, behind):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(caller, 10)
+    assert (await pool(leasing)).used == 0
+    assert isinstance(await leasing.acquire(new_lease()), Grant)  # a new committer starts
+
+
 async def read_only(engine: AsyncEngine, on: bool) -> None:
     """Make the License Server's database refuse writes (or take them again)."""
     if engine.dialect.name == "sqlite":  # the pool's one connection, outside a transaction

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from services.license_server.domain.seats import new_lease, refusal, secret_hash
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError
+
+log = logging.getLogger(__name__)
 
 # Calls of each kind (checkouts, check-ins, resumes) one transaction serves at most;
 # bounds its statements' size.
@@ -77,7 +80,8 @@ class _Outcome:
 
 
 class GroupCommit:
-    """Batches the checkouts and check-ins of this process into shared transactions."""
+    """Batches the checkouts, check-ins and resumes of this process into shared
+    transactions."""
 
     def __init__(
         self,
@@ -148,6 +152,13 @@ class GroupCommit:
                     if not done.done():
                         done.set_exception(error)
                 continue
+            except BaseException:  # cancelled (the loop stops): nobody waits forever
+                callers += [c.done for c in self._checkouts]
+                callers += [c.done for c in self._checkins]
+                callers += [r.done for r in self._resumes]
+                for done in callers:
+                    done.cancel()
+                raise
             finally:
                 self.calls_in_flight = 0
             self.transactions += 1
@@ -161,7 +172,10 @@ class GroupCommit:
                 else:
                     done.set_result(answer)
             for event in outcome.events:
-                self.publish(event)
+                try:
+                    self.publish(event)
+                except Exception:  # a listener's fault must not stop the committer
+                    log.exception("publishing %r failed", event)
 
     async def _commit(
         self, checkouts: list[_Checkout], checkins: list[_Checkin], resumes: list[_Resume]
