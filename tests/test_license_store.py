@@ -7,6 +7,7 @@ transaction), so these tests exercise seat counting, not signatures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +30,7 @@ from services.license_server.domain.errors import (
 from services.license_server.domain.leasing import LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
 from services.license_server.server import MIGRATIONS
-from services.license_server.store.repository import LicenseStore
+from services.license_server.store.repository import LicenseStore, Repository
 from services.license_server.store.tables import leases
 from tessera.storage import create_engine, migrate
 from tests.conftest import DatabaseFactory, FakeClock
@@ -520,6 +521,43 @@ async def test_a_committer_stopped_mid_batch_leaves_no_caller_waiting(leasing: L
                 await asyncio.wait_for(caller, 10)
     assert (await pool(leasing)).used == 0
     assert isinstance(await leasing.acquire(new_lease()), Grant)  # a new committer starts
+
+
+async def test_batches_on_two_replicas_never_deadlock_over_two_pools(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each replica's batch asks for two features' seats, the calls arriving in opposite
+    orders; each batch pauses after its first pool row (for at most 2 s) so the two
+    overlap. Pool rows are taken in one order, so neither waits on the other in a cycle,
+    and every call is granted."""
+    one, two = await replicas(2)
+    await seed(one, 5, "feat.x")
+    await seed(one, 5, "feat.y")
+    take_seats = Repository.take_seats
+    both_hold_one = asyncio.Barrier(2)
+    taken: dict[int, int] = {}
+
+    async def take_then_meet(
+        self: Repository, feature: str, count: int, now: dt.datetime, ticket: int | None = None
+    ) -> bool:
+        took = await take_seats(self, feature, count, now, ticket)
+        taken[id(self)] = taken.get(id(self), 0) + 1
+        if taken[id(self)] == 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(both_hold_one.wait(), 2)
+        return took
+
+    monkeypatch.setattr(Repository, "take_seats", take_then_meet)
+    results = await asyncio.gather(
+        one.acquire(new_lease(feature="feat.x", client="a1")),
+        one.acquire(new_lease(feature="feat.y", client="a2")),
+        two.acquire(new_lease(feature="feat.y", client="b1")),
+        two.acquire(new_lease(feature="feat.x", client="b2")),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Grant) for r in results), results
+    assert (await pool(one, "feat.x")).used == 2
+    assert (await pool(one, "feat.y")).used == 2
 
 
 async def read_only(engine: AsyncEngine, on: bool) -> None:

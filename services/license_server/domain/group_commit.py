@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from services.license_server.domain.errors import LeaseNotFound
 from services.license_server.domain.events import LeaseEvent, LeaseResumed, SeatsFreed
 from services.license_server.domain.metrics import LeaseMetrics
@@ -44,6 +46,12 @@ from tessera.clock import Clock
 from tessera.errors import DomainError
 
 log = logging.getLogger(__name__)
+
+# Times a batch is tried again after PostgreSQL rolled it back for a deadlock or a
+# serialization failure with another replica's transaction.
+RETRIES_ON_CONFLICT = 3
+# SQLSTATEs of those two.
+CONFLICTS = frozenset({"40P01", "40001"})
 
 # Calls of each kind (checkouts, check-ins, resumes) one transaction serves at most;
 # bounds its statements' size.
@@ -146,7 +154,7 @@ class GroupCommit:
                 continue
             self.calls_in_flight = len(callers)
             try:
-                outcome = await self._commit(checkouts, checkins, resumes)
+                outcome = await self._commit_retrying(checkouts, checkins, resumes)
             except Exception as error:  # nothing of the batch was written
                 for done in callers:
                     if not done.done():
@@ -176,6 +184,24 @@ class GroupCommit:
                     self.publish(event)
                 except Exception:  # a listener's fault must not stop the committer
                     log.exception("publishing %r failed", event)
+
+    async def _commit_retrying(
+        self, checkouts: list[_Checkout], checkins: list[_Checkin], resumes: list[_Resume]
+    ) -> _Outcome:
+        """``_commit``, again (a few times) when PostgreSQL chose this batch's transaction
+        to break a deadlock with another replica's, or to keep serializability: it was
+        rolled back whole, so doing it again is doing it once."""
+        for attempt in range(RETRIES_ON_CONFLICT + 1):
+            try:
+                return await self._commit(checkouts, checkins, resumes)
+            except DBAPIError as error:
+                if attempt == RETRIES_ON_CONFLICT or not _conflict(error):
+                    raise
+                log.info(
+                    "batch of %d calls rolled back by a conflict; retrying",
+                    len(checkouts) + len(checkins) + len(resumes),
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _commit(
         self, checkouts: list[_Checkout], checkins: list[_Checkin], resumes: list[_Resume]
@@ -252,7 +278,9 @@ class GroupCommit:
             by_feature.setdefault(checkout.new.feature, []).append(checkout)
         granted: list[_Checkout] = []
         refused: list[_Checkout] = []
-        for feature, asking in by_feature.items():
+        # Pool rows in one order (by feature) in every batch, on every replica: two
+        # batches never wait for each other's rows the other way round.
+        for feature, asking in sorted(by_feature.items()):
             # Optimistic: usually every checkout fits, and one UPDATE grants them all.
             if await repo.take_seats(feature, sum(c.new.count for c in asking), now):
                 granted += asking
@@ -280,13 +308,15 @@ class GroupCommit:
                     refused.append(checkout)
         # A caller that gave up while the batch waited (its deadline passed, its client
         # went away) gets nothing: its seats go back before any lease is written.
+        # Split once: a caller that gives up during the give-back is judged with the kept
+        # ones (its lease is written and held until its TTL), never half of each.
         gone = [checkout for checkout in granted if checkout.done.done()]
         if gone:
+            granted = [checkout for checkout in granted if checkout not in gone]
             seats: Counter[str] = Counter()
             for checkout in gone:
                 seats[checkout.new.feature] += checkout.new.count
             await repo.give_back_seats(seats)
-            granted = [checkout for checkout in granted if not checkout.done.done()]
         leases = [(checkout, new_lease(checkout.new, checkout.ttl, now)) for checkout in granted]
         if leases:
             await repo.insert_leases([(lease, secret_hash(key)) for _, (lease, key) in leases])
@@ -295,6 +325,10 @@ class GroupCommit:
         for checkout in refused:
             reason: DomainError = await refusal(repo, checkout.new, now)
             outcome.answers.append((checkout.done, reason))
+
+
+def _conflict(error: DBAPIError) -> bool:
+    return getattr(error.orig, "sqlstate", None) in CONFLICTS
 
 
 T = TypeVar("T", _Checkout, _Checkin, _Resume)

@@ -317,7 +317,7 @@ class Repository:
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def give_back_seats(self, seats: Counter[str]) -> None:
-        for feature, count in seats.items():
+        for feature, count in sorted(seats.items()):  # rows in one order: no deadlocks
             await self.session.execute(
                 update(pools).where(pools.c.feature == feature).values(used=pools.c.used - count)
             )
