@@ -27,6 +27,7 @@ from services.license_server.domain.errors import (
     NoSeatAvailable,
     StaleLeaseEpoch,
 )
+from services.license_server.domain.events import LeaseResumed
 from services.license_server.domain.leasing import LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
 from services.license_server.server import MIGRATIONS
@@ -429,8 +430,9 @@ async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
     leasing: Leasing, clock: FakeClock
 ) -> None:
     """Three leases resumed at once, one of them twice, plus a wrong secret and an expired
-    lease: one transaction; each resume raises its own lease's epoch (the repeat twice),
-    and the refused ones are told why."""
+    lease: one transaction; each resume raises its own lease's epoch (the repeat twice:
+    the earlier of the two is answered as fenced out, since its stream could not yet
+    listen for the repeat's event), and the refused ones are told why."""
     await seed(leasing, 5)
     grants = [await leasing.acquire(new_lease(client=f"ws-{i}")) for i in range(3)]
     stale = await leasing.acquire(new_lease(client="ws-stale"), ttl_seconds=5)
@@ -444,9 +446,10 @@ async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
         return_exceptions=True,
     )
     assert leasing.group_commit.transactions == before + 1
-    resumed = [r for r in results[:4] if isinstance(r, Grant)]
-    assert len(resumed) == 4 and all(g.resumed for g in resumed)
-    assert [g.lease.epoch for g in resumed] == [2, 2, 2, 3]
+    assert isinstance(results[0], StaleLeaseEpoch)
+    resumed = [r for r in results[1:4] if isinstance(r, Grant)]
+    assert len(resumed) == 3 and all(g.resumed for g in resumed)
+    assert [g.lease.epoch for g in resumed] == [2, 2, 3]
     assert all(g.lease.expires_at == clock.now() + dt.timedelta(seconds=TTL) for g in resumed)
     assert isinstance(results[4], LeaseNotFound)
     assert isinstance(results[5], LeaseExpired)
@@ -456,6 +459,23 @@ async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
     assert await leasing.heartbeat(grants[0].lease.lease_id, grants[0].secret, epoch=3)
     assert (await pool(leasing)).used == 4
     assert await held_seats(leasing) == 4
+
+
+async def test_a_heartbeat_flush_fences_a_stream_that_missed_its_resume_event(
+    leasing: Leasing,
+) -> None:
+    """A stream beats for epoch 1 of a lease another stream (or replica) has resumed to
+    epoch 2, its LeaseResumed event having gone out before it listened: the next flush
+    extends the lease and tells the lease's listeners epoch 2 again, which fences the
+    stale stream (and leaves the current holder alone)."""
+    await seed(leasing, 1)
+    grant = await leasing.acquire(new_lease())
+    await leasing.resume(grant.lease.lease_id, grant.secret)  # epoch 2, elsewhere
+    heard: list[object] = []
+    leasing.bus.watch_lease(grant.lease.lease_id, heard.append)
+    leasing.heartbeats.beat(grant.lease)  # the stale stream, still at epoch 1
+    assert await leasing.heartbeats.flush() == 1
+    assert heard == [LeaseResumed(grant.lease.lease_id, 2)]
 
 
 async def test_check_ins_do_not_wait_behind_a_backlog_of_checkouts(leasing: Leasing) -> None:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from services.license_server.domain.errors import LeaseNotFound
+from services.license_server.domain.errors import LeaseNotFound, StaleLeaseEpoch
 from services.license_server.domain.events import LeaseEvent, LeaseResumed, SeatsFreed
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import Lease, NewLease
@@ -224,18 +224,27 @@ class GroupCommit:
         bumped = await repo.bump_epochs(
             [(r.lease_id, hashed) for r, hashed in zip(resumes, hashes, strict=True)], now
         )
-        answered: set[tuple[str, bytes]] = set()
+        # lease id -> where in the answers its latest resume of this batch is
+        latest: dict[str, int] = {}
         events: list[LeaseEvent] = []
         for resume, hashed in zip(resumes, hashes, strict=True):
             pair = (resume.lease_id, hashed)
-            lease = bumped.get(pair) if pair not in answered else None
-            answered.add(pair)
+            lease = bumped.get(pair) if resume.lease_id not in latest else None
             if lease is None:  # a repeat within the batch resumes again, as it would alone
                 lease = await repo.bump_epoch(resume.lease_id, hashed, now)
             if lease is None:
                 reason = await unusable(repo, resume.lease_id, hashed, None, now)
                 outcome.answers.append((resume.done, reason))
                 continue
+            if resume.lease_id in latest:
+                # The earlier resume of this batch is fenced out before its stream could
+                # listen for it: it hears so as its answer, not as an event it would miss.
+                earlier = latest[resume.lease_id]
+                outcome.answers[earlier] = (
+                    outcome.answers[earlier][0],
+                    StaleLeaseEpoch("the lease was resumed by another stream"),
+                )
+            latest[resume.lease_id] = len(outcome.answers)
             outcome.answers.append((resume.done, lease))
             events.append(LeaseResumed(lease.lease_id, lease.epoch))
         await repo.announce_all(events)

@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 from collections import defaultdict
 
-from services.license_server.domain.events import LeaseBus, LeaseEnded
+from services.license_server.domain.events import LeaseBus, LeaseEnded, LeaseResumed
 from services.license_server.domain.model import Lease
 from services.license_server.store.repository import LicenseStore
 from tessera.clock import Clock
@@ -41,13 +41,16 @@ class HeartbeatBatcher:
         self.clock = clock
         self.flush_interval = flush_interval
         # lease id -> (ttl seconds, epoch) of the streams that beat since the last flush
+        # (the oldest epoch, when two streams of one lease beat: the older is fenced out)
         self._pending: dict[str, tuple[int, int]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def beat(self, lease: Lease) -> dt.datetime:
         """Record a heartbeat for a lease the caller holds; returns the new expiry."""
         now = self.clock.now()
-        self._pending[lease.lease_id] = (lease.ttl_seconds, lease.epoch)
+        before = self._pending.get(lease.lease_id)
+        epoch = lease.epoch if before is None else min(before[1], lease.epoch)
+        self._pending[lease.lease_id] = (lease.ttl_seconds, epoch)
         return now + dt.timedelta(seconds=lease.ttl_seconds)
 
     def start(self) -> None:
@@ -70,16 +73,22 @@ class HeartbeatBatcher:
         for lease_id, (ttl, _epoch) in pending.items():
             by_ttl[ttl].append(lease_id)
         now = self.clock.now()
-        extended: set[str] = set()
+        extended: dict[str, int] = {}
         for ttl, lease_ids in by_ttl.items():
             for start in range(0, len(lease_ids), FLUSH_BATCH):
                 chunk = lease_ids[start : start + FLUSH_BATCH]
                 async with self.store.transaction() as repo:
                     extended |= await repo.extend_leases(chunk, now, ttl)
-        for lease_id in pending.keys() - extended:
-            self.bus.publish(
-                LeaseEnded(lease_id, LEASE_NOT_HELD, "the lease is no longer held here")
-            )
+        for lease_id, (_ttl, epoch) in pending.items():
+            held_epoch = extended.get(lease_id)
+            if held_epoch is None:
+                self.bus.publish(
+                    LeaseEnded(lease_id, LEASE_NOT_HELD, "the lease is no longer held here")
+                )
+            elif held_epoch > epoch:
+                # A stream beat for an epoch a resume has since fenced out (the resume's own
+                # event may have gone out before that stream listened): tell it again.
+                self.bus.publish(LeaseResumed(lease_id, held_epoch))
         return len(extended)
 
     async def _flush_forever(self) -> None:

@@ -472,15 +472,16 @@ class Repository:
 
     async def extend_leases(
         self, lease_ids: list[str], now: dt.datetime, ttl_seconds: int
-    ) -> set[str]:
-        """Extend many held leases of one TTL in one statement; the ids still held."""
+    ) -> dict[str, int]:
+        """Extend many held leases of one TTL in one statement; the epoch of each id still
+        held."""
         rows = await self.session.execute(
             update(leases)
             .where(leases.c.lease_id.in_(lease_ids), leases.c.released_at.is_(None))
             .values(last_heartbeat_at=now, expires_at=now + dt.timedelta(seconds=ttl_seconds))
-            .returning(leases.c.lease_id)
+            .returning(leases.c.lease_id, leases.c.epoch)
         )
-        return set(rows.scalars())
+        return {lease_id: epoch for lease_id, epoch in rows.all()}
 
     async def bump_epoch(self, lease_id: str, secret_hash: bytes, now: dt.datetime) -> Lease | None:
         """Fence out older streams of a held, unexpired lease and extend it (resume)."""
