@@ -225,7 +225,7 @@ class Lease(License):
         targets = self._settings.targets_from(self.server)
         if self._exit_record is None:
             self._exit_record = shutdown.HeldLease(
-                self.lease_id, self._secret, targets, self._settings.metadata
+                self.lease_id, self._secret, targets, self._settings.metadata, self._settings.tls
             )
             shutdown.hold(self._exit_record)
         else:

@@ -22,6 +22,7 @@ import grpc
 
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
+from tessera.tls import ClientTls, open_sync_channel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class HeldLease:
     targets: list[str] = field(default_factory=list)
     # The site token's call metadata, when the License Server requires one.
     metadata: tuple[tuple[str, str], ...] = ()
+    # How the lease's License Servers are dialled (None: plaintext).
+    tls: ClientTls | None = None
 
 
 _held: dict[str, HeldLease] = {}
@@ -75,7 +78,12 @@ def check_in_now(lease: HeldLease, timeout: float = EXIT_TIMEOUT) -> bool:
     """Synchronous Checkin on the lease's targets in order; True once one answers."""
     request = pb.CheckinRequest(lease_id=lease.lease_id, lease_secret=lease.secret)
     for target in lease.targets:
-        with grpc.insecure_channel(target) as channel:
+        try:
+            channel = open_sync_channel(target, lease.tls)
+        except (OSError, ValueError) as error:  # e.g. a TLS file gone since start
+            log.warning("cannot dial %s to check lease %s in: %s", target, lease.lease_id, error)
+            continue
+        with channel:
             try:
                 pb_grpc.LeaseServiceStub(channel).Checkin(
                     request, timeout=timeout, metadata=lease.metadata

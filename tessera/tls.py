@@ -149,6 +149,13 @@ def open_channel(
     return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
 
 
+def open_sync_channel(target: str, tls: ClientTls | None) -> grpc.Channel:
+    """``open_channel`` for code without an event loop (a check-in at interpreter exit)."""
+    if tls is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, tls.credentials(), options=tls.options())
+
+
 def listen_host(listen: str) -> str:
     """The host part of ``host:port`` (``[::1]:27000`` -> ``::1``; ``:27000`` -> ``''``)."""
     host, _, _ = listen.rpartition(":")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from clients import ClientTls, LicenseClient, LicenseServerUnreachable
 from services.administrator.config import load_settings as admin_settings
@@ -38,6 +39,7 @@ from tessera.tls import (
     check_plaintext,
     is_loopback,
     open_channel,
+    open_sync_channel,
 )
 from tessera_cli.app import App
 from tessera_cli.failures import UsageError
@@ -161,6 +163,32 @@ async def test_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(pki: P
         assert not await is_serving(target, tls=pki.anonymous)
         assert not await is_serving(target, tls=pki.stranger)
         assert not await is_serving(target)
+    finally:
+        await endpoint.stop(0)
+
+
+def _sync_health(target: str, tls: ClientTls | None) -> bool:
+    with open_sync_channel(target, tls) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            reply = check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_the_check_in_at_exit_dials_with_the_clients_tls(pki: Pki) -> None:
+    """The atexit check-in has no event loop: its synchronous channel (a lease's exit
+    record keeps the client's TLS) reaches a mutual-TLS License Server, where a plaintext
+    one would not."""
+    endpoint, target = await serving_endpoint(pki.mutual)
+    try:
+        assert await asyncio.to_thread(_sync_health, target, pki.client)
+        assert not await asyncio.to_thread(_sync_health, target, None)
     finally:
         await endpoint.stop(0)
 
