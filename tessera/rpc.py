@@ -241,6 +241,21 @@ def _refusing(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+def _answering_malformed(stream: Any, malformed: grpc.Status) -> Any:
+    """A stream behaviour that answers MalformedRequest from its reads with ``malformed``."""
+
+    async def answered(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for response in stream(requests, context):
+                yield response
+        except MalformedRequest:
+            await abort(context, malformed)
+
+    return answered
+
+
 class HandlerWrapper(grpc.aio.ServerInterceptor):
     """An interceptor that wraps each method's handler once and reuses the wrapper:
     what lies behind it must not vary per call (put it last, or behind only others of
@@ -312,10 +327,14 @@ class MalformedRequestGuard(HandlerWrapper):
             )
         if handler.stream_stream is not None:
             # On a stream the deserializer runs inside the handler's own read of the next
-            # message, so it can raise the refusal there: the handler's error table turns
-            # it into the status, and no wrapper sits between each message and the handler.
+            # message, so it can raise the refusal there: our handlers' error tables turn
+            # it into the status, with no wrapper between each message and the handler.
+            # Others' streams (server reflection) have no error table: a wrapper answers.
+            stream: Any = handler.stream_stream
+            if not method.startswith("/tessera."):
+                stream = _answering_malformed(stream, malformed)
             return grpc.stream_stream_rpc_method_handler(
-                handler.stream_stream,
+                stream,
                 request_deserializer=_refusing(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )

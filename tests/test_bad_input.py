@@ -1186,6 +1186,18 @@ async def test_lease_stream_refuses_bytes_that_do_not_parse(
                 )
 
 
+async def test_reflection_refuses_bytes_that_do_not_parse(site: Site) -> None:
+    """Server reflection (grpc's servicer, no error table of ours) answers an unparsable
+    message INVALID_ARGUMENT / MALFORMED_REQUEST too, not UNKNOWN with an exception name."""
+    stream = site.channel(site.license.port).stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=None,
+        response_deserializer=None,
+    )()
+    await stream.write(b"\xff\xff\xff\xff")
+    await expect(stream.read(), Code.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
 # request -> code, reason (2 seats of client.station are activated)
 CHECKOUT_CASES: dict[str, tuple[lpb.CheckoutRequest, Code, str]] = {
     "no-acquire": (lpb.CheckoutRequest(), Code.INVALID_ARGUMENT, "INVALID_INPUT"),
