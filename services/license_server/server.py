@@ -72,6 +72,7 @@ class LicenseServer:
             self.lease_servicer.close_streams()
 
         await self.endpoint.stop(grace, before_grace=tell_streams)
+        await self.leasing.group_commit.drain()
         await self.leasing.heartbeats.stop()
         self.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):

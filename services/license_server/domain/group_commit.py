@@ -27,6 +27,7 @@ The invariants hold as they do call by call:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections import Counter
@@ -136,6 +137,14 @@ class GroupCommit:
         self._resumes.append(_Resume(lease_id, secret, done))
         self._start()
         return await done
+
+    async def drain(self) -> None:
+        """Wait until the batch committing now and those queued behind it are done (a
+        graceful stop, before the database closes)."""
+        committer = self._committer
+        if committer is not None and not committer.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
 
     def _start(self) -> None:
         if self._committer is None or self._committer.done():
