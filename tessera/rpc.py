@@ -213,7 +213,11 @@ class _Undecodable:
         self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _parsing(
+    deserializer: Callable[[bytes], Any] | None, unparsable: Callable[[Exception], Any]
+) -> Callable[[bytes], Any] | None:
+    """``deserializer``, with bytes that do not parse handed to ``unparsable`` (which
+    returns a stand-in or raises)."""
     if deserializer is None:
         return None
 
@@ -221,24 +225,15 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
         try:
             return deserializer(data)
         except Exception as error:
-            return _Undecodable(error)
+            return unparsable(error)
 
     return deserialize
 
 
-def _refusing(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as error:
-            raise MalformedRequest(
-                "a message on the stream does not parse as the request message"
-            ) from error
-
-    return deserialize
+def _refuse_stream_message(error: Exception) -> Any:
+    raise MalformedRequest(
+        "a message on the stream does not parse as the request message"
+    ) from error
 
 
 def _answering_malformed(stream: Any, malformed: grpc.Status) -> Any:
@@ -322,7 +317,7 @@ class MalformedRequestGuard(HandlerWrapper):
 
             return grpc.unary_unary_rpc_method_handler(
                 guarded_unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_parsing(handler.request_deserializer, _Undecodable),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
@@ -335,7 +330,7 @@ class MalformedRequestGuard(HandlerWrapper):
                 stream = _answering_malformed(stream, malformed)
             return grpc.stream_stream_rpc_method_handler(
                 stream,
-                request_deserializer=_refusing(handler.request_deserializer),
+                request_deserializer=_parsing(handler.request_deserializer, _refuse_stream_message),
                 response_serializer=handler.response_serializer,
             )
         return handler
