@@ -15,6 +15,7 @@ configuration or a private key file others can read stops it before it serves.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -158,6 +159,23 @@ async def is_serving(target: str, deadline: float = 1.0, tls: ClientTls | None =
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+# Net allocations between two collections of the youngest generation (CPython's default
+# is 700). A server allocates a few dozen objects per call, and a License Server holding
+# 20,000 leases has a million long-lived objects that each older-generation collection
+# walks: at the default, collection took a sixth of the heartbeat CPU and put 1.5 s
+# pauses into the p99 (docs/performance.md). Garbage in cycles waits a little longer.
+YOUNG_COLLECTION_THRESHOLD = 20_000
+
+
+def tune_garbage_collection() -> None:
+    """Once a service is built: move what start-up made (modules, tables, handlers) out
+    of the collector's sight for good, and collect the youngest generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
+
+
 class _Settings(Protocol):
     @property
     def common(self) -> CommonSettings: ...
@@ -189,6 +207,7 @@ def run_service(
         except REFUSALS as refusal:
             log.error("refusing to start: %s", refusal)
             return 2
+        tune_garbage_collection()
         await wait_for_stop_signal()
         await service.stop(settings.common.shutdown_grace)
         return 0

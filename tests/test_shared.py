@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import stat
 from pathlib import Path
@@ -38,6 +39,7 @@ from tessera.keys import (
     read_vendor_public_keys,
     vendor_key_id,
 )
+from tessera.serving import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
 
 # IDs
 
@@ -389,3 +391,14 @@ def test_read_vendor_public_keys_skips_missing_files_and_comments(tmp_path: Path
     trusted = read_vendor_public_keys([tmp_path / "missing.pub", keys, tmp_path / "gone.pub"])
     assert trusted == {vendor_key_id(first): first, vendor_key_id(second): second}
     assert read_vendor_public_keys([tmp_path / "missing.pub"]) == {}
+
+
+def test_garbage_collection_is_tuned_once_a_service_is_built() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collection()
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's sight
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
