@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ import grpc
 
 from tessera.errors import CredentialInvalid, CredentialMissing, DomainError, RoleNotAllowed
 from tessera.keys import read_private_file
-from tessera.rpc import ErrorTable, abort, rich_status
+from tessera.rpc import ErrorTable, HandlerWrapper, abort, rich_status
 
 if TYPE_CHECKING:
     from tessera.config import SettingsParser
@@ -342,14 +342,10 @@ def peer_common_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     return None
 
 
-Continuation = Callable[
-    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
-]
-
-
-class AccessControl(grpc.aio.ServerInterceptor):
+class AccessControl(HandlerWrapper):
     """Admits a call only with a credential of a role ``ACCESS`` allows for its method;
-    a refusal gets its status code from the service's error table."""
+    a refusal gets its status code from the service's error table. What a method needs
+    is settled when it is registered; per call only its credential is judged."""
 
     def __init__(
         self,
@@ -362,32 +358,33 @@ class AccessControl(grpc.aio.ServerInterceptor):
         self.table = table
         self._site_token = credentials.has_role(Role.CLIENT)
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method: str = handler_call_details.method
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         access = access_for(method, self.table)
-        if access is not None and (not access.roles or (access.site and not self._site_token)):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         if access is None:
-            return self._refuse(handler, method, RoleNotAllowed("no role may call this method"))
-        token = presented_token(handler_call_details.invocation_metadata)
+            refused = RoleNotAllowed("no role may call this method")
+            return _checked_at_call(handler, lambda _context: self._status(method, refused))
+        if not access.roles or (access.site and not self._site_token):
+            return handler  # open to all callers: nothing to judge per call
+        return _checked_at_call(handler, lambda context: self._judge(method, access, context))
+
+    def _judge(
+        self, method: str, access: Access, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> grpc.Status | None:
+        """The refusal of this call, or None when its credential admits it."""
+        token = presented_token(context.invocation_metadata())
         if token is None and self.credentials.identities:
-            return _checked_at_call(
-                handler, lambda context: self._judge_peer(method, access, context)
-            )
+            return self._judge_peer(method, access, context)
         if not token:
-            return self._refuse(handler, method, _missing())
+            return self._status(method, _missing())
         principal = self.credentials.by_token(token)
         if principal is None:
-            return self._refuse(handler, method, _invalid())
+            return self._status(method, _invalid())
         if not access.admits(principal.role):
-            return self._refuse(handler, method, _not_allowed(principal), principal)
+            return self._status(method, _not_allowed(principal), principal)
         log.debug("%s admitted for %s (%s)", method, principal.name, principal.role.value)
-        return handler
+        return None
 
     def _judge_peer(
         self, method: str, access: Access, context: grpc.aio.ServicerContext[Any, Any]
@@ -412,16 +409,6 @@ class AccessControl(grpc.aio.ServerInterceptor):
             self.errors.code_for(error), error.message, error.reason, self.errors.domain,
             error.metadata,
         )  # fmt: skip
-
-    def _refuse(
-        self,
-        handler: grpc.RpcMethodHandler[Any, Any],
-        method: str,
-        error: DomainError,
-        principal: Principal | None = None,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        status = self._status(method, error, principal)
-        return _checked_at_call(handler, lambda _context: status)
 
 
 def _missing() -> CredentialMissing:

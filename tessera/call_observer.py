@@ -1,6 +1,6 @@
 """What every gRPC call leaves behind: a request id, a latency observation, a debug line.
 
-``CallObserver`` is the outermost server interceptor of every service. For each call it
+``CallObserver`` is the outermost handler wrapper of every service. For each call it
 takes the caller's ``x-request-id`` metadata (or makes one), puts it in the context
 variable that log records read (``tessera.logs``), and echoes it in the trailing metadata
 of every answer (errors included, see ``tessera.rpc.abort``) and, for response streams, in
@@ -18,13 +18,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Histogram
 
 from tessera.logs import request_id_var, stamp_request_ids
+from tessera.rpc import HandlerWrapper
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _code_after(context: Context, error: BaseException | None) -> grpc.StatusCod
     return grpc.StatusCode.UNKNOWN
 
 
-class CallObserver(grpc.aio.ServerInterceptor):
+class CallObserver(HandlerWrapper):
     """Request ids, latency histograms and debug lines for every call of a server."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -119,29 +120,9 @@ class CallObserver(grpc.aio.ServerInterceptor):
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        # method -> (the handler behind us, our wrapper of it); rebuilt when the handler
-        # behind changes (e.g. a refusal the credential check made for this one call).
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-        self._methods: dict[str, _MethodObserver] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: UNIMPLEMENTED, and no label for it
-            return None
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        observer = self._methods.get(method)
-        if observer is None:
-            observer = self._methods[method] = _MethodObserver(self.duration, method)
-        wrapped = _wrap(handler, observer)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        return _wrap(handler, _MethodObserver(self.duration, method))
 
 
 def _wrap(handler: Handler, observer: _MethodObserver) -> Handler:

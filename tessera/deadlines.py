@@ -25,14 +25,13 @@ class CallDeadline(HandlerWrapper):
     """Cancels a unary call after ``seconds`` (0: never)."""
 
     def __init__(self, seconds: float, domain: str) -> None:
-        super().__init__()
         self.seconds = seconds
         self.domain = domain
 
     def wrap(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any] | None
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        if handler is None or handler.unary_unary is None or self.seconds <= 0:
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if handler.unary_unary is None or self.seconds <= 0:
             return handler
         unary: Any = handler.unary_unary  # an async behaviour on grpc.aio servers
         seconds = self.seconds

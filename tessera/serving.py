@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from tessera import logs
@@ -33,7 +33,7 @@ from tessera.config import CommonSettings
 from tessera.deadlines import CallDeadline
 from tessera.keys import InsecureKeyFile
 from tessera.metrics import MetricsServer
-from tessera.rpc import MalformedRequestGuard
+from tessera.rpc import HandlerWrapper, MalformedRequestGuard, ServiceRegistrar, ServicerT
 from tessera.tls import (
     ClientTls,
     PlaintextRefused,
@@ -62,7 +62,7 @@ class Endpoint:
         self,
         service_names: Iterable[str],
         error_domain: str,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        wrappers: Sequence[HandlerWrapper] = (),
         registry: CollectorRegistry | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_call_seconds: float = 0,
@@ -70,26 +70,39 @@ class Endpoint:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = MetricsServer(self.registry)
         self.server = grpc.aio.server(
-            # The observer goes first, so it sees every call as its caller does (refused
-            # credentials included); the guard goes last: it caches per method what lies
-            # behind it.
-            interceptors=[
-                CallObserver(self.registry),
-                *interceptors,
-                CallDeadline(max_call_seconds, error_domain),
-                MalformedRequestGuard(error_domain),
-            ],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
+        # Servicers are added with ``add_servicer``, not to the server itself, so every
+        # method's handler is wrapped once. The observer goes first, so it sees every call
+        # as its caller does (refused credentials included).
+        self._registrar = ServiceRegistrar(
+            self.server,
+            [
+                CallObserver(self.registry),
+                *wrappers,
+                CallDeadline(max_call_seconds, error_domain),
+                MalformedRequestGuard(error_domain),
+            ],
+        )
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        self.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health)
+        self.add_servicer(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(
+                [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            ),
         )
+
+    def add_servicer(
+        self, add_to_server: Callable[[ServicerT, grpc.aio.Server], None], servicer: ServicerT
+    ) -> None:
+        """Serve ``servicer`` (``add_to_server``: its generated ``add_*Servicer_to_server``),
+        every method's handler wrapped."""
+        self._registrar.add_servicer(add_to_server, servicer)
 
     def bind(self, listen: str, tls: ServerTls | None = None, allow_plaintext: bool = False) -> int:
         """Listen on ``host:port``, with ``tls`` or else plaintext; returns the bound port

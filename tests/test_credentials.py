@@ -42,7 +42,7 @@ from tessera.auth import (
 )
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
-from tessera.rpc import error_info, reason_of
+from tessera.rpc import ServiceRegistrar, error_info, reason_of
 
 Code = grpc.StatusCode
 TOKENS = {
@@ -433,8 +433,10 @@ async def test_a_client_certificate_common_name_maps_to_a_role(tmp_path: Path) -
     credentials = parse_credentials(
         "x509:ops-console operator ops-console\nx509:ws-client client ws\n"
     ).merged(Credentials().with_token(TOKENS[Role.OPERATOR], Role.OPERATOR, "ops-token"))
-    server = grpc.aio.server(interceptors=[AccessControl(credentials, license_errors.ERRORS)])
-    lpb_grpc.add_LeaseAdminServiceServicer_to_server(LeaseAdmin(), server)
+    server = grpc.aio.server()
+    ServiceRegistrar(server, [AccessControl(credentials, license_errors.ERRORS)]).add_servicer(
+        lpb_grpc.add_LeaseAdminServiceServicer_to_server, LeaseAdmin()
+    )
     port = server.add_secure_port(
         "127.0.0.1:0",
         grpc.ssl_server_credentials(

@@ -72,18 +72,18 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,
     )
-    activation_pb2_grpc.add_ActivationServiceServicer_to_server(
+    endpoint.add_servicer(
+        activation_pb2_grpc.add_ActivationServiceServicer_to_server,
         ActivationServicer(entitlements, activations, returns, repairs, vendor_keys),
-        endpoint.server,
     )
-    activation_pb2_grpc.add_VendorServiceServicer_to_server(
+    endpoint.add_servicer(
+        activation_pb2_grpc.add_VendorServiceServicer_to_server,
         VendorServicer(entitlements, activations, returns, AuditLog(store), vendor_keys),
-        endpoint.server,
     )
     common = settings.common
     port = endpoint.bind(common.listen, common.tls, common.allow_plaintext)

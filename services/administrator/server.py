@@ -91,13 +91,13 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,
     )
-    admin_pb2_grpc.add_AdministratorServiceServicer_to_server(
-        AdministratorServicer(operations), endpoint.server
+    endpoint.add_servicer(
+        admin_pb2_grpc.add_AdministratorServiceServicer_to_server, AdministratorServicer(operations)
     )
     common = settings.common
     port = endpoint.bind(common.listen, common.tls, common.allow_plaintext)

@@ -155,7 +155,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        interceptors=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,
@@ -164,15 +164,15 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     registry.register(seats)
     endpoint.metrics.before_scrape.append(seats.refresh)
     lease_servicer = LeaseServicer(leasing, Admission(settings.client_limits, lease_metrics))
-    license_pb2_grpc.add_LeaseServiceServicer_to_server(lease_servicer, endpoint.server)
-    license_pb2_grpc.add_LeaseAdminServiceServicer_to_server(
-        LeaseAdminServicer(leasing), endpoint.server
+    endpoint.add_servicer(license_pb2_grpc.add_LeaseServiceServicer_to_server, lease_servicer)
+    endpoint.add_servicer(
+        license_pb2_grpc.add_LeaseAdminServiceServicer_to_server, LeaseAdminServicer(leasing)
     )
-    license_pb2_grpc.add_TrustedStorageServiceServicer_to_server(
+    endpoint.add_servicer(
+        license_pb2_grpc.add_TrustedStorageServiceServicer_to_server,
         TrustedStorageServicer(
             trusted_storage, Returns(trusted_storage), Repairs(trusted_storage), identity
         ),
-        endpoint.server,
     )
     common = settings.common
     port = endpoint.bind(common.listen, common.tls, common.allow_plaintext)
