@@ -25,7 +25,9 @@ def peer_host(peer: str) -> str:
     ``10.0.0.7``, ``ipv6:%5B::1%5D:50412`` -> ``::1``; an IPv4 address mapped into IPv6
     is its IPv4 address, so a dual-stack listener keys one host once."""
     scheme, _, rest = peer.partition(":")
-    if scheme not in ("ipv4", "ipv6"):
+    if scheme == "ipv4":  # grpc core writes a dotted quad: nothing to parse (every acquire)
+        return rest.rpartition(":")[0] or LOCAL_PEER
+    if scheme != "ipv6":
         return LOCAL_PEER
     address = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]")
     try:
