@@ -48,14 +48,14 @@ async def _pump(
 ) -> None:
     try:
         async for message in requests:
-            await inbox.put(message)
+            inbox.put_nowait(message)  # unbounded: the credit below is what holds back
             await credit.acquire()
     except DomainError as error:  # e.g. a message that does not parse
-        await inbox.put(error)
+        inbox.put_nowait(error)
     except Exception:  # the client went away mid-read; treat like a half-close
         pass
     finally:
-        await inbox.put(_END)
+        inbox.put_nowait(_END)
 
 
 async def _within(next_item: Awaitable[object], remaining: float, idle: float) -> object:
@@ -118,6 +118,11 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     )
                 if isinstance(item, DomainError):
                     raise item
+                ack = session.acknowledge_in_time(item)
+                if ack is not None:
+                    yield ack
+                    credit.release()
+                    continue
                 async for response in session.handle(item):
                     yield response
                 if isinstance(item, pb.LeaseRequest):

@@ -136,12 +136,21 @@ class Leasing:
         assert expires_at is not None
         return expires_at
 
-    async def stream_heartbeat(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime:
-        """A heartbeat on the stream that holds ``grant``: acknowledged at once and written
-        with the next flush, when it comes before the expiry the stream last heard."""
+    def heartbeat_in_time(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime | None:
+        """A heartbeat on the stream that holds ``grant``, before the expiry the stream
+        last heard: acknowledged at once (the new expiry) and written with the next flush.
+        None when it comes too late for that (``stream_heartbeat`` asks the database)."""
         if self.clock.now() < known_expiry:
             return self.heartbeats.beat(grant.lease)
-        lease = grant.lease  # too late: ask the database, which says why
+        return None
+
+    async def stream_heartbeat(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime:
+        """A heartbeat on the stream that holds ``grant``: at once when in time, else
+        judged by the database, which says why the lease is no longer held."""
+        expires_at = self.heartbeat_in_time(grant, known_expiry)
+        if expires_at is not None:
+            return expires_at
+        lease = grant.lease
         return await self.heartbeat(lease.lease_id, grant.secret, lease.epoch, lease.ttl_seconds)
 
     async def resume(self, lease_id: str, secret: str) -> Grant:
