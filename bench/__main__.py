@@ -177,7 +177,8 @@ def summary(results: dict[str, Any], options: Options) -> list[tuple[str, str, s
             ceiling = (echo.cycles_per_second + after.cycles_per_second) / 2
             measured = (
                 f"{ceiling:,.0f} cycles/s (2 RPC each): {echo.cycles_per_second:,.0f} before "
-                f"the License Server phases, {after.cycles_per_second:,.0f} after"
+                f"the License Server phases, {after.cycles_per_second:,.0f} after; p99 "
+                f"{echo.p99 * 1000:.1f} and {after.p99 * 1000:.1f} ms"
             )
         rows.append(("echo ceiling", measured, "-", ""))
     floor = results.get("floor")

@@ -26,7 +26,8 @@ def peer_host(peer: str) -> str:
     is its IPv4 address, so a dual-stack listener keys one host once."""
     scheme, _, rest = peer.partition(":")
     if scheme == "ipv4":  # grpc core writes a dotted quad: nothing to parse (every acquire)
-        return rest.rpartition(":")[0] or LOCAL_PEER
+        address, _, _port = rest.rpartition(":")
+        return address or rest or LOCAL_PEER
     if scheme != "ipv6":
         return LOCAL_PEER
     address = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]")

@@ -277,21 +277,36 @@ class ServiceRegistrar:
     def __init__(self, server: grpc.aio.Server, wrappers: Sequence[HandlerWrapper]) -> None:
         self.server = server
         self.wrappers = list(wrappers)
+        # Services of the servicer being added that came only as a generic handler.
+        self._unwrapped: list[str] = []
 
     def add_servicer(
         self, add_to_server: Callable[[ServicerT, grpc.aio.Server], None], servicer: ServicerT
     ) -> None:
         """Serve ``servicer`` through its generated ``add_*Servicer_to_server``, which only
         registers handlers with the server it is given: here, with this registrar."""
+        self._unwrapped = []
         add_to_server(servicer, cast(grpc.aio.Server, self))
+        if self._unwrapped:
+            # Served unwrapped, a service would skip access control: refuse to serve it.
+            raise TypeError(
+                f"{', '.join(self._unwrapped)} registered only a generic handler; its "
+                "methods cannot be wrapped (regenerate its code with grpcio-tools >= 1.62)"
+            )
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[Any]) -> None:
         """Generated code registers each service twice, as a generic handler and by its
-        methods (``add_registered_method_handlers``): the second is wrapped and serves."""
+        methods (``add_registered_method_handlers``): the second is wrapped and serves.
+        A service that comes only this way is refused (``add_servicer``)."""
+        for handler in generic_rpc_handlers:
+            name = handler.service_name() if hasattr(handler, "service_name") else None
+            self._unwrapped.append(str(name or handler))
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
+        if service_name in self._unwrapped:
+            self._unwrapped.remove(service_name)
         wrapped = {
             name: self.wrapped(f"/{service_name}/{name}", handler)
             for name, handler in method_handlers.items()

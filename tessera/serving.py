@@ -69,7 +69,7 @@ class Endpoint:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = MetricsServer(self.registry)
-        self.server = grpc.aio.server(
+        self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -79,7 +79,7 @@ class Endpoint:
         # method's handler is wrapped once. The observer goes first, so it sees every call
         # as its caller does (refused credentials included).
         self._registrar = ServiceRegistrar(
-            self.server,
+            self._server,
             [
                 CallObserver(self.registry),
                 *wrappers,
@@ -110,9 +110,9 @@ class Endpoint:
         ``allow_plaintext``."""
         check_plaintext(listen, tls, allow_plaintext)
         if tls is not None:
-            port: int = self.server.add_secure_port(listen, tls.credentials())
+            port: int = self._server.add_secure_port(listen, tls.credentials())
         else:
-            port = self.server.add_insecure_port(listen)
+            port = self._server.add_insecure_port(listen)
         if port == 0:
             raise OSError(f"cannot listen on {listen}")
         return port
@@ -121,7 +121,7 @@ class Endpoint:
         """Serve gRPC and, when ``metrics_listen`` is set, GET /metrics there."""
         if metrics_listen:
             await self.metrics.start(metrics_listen)
-        await self.server.start()
+        await self._server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -137,7 +137,7 @@ class Endpoint:
         await self.health.enter_graceful_shutdown()
         if before_grace is not None:
             await before_grace()
-        await self.server.stop(grace)
+        await self._server.stop(grace)
         await self.metrics.stop()
 
 

@@ -279,6 +279,7 @@ def test_streams_are_counted_per_client_and_given_back() -> None:
     ("peer", "host"),
     [
         ("ipv4:10.0.0.7:50412", "10.0.0.7"),
+        ("ipv4:10.0.0.7", "10.0.0.7"),
         ("ipv6:%5B::1%5D:50412", "::1"),
         ("ipv6:[fe80::1%25eth0]:50412", "fe80::1"),
         ("ipv6:%5B::ffff:10.0.0.7%5D:1", "10.0.0.7"),

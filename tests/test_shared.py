@@ -7,6 +7,7 @@ import random
 import stat
 from pathlib import Path
 
+import grpc
 import pytest
 from nacl.signing import SigningKey
 
@@ -39,6 +40,7 @@ from tessera.keys import (
     read_vendor_public_keys,
     vendor_key_id,
 )
+from tessera.rpc import ServiceRegistrar
 from tessera.serving import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
 
 # IDs
@@ -402,3 +404,16 @@ def test_garbage_collection_is_tuned_once_a_service_is_built() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_service_registered_only_as_a_generic_handler_is_refused() -> None:
+    """Served unwrapped it would skip access control, so the registrar refuses it."""
+
+    def add_generically(servicer: object, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("tessera.test.v1.Old", {}),)
+        )
+
+    registrar = ServiceRegistrar(grpc.aio.server(), [])
+    with pytest.raises(TypeError, match=r"tessera\.test\.v1\.Old registered only a generic handler"):
+        registrar.add_servicer(add_generically, object())

@@ -222,7 +222,7 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
 
 
 class VendorServicer(pb_grpc.VendorServiceServicer):
-    """tessera.activation.v1.VendorService (vendor credential checked by the interceptor)."""
+    """tessera.activation.v1.VendorService (vendor credential checked by AccessControl)."""
 
     def __init__(
         self,

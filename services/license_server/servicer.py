@@ -187,7 +187,7 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
 
 
 class LeaseAdminServicer(pb_grpc.LeaseAdminServiceServicer):
-    """tessera.license.v1.LeaseAdminService (operator credential checked by the interceptor)."""
+    """tessera.license.v1.LeaseAdminService (operator credential checked by AccessControl)."""
 
     def __init__(self, leasing: Leasing) -> None:
         self.leasing = leasing
