@@ -415,5 +415,6 @@ def test_a_service_registered_only_as_a_generic_handler_is_refused() -> None:
         )
 
     registrar = ServiceRegistrar(grpc.aio.server(), [])
-    with pytest.raises(TypeError, match=r"tessera\.test\.v1\.Old registered only a generic handler"):
+    refused = r"tessera\.test\.v1\.Old registered only a generic handler"
+    with pytest.raises(TypeError, match=refused):
         registrar.add_servicer(add_generically, object())
