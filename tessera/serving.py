@@ -73,6 +73,11 @@ class Endpoint:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # HTTP/2 bandwidth-delay probing sizes flow-control windows for bulk
+                # transfers with PINGs as data arrives. Our messages are small, and on
+                # connections carrying thousands of lease streams the probing cost CPU on
+                # both ends (docs/performance.md).
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         # Servicers are added with ``add_servicer``, not to the server itself, so every
