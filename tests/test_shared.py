@@ -406,7 +406,7 @@ def test_garbage_collection_is_tuned_once_a_service_is_built() -> None:
         gc.set_threshold(*before)
 
 
-def test_a_service_registered_only_as_a_generic_handler_is_refused() -> None:
+async def test_a_service_registered_only_as_a_generic_handler_is_refused() -> None:
     """Served unwrapped it would skip access control, so the registrar refuses it."""
 
     def add_generically(servicer: object, server: grpc.aio.Server) -> None:
