@@ -12,6 +12,7 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -28,6 +29,7 @@ from services.license_server.domain.errors import (
     StaleLeaseEpoch,
 )
 from services.license_server.domain.events import LeaseResumed
+from services.license_server.domain.group_commit import GATHER_AFTER
 from services.license_server.domain.leasing import LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
 from services.license_server.server import MIGRATIONS
@@ -497,6 +499,59 @@ async def test_check_ins_do_not_wait_behind_a_backlog_of_checkouts(leasing: Leas
     # Batches: checkouts 0-1 with the check-in, then 2-3, then 4-5.
     assert finished.index("check-in") < finished.index("checkout-2")
     assert (await pool(leasing)).used == 6
+
+
+def gathering(leasing: Leasing, seconds: float) -> Leasing:
+    """Another Leasing over the same store whose group commit gathers for ``seconds``."""
+    policy = LeasePolicy(ttl_seconds=TTL, group_commit_delay_seconds=seconds)
+    return Leasing(leasing.store, policy, leasing.clock)
+
+
+async def behind_a_batch(server: Leasing, calls: int) -> tuple[asyncio.Task[Grant], list[Any]]:
+    """A checkout whose batch is held up in its transaction (the pool locked), and then
+    ``calls`` more checkouts waiting behind it; the batch goes on when this returns."""
+    async with server.store.transaction() as repo:
+        await repo.lock_pool(FEATURE)  # PostgreSQL: the row; SQLite: the one connection
+        first = asyncio.create_task(server.acquire(new_lease(client="ws-first")))
+        # Yield (no timed wait) until the committer has the first call in its batch, and
+        # then until the others wait behind it.
+        while not server.group_commit.calls_in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        behind = [
+            asyncio.create_task(server.acquire(new_lease(client=f"ws-behind-{i}")))
+            for i in range(calls)
+        ]
+        while server.group_commit.waiting < calls:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    return first, behind
+
+
+async def test_under_load_the_next_batch_gathers_the_calls_that_come_while_it_waits(
+    leasing: Leasing,
+) -> None:
+    await seed(leasing, 20)
+    server = gathering(leasing, 0.5)
+    first, behind = await behind_a_batch(server, GATHER_AFTER)
+    await first  # its batch committed; the 8 behind it make the committer gather
+    late = [asyncio.create_task(server.acquire(new_lease(client=f"ws-late-{i}"))) for i in range(4)]
+    grants = await asyncio.wait_for(asyncio.gather(*behind, *late), 30)
+    assert all(isinstance(grant, Grant) for grant in grants)
+    # The first batch, then one for the 8 behind it and the 4 late calls together.
+    assert (server.group_commit.transactions, server.group_commit.calls) == (2, 13)
+    assert (await pool(leasing)).used == await held_seats(leasing) == 13
+
+
+async def test_a_lightly_loaded_server_does_not_gather(leasing: Leasing) -> None:
+    """A call with nothing ahead, and a few calls behind a batch, start at once: the
+    delay (here far longer than the test may take) is only for a backlog."""
+    await seed(leasing, 20)
+    server = gathering(leasing, 3600)
+    for n in range(3):  # one after another, each alone
+        await asyncio.wait_for(server.acquire(new_lease(client=f"ws-alone-{n}")), 30)
+    first, behind = await behind_a_batch(server, GATHER_AFTER - 1)
+    await asyncio.wait_for(asyncio.gather(first, *behind), 30)
+    assert (server.group_commit.transactions, server.group_commit.calls) == (5, 3 + GATHER_AFTER)
+    assert (await pool(leasing)).used == 3 + GATHER_AFTER
 
 
 async def test_a_checkout_given_up_while_its_batch_waits_takes_nothing(leasing: Leasing) -> None:

@@ -78,6 +78,12 @@ def load_settings(
     parser.add(
         "--trust-check-interval", "60", "seconds between re-verifications of trusted storage"
     )
+    parser.add(
+        "--group-commit-delay",
+        f"{LeasePolicy().group_commit_delay_seconds:g}",
+        "under load, seconds a checkout/check-in transaction waits for more calls to join it; "
+        "0: never",
+    )
     add_credential_flags(parser, CREDENTIAL_ROLES)
     defaults = ClientLimits()
     parser.add(
@@ -104,8 +110,11 @@ def load_settings(
         interval = float(args.heartbeat_interval)
         sweep = float(args.sweep_interval)
         trust_check = float(args.trust_check_interval)
+        delay = float(args.group_commit_delay)
     except ValueError as error:
         parser.parser.error(f"lease timings must be numbers: {error}")
+    if not 0 <= delay <= 1:
+        parser.parser.error("--group-commit-delay must be between 0 and 1 second")
     if ttl < 1 or interval <= 0 or sweep <= 0 or trust_check <= 0:
         parser.parser.error(
             "--lease-ttl, --heartbeat-interval, --sweep-interval and --trust-check-interval "
@@ -118,7 +127,9 @@ def load_settings(
         common=common,
         vendor_keys=vendor_keys,
         machine_id=args.machine_id,
-        policy=LeasePolicy(ttl_seconds=ttl, heartbeat_interval_seconds=interval),
+        policy=LeasePolicy(
+            ttl_seconds=ttl, heartbeat_interval_seconds=interval, group_commit_delay_seconds=delay
+        ),
         sweep_interval=sweep,
         trust_check_interval=trust_check,
         credentials=credentials,

@@ -58,6 +58,13 @@ CONFLICTS = frozenset({"40P01", "40001"})
 # bounds its statements' size.
 MAX_BATCH = 256
 
+# Under load, the next transaction waits this long for more calls to join it (the clients
+# whose answers just went out come back with their next call), as PostgreSQL's
+# commit_delay does: fewer, fuller transactions cost less per call. Only when at least
+# GATHER_AFTER calls are already waiting, so a lightly loaded server answers at once.
+GATHER_SECONDS = 0.005
+GATHER_AFTER = 8
+
 
 @dataclass
 class _Checkout:
@@ -99,12 +106,14 @@ class GroupCommit:
         publish: Callable[[LeaseEvent], None],
         metrics: LeaseMetrics,
         max_batch: int = MAX_BATCH,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
         self.store = store
         self.clock = clock
         self.publish = publish
         self.metrics = metrics
         self.max_batch = max_batch
+        self.gather_seconds = gather_seconds
         self._checkouts: list[_Checkout] = []
         self._checkins: list[_Checkin] = []
         self._resumes: list[_Resume] = []
@@ -150,8 +159,19 @@ class GroupCommit:
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_while_pending())
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for the next batch."""
+        return len(self._checkouts) + len(self._checkins) + len(self._resumes)
+
     async def _commit_while_pending(self) -> None:
+        first = True
         while self._checkouts or self._checkins or self._resumes:
+            # A batch that queued up behind the last one waits a moment for more: under
+            # load, not at the first call of a quiet spell.
+            if not first and self.gather_seconds > 0 and self.waiting >= GATHER_AFTER:
+                await asyncio.sleep(self.gather_seconds)
+            first = False
             # Up to max_batch calls of each kind, so no kind waits behind another's.
             checkouts = _take(self._checkouts, self.max_batch)
             checkins = _take(self._checkins, self.max_batch)

@@ -25,7 +25,7 @@ from services.license_server.domain.events import (
     LeaseEvent,
     SeatsFreed,
 )
-from services.license_server.domain.group_commit import GroupCommit
+from services.license_server.domain.group_commit import GATHER_SECONDS, GroupCommit
 from services.license_server.domain.heartbeats import HeartbeatBatcher
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import (
@@ -70,6 +70,9 @@ class LeasePolicy:
     waiter_ttl_seconds: float = 15.0
     # Stream heartbeats are written to the database together, this often.
     heartbeat_flush_seconds: float = 1.0
+    # Under load, how long a checkout/check-in/resume transaction waits for more calls to
+    # join it (group_commit.GATHER_SECONDS); 0: never.
+    group_commit_delay_seconds: float = GATHER_SECONDS
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,13 @@ class Leasing:
         self.bus = bus or LeaseBus()
         self.metrics = metrics or LeaseMetrics()
         self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
-        self.group_commit = GroupCommit(store, clock, self.bus.publish, self.metrics)
+        self.group_commit = GroupCommit(
+            store,
+            clock,
+            self.bus.publish,
+            self.metrics,
+            gather_seconds=policy.group_commit_delay_seconds,
+        )
 
     # Holding seats
 
