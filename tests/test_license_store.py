@@ -598,6 +598,22 @@ async def test_a_committer_stopped_mid_batch_leaves_no_caller_waiting(leasing: L
     assert isinstance(await leasing.acquire(new_lease()), Grant)  # a new committer starts
 
 
+async def test_a_committer_stopped_while_it_gathers_leaves_no_caller_waiting(
+    leasing: Leasing,
+) -> None:
+    await seed(leasing, 20)
+    server = gathering(leasing, 3600)
+    first, behind = await behind_a_batch(server, GATHER_AFTER)
+    await first  # the committer now gathers for the 8 behind it
+    committer = server.group_commit._committer
+    assert committer is not None
+    committer.cancel()
+    for caller in behind:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, 10)
+    assert (await pool(leasing)).used == await held_seats(leasing) == 1
+
+
 async def test_batches_on_two_replicas_never_deadlock_over_two_pools(
     replicas: Replicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:

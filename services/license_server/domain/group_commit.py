@@ -170,7 +170,11 @@ class GroupCommit:
             # A batch that queued up behind the last one waits a moment for more: under
             # load, not at the first call of a quiet spell.
             if not first and self.gather_seconds > 0 and self.waiting >= GATHER_AFTER:
-                await asyncio.sleep(self.gather_seconds)
+                try:
+                    await asyncio.sleep(self.gather_seconds)
+                except BaseException:  # cancelled (the loop stops): nobody waits forever
+                    self._cancel_waiting([])
+                    raise
             first = False
             # Up to max_batch calls of each kind, so no kind waits behind another's.
             checkouts = _take(self._checkouts, self.max_batch)
@@ -190,11 +194,7 @@ class GroupCommit:
                         done.set_exception(error)
                 continue
             except BaseException:  # cancelled (the loop stops): nobody waits forever
-                callers += [c.done for c in self._checkouts]
-                callers += [c.done for c in self._checkins]
-                callers += [r.done for r in self._resumes]
-                for done in callers:
-                    done.cancel()
+                self._cancel_waiting(callers)
                 raise
             finally:
                 self.calls_in_flight = 0
@@ -213,6 +213,14 @@ class GroupCommit:
                     self.publish(event)
                 except Exception:  # a listener's fault must not stop the committer
                     log.exception("publishing %r failed", event)
+
+    def _cancel_waiting(self, callers: list[asyncio.Future[Any]]) -> None:
+        """Cancel ``callers`` (a batch's) and every call waiting for the next batch."""
+        callers = callers + [c.done for c in self._checkouts]
+        callers += [c.done for c in self._checkins]
+        callers += [r.done for r in self._resumes]
+        for done in callers:
+            done.cancel()
 
     async def _commit_retrying(
         self, checkouts: list[_Checkout], checkins: list[_Checkin], resumes: list[_Resume]
