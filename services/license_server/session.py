@@ -131,9 +131,17 @@ class LeaseSession:
             self._hold(grant)
             yield pb.LeaseResponse(granted=granted_to_proto(grant))
         elif kind == "heartbeat":
-            assert self.held is not None
+            held = self.held
+            assert held is not None
+            ack = self.acknowledge_in_time(request)
+            if ack is not None:
+                yield ack
+                return
+            lease = held.lease  # too late to answer at once: the database says why
             try:
-                expires_at = await self.leasing.stream_heartbeat(self.held, self._expires_at)
+                expires_at = await self.leasing.heartbeat(
+                    lease.lease_id, held.secret, lease.epoch, lease.ttl_seconds
+                )
                 self._expires_at = expires_at
             except (LeaseReleased, LeaseExpired, StaleLeaseEpoch) as error:
                 async for response in self._revoked(error.reason, error.message):

@@ -148,19 +148,11 @@ class Leasing:
     def heartbeat_in_time(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime | None:
         """A heartbeat on the stream that holds ``grant``, before the expiry the stream
         last heard: acknowledged at once (the new expiry) and written with the next flush.
-        None when it comes too late for that (``stream_heartbeat`` asks the database)."""
+        None when it comes too late for that: ``heartbeat`` asks the database, which says
+        why the lease is no longer held, or extends it."""
         if self.clock.now() < known_expiry:
             return self.heartbeats.beat(grant.lease)
         return None
-
-    async def stream_heartbeat(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime:
-        """A heartbeat on the stream that holds ``grant``: at once when in time, else
-        judged by the database, which says why the lease is no longer held."""
-        expires_at = self.heartbeat_in_time(grant, known_expiry)
-        if expires_at is not None:
-            return expires_at
-        lease = grant.lease
-        return await self.heartbeat(lease.lease_id, grant.secret, lease.epoch, lease.ttl_seconds)
 
     async def resume(self, lease_id: str, secret: str) -> Grant:
         """Take over a held lease from a broken stream: same seats, a new epoch."""
