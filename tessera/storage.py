@@ -12,16 +12,19 @@ import datetime as dt
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import DateTime, Executable, RowMapping, event, text
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 from sqlalchemy.types import TypeDecorator
+
+from tessera import sqlite_connection
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -54,13 +57,18 @@ def sqlite_url(data_dir: Path, name: str) -> str:
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for ``url``, tuned for the embedded SQLite default when it is one."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        database = make_url(url).database or ":memory:"
+        if database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         # One connection: SQLite writes one transaction at a time anyway, and waiting in
         # the pool's queue is cheap where SQLite's busy handler sleeps and retries.
+        # Statements take one trip each to aiosqlite's thread (tessera.sqlite_connection).
         engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+            url,
+            async_creator=partial(sqlite_connection.connect, database, busy_seconds=30),
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=60,
         )
         _make_sqlite_transactions_immediate(engine)
         return engine

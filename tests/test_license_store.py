@@ -541,6 +541,34 @@ async def test_under_load_the_next_batch_gathers_the_calls_that_come_while_it_wa
     assert (await pool(leasing)).used == await held_seats(leasing) == 13
 
 
+async def test_a_gathering_batch_starts_once_the_callers_just_answered_are_back(
+    leasing: Leasing,
+) -> None:
+    """The committer stops gathering as soon as as many calls joined as its last batch
+    answered (here one), not when the delay (far longer than the test may take) ends."""
+    await seed(leasing, 20)
+    server = gathering(leasing, 3600)
+    first, behind = await behind_a_batch(server, GATHER_AFTER)
+    await first  # its batch of one committed; the committer gathers for one more call
+    while server.group_commit._gathering is None:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    again = asyncio.create_task(server.acquire(new_lease(client="ws-first")))
+    grants = await asyncio.wait_for(asyncio.gather(*behind, again), 30)
+    assert all(isinstance(grant, Grant) for grant in grants)
+    assert (server.group_commit.transactions, server.group_commit.calls) == (2, 2 + GATHER_AFTER)
+    assert (await pool(leasing)).used == await held_seats(leasing) == 2 + GATHER_AFTER
+
+
+async def test_a_gather_nobody_joins_ends_after_the_delay(leasing: Leasing) -> None:
+    await seed(leasing, 20)
+    server = gathering(leasing, 0.05)
+    first, behind = await behind_a_batch(server, GATHER_AFTER)
+    await first
+    grants = await asyncio.wait_for(asyncio.gather(*behind), 30)
+    assert all(isinstance(grant, Grant) for grant in grants)
+    assert (server.group_commit.transactions, server.group_commit.calls) == (2, 1 + GATHER_AFTER)
+
+
 async def test_a_lightly_loaded_server_does_not_gather(leasing: Leasing) -> None:
     """A call with nothing ahead, and a few calls behind a batch, start at once: the
     delay (here far longer than the test may take) is only for a backlog."""

@@ -58,10 +58,11 @@ CONFLICTS = frozenset({"40P01", "40001"})
 # bounds its statements' size.
 MAX_BATCH = 256
 
-# Under load, the next transaction waits this long for more calls to join it (the clients
-# whose answers just went out come back with their next call), as PostgreSQL's
+# Under load, the next transaction waits up to this long for more calls to join it (the
+# clients whose answers just went out come back with their next call), as PostgreSQL's
 # commit_delay does: fewer, fuller transactions cost less per call. Only when at least
-# GATHER_AFTER calls are already waiting, so a lightly loaded server answers at once.
+# GATHER_AFTER calls are already waiting, so a lightly loaded server answers at once; and
+# it stops waiting as soon as as many more calls came as the last batch answered.
 GATHER_SECONDS = 0.005
 GATHER_AFTER = 8
 
@@ -118,6 +119,8 @@ class GroupCommit:
         self._checkins: list[_Checkin] = []
         self._resumes: list[_Resume] = []
         self._committer: asyncio.Task[None] | None = None
+        # While the committer gathers: what it waits on, and for how many waiting calls.
+        self._gathering: tuple[asyncio.Future[None], int] | None = None
         # Transactions committed and the calls they served (also in the metrics); the
         # calls of the batch committing now.
         self.calls_in_flight = 0
@@ -156,6 +159,10 @@ class GroupCommit:
                 await committer
 
     def _start(self) -> None:
+        if self._gathering is not None:
+            gathered, calls = self._gathering
+            if self.waiting >= calls and not gathered.done():
+                gathered.set_result(None)
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_while_pending())
 
@@ -165,17 +172,12 @@ class GroupCommit:
         return len(self._checkouts) + len(self._checkins) + len(self._resumes)
 
     async def _commit_while_pending(self) -> None:
-        first = True
+        answered = 0  # calls the last batch of this run answered
         while self._checkouts or self._checkins or self._resumes:
-            # A batch that queued up behind the last one waits a moment for more: under
-            # load, not at the first call of a quiet spell.
-            if not first and self.gather_seconds > 0 and self.waiting >= GATHER_AFTER:
-                try:
-                    await asyncio.sleep(self.gather_seconds)
-                except BaseException:  # cancelled (the loop stops): nobody waits forever
-                    self._cancel_waiting([])
-                    raise
-            first = False
+            # A batch that queued up behind the last one waits a moment for more (those
+            # the last batch answered): under load, not at the first call of a quiet spell.
+            if answered and self.gather_seconds > 0 and self.waiting >= GATHER_AFTER:
+                await self._gather(self.waiting + answered)
             # Up to max_batch calls of each kind, so no kind waits behind another's.
             checkouts = _take(self._checkouts, self.max_batch)
             checkins = _take(self._checkins, self.max_batch)
@@ -185,6 +187,7 @@ class GroupCommit:
             callers += [r.done for r in resumes]
             if not callers:
                 continue
+            answered = len(callers)
             self.calls_in_flight = len(callers)
             try:
                 outcome = await self._commit_retrying(checkouts, checkins, resumes)
@@ -213,6 +216,21 @@ class GroupCommit:
                     self.publish(event)
                 except Exception:  # a listener's fault must not stop the committer
                     log.exception("publishing %r failed", event)
+
+    async def _gather(self, calls: int) -> None:
+        """Wait until ``calls`` calls wait for the next batch, at most gather_seconds."""
+        loop = asyncio.get_running_loop()
+        gathered: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(self.gather_seconds, _resolve, gathered)
+        self._gathering = (gathered, calls)
+        try:
+            await gathered
+        except BaseException:  # cancelled (the loop stops): nobody waits forever
+            self._cancel_waiting([])
+            raise
+        finally:
+            timer.cancel()
+            self._gathering = None
 
     def _cancel_waiting(self, callers: list[asyncio.Future[Any]]) -> None:
         """Cancel ``callers`` (a batch's) and every call waiting for the next batch."""
@@ -371,6 +389,11 @@ class GroupCommit:
         for checkout in refused:
             reason: DomainError = await refusal(repo, checkout.new, now)
             outcome.answers.append((checkout.done, reason))
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _conflict(error: DBAPIError) -> bool:

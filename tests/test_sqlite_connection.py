@@ -1,0 +1,96 @@
+"""The embedded SQLite engine: every statement is one trip to aiosqlite's thread, and
+what SQLAlchemy reads back (rows, row counts, errors) is what sqlite3 said."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tessera.storage import create_engine
+
+metadata = MetaData()
+seats = Table(
+    "seats",
+    metadata,
+    Column("feature", String, primary_key=True),
+    Column("used", Integer, nullable=False),
+)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'one-trip.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of every function aiosqlite runs on its thread, from now on."""
+    ran: list[str] = []
+    execute = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+        ran.append(getattr(fn, "__name__", repr(fn)))
+        return await execute(self, fn, *args)  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return ran
+
+
+async def test_a_transaction_takes_one_trip_per_statement(
+    engine: AsyncEngine, trips: list[str]
+) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(
+            insert(seats), [{"feature": f"feature.{n}", "used": n} for n in range(5)]
+        )
+        changed = await connection.execute(
+            update(seats).where(seats.c.used >= 3).values(used=seats.c.used + 10)
+        )
+        assert changed.rowcount == 2
+        returned = await connection.execute(
+            update(seats)
+            .where(seats.c.used < 2)
+            .values(used=seats.c.used + 1)
+            .returning(seats.c.feature, seats.c.used)
+        )
+        assert sorted(returned.all()) == [("feature.0", 1), ("feature.1", 2)]
+        rows = (await connection.execute(select(seats).order_by(seats.c.feature))).all()
+        assert [used for _, used in rows] == [1, 2, 2, 13, 14]
+    # BEGIN IMMEDIATE, four statements, COMMIT: six trips, no cursor opened or closed apart.
+    assert trips == ["_run"] * 5 + ["commit"]
+
+
+async def test_an_update_returning_counts_its_rows_after_they_are_read(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(insert(seats), [{"feature": "a", "used": 0}])
+        result = await connection.execute(
+            update(seats).values(used=1).returning(seats.c.feature)
+        )
+        assert result.scalars().all() == ["a"]
+        assert result.rowcount == 1
+
+
+async def test_an_error_reaches_the_caller_and_the_transaction_rolls_back(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(insert(seats), [{"feature": "a", "used": 0}])
+    with pytest.raises(IntegrityError):
+        async with engine.begin() as connection:
+            await connection.execute(insert(seats), [{"feature": "b", "used": 0}])
+            await connection.execute(insert(seats), [{"feature": "a", "used": 1}])
+    async with engine.connect() as connection:
+        assert (await connection.execute(select(seats.c.feature))).scalars().all() == ["a"]
