@@ -76,9 +76,7 @@ async def test_an_update_returning_counts_its_rows_after_they_are_read(
 ) -> None:
     async with engine.begin() as connection:
         await connection.execute(insert(seats), [{"feature": "a", "used": 0}])
-        result = await connection.execute(
-            update(seats).values(used=1).returning(seats.c.feature)
-        )
+        result = await connection.execute(update(seats).values(used=1).returning(seats.c.feature))
         assert result.scalars().all() == ["a"]
         assert result.rowcount == 1
 
