@@ -330,6 +330,21 @@ async def test_stream_heartbeats_reach_the_database_with_the_next_flush(
     assert await site.license.leasing.release_expired() == 0
 
 
+async def test_messages_written_back_to_back_are_answered_in_their_order(site: Site) -> None:
+    """A heartbeat answered on the spot never overtakes an earlier message still being
+    handled, nor is one after a release answered: heartbeat, release, heartbeat written at
+    once get an acknowledgement, then the release, then the stream's end."""
+    await activate(site, seats=1)
+    holder, granted = await hold(site.leases)
+    heartbeat = lpb.LeaseRequest(heartbeat=lpb.LeaseHeartbeat())
+    for message in (heartbeat, lpb.LeaseRequest(release=lpb.LeaseRelease()), heartbeat):
+        await holder.write(message)
+    assert (await receive(holder)).HasField("heartbeat_ack")
+    assert (await receive(holder)).released.lease_id == granted.lease_id
+    assert await holder.read() is grpc.aio.EOF
+    assert (await information(site)).used == 0
+
+
 async def test_a_lease_found_gone_when_its_heartbeat_is_written_is_told(
     site: Site, clock: FakeClock
 ) -> None:

@@ -3,7 +3,9 @@
 A session holds at most one lease. It reacts to the client's messages (acquire, resume,
 heartbeat, release), to lease events (revoked, expired, resumed elsewhere, seats freed)
 and, while queued, to its own timer. Everything arrives through one inbox, so the order
-of what the client sees is the order things happened.
+of what the client sees is the order things happened. The one shortcut: a heartbeat that
+comes in time while nothing else waits is answered by the stream's reader on the spot
+(``acknowledge_in_time``), which is what handling it next from the inbox would do.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ class LeaseSession:
 
     def acknowledge_in_time(self, item: object) -> pb.LeaseResponse | None:
         """The acknowledgement of a heartbeat that comes in time for the lease this stream
-        holds, answered on the spot: most of a stream's traffic, so it skips ``handle``.
-        None for anything else, which ``handle`` takes."""
+        holds, answered on the spot: most of a stream's traffic, so the stream's reader
+        asks this first and skips the inbox and ``handle``. None for anything else, which
+        ``handle`` takes."""
         held = self.held
         if (
             held is None
