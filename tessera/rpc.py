@@ -142,7 +142,8 @@ class ErrorTable:
         await abort(context, status)
 
     def unary(self, method: UnaryMethod[S, Req, Resp]) -> UnaryMethod[S, Req, Resp]:
-        """Decorate a unary servicer method."""
+        """Decorate a servicer method that returns once: a unary method, or a streaming
+        one that writes its answers with ``context.write``."""
 
         @functools.wraps(method)
         async def wrapper(
