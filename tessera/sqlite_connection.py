@@ -12,8 +12,9 @@ The cursor here does the whole statement in one trip: execute, fetch every row, 
 the row count and close the ``sqlite3`` cursor, all on the database thread; the adapter
 then reads what it asks for from memory. Rows are always fetched whole, also for what
 SQLAlchemy calls server-side cursors (nothing here streams results from SQLite). The
-pool's reset after a COMMIT, a rollback with no transaction open, takes no trip at all.
-That transaction now takes six.
+pool's reset after a COMMIT, a rollback with no transaction open, takes no trip at all,
+and the engine's BEGIN IMMEDIATE travels with the transaction's first statement. That
+transaction now takes five.
 
 Everything else (transactions, COMMIT, the thread, closing) is aiosqlite's own. The
 engine gets these connections through SQLAlchemy's ``async_creator``.
@@ -22,7 +23,7 @@ engine gets these connections through SQLAlchemy's ``async_creator``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -33,9 +34,12 @@ _Description = tuple[tuple[Any, ...], ...] | None
 
 
 def _run(
-    connection: sqlite3.Connection, sql: str, parameters: Any, many: bool
+    connection: sqlite3.Connection, begin: str | None, sql: str, parameters: Any, many: bool
 ) -> tuple[_Description, list[Any], int, int | None]:
-    """On the database thread: the statement's description, rows, row count, last row id."""
+    """On the database thread: open the transaction with ``begin`` if one is due, run the
+    statement, and return its description, rows, row count and last row id."""
+    if begin is not None:
+        connection.execute(begin)
     cursor = connection.cursor()
     try:
         if many:
@@ -73,7 +77,9 @@ class OneTripCursor:
     async def _run(self, sql: str, parameters: Any, many: bool) -> OneTripCursor:
         connection = self._connection
         # aiosqlite's own way onto its thread (its cursor methods use it too).
-        trip = connection._execute(_run, connection._conn, sql, parameters, many)  # type: ignore[no-untyped-call]
+        trip = connection._execute(  # type: ignore[no-untyped-call]
+            _run, connection._conn, connection._take_begin(), sql, parameters, many
+        )
         self.description, self._rows, self.rowcount, self.lastrowid = await trip
         return self
 
@@ -108,14 +114,35 @@ class OneTripCursor:
 class OneTripConnection(aiosqlite.Connection):
     """An aiosqlite connection whose cursors make one trip per statement."""
 
+    def __init__(self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int) -> None:
+        super().__init__(connector, iter_chunk_size)
+        self._begin: str | None = None
+
+    def begin_with_next_statement(self, begin: str) -> None:
+        """Open a transaction with ``begin`` (a BEGIN statement) in the same trip as the
+        next statement, just before it. Nothing is open, and no lock taken, until then;
+        a BEGIN that fails fails that statement."""
+        self._begin = begin
+
+    def _take_begin(self) -> str | None:
+        begin, self._begin = self._begin, None
+        return begin
+
     @contextmanager
     async def cursor(self) -> OneTripCursor:  # type: ignore[override]
         return OneTripCursor(self)
 
+    async def commit(self) -> None:
+        """Commit the open transaction; one that never ran a statement was never opened,
+        so there is nothing to commit and no trip to make."""
+        if self._take_begin() is None:
+            await super().commit()
+
     async def rollback(self) -> None:
         """Roll back the open transaction. With none open (the pool's reset of a
-        connection whose transaction committed) sqlite3 would do nothing, so neither
-        does this, and it saves the trip."""
+        connection whose transaction committed, or a transaction that never ran a
+        statement) sqlite3 would do nothing, so neither does this, and it saves the trip."""
+        self._take_begin()
         if self.in_transaction:
             await super().rollback()
 

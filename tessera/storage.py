@@ -89,7 +89,10 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Sent with the transaction's first statement, in the same trip to SQLite's thread.
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, sqlite_connection.OneTripConnection)
+        driver.begin_with_next_statement("BEGIN IMMEDIATE")
 
 
 R = TypeVar("R")

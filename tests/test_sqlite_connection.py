@@ -3,6 +3,7 @@ what SQLAlchemy reads back (rows, row counts, errors) is what sqlite3 said."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,40 @@ async def test_a_transaction_takes_one_trip_per_statement(
         assert sorted(returned.all()) == [("feature.0", 1), ("feature.1", 2)]
         rows = (await connection.execute(select(seats).order_by(seats.c.feature))).all()
         assert [used for _, used in rows] == [1, 2, 2, 13, 14]
-    # BEGIN IMMEDIATE, four statements, COMMIT: six trips, no cursor opened or closed apart.
-    assert trips == ["_run"] * 5 + ["commit"]
+    # Four statements (the first with BEGIN IMMEDIATE), COMMIT: five trips, no cursor
+    # opened or closed apart, no reset after the COMMIT.
+    assert trips == ["_run"] * 4 + ["commit"]
+
+
+async def test_a_transaction_that_runs_nothing_takes_no_trip(
+    engine: AsyncEngine, trips: list[str]
+) -> None:
+    async with engine.begin():
+        pass
+    async with engine.connect() as connection:
+        await connection.begin()
+        await connection.rollback()
+    assert trips == []
+
+
+async def test_the_write_lock_is_taken_with_the_first_statement(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE still comes before anything the transaction reads: a second
+    connection cannot write until the first transaction ends."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'lock.db'}"
+    first, second = create_engine(url), create_engine(url)
+    try:
+        async with first.begin() as connection:
+            await connection.run_sync(metadata.create_all)
+        async with first.begin() as connection, second.connect() as other:
+            await connection.execute(select(seats.c.feature))  # a read: the lock is taken
+            driver = (await other.get_raw_connection()).driver_connection
+            assert isinstance(driver, aiosqlite.Connection)
+            await driver.execute("PRAGMA busy_timeout = 0")
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await driver.execute("BEGIN IMMEDIATE")
+    finally:
+        await first.dispose()
+        await second.dispose()
 
 
 async def test_an_update_returning_counts_its_rows_after_they_are_read(
