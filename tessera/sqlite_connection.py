@@ -23,6 +23,7 @@ engine gets these connections through SQLAlchemy's ``async_creator``.
 from __future__ import annotations
 
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -66,7 +67,7 @@ class OneTripCursor:
         self.rowcount = -1
         self.lastrowid: int | None = None
         self.arraysize = 1
-        self._rows: list[Any] = []
+        self._rows: deque[Any] = deque()
 
     async def execute(self, sql: str, parameters: Any = None) -> OneTripCursor:
         return await self._run(sql, parameters, many=False)
@@ -80,19 +81,20 @@ class OneTripCursor:
         trip = connection._execute(  # type: ignore[no-untyped-call]
             _run, connection._conn, connection._take_begin(), sql, parameters, many
         )
-        self.description, self._rows, self.rowcount, self.lastrowid = await trip
+        self.description, rows, self.rowcount, self.lastrowid = await trip
+        self._rows = deque(rows)
         return self
 
     async def fetchone(self) -> Any:
-        return self._rows.pop(0) if self._rows else None
+        return self._rows.popleft() if self._rows else None
 
     async def fetchmany(self, size: int | None = None) -> Sequence[Any]:
-        count = self.arraysize if size is None else size
-        taken, self._rows = self._rows[:count], self._rows[count:]
-        return taken
+        count = min(self.arraysize if size is None else size, len(self._rows))
+        return [self._rows.popleft() for _ in range(count)]
 
     async def fetchall(self) -> Sequence[Any]:
-        taken, self._rows = self._rows, []
+        taken = list(self._rows)
+        self._rows.clear()
         return taken
 
     async def setinputsizes(self, *sizes: Any) -> None:
@@ -100,7 +102,7 @@ class OneTripCursor:
 
     async def close(self) -> None:
         """Nothing to do: the sqlite3 cursor closed at the end of its trip."""
-        self._rows = []
+        self._rows.clear()
 
     def __aiter__(self) -> OneTripCursor:
         return self
@@ -108,7 +110,7 @@ class OneTripCursor:
     async def __anext__(self) -> Any:
         if not self._rows:
             raise StopAsyncIteration
-        return self._rows.pop(0)
+        return self._rows.popleft()
 
 
 class OneTripConnection(aiosqlite.Connection):
@@ -120,8 +122,9 @@ class OneTripConnection(aiosqlite.Connection):
 
     def begin_with_next_statement(self, begin: str) -> None:
         """Open a transaction with ``begin`` (a BEGIN statement) in the same trip as the
-        next statement, just before it. Nothing is open, and no lock taken, until then;
-        a BEGIN that fails fails that statement."""
+        next statement of a cursor, just before it. Nothing is open, and no lock taken,
+        until then; a BEGIN that fails fails that statement. (aiosqlite's own shortcuts,
+        ``execute`` and the like, do not send it: SQLAlchemy uses cursors only.)"""
         self._begin = begin
 
     def _take_begin(self) -> str | None:
@@ -147,15 +150,11 @@ class OneTripConnection(aiosqlite.Connection):
             await super().rollback()
 
 
-async def connect(path: str, busy_seconds: float) -> OneTripConnection:
-    """Open ``path`` (or ``:memory:``) the way SQLAlchemy's aiosqlite dialect would, with
-    one-trip cursors; a statement waits up to ``busy_seconds`` for another connection's
-    lock. The database thread is a daemon, so a process that forgot to close its engine
-    can still exit."""
-    connection = OneTripConnection(
-        partial(sqlite3.connect, path, timeout=busy_seconds, check_same_thread=False),
-        iter_chunk_size=64,
-    )
+async def connect(database: str, **options: Any) -> OneTripConnection:
+    """Open ``database`` with one-trip cursors; ``options`` go to ``sqlite3.connect`` (the
+    ones SQLAlchemy's dialect derives from the URL). The database thread is a daemon, so
+    a process that forgot to close its engine can still exit."""
+    connection = OneTripConnection(partial(sqlite3.connect, database, **options), 64)
     connection._thread.daemon = True
     await connection  # starts the thread and connects on it
     return connection

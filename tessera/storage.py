@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import DateTime, Executable, RowMapping, event, text
+from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
@@ -57,15 +58,17 @@ def sqlite_url(data_dir: Path, name: str) -> str:
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for ``url``, tuned for the embedded SQLite default when it is one."""
     if url.startswith("sqlite"):
-        database = make_url(url).database or ":memory:"
-        if database != ":memory:":
+        # The file and sqlite3.connect's options, as SQLAlchemy reads them from the URL.
+        [database], options = SQLiteDialect_aiosqlite().create_connect_args(make_url(url))
+        options.setdefault("timeout", 30)
+        if database != ":memory:" and not options.get("uri"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # One connection: SQLite writes one transaction at a time anyway, and waiting in
         # the pool's queue is cheap where SQLite's busy handler sleeps and retries.
         # Statements take one trip each to aiosqlite's thread (tessera.sqlite_connection).
         engine = create_async_engine(
             url,
-            async_creator=partial(sqlite_connection.connect, database, busy_seconds=30),
+            async_creator=partial(sqlite_connection.connect, database, **options),
             pool_size=1,
             max_overflow=0,
             pool_timeout=60,

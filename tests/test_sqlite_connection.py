@@ -11,7 +11,7 @@ from typing import Any
 import aiosqlite
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tessera.storage import create_engine
@@ -125,3 +125,20 @@ async def test_an_error_reaches_the_caller_and_the_transaction_rolls_back(
             await connection.execute(insert(seats), [{"feature": "a", "used": 1}])
     async with engine.connect() as connection:
         assert (await connection.execute(select(seats.c.feature))).scalars().all() == ["a"]
+
+
+async def test_sqlite_options_in_the_url_reach_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "read-only.db"
+    writable = create_engine(f"sqlite+aiosqlite:///{path}")
+    async with writable.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    await writable.dispose()
+    read_only = create_engine(f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true")
+    try:
+        async with read_only.connect() as connection:
+            assert (await connection.execute(select(seats.c.feature))).all() == []
+        with pytest.raises(OperationalError, match="readonly"):
+            async with read_only.begin() as connection:
+                await connection.execute(insert(seats), [{"feature": "a", "used": 0}])
+    finally:
+        await read_only.dispose()

@@ -70,19 +70,36 @@ class _Reader:
             async for message in requests:
                 if not self.unhandled and inbox.empty() and not turn.locked():
                     async with turn:  # free, so taken without waiting: nothing comes between
-                        ack = session.acknowledge_in_time(message)
+                        try:
+                            ack = session.acknowledge_in_time(message)
+                        except Exception as error:  # a fault of ours: the loop raises it
+                            inbox.put_nowait(error)
+                            return
                         if ack is not None:
-                            await self.context.write(ack)
-                            continue
+                            if await _answer(self.context, ack):
+                                continue
+                            return  # the client is gone
                 self.unhandled += 1
                 inbox.put_nowait(message)  # unbounded: the credit below is what holds back
                 await self.credit.acquire()
         except DomainError as error:  # e.g. a message that does not parse
             inbox.put_nowait(error)
-        except Exception:  # the client went away mid-read or mid-write; like a half-close
+        except Exception:  # the client went away mid-read; treat like a half-close
             pass
         finally:
             inbox.put_nowait(_END)
+
+
+async def _answer(context: Context, response: pb.LeaseResponse) -> bool:
+    """Write one answer to the stream; False when the client went away under the write
+    (grpc ended the call), which ends the stream as quietly as a half-close."""
+    try:
+        await context.write(response)
+    except grpc.aio.InternalError:
+        if context.done() or context.cancelled():
+            return False
+        raise
+    return True
 
 
 async def _within(next_item: Awaitable[object], remaining: float, idle: float) -> object:
@@ -139,16 +156,19 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     # A stream that ends without release keeps its lease until the TTL
                     # runs out, so the client can resume it after a network blip.
                     return
-                if item is _SHUTDOWN:
-                    raise ServerShuttingDown(
-                        "the License Server is stopping; resume the lease after it restarts "
-                        "or on another server"
-                    )
-                if isinstance(item, DomainError):
-                    raise item
+                # Holding the turn: no acknowledgement of the reader's is in flight while
+                # this item is handled, nor when the stream ends with an error below.
                 async with turn:
+                    if item is _SHUTDOWN:
+                        raise ServerShuttingDown(
+                            "the License Server is stopping; resume the lease after it "
+                            "restarts or on another server"
+                        )
+                    if isinstance(item, Exception):  # a DomainError, or a fault of ours
+                        raise item
                     async for response in session.handle(item):
-                        await context.write(response)
+                        if not await _answer(context, response):
+                            return  # the client is gone
                 if isinstance(item, pb.LeaseRequest):
                     reader.handled()
                 if session.finished:
