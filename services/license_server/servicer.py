@@ -64,10 +64,12 @@ class _Reader:
         self.unhandled -= 1
         self.credit.release()
 
-    async def read(self, requests: AsyncIterator[pb.LeaseRequest]) -> None:
-        session, inbox, turn = self.session, self.session.inbox, self.turn
+    async def read(self) -> None:
+        """Read until the client half-closes or goes away (``context.read``: the request
+        iterator grpc offers is one more async generator around it per message)."""
+        session, inbox, turn, context = self.session, self.session.inbox, self.turn, self.context
         try:
-            async for message in requests:
+            while (message := await context.read()) is not grpc.aio.EOF:
                 if not self.unhandled and inbox.empty() and not turn.locked():
                     async with turn:  # free, so taken without waiting: nothing comes between
                         try:
@@ -76,7 +78,7 @@ class _Reader:
                             inbox.put_nowait(error)
                             return
                         if ack is not None:
-                            if await _answer(self.context, ack):
+                            if await _answer(context, ack):
                                 continue
                             return  # the client is gone
                 self.unhandled += 1
@@ -140,7 +142,7 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         self._inboxes.add(session.inbox)
         turn = asyncio.Lock()
         reader = _Reader(session, context, turn)
-        reading = asyncio.create_task(reader.read(request_iterator))
+        reading = asyncio.create_task(reader.read())
         idle = self.admission.limits.stream_idle_seconds
         loop = asyncio.get_running_loop()
         idle_at = loop.time() + idle

@@ -150,8 +150,9 @@ class Leasing:
         last heard: acknowledged at once (the new expiry) and written with the next flush.
         None when it comes too late for that: ``heartbeat`` asks the database, which says
         why the lease is no longer held, or extends it."""
-        if self.clock.now() < known_expiry:
-            return self.heartbeats.beat(grant.lease)
+        now = self.clock.now()
+        if now < known_expiry:
+            return self.heartbeats.beat(grant.lease, now)
         return None
 
     async def resume(self, lease_id: str, secret: str) -> Grant:
