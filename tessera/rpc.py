@@ -30,7 +30,6 @@ Resp = TypeVar("Resp")
 ServicerT = TypeVar("ServicerT")
 
 UnaryMethod = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-StreamMethod = Callable[[S, Any, grpc.aio.ServicerContext[Any, Resp]], AsyncIterator[Resp]]
 
 
 def rich_status(
@@ -151,23 +150,6 @@ class ErrorTable:
         ) -> Resp:
             try:
                 return await method(self_, request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                await self.abort(context, error)
-
-        return wrapper
-
-    def stream(self, method: StreamMethod[S, Resp]) -> StreamMethod[S, Resp]:
-        """Decorate a response-streaming servicer method (an async generator)."""
-
-        @functools.wraps(method)
-        async def wrapper(
-            self_: S, request: Any, context: grpc.aio.ServicerContext[Any, Resp]
-        ) -> AsyncIterator[Resp]:
-            try:
-                async for response in method(self_, request, context):
-                    yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as error:

@@ -475,7 +475,7 @@ async def test_a_heartbeat_flush_fences_a_stream_that_missed_its_resume_event(
     await leasing.resume(grant.lease.lease_id, grant.secret)  # epoch 2, elsewhere
     heard: list[object] = []
     leasing.bus.watch_lease(grant.lease.lease_id, heard.append)
-    leasing.heartbeats.beat(grant.lease)  # the stale stream, still at epoch 1
+    leasing.heartbeats.beat(grant.lease, leasing.clock.now())  # the stale stream, still at epoch 1
     assert await leasing.heartbeats.flush() == 1
     assert heard == [LeaseResumed(grant.lease.lease_id, 2)]
 
@@ -526,13 +526,20 @@ async def behind_a_batch(server: Leasing, calls: int) -> tuple[asyncio.Task[Gran
     return first, behind
 
 
+async def gathering_behind_a_batch(leasing: Leasing, seconds: float) -> tuple[Leasing, list[Any]]:
+    """A server that gathers for ``seconds``, once one batch of one call committed with
+    GATHER_AFTER checkouts waiting behind it (the committer gathers now)."""
+    await seed(leasing, 20)
+    server = gathering(leasing, seconds)
+    first, behind = await behind_a_batch(server, GATHER_AFTER)
+    await first
+    return server, behind
+
+
 async def test_under_load_the_next_batch_gathers_the_calls_that_come_while_it_waits(
     leasing: Leasing,
 ) -> None:
-    await seed(leasing, 20)
-    server = gathering(leasing, 0.5)
-    first, behind = await behind_a_batch(server, GATHER_AFTER)
-    await first  # its batch committed; the 8 behind it make the committer gather
+    server, behind = await gathering_behind_a_batch(leasing, 0.5)
     late = [asyncio.create_task(server.acquire(new_lease(client=f"ws-late-{i}"))) for i in range(4)]
     grants = await asyncio.wait_for(asyncio.gather(*behind, *late), 30)
     assert all(isinstance(grant, Grant) for grant in grants)
@@ -546,10 +553,7 @@ async def test_a_gathering_batch_starts_once_the_callers_just_answered_are_back(
 ) -> None:
     """The committer stops gathering as soon as as many calls joined as its last batch
     answered (here one), not when the delay (far longer than the test may take) ends."""
-    await seed(leasing, 20)
-    server = gathering(leasing, 3600)
-    first, behind = await behind_a_batch(server, GATHER_AFTER)
-    await first  # its batch of one committed; the committer gathers for one more call
+    server, behind = await gathering_behind_a_batch(leasing, 3600)  # for one more call
     while server.group_commit._gathering is None:  # noqa: ASYNC110
         await asyncio.sleep(0)
     again = asyncio.create_task(server.acquire(new_lease(client="ws-first")))
@@ -560,10 +564,7 @@ async def test_a_gathering_batch_starts_once_the_callers_just_answered_are_back(
 
 
 async def test_a_gather_nobody_joins_ends_after_the_delay(leasing: Leasing) -> None:
-    await seed(leasing, 20)
-    server = gathering(leasing, 0.05)
-    first, behind = await behind_a_batch(server, GATHER_AFTER)
-    await first
+    server, behind = await gathering_behind_a_batch(leasing, 0.05)
     grants = await asyncio.wait_for(asyncio.gather(*behind), 30)
     assert all(isinstance(grant, Grant) for grant in grants)
     assert (server.group_commit.transactions, server.group_commit.calls) == (2, 1 + GATHER_AFTER)
@@ -629,10 +630,7 @@ async def test_a_committer_stopped_mid_batch_leaves_no_caller_waiting(leasing: L
 async def test_a_committer_stopped_while_it_gathers_leaves_no_caller_waiting(
     leasing: Leasing,
 ) -> None:
-    await seed(leasing, 20)
-    server = gathering(leasing, 3600)
-    first, behind = await behind_a_batch(server, GATHER_AFTER)
-    await first  # the committer now gathers for the 8 behind it
+    server, behind = await gathering_behind_a_batch(leasing, 3600)
     committer = server.group_commit._committer
     assert committer is not None
     committer.cancel()

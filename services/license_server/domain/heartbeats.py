@@ -45,11 +45,9 @@ class HeartbeatBatcher:
         self._pending: dict[str, tuple[int, int]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def beat(self, lease: Lease, now: dt.datetime | None = None) -> dt.datetime:
-        """Record a heartbeat for a lease the caller holds, at ``now`` (the clock's time
-        unless given); returns the new expiry."""
-        if now is None:
-            now = self.clock.now()
+    def beat(self, lease: Lease, now: dt.datetime) -> dt.datetime:
+        """Record a heartbeat at ``now`` for a lease the caller holds; returns the new
+        expiry."""
         before = self._pending.get(lease.lease_id)
         epoch = lease.epoch if before is None else min(before[1], lease.epoch)
         self._pending[lease.lease_id] = (lease.ttl_seconds, epoch)
