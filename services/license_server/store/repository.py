@@ -11,7 +11,21 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from sqlalchemy import RowMapping, and_, delete, exists, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    RowMapping,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -38,6 +52,50 @@ from services.license_server.store.tables import (
     trust_seal,
 )
 from tessera.storage import TransactionalStore, first_row
+
+# The statements every checkout and check-in batch runs, built once with bound parameters
+# instead of per batch (expressions, coercions, the compiled cache's key): a batch of 15
+# checkouts and 15 check-ins takes a quarter less CPU (docs/performance.md). The
+# parameters are named b_*: an UPDATE reserves its columns' own names.
+
+
+def _taking(ahead_of_ticket: bool) -> Update:
+    ahead = select(lease_queue.c.waiter_id).where(
+        lease_queue.c.feature == bindparam("b_feature"),
+        lease_queue.c.alive_until > bindparam("b_now"),
+    )
+    if ahead_of_ticket:
+        ahead = ahead.where(lease_queue.c.ticket < bindparam("b_ticket"))
+    return (
+        update(pools)
+        .where(
+            pools.c.feature == bindparam("b_feature"),
+            # Written as a difference so a huge count cannot overflow the column type.
+            bindparam("b_count", type_=Integer) <= pools.c.activated - pools.c.used,
+            ~exists(ahead),
+        )
+        .values(used=pools.c.used + bindparam("b_count", type_=Integer))
+    )
+
+
+_TAKE_SEATS = _taking(ahead_of_ticket=False)
+_TAKE_SEATS_AHEAD_OF_TICKET = _taking(ahead_of_ticket=True)
+_GIVE_BACK_SEATS = (
+    update(pools)
+    .where(pools.c.feature == bindparam("b_feature"))
+    .values(used=pools.c.used - bindparam("b_count", type_=Integer))
+)
+_RELEASE_LEASES = (
+    update(leases)
+    .where(
+        leases.c.lease_id.in_(bindparam("b_lease_ids", expanding=True)),
+        leases.c.secret_hash.in_(bindparam("b_hashes", expanding=True)),
+        leases.c.released_at.is_(None),
+    )
+    .values(released_at=bindparam("b_now"), release_reason=bindparam("b_reason"))
+    .returning(leases.c.lease_id, leases.c.secret_hash, leases.c.feature, leases.c.count)
+)
+_INSERT_LEASES = insert(leases)
 
 
 class DuplicateKey(Exception):
@@ -299,28 +357,17 @@ class Repository:
         """Take ``count`` seats if that many are free and nobody waits ahead, in one
         conditional statement. ``ticket`` is a queued caller's place in line; a caller
         that did not queue goes behind every live waiter."""
-        ahead = select(lease_queue.c.waiter_id).where(
-            lease_queue.c.feature == feature, lease_queue.c.alive_until > now
-        )
-        if ticket is not None:
-            ahead = ahead.where(lease_queue.c.ticket < ticket)
-        result = await self.session.execute(
-            update(pools)
-            .where(
-                pools.c.feature == feature,
-                # Written as a difference so a huge count cannot overflow the column type.
-                count <= pools.c.activated - pools.c.used,
-                ~exists(ahead),
-            )
-            .values(used=pools.c.used + count)
-        )
+        parameters: dict[str, object] = {"b_feature": feature, "b_count": count, "b_now": now}
+        if ticket is None:
+            result = await self.session.execute(_TAKE_SEATS, parameters)
+        else:
+            parameters["b_ticket"] = ticket
+            result = await self.session.execute(_TAKE_SEATS_AHEAD_OF_TICKET, parameters)
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def give_back_seats(self, seats: Counter[str]) -> None:
         for feature, count in sorted(seats.items()):  # rows in one order: no deadlocks
-            await self.session.execute(
-                update(pools).where(pools.c.feature == feature).values(used=pools.c.used - count)
-            )
+            await self.session.execute(_GIVE_BACK_SEATS, {"b_feature": feature, "b_count": count})
 
     async def get_pool(self, feature: str) -> PoolInformation | None:
         row = await first_row(self.session, select(pools).where(pools.c.feature == feature))
@@ -355,7 +402,7 @@ class Repository:
     async def insert_leases(self, granted: Sequence[tuple[Lease, bytes]]) -> None:
         """Insert many new leases (each with its secret's hash) in one statement."""
         await self.session.execute(
-            insert(leases),
+            _INSERT_LEASES,
             [
                 {
                     "lease_id": lease.lease_id,
@@ -386,16 +433,13 @@ class Repository:
         asked = set(credentials)
         rows = (
             await self.session.execute(
-                update(leases)
-                .where(
-                    leases.c.lease_id.in_({lease_id for lease_id, _ in asked}),
-                    leases.c.secret_hash.in_({hashed for _, hashed in asked}),
-                    leases.c.released_at.is_(None),
-                )
-                .values(released_at=now, release_reason=reason)
-                .returning(
-                    leases.c.lease_id, leases.c.secret_hash, leases.c.feature, leases.c.count
-                )
+                _RELEASE_LEASES,
+                {
+                    "b_lease_ids": list({lease_id for lease_id, _ in asked}),
+                    "b_hashes": list({hashed for _, hashed in asked}),
+                    "b_now": now,
+                    "b_reason": reason,
+                },
             )
         ).all()
         released: dict[tuple[str, bytes], str] = {}
