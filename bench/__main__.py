@@ -1,10 +1,11 @@
 """``python -m bench``: measure the License Server against a bare gRPC echo server.
 
-    .venv/bin/python -m bench                         # all phases, ~5 minutes
+    .venv/bin/python -m bench                         # the default phases, ~3 minutes
     .venv/bin/python -m bench --phases echo,cycles    # just the throughput phases
     .venv/bin/python -m bench --phases streams --streams 20000
     .venv/bin/python -m bench --phases replicas,failover   # scale-out (opt-in, PostgreSQL)
     .venv/bin/python -m bench.soak --minutes 60       # leaks and memory drift (bench/soak.py)
+    .venv/bin/python -m bench.batch                   # CPU per group-commit transaction
 
 See docs/performance.md for what each phase measures and the figures on this machine.
 """

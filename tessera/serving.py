@@ -34,6 +34,7 @@ from tessera.deadlines import CallDeadline
 from tessera.keys import InsecureKeyFile
 from tessera.metrics import MetricsServer
 from tessera.rpc import HandlerWrapper, MalformedRequestGuard, ServiceRegistrar, ServicerT
+from tessera.sqlite_connection import UnsupportedSQLite
 from tessera.tls import (
     ClientTls,
     PlaintextRefused,
@@ -212,7 +213,8 @@ def run_service(
 ) -> None:
     """A service's ``__main__``: settings -> logging -> build -> serve until SIGTERM. A
     configuration it refuses (a key file others can read, plaintext off loopback, an
-    unreadable TLS file) ends it with status 2 and the reason, without a traceback."""
+    unreadable TLS file, an SQLite library too old or too limited for its SQL) ends it
+    with status 2 and the reason, without a traceback."""
 
     async def main() -> int:
         settings = load_settings()
@@ -234,4 +236,4 @@ def run_service(
 
 
 # What stops a service from starting with a message rather than a traceback.
-REFUSALS = (InsecureKeyFile, PlaintextRefused, TlsConfigurationError)
+REFUSALS = (InsecureKeyFile, PlaintextRefused, TlsConfigurationError, UnsupportedSQLite)

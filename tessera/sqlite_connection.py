@@ -33,6 +33,31 @@ from aiosqlite.context import contextmanager
 
 _Description = tuple[tuple[Any, ...], ...] | None
 
+# What the services' SQL needs of SQLite: RETURNING (3.35), and room for a few thousand
+# bound parameters in one statement (the License Server's heartbeat flush binds up to
+# 5,000 lease ids). 32,766 is SQLite's own default limit since 3.32.
+MIN_SQLITE_VERSION = (3, 35, 0)
+MIN_BOUND_PARAMETERS = 32_766
+
+
+class UnsupportedSQLite(Exception):
+    """The SQLite library Python was built with cannot run the services' SQL."""
+
+
+def check_sqlite(connection: sqlite3.Connection) -> None:
+    """UnsupportedSQLite, saying what is missing, unless ``connection``'s SQLite has
+    RETURNING and allows MIN_BOUND_PARAMETERS bound parameters per statement."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        raise UnsupportedSQLite(
+            f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed (RETURNING)"
+        )
+    limit = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    if limit < MIN_BOUND_PARAMETERS:
+        raise UnsupportedSQLite(
+            f"this SQLite allows {limit} bound parameters per statement; "
+            f"{MIN_BOUND_PARAMETERS} or more are needed (SQLite's default since 3.32)"
+        )
+
 
 def _run(
     connection: sqlite3.Connection, begin: str | None, sql: str, parameters: Any, many: bool
@@ -153,8 +178,14 @@ class OneTripConnection(aiosqlite.Connection):
 async def connect(database: str, **options: Any) -> OneTripConnection:
     """Open ``database`` with one-trip cursors; ``options`` go to ``sqlite3.connect`` (the
     ones SQLAlchemy's dialect derives from the URL). The database thread is a daemon, so
-    a process that forgot to close its engine can still exit."""
+    a process that forgot to close its engine can still exit. UnsupportedSQLite when
+    the SQLite library cannot run the services' SQL (``check_sqlite``)."""
     connection = OneTripConnection(partial(sqlite3.connect, database, **options), 64)
     connection._thread.daemon = True
     await connection  # starts the thread and connects on it
+    try:
+        await connection._execute(check_sqlite, connection._conn)  # type: ignore[no-untyped-call]
+    except UnsupportedSQLite:
+        await connection.close()
+        raise
     return connection

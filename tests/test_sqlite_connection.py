@@ -14,6 +14,9 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select,
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tessera import sqlite_connection
+from tessera.serving import REFUSALS
+from tessera.sqlite_connection import UnsupportedSQLite, check_sqlite
 from tessera.storage import create_engine
 
 metadata = MetaData()
@@ -142,3 +145,34 @@ async def test_sqlite_options_in_the_url_reach_sqlite(tmp_path: Path) -> None:
                 await connection.execute(insert(seats), [{"feature": "a", "used": 0}])
     finally:
         await read_only.dispose()
+
+
+def test_an_sqlite_that_allows_too_few_bound_parameters_is_refused(tmp_path: Path) -> None:
+    """The heartbeat flush binds thousands of lease ids: an SQLite built with the old
+    limit of 999 would fail every flush, so it is refused with the reason instead."""
+    connection = sqlite3.connect(tmp_path / "limited.db")
+    try:
+        check_sqlite(connection)  # this machine's SQLite: accepted
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        with pytest.raises(UnsupportedSQLite, match="allows 999 bound parameters"):
+            check_sqlite(connection)
+    finally:
+        connection.close()
+
+
+async def test_an_engine_on_an_unsupported_sqlite_refuses_its_first_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check runs as the engine connects, before any statement: the service's
+    start-up (migrations) fails with UnsupportedSQLite, which it reports without a
+    traceback (tessera.serving.REFUSALS). Here the minimum is raised above what any
+    SQLite allows, as no SQLite on this machine is limited."""
+    monkeypatch.setattr(sqlite_connection, "MIN_BOUND_PARAMETERS", 2**31)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'refused.db'}")
+    try:
+        with pytest.raises(UnsupportedSQLite, match="bound parameters per statement"):
+            async with engine.connect() as connection:
+                await connection.execute(select(1))
+    finally:
+        await engine.dispose()
+    assert UnsupportedSQLite in REFUSALS
