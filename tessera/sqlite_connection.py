@@ -17,7 +17,8 @@ and the engine's BEGIN IMMEDIATE travels with the transaction's first statement.
 transaction now takes five.
 
 Everything else (transactions, COMMIT, the thread, closing) is aiosqlite's own. The
-engine gets these connections through SQLAlchemy's ``async_creator``.
+engine gets these connections through SQLAlchemy's ``async_creator``, and each one checks
+first that its SQLite can run the services' SQL (``check_sqlite``).
 """
 
 from __future__ import annotations
