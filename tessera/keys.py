@@ -8,8 +8,10 @@ The same rule holds for every secret file a service reads (bearer tokens, TLS ke
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
 import socket
 import stat
 from dataclasses import dataclass
@@ -22,6 +24,10 @@ from tessera.ids import fingerprint
 
 class InsecureKeyFile(Exception):
     """A private key (or token) file is readable by group or others."""
+
+
+class UnreadableKeyFile(Exception):
+    """A private key file that does not hold a key."""
 
 
 def check_private_file(path: Path, what: str = "private key") -> None:
@@ -50,21 +56,68 @@ class KeyFile:
 
 
 def load_or_create_signing_key(path: Path) -> KeyFile:
-    """Load the Ed25519 key at ``path``, creating it (mode 0600) when it does not exist."""
+    """Load the Ed25519 key at ``path``, creating it (mode 0600) when it does not exist.
+
+    A new key appears whole or not at all: it is written and synced to a file of its own
+    beside ``path``, then hard-linked to ``path``, which fails if another process got
+    there first. So processes starting together (replicas sharing a data directory)
+    agree on one key, and a crash mid-write leaves no half-written key behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return KeyFile(load_signing_key(path), path, created=False)
     key = SigningKey.generate()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.encode().hex() + "\n")
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key.encode().hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # another process created it meanwhile: theirs stands
+            return KeyFile(load_signing_key(path), path, created=False)
+        except OSError as error:
+            if error.errno not in _NO_HARD_LINKS:
+                raise
+            # A filesystem without hard links (SMB, FAT): take the name exclusively and
+            # write in place. One creator still wins, but a process that reads the file
+            # while it is written finds no key, refuses to start and loads it next time.
+            try:
+                _write_in_place(path, key)
+            except FileExistsError:
+                return KeyFile(load_signing_key(path), path, created=False)
+    finally:
+        draft.unlink(missing_ok=True)
     return KeyFile(key, path, created=True)
 
 
+# What os.link raises where the filesystem has no hard links.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _write_in_place(path: Path, key: SigningKey) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key.encode().hex() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def load_signing_key(path: Path) -> SigningKey:
-    """Load an Ed25519 key file, refusing one that group or others can read."""
-    seed = bytes.fromhex(read_private_file(path).decode().strip())
+    """Load an Ed25519 key file, refusing one that group or others can read, and one
+    that does not hold a key (UnreadableKeyFile)."""
+    text = read_private_file(path).decode(errors="replace").strip()
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise UnreadableKeyFile(
+            f"{path} does not hold an Ed25519 key (64 hex digits); restore it from a "
+            "backup, or move it away to have a new key made (a new host key changes "
+            "this host's identity)"
+        )
     return SigningKey(seed)
 
 

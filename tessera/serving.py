@@ -31,7 +31,7 @@ from tessera import logs
 from tessera.call_observer import CallObserver
 from tessera.config import CommonSettings
 from tessera.deadlines import CallDeadline
-from tessera.keys import InsecureKeyFile
+from tessera.keys import InsecureKeyFile, UnreadableKeyFile
 from tessera.metrics import MetricsServer
 from tessera.rpc import HandlerWrapper, MalformedRequestGuard, ServiceRegistrar, ServicerT
 from tessera.sqlite_connection import UnsupportedSQLite
@@ -212,9 +212,9 @@ def run_service(
     build: Callable[[SettingsT], Awaitable[_Service]],
 ) -> None:
     """A service's ``__main__``: settings -> logging -> build -> serve until SIGTERM. A
-    configuration it refuses (a key file others can read, plaintext off loopback, an
-    unreadable TLS file, an SQLite library too old or too limited for its SQL) ends it
-    with status 2 and the reason, without a traceback."""
+    configuration it refuses (a key file others can read or that holds no key, plaintext
+    off loopback, an unreadable TLS file, an SQLite library too old or too limited for
+    its SQL) ends it with status 2 and the reason, without a traceback."""
 
     async def main() -> int:
         settings = load_settings()
@@ -236,4 +236,10 @@ def run_service(
 
 
 # What stops a service from starting with a message rather than a traceback.
-REFUSALS = (InsecureKeyFile, PlaintextRefused, TlsConfigurationError, UnsupportedSQLite)
+REFUSALS = (
+    InsecureKeyFile,
+    UnreadableKeyFile,
+    PlaintextRefused,
+    TlsConfigurationError,
+    UnsupportedSQLite,
+)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import multiprocessing
+import os
 import random
 import stat
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -34,6 +38,7 @@ from tessera.ids import (
 from tessera.keys import (
     HostIdentity,
     InsecureKeyFile,
+    UnreadableKeyFile,
     host_id,
     load_or_create_signing_key,
     machine_binding,
@@ -41,7 +46,7 @@ from tessera.keys import (
     vendor_key_id,
 )
 from tessera.rpc import ServiceRegistrar
-from tessera.serving import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
+from tessera.serving import REFUSALS, YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
 
 # IDs
 
@@ -364,6 +369,83 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> No
     path.chmod(mode)
     with pytest.raises(InsecureKeyFile, match="0600"):
         load_or_create_signing_key(path)
+
+
+def _create_key_when_told(path: Path, go: Any, results: Any) -> None:
+    go.wait()
+    key_file = load_or_create_signing_key(path)
+    results.put((bytes(key_file.signing_key.verify_key), key_file.created))
+
+
+def test_processes_creating_one_key_file_together_agree_on_one_key(tmp_path: Path) -> None:
+    """Replicas sharing a data directory start together: each either creates the key or
+    loads the one another created, whole (never a half-written file), and all agree."""
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        path = tmp_path / f"attempt-{attempt}" / "host.key"
+        go, results = context.Event(), context.Queue()
+        racers = [
+            context.Process(target=_create_key_when_told, args=(path, go, results))
+            for _ in range(6)
+        ]
+        for racer in racers:
+            racer.start()
+        go.set()
+        for racer in racers:
+            racer.join(timeout=60)
+            assert racer.exitcode == 0  # a racer that read a half-written key crashed
+        outcomes = [results.get(timeout=5) for _ in racers]
+        assert len({public_key for public_key, _ in outcomes}) == 1
+        assert sum(created for _, created in outcomes) == 1
+        assert os.listdir(path.parent) == ["host.key"]  # no drafts left behind
+
+
+def test_a_key_that_fails_to_reach_the_disk_leaves_no_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (a full disk; a crash is the same as far as the file goes)
+    leaves nothing at the key's path, so the next start makes a key instead of finding
+    a half-written one."""
+    path = tmp_path / "host.key"
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        load_or_create_signing_key(path)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    assert load_or_create_signing_key(path).created
+
+
+def test_a_filesystem_without_hard_links_still_gets_a_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where os.link is refused (SMB, FAT), the key is written in place instead."""
+
+    def no_hard_links(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    path = tmp_path / "host.key"
+    monkeypatch.setattr(os, "link", no_hard_links)
+    created = load_or_create_signing_key(path)
+    assert created.created
+    assert os.listdir(tmp_path) == ["host.key"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_signing_key(path).signing_key == created.signing_key
+
+
+@pytest.mark.parametrize("content", ["", "not hex\n", "abcd\n"])
+def test_a_key_file_without_a_key_is_refused_with_the_way_out(tmp_path: Path, content: str) -> None:
+    """An empty or damaged key file (an older version could leave an empty one after a
+    crash) stops the service with a reason (REFUSALS), not a traceback."""
+    path = tmp_path / "host.key"
+    path.write_text(content)
+    path.chmod(0o600)
+    with pytest.raises(UnreadableKeyFile, match="does not hold an Ed25519 key"):
+        load_or_create_signing_key(path)
+    assert UnreadableKeyFile in REFUSALS
 
 
 def test_host_id_depends_on_key_and_machine_binding() -> None:
