@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import inspect
 import logging
-import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from tessera.errors import CredentialInvalid, CredentialMissing, DomainError, RoleNotAllowed
-from tessera.keys import read_private_file
+from tessera.keys import UnreadableKeyFile, create_private_file, read_private_file
 from tessera.rpc import ErrorTable, HandlerWrapper, abort, rich_status
 
 if TYPE_CHECKING:
@@ -303,17 +302,19 @@ def credential_settings(
 
 
 def load_or_create_token(path: Path) -> tuple[str, bool]:
-    """The token stored at ``path`` (mode 0600), created when missing. An existing file
-    that group or others can read is refused (InsecureKeyFile)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return read_private_file(path, "token").decode().strip(), False
+    """The token stored at ``path`` (mode 0600), created when missing (whole or not at
+    all: ``create_private_file``). An existing file that group or others can read is
+    refused (InsecureKeyFile), and so is one that holds no token (UnreadableKeyFile)."""
     token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    return token, True
+    if create_private_file(path, token + "\n"):
+        return token, True
+    stored = read_private_file(path, "token").decode(errors="replace").strip()
+    if not stored:
+        raise UnreadableKeyFile(
+            f"{path} holds no token; move it away to have a new one made (callers using "
+            "the old token must then be given the new one)"
+        )
+    return stored, False
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:

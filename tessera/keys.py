@@ -27,7 +27,7 @@ class InsecureKeyFile(Exception):
 
 
 class UnreadableKeyFile(Exception):
-    """A private key file that does not hold a key."""
+    """A private key (or token) file that does not hold one."""
 
 
 def check_private_file(path: Path, what: str = "private key") -> None:
@@ -55,53 +55,59 @@ class KeyFile:
     created: bool
 
 
-def load_or_create_signing_key(path: Path) -> KeyFile:
-    """Load the Ed25519 key at ``path``, creating it (mode 0600) when it does not exist.
+def create_private_file(path: Path, content: str) -> bool:
+    """Write ``content`` to a new file at ``path`` (mode 0600); False, writing nothing,
+    when the file exists already.
 
-    A new key appears whole or not at all: it is written and synced to a file of its own
+    The file appears whole or not at all: ``content`` is written and synced to a draft
     beside ``path``, then hard-linked to ``path``, which fails if another process got
     there first. So processes starting together (replicas sharing a data directory)
-    agree on one key, and a crash mid-write leaves no half-written key behind."""
+    agree on one file, and a crash mid-write leaves no half-written file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        return KeyFile(load_signing_key(path), path, created=False)
-    key = SigningKey.generate()
+        return False
     draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key.encode().hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new(draft, content)
         try:
             os.link(draft, path)
         except FileExistsError:  # another process created it meanwhile: theirs stands
-            return KeyFile(load_signing_key(path), path, created=False)
+            return False
         except OSError as error:
             if error.errno not in _NO_HARD_LINKS:
                 raise
             # A filesystem without hard links (SMB, FAT): take the name exclusively and
             # write in place. One creator still wins, but a process that reads the file
-            # while it is written finds no key, refuses to start and loads it next time.
+            # while it is written finds it short, refuses to start, and reads it next time.
             try:
-                _write_in_place(path, key)
+                _write_new(path, content)
             except FileExistsError:
-                return KeyFile(load_signing_key(path), path, created=False)
+                return False
     finally:
         draft.unlink(missing_ok=True)
-    return KeyFile(key, path, created=True)
+    return True
 
 
 # What os.link raises where the filesystem has no hard links.
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
-def _write_in_place(path: Path, key: SigningKey) -> None:
+def _write_new(path: Path, content: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(key.encode().hex() + "\n")
+        handle.write(content)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def load_or_create_signing_key(path: Path) -> KeyFile:
+    """Load the Ed25519 key at ``path``, creating it (mode 0600, ``create_private_file``:
+    whole or not at all) when it does not exist."""
+    if not path.exists():
+        key = SigningKey.generate()
+        if create_private_file(path, key.encode().hex() + "\n"):
+            return KeyFile(key, path, created=True)
+    return KeyFile(load_signing_key(path), path, created=False)
 
 
 def load_signing_key(path: Path) -> SigningKey:

@@ -31,7 +31,7 @@ from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.auth import bearer_metadata, load_or_create_token
 from tessera.errors import PeerUnavailable
 from tessera.ids import ENTITLEMENT_PREFIX, new_id
-from tessera.keys import InsecureKeyFile, read_private_file
+from tessera.keys import InsecureKeyFile, UnreadableKeyFile, read_private_file
 from tessera.serving import Endpoint, is_serving
 from tessera.tls import (
     PlaintextRefused,
@@ -256,6 +256,16 @@ def test_token_files_are_made_0600_and_refused_when_others_can_read_them(tmp_pat
     assert load_or_create_token(path) == (token, False)
     path.chmod(0o644)
     with pytest.raises(InsecureKeyFile, match=f"chmod 600 {path}"):
+        load_or_create_token(path)
+
+
+def test_an_empty_token_file_is_refused_not_taken_as_an_empty_token(tmp_path: Path) -> None:
+    """A token file left empty (by a crash of an older version mid-write) must not make
+    the empty string a credential: the service refuses to start with the way out."""
+    path = tmp_path / "operator-token"
+    path.write_text("\n")
+    path.chmod(0o600)
+    with pytest.raises(UnreadableKeyFile, match="holds no token"):
         load_or_create_token(path)
 
 
