@@ -28,6 +28,7 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from tessera.keys import (
+    create_private_file,
     load_or_create_signing_key,
     load_signing_key,
     read_vendor_public_keys,
@@ -100,9 +101,9 @@ class KeyDirectory:
         """Store a new key, publish its public half, then make it the one that signs."""
         key_id = vendor_key_id(signing_key.verify_key)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self._path(key_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(signing_key.encode().hex() + "\n")
+        path = self._path(key_id)
+        if not create_private_file(path, signing_key.encode().hex() + "\n"):
+            raise FileExistsError(f"{path} exists already")
         keyring, _ = self.load(created_at)
         widened = Keyring(
             (*keyring.keys, StoredKey(key_id, signing_key, created_at)), keyring.active_key_id
