@@ -1,8 +1,9 @@
 """Optional sampling profiles of the server under test with py-spy (``--profile DIR``).
 
-py-spy is not a dependency of the project: ``.venv/bin/pip install py-spy``. Profiles are
-collapsed stacks (``--format raw``), one file per measured window, summarised here as the
-functions with the most samples on top of the stack (self) and anywhere on it (total).
+py-spy is not a dependency of the project:
+``tools/.venv/bin/uv pip install --python .venv py-spy``. Profiles are collapsed stacks
+(``--format raw``), one file per measured window, summarised here as the functions with
+the most samples on top of the stack (self) and anywhere on it (total).
 """
 
 from __future__ import annotations
