@@ -56,21 +56,22 @@ def parse_address(text: str) -> list[ServerAddress]:
 
 
 def _parse_one(part: str, whole: str) -> ServerAddress:
+    # Where the mistake is, when the address has more to it than the mistake.
+    within = "" if part == whole.strip() else f" in {whole!r}"
     port_text, at, host = part.partition("@")
     if not at:
         raise InvalidLicenseServerAddress(
-            f"Invalid license server configuration: {part!r} in {whole!r} is not of the form "
+            f"Invalid license server configuration: {part!r}{within} is not of the form "
             "port@host or @host"
         )
     if not _HOST.match(host):
         raise InvalidLicenseServerAddress(
-            f"Invalid license server configuration: {host!r} in {whole!r} is not a host name"
+            f"Invalid license server configuration: {host!r}{within} is not a host name"
         )
     if not port_text:
         return ServerAddress(host, DEFAULT_PORTS)
     if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise InvalidLicenseServerAddress(
-            f"Invalid license server configuration: {port_text!r} in {whole!r} is not a port "
-            "(1-65535)"
+            f"Invalid license server configuration: {port_text!r}{within} is not a port (1-65535)"
         )
     return ServerAddress(host, (int(port_text),))

@@ -8,6 +8,12 @@ otherwise): ``var/administrator/operator-token`` (the Administrator's),
 ``var/license_server/operator-token`` and ``var/activation_server/vendor-token``.
 ``tessera config`` shows what won and why.
 
+A service address given empty or blank (``--license-server "$UNSET"``, an empty
+``TESSERA_LICENSE_SERVER=``, ``license_server = ""``) is refused, not taken as "use the
+default": the default is the local server, and a command meant for another one would
+change this one. A License Server address that does not parse is refused before any
+call, naming where it came from.
+
 TLS (``--tls``, ``--tls-ca``, ``--tls-cert``/``--tls-key`` for mutual TLS,
 ``--tls-server-name``) applies to every service the CLI calls; without it the CLI speaks
 plaintext, as ``make up``'s loopback services do.
@@ -22,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tessera.address import parse_address
+from tessera.errors import InvalidLicenseServerAddress
 from tessera.tls import ClientTls, TlsConfigurationError, client_tls
-from tessera_cli.failures import UsageError
+from tessera_cli.failures import CliError, ExitCode, Failure, UsageError
 
 DEFAULT_ADMINISTRATOR = "127.0.0.1:27200"
 DEFAULT_LICENSE_SERVER = "@localhost"
@@ -184,6 +192,26 @@ def resolve(
             return Setting(str(config[key]), config_source)
         return Setting(default, "default")
 
+    def address(
+        flag: str | None, flag_name: str, env: str, key: str, default: str
+    ) -> tuple[Setting, str]:
+        """Like ``pick``, and where it was given in words ('' for the default). Given at
+        all, even empty, a setting wins: an unset shell variable must not fall through
+        to the default (the local server) and act there."""
+        if flag is not None:
+            return Setting(flag, f"flag {flag_name}"), flag_name
+        if env in environ:
+            return Setting(environ[env], f"env {env}"), env
+        if key in config:
+            return Setting(str(config[key]), config_source), f"{key} in {config_path}"
+        return Setting(default, "default"), ""
+
+    def host_port(flag: str | None, flag_name: str, env: str, key: str, default: str) -> Setting:
+        setting, where = address(flag, flag_name, env, key, default)
+        if where and not setting.value.strip():
+            raise UsageError(f"{where} is empty; give HOST:PORT, e.g. {default}")
+        return setting
+
     def relative_to_config(text: str) -> Path:
         path = Path(text).expanduser()
         if config_path is not None and not path.is_absolute():
@@ -225,22 +253,26 @@ def resolve(
 
     tls, tls_source = _tls(flags, environ, config, config_source, cwd, relative_to_config)
 
+    license_server, where = address(
+        flags.license_server,
+        "--license-server",
+        "TESSERA_LICENSE_SERVER",
+        "license_server",
+        DEFAULT_LICENSE_SERVER,
+    )
+    if where:
+        check_license_server(license_server.value, where)
+
     return Settings(
-        administrator=pick(
+        administrator=host_port(
             flags.administrator,
             "--administrator",
             "TESSERA_ADMINISTRATOR",
             "administrator",
             DEFAULT_ADMINISTRATOR,
         ),
-        license_server=pick(
-            flags.license_server,
-            "--license-server",
-            "TESSERA_LICENSE_SERVER",
-            "license_server",
-            DEFAULT_LICENSE_SERVER,
-        ),
-        activation_server=pick(
+        license_server=license_server,
+        activation_server=host_port(
             flags.activation_server,
             "--activation-server",
             "TESSERA_ACTIVATION_SERVER",
@@ -257,6 +289,21 @@ def resolve(
         tls_source=tls_source,
         administrator_token=token("administrator", ADMINISTRATOR_TOKEN_FILE),
     )
+
+
+def check_license_server(address: str, where: str) -> str:
+    """``address`` if it is a License Server address, else a one-line refusal (exit 2,
+    reason INVALID_LICENSE_SERVER_ADDRESS) that names ``where`` it came from (a flag,
+    an environment variable, the config file)."""
+    if not address.strip():
+        message = f"{where} is empty; give an address, e.g. @localhost or 27000@es-host"
+    else:
+        try:
+            parse_address(address)
+            return address
+        except InvalidLicenseServerAddress as error:
+            message = f"{error.message} ({where})"
+    raise CliError(Failure(ExitCode.USAGE, message, reason=InvalidLicenseServerAddress.reason))
 
 
 def _tls(

@@ -1451,6 +1451,54 @@ async def test_administrator_refuses_an_invalid_license_server_address(
             assert await snapshot(site) == before
 
 
+async def test_every_administrator_call_refuses_an_empty_license_server_address(
+    site: Site, subtests: pytest.Subtests
+) -> None:
+    """An empty address (an unset variable) is never "the default server": each field
+    of each Administrator request that names a License Server, found in the service's
+    descriptor so a new call is covered too, is refused INVALID_ARGUMENT /
+    INVALID_LICENSE_SERVER_ADDRESS naming that field, and nothing changes."""
+    order = await entitlement(site)
+    valid = {
+        "activation_id": order.lines[0].activation_id,
+        "count": 1,
+        "certificate_id": "c-1",
+        "response_file": b"Tessera response",
+        "kind": admin_pb2.OPERATION_KIND_ACTIVATE,
+    }
+    service = admin_pb2.DESCRIPTOR.services_by_name["AdministratorService"]
+    checked = []
+    for method in service.methods:
+        message_class = getattr(admin_pb2, method.input_type.name)
+        address_fields = [
+            field.name
+            for field in method.input_type.fields
+            if field.name.endswith("license_server") and field.type == field.TYPE_STRING
+        ]
+        for empty in address_fields:
+            with subtests.test(f"{method.name}.{empty}"):
+                request = message_class(
+                    **{
+                        name: value
+                        for name, value in valid.items()
+                        if name in method.input_type.fields_by_name
+                    },
+                    **{field: site.license_address for field in address_fields if field != empty},
+                )
+                setattr(request, empty, "")
+                before = await snapshot(site)
+                error = await expect(
+                    getattr(site.administrator, method.name)(request),
+                    Code.INVALID_ARGUMENT,
+                    "INVALID_LICENSE_SERVER_ADDRESS",
+                )
+                assert field_of(error) == empty
+                assert "empty" in (error.details() or "")
+                assert await snapshot(site) == before
+                checked.append(f"{method.name}.{empty}")
+    assert len(checked) >= 8, checked  # Activate … ImportResponse, both ends of Move
+
+
 # changed fields -> the field named in the refusal
 ADMIN_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "zero-count": ({"count": 0}, "count"),

@@ -6,6 +6,10 @@ import argparse
 import asyncio
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pytest
 
 from tessera_cli import parser as cli_parser
 from tessera_cli.app import App
-from tessera_cli.failures import HINTS, ExitCode, Service, Situation, UsageError
+from tessera_cli.failures import HINTS, CliError, ExitCode, Service, Situation, UsageError
 from tessera_cli.settings import Flags, resolve
 from tessera_cli.terminal import Cell, Column, Progress, Style, table, wants_colour
 
@@ -122,6 +126,107 @@ def test_tokens_come_from_flag_env_config_or_the_make_up_data_dir(
     assert missing is not None
     with pytest.raises(UsageError, match="cannot read the token file"):
         missing.read()
+
+
+def test_an_address_given_empty_is_refused_not_taken_for_the_default(
+    tmp_path: Path, home: Path
+) -> None:
+    """--license-server "$UNSET" used to mean @localhost: a command meant for another
+    License Server acted on the local one. Given empty or blank anywhere, it is refused,
+    naming where it was given; so are the other services' addresses."""
+    config = write_config(home, 'license_server = ""\n')
+    cases: list[tuple[Flags, dict[str, str], str]] = [
+        (Flags(license_server=""), {}, "--license-server is empty"),
+        (Flags(license_server="   "), {}, "--license-server is empty"),
+        (Flags(), {"TESSERA_LICENSE_SERVER": ""}, "TESSERA_LICENSE_SERVER is empty"),
+        (Flags(), {}, f"license_server in {config} is empty"),
+    ]
+    for flags, env, words in cases:
+        with pytest.raises(CliError) as refused:
+            resolve(flags, env, tmp_path, home)
+        failure = refused.value.failure
+        assert failure.message.startswith(words), failure.message
+        assert (failure.exit_code, failure.reason) == (
+            ExitCode.USAGE,
+            "INVALID_LICENSE_SERVER_ADDRESS",
+        )
+    config.unlink()
+    for flags, env, words in [
+        (Flags(administrator=""), {}, "--administrator is empty"),
+        (Flags(), {"TESSERA_ACTIVATION_SERVER": " "}, "TESSERA_ACTIVATION_SERVER is empty"),
+    ]:
+        with pytest.raises(UsageError, match=words):
+            resolve(flags, env, tmp_path, home)
+    # An address that does not parse is refused before any call, naming its source.
+    with pytest.raises(CliError, match=r"'localhost' is not of the form .*\(--license-server\)"):
+        resolve(Flags(license_server="localhost"), {}, tmp_path, home)
+    # Not given at all: the default, as before.
+    assert resolve(Flags(), {}, tmp_path, home).license_server.value == "@localhost"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "config", "words"),
+    [
+        (["--license-server", "", "activate", "ACT-K8TD-297G-HW0T"], {}, "", "--license-server"),
+        (["activate", "ACT-K8TD-297G-HW0T"], {"TESSERA_LICENSE_SERVER": ""}, "", "TESSERA_"),
+        (["activate", "ACT-K8TD-297G-HW0T"], {}, 'license_server = ""\n', "license_server in"),
+        (["licenses", "--license-server", "  "], {}, "", "--license-server"),
+        (["move", "c-1", "--from", "", "--to", "@es-host"], {}, "", "--from"),
+        (["move", "c-1", "--to", ""], {}, "", "--to"),
+        (["--administrator", "", "order", "ENT-K8TD-297G-HW0T"], {}, "", "--administrator"),
+    ],
+    ids=["flag", "env", "config", "blank", "move-from", "move-to", "administrator"],
+)
+def test_the_cli_refuses_an_empty_address_in_one_line_and_sends_nothing(
+    tmp_path: Path, argv: list[str], env: dict[str, str], config: str, words: str
+) -> None:
+    """The real console script: exit 2, one line on stderr that names where the empty
+    address came from, and not a byte sent to the service it would have called."""
+    home = tmp_path / "home"
+    if config:  # named as given, relative: its refusal names it so (and fits one line)
+        (tmp_path / "cli.toml").write_text(config)
+        env = {**env, "TESSERA_CONFIG": "cli.toml"}
+    with socket.socket() as service:  # stands in for the Administrator: counts who calls
+        service.bind(("127.0.0.1", 0))
+        service.listen()
+        service.setblocking(False)
+        target = f"127.0.0.1:{service.getsockname()[1]}"
+        environ = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")},
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "TESSERA_ADMINISTRATOR": target,
+            "TESSERA_ACTIVATION_SERVER": target,
+            "TESSERA_DATA_DIR": str(tmp_path / "var"),
+            **env,
+        }
+        environ.pop("COLUMNS", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "tessera_cli", "--timeout", "5", *argv],
+            env=environ,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        with pytest.raises(BlockingIOError):
+            service.accept()
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: {words}") and "is empty; give" in line, line
+
+    as_json = subprocess.run(
+        [sys.executable, "-m", "tessera_cli", "--json", *argv],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_json.returncode == 2 and as_json.stderr == ""
+    expected = "USAGE" if words == "--administrator" else "INVALID_LICENSE_SERVER_ADDRESS"
+    assert json.loads(as_json.stdout)["error"]["reason"] == expected
 
 
 def run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:

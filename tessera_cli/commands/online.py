@@ -14,6 +14,7 @@ from tessera.admin.v1 import admin_pb2
 from tessera_cli import records, views
 from tessera_cli.commands import lookup
 from tessera_cli.session import Result, Session
+from tessera_cli.settings import check_license_server
 
 
 def operation_id(args: argparse.Namespace, session: Session) -> str:
@@ -101,7 +102,13 @@ async def repair(args: argparse.Namespace, session: Session) -> Result:
 
 
 async def move(args: argparse.Namespace, session: Session) -> Result:
-    source = args.source or session.settings.license_server.value
+    # --from "" is refused like --license-server "", not taken for the default.
+    source = (
+        session.settings.license_server.value
+        if args.source is None
+        else check_license_server(args.source, "--from")
+    )
+    check_license_server(args.to, "--to")
     found = await lookup.certificate(session, source, args.certificate, args.feature)
     certificate_id = found.certificate.certificate_id if found else str(args.certificate)
     request = admin_pb2.MoveRequest(
