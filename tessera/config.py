@@ -6,6 +6,9 @@ Each service has one environment prefix (``TESSERA_AS_``, ``TESSERA_LS_``,
 Transport security is common to all three: ``--tls-cert``/``--tls-key`` serve TLS,
 ``--tls-client-ca`` adds mutual TLS, and plaintext is served on loopback only unless
 ``--allow-plaintext`` says otherwise (``tessera.tls``).
+
+A setting it refuses ends the service with status 2 and one line: the service, what is
+wrong, and ``--help``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from tessera.logs import LOG_FORMATS
 from tessera.metrics import split_listen
@@ -28,6 +32,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Below this, health checks and ordinary requests would not fit.
 MIN_MESSAGE_BYTES = 4 * 1024
 DEFAULT_MAX_CALL_SECONDS = 30.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every refusal to start; argparse would print the whole usage
+        # (dozens of options) before it.
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
 
 
 class SettingsParser:
@@ -48,7 +59,7 @@ class SettingsParser:
         self.prefix = prefix
         self.service = service
         self.environ = os.environ if environ is None else environ
-        self.parser = argparse.ArgumentParser(prog=prog, description=description)
+        self.parser: argparse.ArgumentParser = _Parser(prog=prog, description=description)
         self.add("--listen", default_listen, "host:port to serve gRPC on")
         self.add(
             "--database-url",
@@ -134,6 +145,10 @@ class SettingsParser:
             self.parser.error(
                 f"--max-call-seconds: {args.max_call_seconds!r} is not a number of seconds >= 0"
             )
+        try:
+            split_listen(args.listen)
+        except ValueError:
+            self.parser.error(f"--listen: {args.listen!r} is not HOST:PORT")
         metrics_listen = args.metrics_listen.strip()
         if metrics_listen:
             try:

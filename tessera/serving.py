@@ -10,14 +10,20 @@ in-flight calls get a grace period, then the service's own cleanup (streams told
 database closed) runs. A service serves TLS (or mutual TLS) when configured, and
 plaintext only on loopback unless explicitly allowed (``tessera.tls``); a refused
 configuration or a private key file others can read stops it before it serves.
+
+A service never shares its port: gRPC's default SO_REUSEPORT is turned off, so a second
+License Server on the same port is refused instead of splitting the clients with the
+first, and a port something else holds ends start-up with one line naming the port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
@@ -32,7 +38,7 @@ from tessera.call_observer import CallObserver
 from tessera.config import CommonSettings
 from tessera.deadlines import CallDeadline
 from tessera.keys import InsecureKeyFile, UnreadableKeyFile
-from tessera.metrics import MetricsServer
+from tessera.metrics import MetricsServer, split_listen
 from tessera.rpc import HandlerWrapper, MalformedRequestGuard, ServiceRegistrar, ServicerT
 from tessera.sqlite_connection import UnsupportedSQLite
 from tessera.tls import (
@@ -79,6 +85,10 @@ class Endpoint:
                 # connections carrying thousands of lease streams the probing cost CPU on
                 # both ends (docs/performance.md).
                 ("grpc.http2.bdp_probe", 0),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port then
+                # starts silently and the kernel splits the clients between the two (two
+                # trusted storages answering one address). Off, the second bind fails.
+                ("grpc.so_reuseport", 0),
             ],
         )
         # Servicers are added with ``add_servicer``, not to the server itself, so every
@@ -113,20 +123,31 @@ class Endpoint:
     def bind(self, listen: str, tls: ServerTls | None = None, allow_plaintext: bool = False) -> int:
         """Listen on ``host:port``, with ``tls`` or else plaintext; returns the bound port
         (useful with port 0). Plaintext off loopback raises PlaintextRefused unless
-        ``allow_plaintext``."""
+        ``allow_plaintext``; a port in use (or an address not this host's) raises
+        ListenRefused."""
         check_plaintext(listen, tls, allow_plaintext)
-        if tls is not None:
-            port: int = self._server.add_secure_port(listen, tls.credentials())
-        else:
-            port = self._server.add_insecure_port(listen)
+        try:
+            if tls is not None:
+                port: int = self._server.add_secure_port(listen, tls.credentials())
+            else:
+                port = self._server.add_insecure_port(listen)
+        except RuntimeError:  # grpc says only "Failed to bind"; the probe says why
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {listen}")
+            check_listen(listen, "--listen")
+            raise ListenRefused(f"cannot listen on {listen}; choose --listen")
         return port
 
     async def start(self, metrics_listen: str = "") -> None:
         """Serve gRPC and, when ``metrics_listen`` is set, GET /metrics there."""
         if metrics_listen:
-            await self.metrics.start(metrics_listen)
+            try:
+                await self.metrics.start(metrics_listen)
+            except OSError as error:
+                check_listen(metrics_listen, "--metrics-listen", METRICS_HOLDER)
+                raise ListenRefused(
+                    f"cannot listen on {metrics_listen}: {error.strerror}; choose --metrics-listen"
+                ) from error
         await self._server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -145,6 +166,75 @@ class Endpoint:
             await before_grace()
         await self._server.stop(grace)
         await self.metrics.stop()
+
+
+class ListenRefused(Exception):
+    """A port this service cannot listen on: another program holds it (no sharing), or
+    the address is not this host's."""
+
+
+# Who may hold a service's port, for the refusal that names it.
+PORT_HOLDERS = {
+    "license_server": "another License Server or FlexNet's lmgrd?",
+    "administrator": "another Administrator?",
+    "activation_server": "another Activation Server?",
+}
+METRICS_HOLDER = "another service or exporter?"
+PORT_IN_USE = "in use"
+
+
+def listen_problem(listen: str) -> str:
+    """Why ``listen`` (``host:port``) cannot be listened on: PORT_IN_USE when a socket
+    already listens there (whatever its options: this probe asks for no port sharing),
+    the system's reason when no address of the host is this machine's, or '' when it
+    can (port 0, any free port, always can). ValueError when it is not HOST:PORT."""
+    host, port = split_listen(listen)
+    if port == 0:
+        return ""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        return str(error.strerror)
+    bound, failure = False, "no address"
+    for family, kind, protocol, _, address in addresses:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                # As gRPC and asyncio do: a port whose old connections linger in
+                # TIME_WAIT (a service just restarted) is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return PORT_IN_USE
+            failure = str(error.strerror)
+        else:
+            bound = True
+    # One address is enough, as for gRPC: localhost binds 127.0.0.1 with IPv6 off.
+    return "" if bound else failure
+
+
+def check_listen(listen: str, flag: str, holder: str = "another program?") -> None:
+    """Raise ListenRefused, naming the port and ``flag`` (the way out), when ``listen``
+    cannot be listened on (``listen_problem``)."""
+    try:
+        problem = listen_problem(listen)
+    except ValueError:
+        raise ListenRefused(f"{flag} {listen!r} is not HOST:PORT") from None
+    if problem == PORT_IN_USE:
+        raise ListenRefused(f"port {split_listen(listen)[1]} is in use ({holder}); choose {flag}")
+    if problem:
+        raise ListenRefused(f"cannot listen on {listen}: {problem}; choose {flag}")
+
+
+def check_ports(common: CommonSettings) -> None:
+    """Before anything is built (keys made, database migrated): refuse a ``--listen`` or
+    ``--metrics-listen`` port that is in use (``check_listen``). The bind itself refuses
+    too, should something take the port meanwhile."""
+    check_listen(common.listen, "--listen", PORT_HOLDERS.get(common.service, "another program?"))
+    if common.metrics_listen:
+        check_listen(common.metrics_listen, "--metrics-listen", METRICS_HOLDER)
 
 
 async def wait_for_stop_signal() -> None:
@@ -212,15 +302,17 @@ def run_service(
     build: Callable[[SettingsT], Awaitable[_Service]],
 ) -> None:
     """A service's ``__main__``: settings -> logging -> build -> serve until SIGTERM. A
-    configuration it refuses (a key file others can read or that holds no key, plaintext
-    off loopback, an unreadable TLS file, an SQLite library too old or too limited for
-    its SQL) ends it with status 2 and the reason, without a traceback."""
+    configuration it refuses (a port in use, a key file others can read or that holds no
+    key, plaintext off loopback, an unreadable TLS file, an SQLite library too old or too
+    limited for its SQL) ends it with status 2 and one line saying why, without a
+    traceback."""
 
     async def main() -> int:
         settings = load_settings()
         common = settings.common
         configure_logging(common.log_level, common.log_format, common.service)
         try:
+            check_ports(common)
             if common.tls is not None:
                 common.tls.check()
             service = await build(settings)
@@ -237,6 +329,7 @@ def run_service(
 
 # What stops a service from starting with a message rather than a traceback.
 REFUSALS = (
+    ListenRefused,
     InsecureKeyFile,
     UnreadableKeyFile,
     PlaintextRefused,

@@ -24,7 +24,7 @@ from tessera.activation.v1 import activation_pb2 as pb
 from tessera.activation.v1 import activation_pb2_grpc as pb_grpc
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
-from tessera.serving import is_serving
+from tessera.serving import PORT_IN_USE, is_serving, listen_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 VAR = ROOT / "var"
@@ -74,7 +74,30 @@ async def demo_entitlement() -> str:
     return reply.entitlement.entitlement_id
 
 
+def busy_ports() -> list[str]:
+    """One line for each port of the three that cannot be listened on, checked before
+    anything starts: a service refuses a busy port too, but the health check that waits
+    for it could meet whatever holds the port and take it for the service."""
+    busy = []
+    for name, listen, holder in (
+        ("Activation Server", ACTIVATION_SERVER, "another `make up`?"),
+        ("License Server", LICENSE_SERVER, "another `make up`, License Server or FlexNet's lmgrd?"),
+        ("Administrator", ADMINISTRATOR, "another `make up`?"),
+    ):
+        problem = listen_problem(listen)
+        if problem == PORT_IN_USE:
+            port = listen.rsplit(":", 1)[1]
+            busy.append(f"make up: port {port} ({name}) is in use ({holder}); stop it first")
+        elif problem:
+            busy.append(f"make up: cannot listen on {listen} ({name}): {problem}")
+    return busy
+
+
 async def main() -> int:
+    busy = busy_ports()
+    if busy:
+        print("\n".join(busy), file=sys.stderr, flush=True)
+        return 2
     VAR.mkdir(exist_ok=True)
     processes: list[asyncio.subprocess.Process] = []
     stop = asyncio.Event()

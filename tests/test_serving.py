@@ -1,0 +1,220 @@
+"""What every service's serving plumbing promises (``tessera.serving``): a port of its own,
+never shared; one line and exit 2 for every refusal to start.
+
+The start-up refusals run the services as real processes on loopback, against real
+sockets holding their ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+
+from tessera.license.v1 import license_pb2, license_pb2_grpc
+from tessera.serving import Endpoint, ListenRefused, listen_problem
+from tests.processes import ROOT, Processes, free_port
+
+SERVICES = {
+    "license_server": "another License Server or FlexNet's lmgrd?",
+    "administrator": "another Administrator?",
+    "activation_server": "another Activation Server?",
+}
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(tmp_path)
+    yield processes
+    processes.kill_all()
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another program listens on (a plain socket, as lmgrd's would be)."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def run_service(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m services.<module> args`` to its end (a service that starts instead of
+    refusing runs into the timeout and fails the test)."""
+    return subprocess.run(
+        [sys.executable, "-m", f"services.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def only_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"a refusal to start is one line, not:\n{stderr}"
+    return lines[0]
+
+
+# -- a port in use --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-listen"])
+@pytest.mark.parametrize("service", list(SERVICES))
+def test_a_port_another_program_holds_ends_start_up_in_one_line(
+    tmp_path: Path, held_port: int, service: str, flag: str
+) -> None:
+    """Exit 2 and one line naming the port, the likely holder and the way out, before
+    the service makes anything (no data directory, key or database)."""
+    data_dir = tmp_path / "data"
+    listen = f"127.0.0.1:{held_port}" if flag == "--listen" else f"127.0.0.1:{free_port()}"
+    args = ["--listen", listen, "--data-dir", str(data_dir)]
+    if flag == "--metrics-listen":
+        args += ["--metrics-listen", f"127.0.0.1:{held_port}"]
+    done = run_service(service, *args)
+    assert done.returncode == 2, done.stderr
+    line = only_line(done.stderr)
+    holder = SERVICES[service] if flag == "--listen" else "another service or exporter?"
+    assert line.endswith(
+        f"ERROR tessera.serving: refusing to start: port {held_port} is in use ({holder}); "
+        f"choose {flag}"
+    ), line
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not data_dir.exists()
+
+
+async def test_a_second_license_server_on_the_same_port_is_refused(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """gRPC's default SO_REUSEPORT let a second License Server start silently on the
+    first one's port, the kernel splitting clients between two trusted storages. The
+    second is refused in one line; every client still reaches the first."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    processes.start(
+        "first", "services.license_server", "--listen", listen, "--data-dir", str(tmp_path / "a")
+    )
+    await processes.wait_serving("first", port)
+
+    second = await asyncio.to_thread(
+        run_service, "license_server", "--listen", listen, "--data-dir", str(tmp_path / "b")
+    )
+    assert second.returncode == 2, second.stderr
+    assert only_line(second.stderr).endswith(
+        f"refusing to start: port {port} is in use "
+        "(another License Server or FlexNet's lmgrd?); choose --listen"
+    )
+    assert not (tmp_path / "b").exists()
+
+    host_ids = set()
+    for _ in range(20):  # new connections: with a shared port some would reach the second
+        async with grpc.aio.insecure_channel(listen) as channel:
+            identity = await license_pb2_grpc.TrustedStorageServiceStub(channel).GetHostIdentity(
+                license_pb2.GetHostIdentityRequest(), timeout=10
+            )
+            host_ids.add(identity.host_id)
+    assert len(host_ids) == 1
+
+
+async def test_the_bind_itself_shares_no_port() -> None:
+    """Without the start-up probe (a service built in-process, or a port taken while it
+    started): an Endpoint's bind refuses a port a gRPC server holds with gRPC's default
+    SO_REUSEPORT (as Tessera did), and a gRPC server with that default cannot join an
+    Endpoint's port."""
+    sharing = grpc.aio.server()  # SO_REUSEPORT on: gRPC's default
+    port = sharing.add_insecure_port("127.0.0.1:0")
+    await sharing.start()
+    endpoint = Endpoint(["tessera.test.v1.Nothing"], error_domain="tessera.test")
+    try:
+        with pytest.raises(ListenRefused, match=f"^port {port} is in use .*; choose --listen$"):
+            endpoint.bind(f"127.0.0.1:{port}")
+    finally:
+        await sharing.stop(0)
+
+    own = endpoint.bind("127.0.0.1:0")
+    await endpoint.start()
+    try:
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            grpc.aio.server().add_insecure_port(f"127.0.0.1:{own}")
+        assert listen_problem(f"127.0.0.1:{own}") == "in use"
+    finally:
+        await endpoint.stop(0)
+    assert listen_problem(f"127.0.0.1:{own}") == ""  # free again once stopped
+
+
+async def test_a_metrics_port_in_use_is_refused_by_the_endpoint(held_port: int) -> None:
+    endpoint = Endpoint(["tessera.test.v1.Nothing"], error_domain="tessera.test")
+    endpoint.bind("127.0.0.1:0")
+    try:
+        with pytest.raises(ListenRefused, match=f"^port {held_port} is in use .*metrics-listen$"):
+            await endpoint.start(f"127.0.0.1:{held_port}")
+    finally:
+        await endpoint.stop(0)
+
+
+def test_an_address_that_is_not_this_hosts_is_one_line_too(tmp_path: Path) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never an address of this machine.
+    done = run_service(
+        "activation_server",
+        "--listen", "192.0.2.1:27100", "--allow-plaintext", "--data-dir", str(tmp_path / "d"),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert only_line(done.stderr).endswith(
+        "refusing to start: cannot listen on 192.0.2.1:27100: Cannot assign requested "
+        "address; choose --listen"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--listen", "27000"], "--listen: '27000' is not HOST:PORT"),
+        (["--shutdown-grace", "soon"], "--shutdown-grace: 'soon' is not a number"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_a_setting_refused_at_start_up_is_one_line(args: list[str], words: str) -> None:
+    """Not argparse's usage of every option before it: the service, what is wrong, and
+    where help is."""
+    done = run_service("administrator", *args)
+    assert done.returncode == 2
+    assert only_line(done.stderr) == (
+        f"python -m services.administrator: {words} (--help lists the options)"
+    )
+
+
+def load_make_up() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_up", ROOT / "deploy" / "local" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_make_up_names_the_busy_port_and_starts_nothing(
+    tmp_path: Path,
+    held_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_up = load_make_up()
+    monkeypatch.setattr(make_up, "VAR", tmp_path / "var")
+    monkeypatch.setattr(make_up, "ACTIVATION_SERVER", f"127.0.0.1:{free_port()}")
+    monkeypatch.setattr(make_up, "ADMINISTRATOR", f"127.0.0.1:{free_port()}")
+    monkeypatch.setattr(make_up, "LICENSE_SERVER", f"127.0.0.1:{held_port}")
+    assert await make_up.main() == 2
+    err = capsys.readouterr().err
+    assert only_line(err) == (
+        f"make up: port {held_port} (License Server) is in use (another `make up`, License "
+        "Server or FlexNet's lmgrd?); stop it first"
+    )
+    assert not (tmp_path / "var").exists()
