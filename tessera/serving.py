@@ -1,15 +1,16 @@
 """Serving plumbing shared by the three services: health, reflection, graceful stop,
 request ids, metrics.
 
-Every service serves ``grpc.health.v1`` and server reflection, so grpcurl, ``buf curl``
-and Kubernetes gRPC probes work without our stubs. Every call is observed (request id,
-latency histogram; ``tessera.call_observer``) and, with ``--metrics-listen``, the
-service's registry is served at ``GET /metrics`` on a port of its own. SIGTERM and
-SIGINT stop the service gracefully: health turns NOT_SERVING, new calls are refused,
-in-flight calls get a grace period, then the service's own cleanup (streams told,
-database closed) runs. A service serves TLS (or mutual TLS) when configured, and
-plaintext only on loopback unless explicitly allowed (``tessera.tls``); a refused
-configuration or a private key file others can read stops it before it serves.
+Every service serves ``grpc.health.v1`` and server reflection (``grpc.reflection.v1`` and
+``v1alpha``), so grpcurl, ``buf curl`` and Kubernetes gRPC probes work without our stubs.
+Every call is observed (request id, latency histogram; ``tessera.call_observer``) and,
+with ``--metrics-listen``, the service's registry is served at ``GET /metrics`` on a
+port of its own. SIGTERM and SIGINT stop the service gracefully: health turns
+NOT_SERVING, new calls are refused, in-flight calls get a grace period, then the
+service's own cleanup (streams told, database closed) runs. A service serves TLS (or
+mutual TLS) when configured, and plaintext only on loopback unless explicitly allowed
+(``tessera.tls``); a refused configuration or a private key file others can read stops
+it before it serves.
 
 A service never shares its port: gRPC's default SO_REUSEPORT is turned off, so a second
 License Server on the same port is refused instead of splitting the clients with the
@@ -29,8 +30,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from tessera import logs
@@ -53,6 +55,10 @@ from tessera.tls import (
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# Server reflection's stable name. grpcio-reflection ships only v1alpha, whose messages
+# are the same on the wire: the same servicer answers both (``_add_reflection_v1``).
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 class Endpoint:
@@ -106,12 +112,17 @@ class Endpoint:
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         self.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health)
-        self.add_servicer(
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-            reflection.aio.ReflectionServicer(
-                [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-            ),
+        _describe_reflection_v1()
+        reflecting = reflection.aio.ReflectionServicer(
+            [
+                *self.service_names,
+                health.SERVICE_NAME,
+                REFLECTION_V1_SERVICE,
+                reflection.SERVICE_NAME,
+            ]
         )
+        self.add_servicer(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflecting)
+        self.add_servicer(_add_reflection_v1, reflecting)
 
     def add_servicer(
         self, add_to_server: Callable[[ServicerT, grpc.aio.Server], None], servicer: ServicerT
@@ -166,6 +177,52 @@ class Endpoint:
             await before_grace()
         await self._server.stop(grace)
         await self.metrics.stop()
+
+
+def _add_reflection_v1(
+    servicer: reflection.aio.ReflectionServicer, server: grpc.aio.Server
+) -> None:
+    """Register ``servicer`` as ``grpc.reflection.v1.ServerReflection``, the way generated
+    ``add_*Servicer_to_server`` code registers a service (so it is wrapped like the rest)."""
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, handlers),)
+    )
+    server.add_registered_method_handlers(REFLECTION_V1_SERVICE, handlers)
+
+
+def _describe_reflection_v1() -> None:
+    """Put ``grpc/reflection/v1/reflection.proto`` in the default descriptor pool, made
+    from v1alpha's (same messages, other package), so a client that lists the services
+    can also describe v1 reflection itself (``grpcurl describe`` asks for every one)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1_SERVICE)
+        return  # already there (a grpcio-reflection that ships v1, or a second Endpoint)
+    except KeyError:
+        pass
+    alpha = reflection_pb2.DESCRIPTOR
+    v1 = descriptor_pb2.FileDescriptorProto()
+    alpha.CopyToProto(v1)
+    v1.name = "grpc/reflection/v1/reflection.proto"
+    v1.package = "grpc.reflection.v1"
+    v1.ClearField("options")
+    old, new = f".{alpha.package}.", ".grpc.reflection.v1."
+    for message in v1.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old):
+                field.type_name = new + field.type_name.removeprefix(old)
+    for service in v1.service:
+        for method in service.method:
+            method.input_type = new + method.input_type.removeprefix(old)
+            method.output_type = new + method.output_type.removeprefix(old)
+    pool.AddSerializedFile(v1.SerializeToString())
 
 
 class ListenRefused(Exception):

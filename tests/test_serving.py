@@ -1,5 +1,6 @@
 """What every service's serving plumbing promises (``tessera.serving``): a port of its own,
-never shared; one line and exit 2 for every refusal to start.
+never shared; one line and exit 2 for every refusal to start; server reflection as both
+``grpc.reflection.v1`` and ``v1alpha``.
 
 The start-up refusals run the services as real processes on loopback, against real
 sockets holding their ports.
@@ -12,16 +13,24 @@ import importlib.util
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
+from services.activation_server.server import SERVICE_NAMES as ACTIVATION_SERVICES
+from services.administrator.server import SERVICE_NAMES as ADMINISTRATOR_SERVICES
+from services.license_server.server import SERVICE_NAMES as LICENSE_SERVICES
 from tessera.license.v1 import license_pb2, license_pb2_grpc
+from tessera.rpc import reason_of
 from tessera.serving import Endpoint, ListenRefused, listen_problem
+from tests.conftest import DatabaseFactory
 from tests.processes import ROOT, Processes, free_port
+from tests.support import Site, start_site
 
 SERVICES = {
     "license_server": "another License Server or FlexNet's lmgrd?",
@@ -218,3 +227,90 @@ async def test_make_up_names_the_busy_port_and_starts_nothing(
         "Server or FlexNet's lmgrd?); stop it first"
     )
     assert not (tmp_path / "var").exists()
+
+
+# -- server reflection ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
+    site = await start_site(tmp_path, databases)
+    yield site
+    await site.close()
+
+
+REFLECTION = {
+    "v1": "grpc.reflection.v1.ServerReflection",
+    "v1alpha": "grpc.reflection.v1alpha.ServerReflection",
+}
+COMMON = {"grpc.health.v1.Health", *REFLECTION.values()}
+
+
+async def reflect(
+    target: str, version: str, *requests: reflection_pb2.ServerReflectionRequest
+) -> list[reflection_pb2.ServerReflectionResponse]:
+    """One ServerReflectionInfo stream of ``version``, as a client that speaks only it:
+    the generic stream API on that version's method path, no token. v1 and v1alpha
+    messages are the same on the wire, so v1alpha's classes encode both."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            f"/{REFLECTION[version]}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )()
+        replies = []
+        for request in requests:
+            await call.write(request)
+            replies.append(await call.read())
+        await call.done_writing()
+        return replies
+
+
+@pytest.mark.parametrize("version", list(REFLECTION))
+async def test_reflection_lists_and_describes_every_service_in_v1_and_v1alpha(
+    site: Site, version: str
+) -> None:
+    """A client that speaks only one version finds each service's services, and the
+    file that defines each of them (what ``grpcurl list`` and ``describe`` ask)."""
+    for port, names in (
+        (site.license.port, LICENSE_SERVICES),
+        (site.admin.port, ADMINISTRATOR_SERVICES),
+        (site.activation.port, ACTIVATION_SERVICES),
+    ):
+        target = f"127.0.0.1:{port}"
+        [listing] = await reflect(
+            target, version, reflection_pb2.ServerReflectionRequest(list_services="")
+        )
+        listed = {service.name for service in listing.list_services_response.service}
+        assert listed == {*names, *COMMON}, target
+        files = await reflect(
+            target,
+            version,
+            *(
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+                for name in sorted(listed)
+            ),
+        )
+        for name, reply in zip(sorted(listed), files, strict=True):
+            assert reply.WhichOneof("message_response") == "file_descriptor_response", name
+            defined = set()
+            for serialized in reply.file_descriptor_response.file_descriptor_proto:
+                file = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+                defined |= {f"{file.package}.{service.name}" for service in file.service}
+            assert name in defined, name
+
+
+async def test_reflection_v1_refuses_bytes_that_do_not_parse(site: Site) -> None:
+    """v1 goes through the same wrappers as v1alpha: garbage is INVALID_ARGUMENT /
+    MALFORMED_REQUEST, not UNKNOWN."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{site.license.port}") as channel:
+        call = channel.stream_stream(
+            f"/{REFLECTION['v1']}/ServerReflectionInfo",
+            request_serializer=None,
+            response_deserializer=None,
+        )()
+        await call.write(b"\xff\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(refused.value) == "MALFORMED_REQUEST"
