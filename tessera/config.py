@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
 from tessera.logs import LOG_FORMATS
 from tessera.metrics import split_listen
 from tessera.storage import sqlite_url
@@ -149,6 +152,9 @@ class SettingsParser:
             split_listen(args.listen)
         except ValueError:
             self.parser.error(f"--listen: {args.listen!r} is not HOST:PORT")
+        database_problem = check_database_url(args.database_url)
+        if database_problem:
+            self.parser.error(f"--database-url: {database_problem}")
         metrics_listen = args.metrics_listen.strip()
         if metrics_listen:
             try:
@@ -196,6 +202,28 @@ class SettingsParser:
             if value and not Path(value).is_file():
                 self.parser.error(f"{flag}: {value} is not a file")
         return ServerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+
+
+def check_database_url(url: str) -> str:
+    """Why ``url`` cannot be a service's database ('' when it can, or is empty: the
+    default SQLite file). Names no password."""
+    if not url:
+        return ""
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError):
+        return (
+            "not a database URL Tessera can use; write sqlite+aiosqlite:///PATH or "
+            "postgresql+asyncpg://USER@HOST/DATABASE"
+        )
+    if not getattr(dialect, "is_async", False):
+        shown = parsed.render_as_string(hide_password=True)
+        return (
+            f"{shown} names a driver without asyncio; write sqlite+aiosqlite:// or "
+            "postgresql+asyncpg://"
+        )
+    return ""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from tessera import logs
 from tessera.call_observer import CallObserver
 from tessera.config import CommonSettings
+from tessera.database_errors import database_unavailable
 from tessera.deadlines import CallDeadline
 from tessera.keys import InsecureKeyFile, UnreadableKeyFile
 from tessera.metrics import MetricsServer, split_listen
@@ -376,12 +377,33 @@ def run_service(
         except REFUSALS as refusal:
             log.error("refusing to start: %s", refusal)
             return 2
+        except Exception as error:
+            failure = start_up_failure(error)
+            if failure is None:
+                raise  # a bug: its traceback is what helps
+            log.error("cannot start: %s", failure)
+            return 2
         tune_garbage_collection()
         await wait_for_stop_signal()
         await service.stop(settings.common.shutdown_grace)
         return 0
 
     sys.exit(asyncio.run(main()))
+
+
+def start_up_failure(error: Exception) -> str | None:
+    """What kept a service from starting, in one line with the way out, when it is the
+    machine's or the configuration's doing (a database that cannot be reached, a data
+    directory that cannot be made); None for anything else."""
+    if isinstance(error, OSError) and error.filename:
+        return (
+            f"{error.filename}: {error.strerror}; check --data-dir (and the other paths "
+            "given) and who may write there"
+        )
+    unavailable = database_unavailable(error)
+    if unavailable is not None:
+        return f"{unavailable}; check --database-url and that the database server runs"
+    return None
 
 
 # What stops a service from starting with a message rather than a traceback.

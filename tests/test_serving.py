@@ -201,6 +201,56 @@ def test_a_setting_refused_at_start_up_is_one_line(args: list[str], words: str) 
     )
 
 
+def test_a_database_or_data_directory_it_cannot_use_is_one_line(tmp_path: Path) -> None:
+    """No traceback for what the machine or the configuration is to blame for: a
+    database URL it cannot use (refused with the settings, its password not shown), a
+    database server that is not there, a data directory that cannot be made."""
+    (tmp_path / "file").write_text("")
+    listen = ["--listen", "127.0.0.1:0"]
+    cases = [
+        (
+            ["--database-url", "nonsense://", "--data-dir", str(tmp_path / "a")],
+            "python -m services.license_server: --database-url: not a database URL Tessera "
+            "can use; write sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DATABASE "
+            "(--help lists the options)",
+        ),
+        (
+            [
+                "--database-url",
+                "postgresql://site:hunter2@db/ls",
+                "--data-dir",
+                str(tmp_path / "b"),
+            ],
+            "python -m services.license_server: --database-url: postgresql://site:***@db/ls "
+            "names a driver without asyncio; write sqlite+aiosqlite:// or postgresql+asyncpg:// "
+            "(--help lists the options)",
+        ),
+        (
+            ["--data-dir", str(tmp_path / "file" / "data")],
+            f"ERROR tessera.serving: cannot start: {tmp_path / 'file' / 'data'}: Not a "
+            "directory; check --data-dir (and the other paths given) and who may write there",
+        ),
+    ]
+    for args, expected in cases:
+        done = run_service("license_server", *listen, *args)
+        assert done.returncode == 2, done.stderr
+        assert only_line(done.stderr).endswith(expected)
+        assert "hunter2" not in done.stderr
+
+    # No database server on that port: the Administrator says so (its token file, made
+    # before it reached for the database, is a warning line before).
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/admin"
+    done = run_service(
+        "administrator", *listen, "--database-url", url, "--data-dir", str(tmp_path / "c")
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith(
+        "ERROR tessera.serving: cannot start: the database cannot be reached "
+        "(ConnectionRefusedError); check --database-url and that the database server runs"
+    )
+    assert "Traceback" not in done.stderr
+
+
 def load_make_up() -> ModuleType:
     spec = importlib.util.spec_from_file_location("make_up", ROOT / "deploy" / "local" / "run.py")
     assert spec is not None and spec.loader is not None
@@ -261,7 +311,9 @@ async def reflect(
         replies = []
         for request in requests:
             await call.write(request)
-            replies.append(await call.read())
+            reply = await call.read()
+            assert isinstance(reply, reflection_pb2.ServerReflectionResponse)
+            replies.append(reply)
         await call.done_writing()
         return replies
 
@@ -304,7 +356,7 @@ async def test_reflection_v1_refuses_bytes_that_do_not_parse(site: Site) -> None
     """v1 goes through the same wrappers as v1alpha: garbage is INVALID_ARGUMENT /
     MALFORMED_REQUEST, not UNKNOWN."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{site.license.port}") as channel:
-        call = channel.stream_stream(
+        call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(
             f"/{REFLECTION['v1']}/ServerReflectionInfo",
             request_serializer=None,
             response_deserializer=None,
