@@ -395,11 +395,14 @@ def start_up_failure(error: Exception) -> str | None:
     """What kept a service from starting, in one line with the way out, when it is the
     machine's or the configuration's doing (a database that cannot be reached, a data
     directory that cannot be made); None for anything else."""
-    if isinstance(error, OSError) and error.filename:
-        return (
-            f"{error.filename}: {error.strerror}; check --data-dir (and the other paths "
-            "given) and who may write there"
-        )
+    if isinstance(error, OSError):
+        if error.filename:
+            return (
+                f"{error.filename}: {error.strerror}; check --data-dir (and the other paths "
+                "given) and who may write there"
+            )
+        if not isinstance(error, ConnectionError | socket.gaierror | TimeoutError):
+            return None  # not the database connecting: no guess
     unavailable = database_unavailable(error)
     if unavailable is not None:
         return f"{unavailable}; check --database-url and that the database server runs"
