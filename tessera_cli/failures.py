@@ -81,6 +81,28 @@ class UsageError(CliError):
         super().__init__(Failure(ExitCode.USAGE, message, hint, reason="USAGE"))
 
 
+ADDRESS_HINT = (
+    "Write the address as EBO does: @host (ports 27000-27009), port@host, several "
+    "separated by ';', e.g. @localhost or 27000@es-host."
+)
+
+
+class InvalidAddress(CliError):
+    """A License Server address that does not parse (EBO's "Invalid license server
+    configuration"): the same reason as when a service refuses it; nothing was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            Failure(
+                ExitCode.USAGE,
+                message,
+                ADDRESS_HINT,
+                reason="INVALID_LICENSE_SERVER_ADDRESS",
+                metadata={"field": "license_server"},
+            )
+        )
+
+
 @dataclass(frozen=True)
 class Situation:
     """What a hint may draw on: the call's metadata and the service that answered."""
@@ -256,10 +278,7 @@ HINTS: dict[str, Hint] = {
         "The file was written by another version of Tessera; use matching versions."
     ),
     "FILE_TOO_LARGE": lambda s: "That is not a request or response file.",
-    "INVALID_LICENSE_SERVER_ADDRESS": lambda s: (
-        "Write the address as EBO does: @host (ports 27000-27009), port@host, several "
-        "separated by ';', e.g. @localhost or 27000@es-host."
-    ),
+    "INVALID_LICENSE_SERVER_ADDRESS": lambda s: ADDRESS_HINT,
     "INVALID_INPUT": lambda s: (
         f"Check {s.get('field', 'the input')}; IDs carry a check character, so a typo is "
         "caught before anything is sent to the vendor."
