@@ -271,6 +271,11 @@ HINTS: dict[str, Hint] = {
         "`tessera submit` takes the request file; `tessera import-response` takes the "
         "response file `submit` wrote."
     ),
+    "BAD_SIGNATURE": lambda s: (
+        "A signed document was altered on the way, or forged; nothing changed. For an "
+        "answer file: `tessera submit` the request file again (the vendor gives the same "
+        "answer) and import the file it writes."
+    ),
     "DAMAGED_FILE": lambda s: (
         "The file was cut or altered on the way; copy it again (byte for byte, no editor)."
     ),
@@ -283,7 +288,10 @@ HINTS: dict[str, Hint] = {
         f"Check {s.get('field', 'the input')}; IDs carry a check character, so a typo is "
         "caught before anything is sent to the vendor."
     ),
-    "OPERATION_NOT_FOUND": lambda s: "`tessera operations` lists the journal.",
+    "OPERATION_NOT_FOUND": lambda s: (
+        "`tessera operations` lists this Administrator's journal. A response file is "
+        "imported through the Administrator that exported its request (--administrator)."
+    ),
     "OPERATION_ID_REUSED": lambda s: (
         "That --operation-id belongs to another operation; leave it out or pick a new one."
     ),

@@ -803,3 +803,41 @@ async def test_an_installed_answer_never_completes_on_another_license_server(
         )
     )
     assert again == imported
+
+
+async def test_an_answer_imported_through_another_administrator_says_where_it_belongs(
+    site: Site, internet: pb_grpc.AdministratorServiceStub
+) -> None:
+    entitlement = await site.create_entitlement([("client.station", 5)])
+    exported = await site.administrator.ExportRequest(
+        export_activation(site, entitlement.lines[0].activation_id, 2, "air-where")
+    )
+    submitted = await internet.SubmitRequest(
+        pb.SubmitRequestRequest(request_file=exported.request_file)
+    )
+    before = await journaled_row(site, "air-where")
+
+    # The Administrator that submitted it has no such operation in its journal.
+    error = await refused(
+        internet.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=site.license_address, response_file=submitted.response_file
+            )
+        ),
+        Code.NOT_FOUND,
+        "OPERATION_NOT_FOUND",
+    )
+    assert "the Administrator that exported its request" in error.details()
+    assert site.license.identity.host_id in error.details()
+    info = error_info(error)
+    assert info is not None and info.metadata["operation_id"] == "air-where"
+    assert await information(site) == []
+    assert await journaled_row(site, "air-where") == before
+
+    # Through the one that exported it, it completes.
+    imported = await site.administrator.ImportResponse(
+        pb.ImportResponseRequest(
+            license_server=site.license_address, response_file=submitted.response_file
+        )
+    )
+    assert imported.operation.state == pb.OPERATION_STATE_COMPLETED

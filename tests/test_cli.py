@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from services.administrator.domain.offline_files import RESPONSE, armour, read_response_file
 from tessera.license.v1 import license_pb2
 from tessera_cli.app import App
 from tests.conftest import DatabaseFactory
@@ -360,6 +361,26 @@ async def test_offline_request_submit_import(cli: Cli) -> None:
 
     missing = await cli("submit", "no-such-file.txt")
     assert missing.code == 2 and "no-such-file.txt" in missing.stderr
+
+
+async def test_a_forged_answer_file_is_refused_and_the_genuine_one_completes(cli: Cli) -> None:
+    order = await create_order(cli, "client.station=5")
+    await cli.ok("export-request", "activate", order["entitlement_id"], "-o", "req.txt")
+    await cli.ok("submit", "req.txt", "-o", "resp.txt")
+    # The vendor's signature altered by one bit, the file's checksum made to match.
+    file = read_response_file((cli.cwd / "resp.txt").read_bytes())
+    file.response.signature = bytes([file.response.signature[0] ^ 1]) + file.response.signature[1:]
+    (cli.cwd / "forged.txt").write_bytes(armour(RESPONSE, file.SerializeToString(), []))
+
+    error = await cli.refused(1, "BAD_SIGNATURE", "import-response", "forged.txt")
+    assert "submit" in error["hint"]
+    [operation] = (await cli.json("operations"))["operations"]
+    assert (operation["state"], operation["last_error"]) == ("prepared", "")
+    assert (await cli.json("licenses"))["features"] == []
+
+    imported = await cli.json("import-response", "resp.txt")
+    assert imported["operation"]["state"] == "completed"
+    assert (await cli.json("licenses"))["features"][0]["activated"] == 1
 
 
 async def test_an_imported_answer_is_refused_on_another_license_server(
