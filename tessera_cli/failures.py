@@ -305,8 +305,10 @@ HINTS: dict[str, Hint] = {
     ),
     "LOCAL_LICENSE_NOT_REPAIRABLE": lambda s: "Local (node-locked) licenses cannot be repaired.",
     "REPAIR_FROM_ANOTHER_HOST": lambda s: (
-        "Only the License Server that activated the licenses may repair them (same host "
-        "key); ask the vendor for a forced return if that server is gone."
+        f"Only the host key the licenses were activated with (host {s.get('host_id')}) may "
+        "repair them. Put that host.key back in the License Server's data directory and "
+        "restart it (`tessera trust` then says whether a repair is still needed); if the key "
+        "is lost, ask the vendor to force-return the certificates, then activate again."
     ),
     "RETURN_FROM_ANOTHER_HOST": lambda s: (
         "Only the License Server holding the certificate may return it; ask the vendor for "

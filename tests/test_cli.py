@@ -329,6 +329,40 @@ async def test_trust_broken_repair_limit_and_repair(cli: Cli, site: Site) -> Non
     assert f"next repair of this License Server from {next_allowed[:10]}" in error["hint"]
 
 
+async def test_a_repair_on_a_new_host_key_is_refused_and_loses_nothing(
+    cli: Cli, site: Site
+) -> None:
+    order = await create_order(cli, "client.station=5")
+    await cli.ok("activate", order["entitlement_id"], "--count", "2")
+    first_host = site.license.identity.host_id
+    key = site.tmp_path / "license_server" / "host.key"
+    lost = key.rename(key.with_name("host.key.lost"))
+    # The database as it was, on a new host key (the License Server creates one).
+    await restart_license_server(site, machine_id="test-machine")
+    assert site.license.identity.host_id != first_host
+    broken = await cli("trust", "--json")
+    assert broken.code == 5 and broken.json["health"]["broken_seats"] == 2
+    assert "REPAIR_FROM_ANOTHER_HOST" in broken.json["health"]["repair_advice"]
+
+    error = await cli.refused(1, "REPAIR_FROM_ANOTHER_HOST", "repair")
+    assert first_host in error["message"] and "host.key" in error["message"]
+    assert "force-return" in error["hint"] and first_host in error["hint"]
+    # Nothing changed: trusted storage keeps the certificates, no repair was journaled
+    # or counted at the vendor, which still records the seats on the first host.
+    after = await cli("trust", "--json")
+    assert after.code == 5 and after.json["health"]["broken_seats"] == 2
+    assert [op["kind"] for op in (await cli.json("operations"))["operations"]] == ["activate"]
+    audit = await cli.json("vendor", "audit")
+    assert not [entry for entry in audit["entries"] if entry["action"].startswith("repair.")]
+
+    # The way out the message names: the host key back, and nothing needs repairing.
+    lost.replace(key)
+    await restart_license_server(site, machine_id="test-machine")
+    assert site.license.identity.host_id == first_host
+    assert (await cli("trust")).code == 0
+    assert (await cli.json("licenses"))["features"][0]["activated"] == 2
+
+
 async def test_offline_request_submit_import(cli: Cli) -> None:
     order = await create_order(cli, "client.station=5")
     exported = await cli.json(
