@@ -23,7 +23,15 @@ from tessera.errors import InvalidLicenseServerAddress
 from tessera.keys import InsecureKeyFile
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.tls import TlsConfigurationError, open_channel
-from tessera_cli.failures import CliError, ExitCode, Failure, Service, UsageError, explain
+from tessera_cli.failures import (
+    CliError,
+    ExitCode,
+    Failure,
+    InvalidAddress,
+    Service,
+    UsageError,
+    explain,
+)
 from tessera_cli.settings import Settings, Token
 
 Req = TypeVar("Req")
@@ -124,10 +132,7 @@ class Connections:
         try:
             servers = parse_address(address)
         except InvalidLicenseServerAddress as error:
-            raise UsageError(
-                error.message,
-                "Write @host (ports 27000-27009), port@host, or several separated by ';'.",
-            ) from error
+            raise InvalidAddress(error.message) from error
         tried: list[str] = []
         for server in servers:
             for target in server.targets():

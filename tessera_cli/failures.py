@@ -81,6 +81,28 @@ class UsageError(CliError):
         super().__init__(Failure(ExitCode.USAGE, message, hint, reason="USAGE"))
 
 
+ADDRESS_HINT = (
+    "Write the address as EBO does: @host (ports 27000-27009), port@host, several "
+    "separated by ';', e.g. @localhost or 27000@es-host."
+)
+
+
+class InvalidAddress(CliError):
+    """A License Server address that does not parse (EBO's "Invalid license server
+    configuration"): the same reason as when a service refuses it; nothing was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            Failure(
+                ExitCode.USAGE,
+                message,
+                ADDRESS_HINT,
+                reason="INVALID_LICENSE_SERVER_ADDRESS",
+                metadata={"field": "license_server"},
+            )
+        )
+
+
 @dataclass(frozen=True)
 class Situation:
     """What a hint may draw on: the call's metadata and the service that answered."""
@@ -249,6 +271,11 @@ HINTS: dict[str, Hint] = {
         "`tessera submit` takes the request file; `tessera import-response` takes the "
         "response file `submit` wrote."
     ),
+    "BAD_SIGNATURE": lambda s: (
+        "A signed document was altered on the way, or forged; nothing changed. For an "
+        "answer file: `tessera submit` the request file again (the vendor gives the same "
+        "answer) and import the file it writes."
+    ),
     "DAMAGED_FILE": lambda s: (
         "The file was cut or altered on the way; copy it again (byte for byte, no editor)."
     ),
@@ -256,15 +283,15 @@ HINTS: dict[str, Hint] = {
         "The file was written by another version of Tessera; use matching versions."
     ),
     "FILE_TOO_LARGE": lambda s: "That is not a request or response file.",
-    "INVALID_LICENSE_SERVER_ADDRESS": lambda s: (
-        "Write the address as EBO does: @host (ports 27000-27009), port@host, several "
-        "separated by ';', e.g. @localhost or 27000@es-host."
-    ),
+    "INVALID_LICENSE_SERVER_ADDRESS": lambda s: ADDRESS_HINT,
     "INVALID_INPUT": lambda s: (
         f"Check {s.get('field', 'the input')}; IDs carry a check character, so a typo is "
         "caught before anything is sent to the vendor."
     ),
-    "OPERATION_NOT_FOUND": lambda s: "`tessera operations` lists the journal.",
+    "OPERATION_NOT_FOUND": lambda s: (
+        "`tessera operations` lists this Administrator's journal. A response file is "
+        "imported through the Administrator that exported its request (--administrator)."
+    ),
     "OPERATION_ID_REUSED": lambda s: (
         "That --operation-id belongs to another operation; leave it out or pick a new one."
     ),
@@ -278,8 +305,10 @@ HINTS: dict[str, Hint] = {
     ),
     "LOCAL_LICENSE_NOT_REPAIRABLE": lambda s: "Local (node-locked) licenses cannot be repaired.",
     "REPAIR_FROM_ANOTHER_HOST": lambda s: (
-        "Only the License Server that activated the licenses may repair them (same host "
-        "key); ask the vendor for a forced return if that server is gone."
+        f"Only the host key the licenses were activated with (host {s.get('host_id')}) may "
+        "repair them. Put that host.key back in the License Server's data directory and "
+        "restart it (`tessera trust` then says whether a repair is still needed); if the key "
+        "is lost, ask the vendor to force-return the certificates, then activate again."
     ),
     "RETURN_FROM_ANOTHER_HOST": lambda s: (
         "Only the License Server holding the certificate may return it; ask the vendor for "

@@ -20,12 +20,15 @@ from services.administrator.domain.model import Intent, OperationKind, Operation
 from services.administrator.domain.offline_files import read_request_file
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.admin.v1 import admin_pb2 as pb
+from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import SignedEnvelope
+from tessera.errors import PeerRefused
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.rpc import error_info, reason_of
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.processes import free_port
 from tests.support import (
+    VENDOR_TOKEN,
     Site,
     ls_server,
     restart_administrator,
@@ -34,6 +37,7 @@ from tests.support import (
 )
 
 T = TypeVar("T")
+VENDOR = bearer_metadata(VENDOR_TOKEN)
 Code = grpc.StatusCode
 
 REGISTRATION = apb.Registration(
@@ -350,29 +354,101 @@ async def test_an_activation_the_vendor_did_not_answer_completes_at_the_next_sta
     assert await activated_seats(site) == 2
 
 
-async def test_an_answered_activation_is_installed_at_the_next_start(site: Site) -> None:
-    """The Administrator stopped after journaling the vendor's answer, before installing."""
+async def prepared_activation(site: Site, operation_id: str, count: int = 2) -> Any:
+    """An activation the License Server prepared and the journal recorded as PREPARED."""
     activation_id = await line(site)
-    operations = site.admin.operations
-    runner = operations.activations.runner
-    exchange = operations.activations.exchange
+    runner = site.admin.operations.activations.runner
+    exchange = site.admin.operations.activations.exchange
     intent = Intent(
         kind=OperationKind.ACTIVATE,
         license_server=site.license_address,
         activation_id=activation_id,
-        count=2,
+        count=count,
     )
     async with runner.license_servers.connected(site.license_address) as server:
-        prepared = await runner.prepare(exchange, server, intent, "op-answered")
-    answered = await runner.ask_vendor(exchange, prepared)
-    assert answered.state is OperationState.ANSWERED
+        return await runner.prepare(exchange, server, intent, operation_id)
+
+
+async def vendor_activated(site: Site) -> int:
+    listed = await site.vendor.ListActivations(apb.ListActivationsRequest(), metadata=VENDOR)
+    return sum(activation.count for activation in listed.activations)
+
+
+async def test_an_activation_stopped_after_the_vendor_answered_completes_at_the_next_start(
+    site: Site,
+) -> None:
+    """The vendor answered, the Administrator stopped before the License Server installed
+    the answer: nothing of the answer was journaled, and asking the vendor again gives
+    the same answer, counted once."""
+    prepared = await prepared_activation(site, "op-answered")
+    runner = site.admin.operations.activations.runner
+    answer = await runner.ask_vendor(site.admin.operations.activations.exchange, prepared)
+    stopped = await site.admin.operations.journal.get("op-answered")
+    assert (stopped.state, stopped.response_envelope) == (OperationState.PREPARED, None)
     assert await activated_seats(site) == 0
+    assert await vendor_activated(site) == 2
 
     await restart_administrator(site)
     report = await site.admin.resumed
     assert report.finished == ["op-answered"]
     assert (await operation(site, "op-answered")).state == pb.OPERATION_STATE_COMPLETED
+    assert (await site.admin.operations.journal.get("op-answered")).response_envelope == (
+        answer.SerializeToString()
+    )
     assert await activated_seats(site) == 2
+    assert await vendor_activated(site) == 2
+
+
+async def test_an_answer_an_older_administrator_journaled_is_installed_at_the_next_start(
+    site: Site,
+) -> None:
+    """Older Administrators journaled the vendor's answer (ANSWERED) before installing."""
+    prepared = await prepared_activation(site, "op-old")
+    answer = await site.admin.operations.activations.runner.ask_vendor(
+        site.admin.operations.activations.exchange, prepared
+    )
+    await site.admin.operations.journal.advance(
+        prepared, OperationState.ANSWERED, response_envelope=answer.SerializeToString()
+    )
+
+    await restart_administrator(site)
+    report = await site.admin.resumed
+    assert report.finished == ["op-old"]
+    assert (await operation(site, "op-old")).state == pb.OPERATION_STATE_COMPLETED
+    assert await activated_seats(site) == 2
+
+
+async def test_an_online_answer_the_license_server_refuses_is_never_journaled(
+    site: Site,
+) -> None:
+    """An answer altered between the vendor and the License Server (say on a link without
+    TLS) is refused by the License Server, is not kept as the operation's answer, and the
+    operation still completes with the vendor's own."""
+    prepared = await prepared_activation(site, "op-altered")
+    activations = site.admin.operations.activations
+    answer = await activations.runner.ask_vendor(activations.exchange, prepared)
+    altered = SignedEnvelope()
+    altered.CopyFrom(answer)
+    altered.signature = bytes([answer.signature[0] ^ 1]) + answer.signature[1:]
+    async with activations.runner.license_servers.connected(site.license_address) as server:
+        with pytest.raises(PeerRefused) as refusal:
+            await activations.runner.install(activations.exchange, server, prepared, altered)
+    assert refusal.value.reason == "BAD_SIGNATURE"
+    kept = await site.admin.operations.journal.get("op-altered")
+    assert (kept.state, kept.response_envelope) == (OperationState.PREPARED, None)
+    assert kept.last_error.startswith("BAD_SIGNATURE: ")  # why it did not get further
+    assert await activated_seats(site) == 0
+
+    reply = await site.administrator.Activate(
+        activate_request(site, prepared.activation_id, 2, "op-altered")
+    )
+    assert reply.operation.state == pb.OPERATION_STATE_COMPLETED
+    assert not reply.operation.last_error
+    assert (await site.admin.operations.journal.get("op-altered")).response_envelope == (
+        answer.SerializeToString()
+    )
+    assert await activated_seats(site) == 2
+    assert await vendor_activated(site) == 2
 
 
 async def test_resume_keeps_an_operation_unfinished_while_its_license_server_is_down(

@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
+from sqlalchemy import select
 
 from services.activation_server.store import tables as vendor_tables
 from services.administrator import config as admin_config
@@ -595,3 +597,247 @@ async def test_export_refuses_bad_input_before_anything_happens(
             assert info is not None and info.metadata.get("field", "") == field
     assert await journal_rows(site) == 0
     assert await count_rows(site.license.store.engine, ls_tables.pending_requests) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Forged answers: refused by the License Server, and nothing of them is kept
+# ---------------------------------------------------------------------------------------
+
+
+async def journaled_row(site: Site, operation_id: str) -> dict[str, Any]:
+    """Every column of the operation's journal row, as stored."""
+    operations = admin_tables.operations
+    async with site.admin.journal.engine.connect() as connection:
+        row = (
+            (
+                await connection.execute(
+                    select(operations).where(operations.c.operation_id == operation_id)
+                )
+            )
+            .mappings()
+            .one()
+        )
+    return dict(row)
+
+
+def rewrapped(file: pb.ResponseFile) -> bytes:
+    """A response file around ``file``, with a checksum that matches what is inside."""
+    return armour(RESPONSE, file.SerializeToString(), [("Operation", file.operation_id)])
+
+
+def forged_payload(response_file: bytes) -> bytes:
+    """The answer file with one byte of its signed answer changed (the answer still
+    parses and names the same request and host), its checksum recomputed."""
+    file = read_response_file(response_file)
+    genuine = apb.VendorActivationResponse.FromString(file.response.payload)
+    payload = bytearray(file.response.payload)
+    for at in range(len(payload) - 1, -1, -1):
+        forged = bytearray(payload)
+        forged[at] ^= 0x01
+        try:
+            answer = apb.VendorActivationResponse.FromString(bytes(forged))
+        except DecodeError:
+            continue
+        if (answer.request_id, answer.host_id) == (genuine.request_id, genuine.host_id):
+            file.response.payload = bytes(forged)
+            return rewrapped(file)
+    raise AssertionError("no byte of the answer can change and still parse")
+
+
+def forged_signature(response_file: bytes) -> bytes:
+    file = read_response_file(response_file)
+    signature = bytearray(file.response.signature)
+    signature[0] ^= 0x01
+    file.response.signature = bytes(signature)
+    return rewrapped(file)
+
+
+FORGERIES = {"payload-byte": forged_payload, "signature-byte": forged_signature}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+async def test_a_forged_answer_file_changes_nothing_and_the_genuine_one_completes(
+    site: Site, internet: pb_grpc.AdministratorServiceStub, forgery: str
+) -> None:
+    entitlement = await site.create_entitlement([("client.station", 5)])
+    exported = await site.administrator.ExportRequest(
+        export_activation(site, entitlement.lines[0].activation_id, 2, "air-forged")
+    )
+    genuine = (
+        await internet.SubmitRequest(pb.SubmitRequestRequest(request_file=exported.request_file))
+    ).response_file
+    forged = FORGERIES[forgery](genuine)
+    assert read_response_file(forged)  # the file itself is intact: only the answer lies
+    before = await journaled_row(site, "air-forged")
+
+    for _ in range(2):
+        await refused(
+            site.administrator.ImportResponse(
+                pb.ImportResponseRequest(license_server=site.license_address, response_file=forged)
+            ),
+            Code.PERMISSION_DENIED,
+            "BAD_SIGNATURE",
+        )
+        # Nothing of the forged answer is kept: not as the answer, not as an error.
+        assert await journaled_row(site, "air-forged") == before
+        assert await information(site) == []
+
+    # A fresh answer (submitting again) is the genuine one, and it completes.
+    again = (
+        await internet.SubmitRequest(pb.SubmitRequestRequest(request_file=exported.request_file))
+    ).response_file
+    assert again == genuine
+    imported = await site.administrator.ImportResponse(
+        pb.ImportResponseRequest(license_server=site.license_address, response_file=again)
+    )
+    assert imported.operation.state == pb.OPERATION_STATE_COMPLETED
+    assert await information(site) == [("client.station", 2, 2)]
+    assert (await journaled_row(site, "air-forged"))["response_envelope"] == (
+        read_response_file(genuine).response.SerializeToString()
+    )
+    assert await line_left(site, entitlement.entitlement_id) == (2, 3)
+
+
+async def test_an_answer_rewritten_to_another_operation_changes_nothing(
+    site: Site, internet: pb_grpc.AdministratorServiceStub
+) -> None:
+    entitlement = await site.create_entitlement([("client.station", 5)])
+    activation_id = entitlement.lines[0].activation_id
+    first = await site.administrator.ExportRequest(
+        export_activation(site, activation_id, 1, "air-first")
+    )
+    second = await site.administrator.ExportRequest(
+        export_activation(site, activation_id, 2, "air-second")
+    )
+    answers = {
+        exported.operation.operation_id: (
+            await internet.SubmitRequest(
+                pb.SubmitRequestRequest(request_file=exported.request_file)
+            )
+        ).response_file
+        for exported in (first, second)
+    }
+    before = {op: await journaled_row(site, op) for op in answers}
+
+    # The first answer, its file and its signed request id rewritten to the second
+    # operation: it now names the second operation's request, but the vendor signed it
+    # for the first.
+    file = read_response_file(answers["air-first"])
+    answer = apb.VendorActivationResponse.FromString(file.response.payload)
+    answer.request_id = second.operation.request_id
+    file.response.payload = answer.SerializeToString()
+    file.operation_id = "air-second"
+    await refused(
+        site.administrator.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=site.license_address, response_file=rewrapped(file)
+            )
+        ),
+        Code.PERMISSION_DENIED,
+        "BAD_SIGNATURE",
+    )
+    # Only the file's operation id rewritten: it answers another request than it names.
+    file = read_response_file(answers["air-first"])
+    file.operation_id = "air-second"
+    await refused(
+        site.administrator.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=site.license_address, response_file=rewrapped(file)
+            )
+        ),
+        Code.INVALID_ARGUMENT,
+        "RESPONSE_MISMATCH",
+    )
+    assert {op: await journaled_row(site, op) for op in answers} == before
+    assert await information(site) == []
+
+    # Each genuine answer then completes its own operation.
+    for operation_id, response_file in answers.items():
+        imported = await site.administrator.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=site.license_address, response_file=response_file
+            )
+        )
+        assert imported.operation.operation_id == operation_id
+        assert imported.operation.state == pb.OPERATION_STATE_COMPLETED
+    assert await information(site) == [("client.station", 3, 3)]
+
+
+async def test_an_installed_answer_never_completes_on_another_license_server(
+    site: Site, internet: pb_grpc.AdministratorServiceStub, host_b: ls_server.LicenseServer
+) -> None:
+    entitlement = await site.create_entitlement([("client.station", 5)])
+    exported = await site.administrator.ExportRequest(
+        export_activation(site, entitlement.lines[0].activation_id, 2, "air-elsewhere")
+    )
+    submitted = await internet.SubmitRequest(
+        pb.SubmitRequestRequest(request_file=exported.request_file)
+    )
+    imported = await site.administrator.ImportResponse(
+        pb.ImportResponseRequest(
+            license_server=site.license_address, response_file=submitted.response_file
+        )
+    )
+    assert imported.operation.state == pb.OPERATION_STATE_COMPLETED
+    done = await journaled_row(site, "air-elsewhere")
+
+    address_b = f"{host_b.port}@127.0.0.1"
+    error = await refused(
+        site.administrator.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=address_b, response_file=submitted.response_file
+            )
+        ),
+        Code.PERMISSION_DENIED,
+        "CERTIFICATE_FOR_ANOTHER_HOST",
+    )
+    assert host_b.identity.host_id in error.details()
+    assert site.license.identity.host_id in error.details()
+    storage_b = lpb_grpc.TrustedStorageServiceStub(site.channel(host_b.port))
+    assert not (await storage_b.ListCertificates(lpb.ListCertificatesRequest())).certificates
+    assert await journaled_row(site, "air-elsewhere") == done
+    # On its own License Server it still tells the same result.
+    again = await site.administrator.ImportResponse(
+        pb.ImportResponseRequest(
+            license_server=site.license_address, response_file=submitted.response_file
+        )
+    )
+    assert again == imported
+
+
+async def test_an_answer_imported_through_another_administrator_says_where_it_belongs(
+    site: Site, internet: pb_grpc.AdministratorServiceStub
+) -> None:
+    entitlement = await site.create_entitlement([("client.station", 5)])
+    exported = await site.administrator.ExportRequest(
+        export_activation(site, entitlement.lines[0].activation_id, 2, "air-where")
+    )
+    submitted = await internet.SubmitRequest(
+        pb.SubmitRequestRequest(request_file=exported.request_file)
+    )
+    before = await journaled_row(site, "air-where")
+
+    # The Administrator that submitted it has no such operation in its journal.
+    error = await refused(
+        internet.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=site.license_address, response_file=submitted.response_file
+            )
+        ),
+        Code.NOT_FOUND,
+        "OPERATION_NOT_FOUND",
+    )
+    assert "the Administrator that exported its request" in error.details()
+    assert site.license.identity.host_id in error.details()
+    info = error_info(error)
+    assert info is not None and info.metadata["operation_id"] == "air-where"
+    assert await information(site) == []
+    assert await journaled_row(site, "air-where") == before
+
+    # Through the one that exported it, it completes.
+    imported = await site.administrator.ImportResponse(
+        pb.ImportResponseRequest(
+            license_server=site.license_address, response_file=submitted.response_file
+        )
+    )
+    assert imported.operation.state == pb.OPERATION_STATE_COMPLETED

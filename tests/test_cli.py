@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from services.administrator.domain.offline_files import RESPONSE, armour, read_response_file
 from tessera.license.v1 import license_pb2
 from tessera_cli.app import App
 from tests.conftest import DatabaseFactory
@@ -328,6 +329,40 @@ async def test_trust_broken_repair_limit_and_repair(cli: Cli, site: Site) -> Non
     assert f"next repair of this License Server from {next_allowed[:10]}" in error["hint"]
 
 
+async def test_a_repair_on_a_new_host_key_is_refused_and_loses_nothing(
+    cli: Cli, site: Site
+) -> None:
+    order = await create_order(cli, "client.station=5")
+    await cli.ok("activate", order["entitlement_id"], "--count", "2")
+    first_host = site.license.identity.host_id
+    key = site.tmp_path / "license_server" / "host.key"
+    lost = key.rename(key.with_name("host.key.lost"))
+    # The database as it was, on a new host key (the License Server creates one).
+    await restart_license_server(site, machine_id="test-machine")
+    assert site.license.identity.host_id != first_host
+    broken = await cli("trust", "--json")
+    assert broken.code == 5 and broken.json["health"]["broken_seats"] == 2
+    assert "REPAIR_FROM_ANOTHER_HOST" in broken.json["health"]["repair_advice"]
+
+    error = await cli.refused(1, "REPAIR_FROM_ANOTHER_HOST", "repair")
+    assert first_host in error["message"] and "host.key" in error["message"]
+    assert "force-return" in error["hint"] and first_host in error["hint"]
+    # Nothing changed: trusted storage keeps the certificates, no repair was journaled
+    # or counted at the vendor, which still records the seats on the first host.
+    after = await cli("trust", "--json")
+    assert after.code == 5 and after.json["health"]["broken_seats"] == 2
+    assert [op["kind"] for op in (await cli.json("operations"))["operations"]] == ["activate"]
+    audit = await cli.json("vendor", "audit")
+    assert not [entry for entry in audit["entries"] if entry["action"].startswith("repair.")]
+
+    # The way out the message names: the host key back, and nothing needs repairing.
+    lost.replace(key)
+    await restart_license_server(site, machine_id="test-machine")
+    assert site.license.identity.host_id == first_host
+    assert (await cli("trust")).code == 0
+    assert (await cli.json("licenses"))["features"][0]["activated"] == 2
+
+
 async def test_offline_request_submit_import(cli: Cli) -> None:
     order = await create_order(cli, "client.station=5")
     exported = await cli.json(
@@ -360,6 +395,55 @@ async def test_offline_request_submit_import(cli: Cli) -> None:
 
     missing = await cli("submit", "no-such-file.txt")
     assert missing.code == 2 and "no-such-file.txt" in missing.stderr
+
+
+async def test_a_forged_answer_file_is_refused_and_the_genuine_one_completes(cli: Cli) -> None:
+    order = await create_order(cli, "client.station=5")
+    await cli.ok("export-request", "activate", order["entitlement_id"], "-o", "req.txt")
+    await cli.ok("submit", "req.txt", "-o", "resp.txt")
+    # The vendor's signature altered by one bit, the file's checksum made to match.
+    file = read_response_file((cli.cwd / "resp.txt").read_bytes())
+    file.response.signature = bytes([file.response.signature[0] ^ 1]) + file.response.signature[1:]
+    (cli.cwd / "forged.txt").write_bytes(armour(RESPONSE, file.SerializeToString(), []))
+
+    error = await cli.refused(1, "BAD_SIGNATURE", "import-response", "forged.txt")
+    assert "submit" in error["hint"]
+    [operation] = (await cli.json("operations"))["operations"]
+    assert (operation["state"], operation["last_error"]) == ("prepared", "")
+    assert (await cli.json("licenses"))["features"] == []
+
+    imported = await cli.json("import-response", "resp.txt")
+    assert imported["operation"]["state"] == "completed"
+    assert (await cli.json("licenses"))["features"][0]["activated"] == 1
+
+
+async def test_an_imported_answer_is_refused_on_another_license_server(
+    cli: Cli, site: Site, databases: DatabaseFactory
+) -> None:
+    other = await start_another_license_server(site, databases, "ls-b", "machine-b")
+    try:
+        order = await create_order(cli, "client.station=5")
+        await cli.ok("export-request", "activate", order["entitlement_id"], "-o", "req.txt")
+        await cli.ok("submit", "req.txt", "-o", "resp.txt")
+        other_address = f"{other.port}@127.0.0.1"
+        # Before the install and after it: never "completed" on another License Server.
+        for _ in ("before", "after"):
+            error = await cli.refused(
+                1,
+                "CERTIFICATE_FOR_ANOTHER_HOST",
+                "import-response",
+                "resp.txt",
+                "--license-server",
+                other_address,
+            )
+            assert other.identity.host_id in error["message"]
+            assert site.license.identity.host_id in error["hint"]
+            there = await cli.json("licenses", "--license-server", other_address)
+            assert there["features"] == []
+            imported = await cli.json("import-response", "resp.txt")
+            assert imported["operation"]["state"] == "completed"
+    finally:
+        await other.stop(0)
 
 
 async def test_move_to_another_license_server(
@@ -465,8 +549,15 @@ async def test_what_refusals_and_outages_tell_the_operator(cli: Cli, site: Site)
     assert error["service"] == "Administrator" and "TESSERA_ADMINISTRATOR" in error["hint"]
     nowhere = await cli("licenses", "--json", "--license-server", f"{down}@127.0.0.1")
     assert nowhere.code == 3 and nowhere.json["error"]["service"] == "License Server"
-    bad_address = await cli("licenses", "--license-server", "localhost")
-    assert bad_address.code == 2 and "Invalid license server configuration" in bad_address.stderr
+    # An address that does not parse has the reason docs/operator.md names, whether
+    # tessera finds it or the Administrator refuses it.
+    for command in (["licenses"], ["activate", order["lines"][0]["activation_id"]]):
+        error = await cli.refused(
+            2, "INVALID_LICENSE_SERVER_ADDRESS", *command, "--license-server", "localhost"
+        )
+        assert error["message"].startswith("Invalid license server configuration")
+        assert "port@host" in error["hint"]
+        assert error["metadata"]["field"] == "license_server"
 
     await restart_administrator(site, activation_server=f"127.0.0.1:{down}")
     cli.point_at(site)

@@ -6,6 +6,8 @@
   lease (the protocol's client host is the client's own claim, and a resume after a
   network blip may come from a new address), so the resume is honoured, but it fences the
   first holder out and never counts a second seat.
+- An Administrator response file whose signed answer was altered (its checksum recomputed)
+  is refused and changes nothing in any database; the genuine file then completes.
 - An old Administrator response file imported twice changes nothing the second time; an
   activation response file imported again after its certificate was returned changes
   nothing (the Administrator answers with the operation's record), and sent straight to
@@ -24,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
-from services.administrator.domain.offline_files import read_response_file
+from services.administrator.domain.offline_files import RESPONSE, armour, read_response_file
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.license.v1 import license_pb2 as lpb
 from tests.attack_support import RealSite, reason_of, started_site, state_of
@@ -319,3 +321,50 @@ def test_an_old_answer_file_imported_after_a_return_changes_nothing(
     info = site.leases.GetLicenseInformation(lpb.GetLicenseInformationRequest(), timeout=TIMEOUT)
     assert [f.activated for f in info.features if f.feature == feature and f.activated] == []
     assert certificate_id not in certificate_ids(site)
+
+
+def test_a_forged_answer_file_changes_nothing_and_the_genuine_one_completes(
+    site: RealSite, feature: str
+) -> None:
+    order = site.sell(feature, 5)
+    exported = site.administrator.ExportRequest(
+        pb.ExportRequestRequest(
+            kind=pb.OPERATION_KIND_ACTIVATE,
+            license_server=site.license_address,
+            activation_id=order.lines[0].activation_id,
+            count=2,
+            operation_id="air-forged",
+        ),
+        timeout=TIMEOUT,
+    )
+    answer = site.administrator.SubmitRequest(
+        pb.SubmitRequestRequest(request_file=exported.request_file), timeout=TIMEOUT
+    ).response_file
+    # One byte of the vendor's signature changed, and the file's checksum made to match.
+    file = read_response_file(answer)
+    file.response.signature = bytes([file.response.signature[0] ^ 1]) + file.response.signature[1:]
+    forged = armour(RESPONSE, file.SerializeToString(), [("Operation", file.operation_id)])
+    before = everything(site)
+
+    for _ in range(2):
+        error = refused(
+            site.administrator.ImportResponse,
+            pb.ImportResponseRequest(license_server=site.license_address, response_file=forged),
+        )
+        assert (code_of(error), reason_of(error)) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "BAD_SIGNATURE",
+        )
+        # In no database of the site did anything change: not the journal, not trusted
+        # storage, not the vendor's records.
+        assert everything(site) == before
+
+    imported = site.administrator.ImportResponse(
+        pb.ImportResponseRequest(license_server=site.license_address, response_file=answer),
+        timeout=TIMEOUT,
+    )
+    assert imported.operation.state == pb.OPERATION_STATE_COMPLETED
+    info = site.leases.GetLicenseInformation(
+        lpb.GetLicenseInformationRequest(feature=feature), timeout=TIMEOUT
+    )
+    assert [(f.activated, f.available) for f in info.features] == [(2, 2)]

@@ -274,9 +274,13 @@ async def test_a_database_copied_to_another_server_serves_nothing(
     health = await site.health()
     assert {c.cause for c in health.certificates} == {"DATABASE_COPIED"}
     assert await site.activated() == 0
-    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest())
-    request = apb.HostRepairRequest.FromString(prepared.request.payload)
-    assert request.previous_host_id == ""  # it may not claim the other host's licenses
+    # It may not claim the other host's licenses, and a repair would only empty trusted
+    # storage (the vendor records nothing for this key): refused before anything is signed.
+    error = await refused(site.storage.PrepareRepair(pb.PrepareRepairRequest()))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(error) == "REPAIR_FROM_ANOTHER_HOST"
+    assert "host.key" in (error.details() or "")
+    assert await site.activated() == 0
 
 
 async def test_a_restored_older_backup_is_detected(

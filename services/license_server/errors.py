@@ -32,6 +32,7 @@ ERRORS = ErrorTable(
         errors.CertificateForAnotherHost: Code.PERMISSION_DENIED,
         errors.CertificateMismatch: Code.INVALID_ARGUMENT,
         errors.RequestIdReused: Code.ALREADY_EXISTS,
+        errors.RepairFromAnotherHost: Code.PERMISSION_DENIED,
         errors.SeatsInUse: Code.FAILED_PRECONDITION,
         errors.CertificateNotFound: Code.NOT_FOUND,
         errors.CertificateReturned: Code.FAILED_PRECONDITION,

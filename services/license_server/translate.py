@@ -142,6 +142,14 @@ def _repair_advice(report: TrustReport, broken_seats: int) -> str:
     broken = sum(verdict.problem is not None for verdict in report.verdicts)
     holder = report.sealed_host_id
     if report.storage_problem is not None and report.storage_problem.cause == "DATABASE_COPIED":
+        if report.verdicts:
+            return (
+                f"{broken} certificate(s) with {broken_seats} seat(s) do not serve. They were "
+                f"activated to host {report.sealed_host_id} with another host key, so a repair "
+                "is refused (REPAIR_FROM_ANOTHER_HOST): put that host's host.key back in the "
+                "data directory and restart, or have the vendor force-return them and "
+                "activate again."
+            )
         holder = report.host_id
     rebind = (
         f", re-bound to this machine (host {report.host_id})" if holder != report.host_id else ""

@@ -2,12 +2,21 @@
 
 1. the License Server *prepares*: it signs a request (same request id, same bytes), and
    the journal records the operation as PREPARED;
-2. the vendor answers the signed request (same request id, same answer): ANSWERED;
-3. the License Server *installs* the answer (installing twice is a no-op): COMPLETED, or
-   REFUSED when the answer was a refusal the License Server has now applied.
+2. the vendor answers the signed request (same request id, same answer);
+3. the License Server *verifies and installs* the answer (installing twice is a no-op),
+   and only then is the answer journaled, with the outcome: COMPLETED, or REFUSED when
+   the answer was a refusal the License Server has now applied.
+
+The Administrator holds no vendor keys: the License Server an answer is for is what
+verifies it (vendor signature, host, pending request). So nothing unverified is ever
+journaled as an answer: an answer the License Server refuses (forged, altered, for
+another host) leaves the operation as it was, and the genuine one still completes it.
+Until installed, an answer is not needed again: asked again, the vendor gives the same.
+(ANSWERED is a move's state between its two halves, and what older Administrators
+journaled between steps 2 and 3; such an answer is still installed, and verified then.)
 
 Each kind says how it prepares, asks and installs (an ``Exchange``); the ``ExchangeRunner``
-journals every step before the next and passes the failpoints the crash suite arms.
+journals each step before the next and passes the failpoints the crash suite arms.
 Online, the runner takes an operation all the way; offline, ExportRequest stops after
 step 1 and ImportResponse brings the answer for step 3.
 """
@@ -243,13 +252,18 @@ class ExchangeRunner:
         async with self.journal.noting_errors(operation):
             check_host(server, operation.host_id, operation.operation_id)
         if operation.state is OperationState.PREPARED:
-            operation = await self.ask_vendor(exchange, operation)
-        if operation.state is OperationState.ANSWERED:
-            operation = await self.install(exchange, server, operation)
+            response = await self.ask_vendor(exchange, operation)
+            operation = await self.install(exchange, server, operation, response)
+        elif operation.state is OperationState.ANSWERED:
+            # Journaled by an older Administrator before it was installed.
+            assert operation.response_envelope is not None
+            response = SignedEnvelope.FromString(operation.response_envelope)
+            operation = await self.install(exchange, server, operation, response)
         return self.outcome(exchange, operation)
 
-    async def ask_vendor(self, exchange: Exchange, operation: Operation) -> Operation:
-        """Step 2: the vendor's signed answer, journaled."""
+    async def ask_vendor(self, exchange: Exchange, operation: Operation) -> SignedEnvelope:
+        """Step 2: the vendor's signed answer (not journaled: unverified until the
+        License Server installs it). A refusal that decides the operation is journaled."""
         request = SignedEnvelope.FromString(operation.request_envelope)
         registration = await self.registrations.for_vendor()
         try:
@@ -263,26 +277,36 @@ class ExchangeRunner:
         except DomainError as error:
             await self.journal.record_error(operation, error)
             raise
-        return await self.record_answer(operation, response)
-
-    async def record_answer(self, operation: Operation, response: SignedEnvelope) -> Operation:
-        operation = await self.journal.advance(
-            operation, OperationState.ANSWERED, response_envelope=response.SerializeToString()
-        )
         reach(operation, "after_vendor")
-        return operation
+        return response
 
     async def install(
-        self, exchange: Exchange, server: LicenseServerClient, operation: Operation
+        self,
+        exchange: Exchange,
+        server: LicenseServerClient,
+        operation: Operation,
+        response: SignedEnvelope,
     ) -> Operation:
-        """Step 3: the License Server installs the journaled answer."""
-        assert operation.response_envelope is not None
-        response = SignedEnvelope.FromString(operation.response_envelope)
+        """Step 3: the License Server verifies and installs the vendor's answer; then
+        the answer and the outcome are journaled together."""
         async with self.journal.noting_errors(operation):
             installed = await exchange.install(server, operation, response)
+        return await self.installed(operation, response, installed)
+
+    async def installed(
+        self, operation: Operation, response: SignedEnvelope, installed: Installed
+    ) -> Operation:
+        """Journal an answer the License Server has verified and installed, with what
+        installing it did."""
         reach(operation, "after_install")
+        envelope = response.SerializeToString()
         if installed.refusal is not None:
-            return await self.journal.refuse(operation, installed.refusal, result=installed.result)
+            return await self.journal.refuse(
+                operation, installed.refusal, result=installed.result, response_envelope=envelope
+            )
         return await self.journal.advance(
-            operation, OperationState.COMPLETED, result=installed.result
+            operation,
+            OperationState.COMPLETED,
+            result=installed.result,
+            response_envelope=envelope,
         )

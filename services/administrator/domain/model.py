@@ -22,8 +22,10 @@ class OperationKind(StrEnum):
 class OperationState(StrEnum):
     # The License Server signed the request; the vendor has not answered yet.
     PREPARED = "prepared"
-    # The vendor answered; the License Server has not installed the answer yet. (A move
-    # stays here from the return's receipt until its activation is installed.)
+    # A move between its halves: the source installed the return's receipt, the target
+    # has not installed its certificate yet. Other kinds go from PREPARED straight to
+    # COMPLETED or REFUSED (an answer is journaled only once installed); older
+    # Administrators journaled the vendor's answer here before installing it.
     ANSWERED = "answered"
     COMPLETED = "completed"
     # The vendor refused; nothing changed in the end (withheld seats serve again).

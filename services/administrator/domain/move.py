@@ -7,11 +7,16 @@ on its peer and the operation can resume after a crash at any step. The journal 
 each step before the next:
 
     PREPARED   the source signed the return (its seats stopped serving)
-    ANSWERED   the vendor's receipt; then the source completed the return, the target
-               signed the activation request, the vendor answered it (each journaled)
-    COMPLETED  the target installed the certificate
+    ANSWERED   the source verified and installed the vendor's receipt (journaled with
+               it); then the target signed the activation request (journaled)
+    COMPLETED  the target verified and installed the vendor's certificate (journaled
+               with it)
     REFUSED    the vendor refused the return: the seats serve on the source again and
                nothing is activated on the target
+
+A vendor answer is journaled only once the License Server it is for has installed it
+(the Administrator holds no vendor keys; see exchange.py): until then, asked again, the
+vendor gives the same answer.
 """
 
 from __future__ import annotations
@@ -158,23 +163,26 @@ class Moves:
     async def _complete(self, operation: Operation) -> Operation:
         """The remaining steps, from wherever the journal says the move stands."""
         if operation.state is OperationState.PREPARED:
-            operation = await self.runner.ask_vendor(self.returns, operation)
-        if operation.state is OperationState.ANSWERED and operation.target_request_envelope is None:
-            operation = await self._return_from_source(operation)
-        if (
-            operation.state is OperationState.ANSWERED
-            and operation.target_response_envelope is None
+            receipt = await self.runner.ask_vendor(self.returns, operation)
+            operation = await self._return_from_source(operation, receipt)
+        elif (
+            operation.state is OperationState.ANSWERED and operation.target_request_envelope is None
         ):
-            operation = await self._ask_vendor_to_activate(operation)
+            assert operation.response_envelope is not None
+            receipt = SignedEnvelope.FromString(operation.response_envelope)
+            operation = await self._return_from_source(operation, receipt)
         if operation.state is OperationState.ANSWERED:
-            operation = await self._install_on_target(operation)
+            if operation.target_response_envelope is None:
+                answer = await self._ask_vendor_to_activate(operation)
+            else:  # journaled by an older Administrator before it was installed
+                answer = SignedEnvelope.FromString(operation.target_response_envelope)
+            operation = await self._install_on_target(operation, answer)
         return self.runner.outcome(self.returns, operation)
 
-    async def _return_from_source(self, operation: Operation) -> Operation:
-        """The source installs the vendor's receipt; if credited, the target signs the
-        activation request for the same line and seats."""
-        assert operation.response_envelope is not None
-        receipt = SignedEnvelope.FromString(operation.response_envelope)
+    async def _return_from_source(self, operation: Operation, receipt: SignedEnvelope) -> Operation:
+        """The source verifies and installs the vendor's receipt (installing it again is
+        a no-op), which is journaled then; if credited, the target signs the activation
+        request for the same line and seats."""
         async with (
             self.journal.noting_errors(operation),
             self.runner.license_servers.connected(operation.license_server) as source,
@@ -184,8 +192,17 @@ class Moves:
         reach(operation, "after_return")
         if not completed.credited:
             return await self.journal.refuse(
-                operation, refusal_in(receipt, operation), result=completed.SerializeToString()
+                operation,
+                refusal_in(receipt, operation),
+                result=completed.SerializeToString(),
+                response_envelope=receipt.SerializeToString(),
             )
+        if operation.state is OperationState.PREPARED:
+            operation = await self.journal.advance(
+                operation, OperationState.ANSWERED, response_envelope=receipt.SerializeToString()
+            )
+            if operation.state is not OperationState.ANSWERED:
+                return operation  # another call took the move further meanwhile
         async with (
             self.journal.noting_errors(operation),
             self.runner.license_servers.connected(operation.target_license_server) as target,
@@ -203,7 +220,9 @@ class Moves:
         reach(operation, "after_target_prepare")
         return operation
 
-    async def _ask_vendor_to_activate(self, operation: Operation) -> Operation:
+    async def _ask_vendor_to_activate(self, operation: Operation) -> SignedEnvelope:
+        """The vendor's certificate for the target (not journaled: unverified until the
+        target installs it)."""
         assert operation.target_request_envelope is not None
         request = SignedEnvelope.FromString(operation.target_request_envelope)
         registration = await self.registrations.for_vendor()
@@ -211,15 +230,11 @@ class Moves:
         # stays unfinished (last_error says why) until the vendor activates them.
         async with self.journal.noting_errors(operation):
             answer = await self.activations.ask_vendor(request, registration)
-        operation = await self.journal.fill(
-            operation, "target_response_envelope", answer.SerializeToString()
-        )
         reach(operation, "after_target_vendor")
-        return operation
+        return answer
 
-    async def _install_on_target(self, operation: Operation) -> Operation:
-        assert operation.target_response_envelope is not None
-        answer = SignedEnvelope.FromString(operation.target_response_envelope)
+    async def _install_on_target(self, operation: Operation, answer: SignedEnvelope) -> Operation:
+        """The target verifies and installs the certificate; journaled with it."""
         async with (
             self.journal.noting_errors(operation),
             self.runner.license_servers.connected(operation.target_license_server) as target,
@@ -228,5 +243,8 @@ class Moves:
             installed = await target.install_activation(answer)
         reach(operation, "after_install")
         return await self.journal.advance(
-            operation, OperationState.COMPLETED, result=installed.SerializeToString()
+            operation,
+            OperationState.COMPLETED,
+            result=installed.SerializeToString(),
+            target_response_envelope=answer.SerializeToString(),
         )

@@ -9,6 +9,12 @@ while activating, returning or repairing, and not even then with files).
 3. ``import_response`` on the site's Administrator installs the answer on the License
    Server that asked (checked here before anything is sent to it) and completes the
    journaled operation. Importing again changes nothing and tells the same result.
+
+The journal is what ties an answer to its operation, so an answer is imported through
+the Administrator that exported the request. Nothing in the file is journaled before
+the License Server has verified and installed it: a refused file (forged, altered,
+rewritten to another operation, for another License Server) changes nothing, and the
+genuine file still completes the operation.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from google.protobuf.message import DecodeError
 from services.administrator.domain import inputs
 from services.administrator.domain.errors import (
     DamagedFile,
+    OperationNotFound,
     ResponseForAnotherHost,
     ResponseMismatch,
 )
 from services.administrator.domain.exchange import Exchange, ExchangeRunner
 from services.administrator.domain.journal import OperationJournal
-from services.administrator.domain.model import Intent, Operation, OperationKind, OperationState
+from services.administrator.domain.model import Intent, Operation, OperationKind
 from services.administrator.domain.offline_files import (
     FORMAT_VERSION,
     REQUEST,
@@ -240,23 +247,33 @@ class Offline:
         except DecodeError as error:
             raise DamagedFile(field, "its signed answer does not parse") from error
 
+        # Until the License Server has installed the answer, the journal is only read: a
+        # refusal here, or by the License Server, leaves the operation as it was.
         async with self.journal.exclusive(operation_id):
-            operation = await self.journal.get(operation_id)
+            operation = await self.journal.find(operation_id)
+            if operation is None:
+                raise OperationNotFound(
+                    f"no operation {operation_id!r} in this Administrator's journal: a "
+                    f"response is imported through the Administrator that exported its "
+                    f"request (the file answers {kind.value} request {request_id!r} of "
+                    f"host {host_id}); import it there",
+                    metadata={"operation_id": operation_id, "host_id": host_id},
+                )
             if operation.kind is not kind or operation.request_id != request_id:
                 raise ResponseMismatch(
                     f"the file answers {kind.value} request {request_id!r}, but operation "
                     f"{operation_id} is {operation.kind.value} request {operation.request_id!r}",
                     metadata={"operation_id": operation_id},
                 )
-            if operation.state.finished:
-                return self.runner.outcome(exchange, operation)
             if host_id != operation.host_id:
                 raise ResponseForAnotherHost(
                     f"the file answers host {host_id}, but operation {operation_id} was "
                     f"prepared on host {operation.host_id}",
                     metadata={"host_id": host_id},
                 )
-            async with self.runner.reach_license_server(operation, license_server) as server:
+            async with self.runner.license_servers.connected(license_server) as server:
+                # Asked of a finished operation too: an answer installed on its own
+                # License Server never "completes" on another.
                 if server.host_id != operation.host_id:
                     raise ResponseForAnotherHost(
                         f"the file answers a request of host {operation.host_id}, but "
@@ -264,6 +281,8 @@ class Offline:
                         "Server that exported the request",
                         metadata={"host_id": operation.host_id},
                     )
-                if operation.state is OperationState.PREPARED:
-                    operation = await self.runner.record_answer(operation, response)
-                return await self.runner.complete(exchange, server, operation)
+                if operation.state.finished:
+                    return self.runner.outcome(exchange, operation)
+                installed = await exchange.install(server, operation, response)
+                operation = await self.runner.installed(operation, response, installed)
+                return self.runner.outcome(exchange, operation)

@@ -81,6 +81,13 @@ class RequestIdReused(DomainError):
     reason = "REQUEST_ID_REUSED"
 
 
+class RepairFromAnotherHost(DomainError):
+    """A repair of certificates sealed by another host key: only the key they were
+    activated with may repair them (the vendor's rule, told before asking it)."""
+
+    reason = "REPAIR_FROM_ANOTHER_HOST"
+
+
 class QueueTimeout(DomainError):
     """The client waited in the queue as long as it asked and no seat freed."""
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from services.license_server.domain import ledger, pools
 from services.license_server.domain.errors import (
     CertificateForAnotherHost,
+    RepairFromAnotherHost,
     RequestIdReused,
     RequestNotPreparedHere,
 )
@@ -56,6 +57,7 @@ class Repairs:
         async with storage.store.transaction() as repo:
             existing = await repo.get_pending_request(request_id)
             seal_row = await repo.get_seal()
+            held = [row for row in await repo.list_certificates() if row.returned_at is None]
         if existing is not None:
             if existing.kind is not RequestKind.REPAIR:
                 raise RequestIdReused(
@@ -63,6 +65,20 @@ class Repairs:
                     metadata={"request_id": request_id},
                 )
             return request_id, SignedEnvelope.FromString(existing.request_envelope)
+        if seal_row is not None and seal_row.host_public_key != identity.public_key and held:
+            # Storage sealed by another host key (host.key lost or replaced, or another
+            # server's database): the vendor would re-issue only what it records for this
+            # key, so the repair would empty trusted storage and count, and strand those
+            # seats at the vendor. Refused before anything is signed.
+            raise RepairFromAnotherHost(
+                f"trusted storage holds {len(held)} certificate(s) "
+                f"({sum(row.count for row in held)} seat(s)) activated to host "
+                f"{seal_row.host_id} with another host key than this License Server's "
+                f"(host {identity.host_id}); a repair cannot move them to a new key. Put "
+                "that host's host.key back in the data directory and restart, or have the "
+                "vendor force-return them and activate again",
+                metadata={"host_id": seal_row.host_id},
+            )
         # Only the same host key may claim the licenses of the host id it had before the
         # machine changed; a copied database names another key's host, which it may not.
         previous = ""
