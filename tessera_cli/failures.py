@@ -205,6 +205,11 @@ HINTS: dict[str, Hint] = {
         "Run `tessera trust` to see what broke and what a repair would do, then "
         "`tessera repair` (needs the vendor; at most 4 repairs a year)."
     ),
+    "NOTHING_TO_REPAIR": lambda s: (
+        "Trusted storage is healthy (`tessera trust`), so nothing was sent to the vendor and "
+        "no repair was counted. Repair anyway only if the vendor records licenses this "
+        "License Server lacks: `tessera repair --force` (it counts as one of the 4 a year)."
+    ),
     "PEER_UNAVAILABLE": _peer_unavailable,
     "CREDENTIAL_MISSING": _credential,
     "CREDENTIAL_INVALID": _credential,

@@ -272,6 +272,15 @@ def _return_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _repair_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="repair although trusted storage is healthy; it counts as one of the year's "
+        "repairs at the vendor",
+    )
+
+
 def _file_output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "-o",
@@ -354,9 +363,11 @@ def build() -> Parser:
         "re-issue the licenses after trusted storage broke",
         "Ask the vendor to re-issue exactly what it records this License Server holds, bound "
         "to this machine, after trusted storage broke (`tessera trust` says why). Needs the "
-        "vendor; at most 4 repairs per License Server in any 365 days.",
-        ["tessera trust", "tessera repair"],
+        "vendor; at most 4 repairs per License Server in any 365 days, so a repair of healthy "
+        "trusted storage is refused (NOTHING_TO_REPAIR) unless --force says it may count.",
+        ["tessera trust", "tessera repair", "tessera repair --force"],
     )
+    _repair_force(p)
     _operation_id(p)
 
     p = _add(
@@ -431,9 +442,10 @@ def build() -> Parser:
         "repair",
         offline.export_request,
         "repair trusted storage",
-        "Write a repair request file.",
+        "Write a repair request file (refused while trusted storage is healthy, unless --force).",
         ["tessera export-request repair"],
     )
+    _repair_force(k)
     _file_output(k, "request file")
     _operation_id(k)
     k.set_defaults(kind="repair")

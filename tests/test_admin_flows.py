@@ -4,6 +4,7 @@ journaled, refused, retried and resumed."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -373,6 +374,56 @@ async def test_repair_reissues_what_the_host_holds_after_a_machine_change(site: 
         first.certificate_id: (2, first.revision + 1),
         second.certificate_id: (1, second.revision + 1),
     }
+
+
+async def repairs_left_at_vendor(site: Site) -> list[int]:
+    """What the vendor said was left after each repair it granted, oldest first (every
+    decision about a repair is in its audit log)."""
+    log = await site.vendor.GetAuditLog(apb.GetAuditLogRequest(page_size=1000), metadata=VENDOR)
+    assert not [e for e in log.entries if e.action == "repair.refused"]
+    return [
+        json.loads(e.detail_json)["repairs_left"]
+        for e in log.entries
+        if e.action == "repair.granted"
+    ]
+
+
+async def test_a_repair_of_healthy_trusted_storage_runs_only_forced_and_then_counts(
+    site: Site,
+) -> None:
+    entitlement = await order(site, sold=5)
+    certificate = (await activate(site, entitlement, 2)).certificate
+    # Five in a row would have used up the year's four repairs: each is refused, nothing
+    # is journaled, nothing reaches the vendor.
+    for attempt in range(5):
+        error = await refused(
+            site.administrator.Repair(
+                pb.RepairRequest(license_server=site.license_address, operation_id=f"fix-{attempt}")
+            ),
+            Code.FAILED_PRECONDITION,
+            "NOTHING_TO_REPAIR",
+        )
+        assert "--force" in (error.details() or "")
+        await refused(journaled(site, f"fix-{attempt}"), Code.NOT_FOUND, "OPERATION_NOT_FOUND")
+    assert await repairs_left_at_vendor(site) == []
+    assert await held(site) == {certificate.certificate_id: (2, certificate.revision)}
+
+    # Forced, it runs and counts.
+    forced = await site.administrator.Repair(
+        pb.RepairRequest(license_server=site.license_address, operation_id="forced", force=True)
+    )
+    assert forced.operation.state == pb.OPERATION_STATE_COMPLETED and forced.health.healthy
+    assert await repairs_left_at_vendor(site) == [3]
+    assert await held(site) == {certificate.certificate_id: (2, certificate.revision + 1)}
+
+    # Broken trusted storage is repaired without being forced.
+    await restart_license_server(site, machine_id="replacement-board")
+    repaired = await site.administrator.Repair(
+        pb.RepairRequest(license_server=site.license_address, operation_id="fix-broken")
+    )
+    assert repaired.operation.state == pb.OPERATION_STATE_COMPLETED and repaired.health.healthy
+    assert await repairs_left_at_vendor(site) == [3, 2]
+    assert await seats(site) == (2, 0, 2)
 
 
 async def test_a_repair_over_the_yearly_limit_is_refused_and_journaled(site: Site) -> None:

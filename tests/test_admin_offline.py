@@ -287,6 +287,38 @@ async def test_offline_repair_round_trip(
     assert await information(site) == [("client.station", 2, 2)]
 
 
+async def test_an_offline_repair_of_healthy_storage_is_exported_only_when_forced(
+    site: Site, internet: pb_grpc.AdministratorServiceStub
+) -> None:
+    entitlement = await site.create_entitlement([("client.station", 5)])
+    await site.administrator.Activate(
+        pb.ActivateRequest(
+            license_server=site.license_address,
+            activation_id=entitlement.lines[0].activation_id,
+            count=2,
+        )
+    )
+    export = pb.ExportRequestRequest(
+        kind=pb.OPERATION_KIND_REPAIR, license_server=site.license_address, operation_id="air"
+    )
+    journal, pending = (
+        await journal_rows(site),
+        await count_rows(site.license.store.engine, ls_tables.pending_requests),
+    )
+    await refused(
+        site.administrator.ExportRequest(export), Code.FAILED_PRECONDITION, "NOTHING_TO_REPAIR"
+    )
+    assert await journal_rows(site) == journal
+    assert await count_rows(site.license.store.engine, ls_tables.pending_requests) == pending
+
+    # Forced: the file is written, and the vendor counts the repair when it is submitted.
+    export.force = True
+    exported = await site.administrator.ExportRequest(export)
+    assert exported.operation.state == pb.OPERATION_STATE_PREPARED
+    await internet.SubmitRequest(pb.SubmitRequestRequest(request_file=exported.request_file))
+    assert await count_rows(site.activation.store.engine, vendor_tables.repairs) == 1
+
+
 async def test_a_refused_return_is_imported_then_told(
     site: Site, internet: pb_grpc.AdministratorServiceStub
 ) -> None:

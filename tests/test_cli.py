@@ -301,6 +301,10 @@ async def test_leases_revoke_and_a_return_refused_while_seats_are_in_use(
 async def test_trust_broken_repair_limit_and_repair(cli: Cli, site: Site) -> None:
     order = await create_order(cli, "client.station=5")
     await cli.ok("activate", order["entitlement_id"], "--count", "2")
+    # Healthy: refused, and (below) not counted against the year's one repair.
+    for _ in range(2):
+        healthy = await cli.refused(1, "NOTHING_TO_REPAIR", "repair")
+        assert "tessera repair --force" in healthy["hint"]
     await restart_license_server(site, machine_id="replacement-board")
 
     broken = await cli("trust", "--json")
@@ -387,10 +391,13 @@ async def test_offline_request_submit_import(cli: Cli) -> None:
     assert (await cli.json("licenses"))["features"][0]["activated"] == 3
     assert (await cli.json("import-response", response_name))["operation"]["state"] == ("completed")
 
-    repair_request = await cli.json("export-request", "repair", "-o", str(cli.cwd))
+    # Trusted storage is healthy: a repair request is written only when forced.
+    await cli.refused(1, "NOTHING_TO_REPAIR", "export-request", "repair", "-o", str(cli.cwd))
+    assert not list(cli.cwd.glob("tessera-repair-*"))
+    repair_request = await cli.json("export-request", "repair", "--force", "-o", str(cli.cwd))
     assert Path(repair_request["file"]).name.endswith("-request.txt")
 
-    piped = await cli("export-request", "repair", "-o", "-")
+    piped = await cli("export-request", "repair", "--force", "-o", "-")
     assert piped.code == 0 and piped.stdout.startswith("-----BEGIN TESSERA REQUEST-----")
 
     missing = await cli("submit", "no-such-file.txt")

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from sqlalchemy import delete, select, update
 
-from services.license_server.store.tables import certificates, trust_ledger
+from services.license_server.store.tables import certificates, pending_requests, trust_ledger
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.license.v1 import license_pb2 as pb
@@ -228,7 +228,8 @@ async def test_a_changed_machine_breaks_every_certificate_until_repair(
             pb.CheckoutRequest(acquire=pb.LeaseAcquire(feature="client.station", count=1))
         )
     )
-    assert reason_of(error) in {"FEATURE_NOT_LICENSED", "COUNT_ABOVE_ACTIVATED"}
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(error) == "TRUSTED_STORAGE_BROKEN"  # repair it, not activate again
 
     # Nothing else changes while broken.
     error = await refused(site.prepare_return(first.certificate_id))
@@ -377,11 +378,67 @@ async def test_a_repair_keeps_only_what_the_vendor_records(
     assert [c.certificate.revision for c in listed.certificates] == [1]
 
 
+async def test_a_repair_of_healthy_storage_is_refused_and_prepares_nothing(
+    site: LicenseServerUnderTest, vendor: Vendor
+) -> None:
+    await site.activate(vendor, 2)
+    before = await snapshot(site)
+    error = await refused(site.storage.PrepareRepair(pb.PrepareRepairRequest(request_id="fix-1")))
+    assert (error.code(), reason_of(error)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOTHING_TO_REPAIR",
+    )
+    assert "--force" in (error.details() or "")
+    assert await snapshot(site) == before  # no request journaled, nothing judged anew
+
+    # Forced, it is prepared (and would count at the vendor); a retry of the same id is
+    # the same request, forced or not.
+    forced = await site.storage.PrepareRepair(
+        pb.PrepareRepairRequest(request_id="fix-1", force=True)
+    )
+    again = await site.storage.PrepareRepair(pb.PrepareRepairRequest(request_id="fix-1"))
+    assert again.request == forced.request
+    assert site.server is not None
+    async with site.server.store.engine.connect() as connection:
+        kinds = (await connection.execute(select(pending_requests.c.kind))).scalars().all()
+    assert sorted(kinds) == ["activate", "repair"]
+
+
+async def test_broken_storage_is_repaired_without_force(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    limited = await site.activate(vendor, 2, expires_at=clock.now() + dt.timedelta(days=30))
+    clock.advance(3600)
+    await site.health()
+    clock.advance(-2 * 3600)
+    assert not (await site.health()).healthy  # CLOCK_SET_BACK
+    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest())
+    request = apb.HostRepairRequest.FromString(prepared.request.payload)
+    reissue = vendor.certificate(
+        apb.HostActivationRequest(
+            request_id=limited.request_id,
+            activation_id=limited.activation_id,
+            host_id=site.host_id,
+        ),
+        certificate_id=limited.certificate_id,
+        count=2,
+        revision=1,
+        expires_at=clock.now() + dt.timedelta(days=30),
+    )
+    repaired = await site.storage.CompleteRepair(
+        pb.CompleteRepairRequest(response=vendor.repair(request, [reissue]))
+    )
+    assert repaired.health.healthy, repaired.health.problems
+    # Healthy again, so another repair is refused.
+    error = await refused(site.storage.PrepareRepair(pb.PrepareRepairRequest()))
+    assert reason_of(error) == "NOTHING_TO_REPAIR"
+
+
 async def test_a_repair_for_another_host_is_refused(
     site: LicenseServerUnderTest, vendor: Vendor
 ) -> None:
     await site.activate(vendor, 2)
-    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest())
+    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest(force=True))
     request = apb.HostRepairRequest.FromString(prepared.request.payload)
     request.host_id = "HOST-ELSE-WHERE-0000"
     error = await refused(

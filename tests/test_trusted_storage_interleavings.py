@@ -93,7 +93,8 @@ async def vendor_return(vendor: Vendor, request: object) -> apb.ReturnResponse:
 
 
 async def vendor_repair(site: LicenseServerUnderTest, vendor: Vendor) -> apb.RepairResponse:
-    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest())
+    # Forced: these interleavings repair storage that is still healthy.
+    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest(force=True))
     return await vendor.activation.Repair(apb.RepairRequest(request=prepared.request))
 
 

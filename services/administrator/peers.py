@@ -198,8 +198,10 @@ class LicenseServerClient:
             )
         )
 
-    async def prepare_repair(self, request_id: str) -> license_pb.PrepareRepairResponse:
-        request = license_pb.PrepareRepairRequest(request_id=request_id)
+    async def prepare_repair(
+        self, request_id: str, force: bool = False
+    ) -> license_pb.PrepareRepairResponse:
+        request = license_pb.PrepareRepairRequest(request_id=request_id, force=force)
         return await self.call(
             lambda: self.trusted_storage.PrepareRepair(
                 request, timeout=CALL_TIMEOUT, metadata=self.metadata

@@ -117,7 +117,7 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
     @ERRORS.unary
     async def Repair(self, request: pb.RepairRequest, context: Context) -> pb.RepairResponse:
         repaired = await self.operations.repairs.repair(
-            request.license_server, request.operation_id
+            request.license_server, request.operation_id, request.force
         )
         return pb.RepairResponse(
             operation=operation_to_proto(repaired.operation), health=repaired.health

@@ -39,6 +39,7 @@ ERRORS = ErrorTable(
         errors.ReturnInProgress: Code.FAILED_PRECONDITION,
         errors.PartialReturnNotAllowed: Code.FAILED_PRECONDITION,
         errors.TrustedStorageBroken: Code.FAILED_PRECONDITION,
+        errors.NothingToRepair: Code.FAILED_PRECONDITION,
         errors.AnswerDoesNotMatch: Code.INVALID_ARGUMENT,
         errors.TooManyStreams: Code.RESOURCE_EXHAUSTED,
         errors.AcquireRateExceeded: Code.RESOURCE_EXHAUSTED,

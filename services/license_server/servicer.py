@@ -353,7 +353,7 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
     async def PrepareRepair(
         self, request: pb.PrepareRepairRequest, context: Context
     ) -> pb.PrepareRepairResponse:
-        request_id, envelope = await self.repairs.prepare(request.request_id)
+        request_id, envelope = await self.repairs.prepare(request.request_id, request.force)
         return pb.PrepareRepairResponse(request_id=request_id, request=envelope)
 
     @ERRORS.unary

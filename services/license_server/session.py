@@ -119,11 +119,18 @@ class LeaseSession:
         kind = request.WhichOneof("kind")
         busy = self.held is not None or self.waiter is not None
         if kind in ("acquire", "resume") and busy:
-            raise LeaseProtocolViolation(f"{kind} on a stream that already holds or awaits a lease")
+            raise LeaseProtocolViolation(
+                f"{kind} on a stream that already holds or awaits a lease; open another "
+                "stream for another lease"
+            )
         if kind == "heartbeat" and self.held is None:
-            raise LeaseProtocolViolation("heartbeat before a lease was granted")
+            raise LeaseProtocolViolation(
+                "heartbeat before a lease was granted; send acquire or resume first"
+            )
         if kind == "release" and not busy:
-            raise LeaseProtocolViolation("release before acquire or resume")
+            raise LeaseProtocolViolation(
+                "release before acquire or resume: this stream holds nothing to release"
+            )
         if kind in ("acquire", "resume"):
             self.started = True
         if kind == "acquire":
@@ -205,7 +212,7 @@ class LeaseSession:
         if self._loop.time() >= self._deadline:
             error = QueueTimeout(
                 f"no {waiter.request.feature} seat freed while waiting in the queue "
-                f"(position {outcome})",
+                f"(position {outcome}); wait longer, or ask the operator to activate more",
                 metadata={"feature": waiter.request.feature},
             )
             self.leasing.metrics.denied(error.reason)

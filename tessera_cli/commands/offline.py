@@ -90,6 +90,8 @@ async def export_request(args: argparse.Namespace, session: Session) -> Result:
         request.certificate_id = found.certificate.certificate_id if found else args.certificate
         request.count = args.count
         request.force = args.force
+    elif kind == "repair":
+        request.force = args.force
     request.operation_id = operation_id(args, session)
     admin = session.connections.administrator()
     async with session.progress.show(f"Preparing the {kind} request on {address}"):

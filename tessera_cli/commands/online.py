@@ -87,7 +87,7 @@ async def return_(args: argparse.Namespace, session: Session) -> Result:
 async def repair(args: argparse.Namespace, session: Session) -> Result:
     address = session.settings.license_server.value
     request = admin_pb2.RepairRequest(
-        license_server=address, operation_id=operation_id(args, session)
+        license_server=address, operation_id=operation_id(args, session), force=args.force
     )
     admin = session.connections.administrator()
     async with session.progress.show(f"Repairing trusted storage of {address}"):

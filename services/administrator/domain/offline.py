@@ -116,14 +116,9 @@ def export_intent(
             force=force,
             offline=True,
         )
-    _unused(
-        operation_kind,
-        activation_id=activation_id,
-        count=count,
-        certificate_id=certificate_id,
-        force=force,
-    )
-    return Intent(kind=operation_kind, license_server=license_server, offline=True)
+    _unused(operation_kind, activation_id=activation_id, count=count, certificate_id=certificate_id)
+    # A forced repair runs even on healthy trusted storage (and counts at the vendor).
+    return Intent(kind=operation_kind, license_server=license_server, force=force, offline=True)
 
 
 def _kind_of(number: int, field: str) -> OperationKind:

@@ -3,7 +3,10 @@ changed machine), the vendor re-issues exactly what its records say the host hol
 
 The request must be signed by the License Server that activated the licenses; the vendor
 allows four repairs per host a year (RESOURCE_EXHAUSTED / REPAIR_LIMIT_REACHED) and logs
-every one. A refusal is the vendor's decision and ends the operation as REFUSED.
+every one. A refusal is the vendor's decision and ends the operation as REFUSED. The
+License Server, which knows whether its trusted storage is broken, refuses to prepare a
+repair of healthy storage unless forced (FAILED_PRECONDITION / NOTHING_TO_REPAIR): then
+nothing is journaled and nothing reaches the vendor.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class RepairExchange(Exchange):
     async def prepare(
         self, server: LicenseServerClient, intent: Intent, request_id: str
     ) -> Prepared:
-        prepared = await server.prepare_repair(request_id)
+        prepared = await server.prepare_repair(request_id, intent.force)
         return Prepared(prepared.request_id, prepared.request)
 
     async def ask_vendor(
@@ -68,9 +71,12 @@ class Repairs:
         self.runner = runner
         self.exchange = exchange
 
-    async def repair(self, license_server: str, operation_id: str) -> Repaired:
+    async def repair(self, license_server: str, operation_id: str, force: bool = False) -> Repaired:
+        """Repair online; ``force`` repairs healthy trusted storage too (it counts)."""
         intent = Intent(
-            kind=OperationKind.REPAIR, license_server=inputs.license_server(license_server)
+            kind=OperationKind.REPAIR,
+            license_server=inputs.license_server(license_server),
+            force=force,
         )
         operation_id = inputs.operation_id(operation_id)
         operation = await self.runner.run(self.exchange, intent, operation_id)

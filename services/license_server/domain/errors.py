@@ -138,6 +138,13 @@ class TrustedStorageBroken(DomainError):
     reason = "TRUSTED_STORAGE_BROKEN"
 
 
+class NothingToRepair(DomainError):
+    """Trusted storage is healthy: a repair would change nothing here but would use one of
+    the repairs the vendor allows a year, so it runs only when forced."""
+
+    reason = "NOTHING_TO_REPAIR"
+
+
 class AnswerDoesNotMatch(DomainError):
     """A vendor answer does not fit the request it claims to answer."""
 

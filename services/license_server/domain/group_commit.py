@@ -37,11 +37,18 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from services.license_server.domain.errors import LeaseNotFound, StaleLeaseEpoch
+from services.license_server.domain.errors import StaleLeaseEpoch
 from services.license_server.domain.events import LeaseEvent, LeaseResumed, SeatsFreed
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import Lease, NewLease
-from services.license_server.domain.seats import new_lease, refusal, secret_hash, unusable
+from services.license_server.domain.seats import (
+    RESUMED_ELSEWHERE,
+    lease_not_found,
+    new_lease,
+    refusal,
+    secret_hash,
+    unusable,
+)
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError
@@ -297,7 +304,7 @@ class GroupCommit:
                 earlier = latest[resume.lease_id]
                 outcome.answers[earlier] = (
                     outcome.answers[earlier][0],
-                    StaleLeaseEpoch("the lease was resumed by another stream"),
+                    StaleLeaseEpoch(RESUMED_ELSEWHERE),
                 )
             latest[resume.lease_id] = len(outcome.answers)
             outcome.answers.append((resume.done, lease))
@@ -323,11 +330,7 @@ class GroupCommit:
                 continue
             # Refused or a repeat within the batch: read the lease only to explain.
             lease = await repo.get_lease(checkin.lease_id, hashed)
-            answer: object = (
-                LeaseNotFound(f"no lease {checkin.lease_id!r} with that secret")
-                if lease is None
-                else False
-            )
+            answer: object = lease_not_found(checkin.lease_id) if lease is None else False
             outcome.answers.append((checkin.done, answer))
         for feature in sorted(set(released.values())):
             event = SeatsFreed(feature)

@@ -37,10 +37,12 @@ from services.license_server.domain.model import (
 )
 from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.seats import (
-    above_activated,
+    RESUMED_ELSEWHERE,
+    lease_not_found,
     new_lease,
     not_licensed,
     secret_hash,
+    shortfall,
     unusable,
 )
 from services.license_server.store.repository import LicenseStore, Repository
@@ -177,9 +179,9 @@ class Leasing:
             if feature is None:
                 lease = await repo.get_lease(lease_id, secret_hash(secret))
                 if lease is None:
-                    raise LeaseNotFound(f"no lease {lease_id!r} with that secret")
+                    raise lease_not_found(lease_id)
                 if lease.released_at is None:
-                    raise StaleLeaseEpoch("the lease was resumed by another stream")
+                    raise StaleLeaseEpoch(RESUMED_ELSEWHERE)
                 return False
             await repo.announce(SeatsFreed(feature))
         self.bus.publish(SeatsFreed(feature))
@@ -200,10 +202,8 @@ class Leasing:
         now = self.clock.now()
         async with self.store.transaction() as repo:
             pool = await repo.get_pool(new.feature)
-            if pool is None or pool.activated == 0:
-                raise not_licensed(new.feature)
-            if new.count > pool.activated:
-                raise above_activated(new, pool)
+            if pool is None or new.count > pool.activated:
+                raise await shortfall(repo, new, pool, now)
             waiter = Waiter(str(uuid.uuid4()), new, now)
             ticket = await repo.enqueue(waiter, now + _seconds(self.policy.waiter_ttl_seconds))
         return replace(waiter, ticket=ticket)
@@ -248,7 +248,10 @@ class Leasing:
             lease = await repo.revoke_lease(lease_id, now, "revoked")
             if lease is None:
                 if not await repo.lease_exists(lease_id):
-                    raise LeaseNotFound(f"no lease {lease_id!r}")
+                    raise LeaseNotFound(
+                        f"no lease {lease_id!r} on this License Server; `tessera leases` "
+                        "lists the leases held"
+                    )
                 return False
             events: list[LeaseEvent] = [
                 LeaseEnded(lease_id, REVOKED_BY_OPERATOR, message),

@@ -1,7 +1,9 @@
 """Repairing trusted storage: the vendor re-issues what it records this host holds.
 
 ``prepare`` signs a request with the host key, naming the host id the licenses were
-activated under when the machine changed since. ``complete`` verifies the vendor's
+activated under when the machine changed since. The vendor allows a host only a few
+repairs a year, so ``prepare`` refuses while trusted storage is healthy (NothingToRepair)
+unless forced: a repair that is not needed must not use one up. ``complete`` verifies the vendor's
 answer, replaces trusted storage with exactly the certificates it lists (certificates it
 does not list leave: the vendor no longer records them as this host's), and re-seals
 storage to this host and machine in a new ledger segment. Both are idempotent.
@@ -15,6 +17,7 @@ from dataclasses import dataclass, replace
 from services.license_server.domain import ledger, pools
 from services.license_server.domain.errors import (
     CertificateForAnotherHost,
+    NothingToRepair,
     RepairFromAnotherHost,
     RequestIdReused,
     RequestNotPreparedHere,
@@ -49,7 +52,10 @@ class Repairs:
     def __init__(self, trusted_storage: TrustedStorage) -> None:
         self.storage = trusted_storage
 
-    async def prepare(self, request_id: str) -> tuple[str, SignedEnvelope]:
+    async def prepare(self, request_id: str, force: bool = False) -> tuple[str, SignedEnvelope]:
+        """A host-signed repair request, journaled as pending (same id, same bytes).
+        Refused with NothingToRepair, journaling nothing, while trusted storage is healthy
+        and ``force`` is not set; a request prepared before is returned either way."""
         storage = self.storage
         identity = storage.identity
         request_id = request_id_or_new(request_id)
@@ -61,7 +67,8 @@ class Repairs:
         if existing is not None:
             if existing.kind is not RequestKind.REPAIR:
                 raise RequestIdReused(
-                    f"request id {request_id!r} was prepared for another request",
+                    f"request id {request_id!r} was prepared for another request; use a new "
+                    "request id (or none)",
                     metadata={"request_id": request_id},
                 )
             return request_id, SignedEnvelope.FromString(existing.request_envelope)
@@ -79,6 +86,18 @@ class Repairs:
                 "vendor force-return them and activate again",
                 metadata={"host_id": seal_row.host_id},
             )
+        if not force:
+            health = await storage.inspect()
+            if health.healthy:
+                raise NothingToRepair(
+                    f"trusted storage of host {identity.host_id} is healthy (every "
+                    f"certificate serves): nothing to repair, and no repair was asked of the "
+                    "vendor, which allows only a few a year. If the vendor records licenses "
+                    "this License Server lacks, complete the operation that activated them "
+                    "(`tessera operations --unfinished`), or repair anyway with --force "
+                    "(it counts as one of the year's repairs)",
+                    metadata={"host_id": identity.host_id},
+                )
         # Only the same host key may claim the licenses of the host id it had before the
         # machine changed; a copied database names another key's host, which it may not.
         previous = ""
@@ -123,7 +142,7 @@ class Repairs:
         if response.host_id != storage.identity.host_id:
             raise CertificateForAnotherHost(
                 f"this repair is for host {response.host_id}, not this License Server "
-                f"({storage.identity.host_id})",
+                f"({storage.identity.host_id}); install it on the License Server that asked",
                 metadata={"host_id": response.host_id},
             )
         reissued = [
@@ -138,7 +157,8 @@ class Repairs:
             pending = await repo.get_pending_request(response.request_id)
             if pending is None or pending.kind is not RequestKind.REPAIR:
                 raise RequestNotPreparedHere(
-                    f"repair {response.request_id!r} was not prepared by this License Server",
+                    f"repair {response.request_id!r} was not prepared by this License Server; "
+                    "install the answer on the License Server that prepared the repair",
                     metadata={"request_id": response.request_id},
                 )
             if pending.installed_at is not None:

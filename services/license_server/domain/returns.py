@@ -91,7 +91,8 @@ class Returns:
                     stored = await repo.get_certificate(certificate_id)
                     if stored is None:
                         raise CertificateNotFound(
-                            f"no certificate {certificate_id} in trusted storage",
+                            f"no certificate {certificate_id} in trusted storage; "
+                            "`tessera licenses` lists the certificates held",
                             metadata={"certificate_id": certificate_id},
                         )
                     _check_returnable(stored, count)
@@ -153,7 +154,7 @@ class Returns:
         if receipt.host_id != storage.identity.host_id:
             raise CertificateForAnotherHost(
                 f"this receipt is for host {receipt.host_id}, not this License Server "
-                f"({storage.identity.host_id})",
+                f"({storage.identity.host_id}); install it on the License Server that asked",
                 metadata={"host_id": receipt.host_id},
             )
         remaining_document = None
@@ -166,11 +167,15 @@ class Returns:
             pending = await repo.get_pending_request(receipt.request_id)
             if pending is None or pending.kind is not RequestKind.RETURN:
                 raise RequestNotPreparedHere(
-                    f"return {receipt.request_id!r} was not prepared by this License Server",
+                    f"return {receipt.request_id!r} was not prepared by this License Server; "
+                    "install the receipt on the License Server that prepared the return",
                     metadata={"request_id": receipt.request_id},
                 )
             if pending.certificate_id != receipt.certificate_id:
-                raise AnswerDoesNotMatch("the receipt is for another certificate")
+                raise AnswerDoesNotMatch(
+                    f"the receipt is for another certificate than return {receipt.request_id!r} "
+                    "returns; ask the vendor again with the same request"
+                )
             credited = receipt.outcome == ReturnOutcome.RETURN_OUTCOME_CREDITED
             if pending.installed_at is not None:
                 remaining = None
@@ -208,7 +213,8 @@ def _same_request(existing: PendingRequest, certificate_id: str, count: int) -> 
         or (count and existing.count != count)
     ):
         raise RequestIdReused(
-            f"request id {existing.request_id!r} was prepared for another request",
+            f"request id {existing.request_id!r} was prepared for another request; use a new "
+            "request id (or none)",
             metadata={"request_id": existing.request_id},
         )
     return Prepared(existing.request_id, SignedEnvelope.FromString(existing.request_envelope), 0)
@@ -217,7 +223,7 @@ def _same_request(existing: PendingRequest, certificate_id: str, count: int) -> 
 def _check_returnable(stored: StoredCertificate, count: int) -> None:
     if stored.returned_at is not None:
         raise CertificateReturned(
-            f"certificate {stored.certificate_id} was returned already",
+            f"certificate {stored.certificate_id} was returned already; nothing to return",
             metadata={"certificate_id": stored.certificate_id},
         )
     if stored.returning:
@@ -233,7 +239,7 @@ def _check_returnable(stored: StoredCertificate, count: int) -> None:
     if 0 < count < stored.count and not certificate_of(stored).partial_return_allowed:
         raise PartialReturnNotAllowed(
             f"certificate {stored.certificate_id} returns as a whole ({stored.count} seats): "
-            "what one activation brought is returned together",
+            "what one activation brought is returned together (leave the count out)",
             metadata={"certificate_id": stored.certificate_id},
         )
 

@@ -16,10 +16,30 @@ from services.license_server.domain.errors import (
     LeaseReleased,
     NoSeatAvailable,
     StaleLeaseEpoch,
+    TrustedStorageBroken,
 )
-from services.license_server.domain.model import Lease, NewLease, PoolInformation
+from services.license_server.domain.model import (
+    Lease,
+    NewLease,
+    PoolInformation,
+    StoredCertificate,
+)
 from services.license_server.store.repository import Repository
 from tessera.errors import DomainError
+
+# Told to a stream whose lease a newer stream took over.
+RESUMED_ELSEWHERE = (
+    "the lease was resumed by another stream, which holds its seats now; this stream may "
+    "no longer use it"
+)
+
+
+def lease_not_found(lease_id: str) -> LeaseNotFound:
+    """No such lease here (or a wrong secret): another server may hold it, else it is gone."""
+    return LeaseNotFound(
+        f"no lease {lease_id!r} with that secret on this License Server; resume it on the "
+        "server that granted it, or acquire anew"
+    )
 
 
 def secret_hash(secret: str) -> bytes:
@@ -49,21 +69,70 @@ def new_lease(new: NewLease, ttl: int, now: dt.datetime) -> tuple[Lease, str]:
 async def refusal(repo: Repository, new: NewLease, now: dt.datetime) -> DomainError:
     """Why ``new`` gets no seat now, read within the transaction that refused it."""
     pool = await repo.get_pool(new.feature)
-    if pool is None or pool.activated == 0:
-        return not_licensed(new.feature)
-    if new.count > pool.activated:
-        return above_activated(new, pool)
+    if pool is None or new.count > pool.activated:
+        return await shortfall(repo, new, pool, now)
     queued = (await repo.queued_per_feature(now)).get(new.feature, 0)
     return NoSeatAvailable(
         f"all {pool.activated} seats of {new.feature} are in use or promised to the queue "
-        f"({pool.available} free, {queued} waiting, {new.count} asked for)",
+        f"({pool.available} free, {queued} waiting, {new.count} asked for); wait for one "
+        "(queue with a wait timeout) or ask the operator to activate more",
         metadata={"feature": new.feature, "available": str(pool.available)},
+    )
+
+
+async def shortfall(
+    repo: Repository, new: NewLease, pool: PoolInformation | None, now: dt.datetime
+) -> DomainError:
+    """Why fewer seats of a feature serve here than ``new`` asks for, however long it
+    waits: the real cause, since each needs another remedy. Seats that trusted storage
+    stopped serving come back with a repair; an expired or returned license, or one that
+    was never activated, only with an activation."""
+    activated = pool.activated if pool is not None else 0
+    held = await repo.held_certificates(new.feature)
+    broken = [c for c in held if c.broken_cause is not None and not _expired(c, now)]
+    broken_seats = sum(c.count - c.returning for c in broken)
+    if broken and new.count <= activated + broken_seats:
+        cause = broken[0].broken_cause or ""
+        return TrustedStorageBroken(
+            f"{broken_seats} seat(s) of {new.feature} do not serve because trusted storage "
+            f"is broken ({cause}: {broken[0].broken_detail}); the operator runs "
+            "`tessera trust` to see why and `tessera repair` to re-issue them",
+            metadata={
+                "feature": new.feature,
+                "cause": cause,
+                "broken_seats": str(broken_seats),
+            },
+        )
+    if pool is not None and activated:
+        return above_activated(new, pool)
+    expired = [c for c in held if _expired(c, now)]
+    if held and len(expired) == len(held):
+        ended = max(c.expires_at or c.retired_at or now for c in expired)
+        return FeatureNotLicensed(
+            f"the {new.feature} license on this License Server expired at "
+            f"{ended.isoformat(timespec='seconds')}; activate a new one (`tessera activate`)",
+            metadata={"feature": new.feature, "expired_at": ended.isoformat()},
+        )
+    if any(c.returning for c in held):
+        return FeatureNotLicensed(
+            f"the seats of {new.feature} on this License Server are being returned to the "
+            "vendor (they serve again only if the vendor refuses the return); activate "
+            "others (`tessera activate`)",
+            metadata={"feature": new.feature},
+        )
+    return not_licensed(new.feature)
+
+
+def _expired(certificate: StoredCertificate, now: dt.datetime) -> bool:
+    return certificate.retired_at is not None or (
+        certificate.expires_at is not None and certificate.expires_at <= now
     )
 
 
 def not_licensed(feature: str) -> FeatureNotLicensed:
     return FeatureNotLicensed(
-        f"no {feature} licenses are activated on this License Server",
+        f"no {feature} licenses are activated on this License Server; activate them "
+        "(`tessera activate`)",
         metadata={"feature": feature},
     )
 
@@ -71,7 +140,7 @@ def not_licensed(feature: str) -> FeatureNotLicensed:
 def above_activated(new: NewLease, pool: PoolInformation) -> CountAboveActivated:
     return CountAboveActivated(
         f"{new.count} seats of {new.feature} asked for, but only {pool.activated} are "
-        "activated here",
+        "activated here; ask for fewer, or activate more (`tessera activate`)",
         metadata={"feature": new.feature, "activated": str(pool.activated)},
     )
 
@@ -82,18 +151,20 @@ async def unusable(
     """Why a lease cannot be heartbeaten, resumed or released by this caller now."""
     lease = await repo.get_lease(lease_id, hashed)
     if lease is None:
-        return LeaseNotFound(f"no lease {lease_id!r} with that secret")
+        return lease_not_found(lease_id)
     if lease.released_at is not None:
         if lease.release_reason == "expired":
             return LeaseExpired(
                 f"lease {lease_id} expired (no heartbeat within its TTL) and was released "
                 f"at {lease.released_at.isoformat()}; acquire anew"
             )
-        return LeaseReleased(f"lease {lease_id} was released at {lease.released_at.isoformat()}")
+        return LeaseReleased(
+            f"lease {lease_id} was released at {lease.released_at.isoformat()}; acquire anew"
+        )
     if lease.expires_at <= now:
         return LeaseExpired(
             f"lease {lease_id} expired at {lease.expires_at.isoformat()}; acquire anew"
         )
     if epoch is not None and lease.epoch != epoch:
-        return StaleLeaseEpoch("the lease was resumed by another stream")
+        return StaleLeaseEpoch(RESUMED_ELSEWHERE)
     return LeaseNotFound(f"lease {lease_id} cannot be used")  # pragma: no cover

@@ -132,6 +132,14 @@ class TrustedStorage:
             return  # another replica sealed it at the same moment
         self.anchor.advance(written)
 
+    async def inspect(self) -> TrustReport:
+        """Judge trusted storage now, changing nothing (``check`` acts on the verdict)."""
+        now = self.clock.now()
+        anchor = self.anchor.read()
+        async with self.store.transaction() as repo:
+            _, report = await self._judge(repo, now, anchor, lock=False)
+        return report
+
     async def check(self) -> TrustReport:
         """Judge trusted storage now and take broken certificates out of service (or put
         repaired ones back); advances or latches the clock high-water mark."""
@@ -139,17 +147,7 @@ class TrustedStorage:
         anchor = self.anchor.read()
         events: list[LeaseEvent] = []
         async with self.store.transaction() as repo:
-            seal_row = await repo.get_seal(lock=True)
-            report = inspect(
-                seal_row,
-                await repo.ledger_since_last_seal(),
-                await repo.list_certificates(),
-                self.identity,
-                self.vendor_keys(),
-                anchor,
-                await repo.ledger_hash_at(anchor.sequence) if anchor else None,
-                now,
-            )
+            seal_row, report = await self._judge(repo, now, anchor, lock=True)
             if seal_row is not None and report.storage_problem is None:
                 await self._move_high_water(repo, seal_row, report, now)
             for verdict in report.verdicts:
@@ -175,6 +173,24 @@ class TrustedStorage:
         self.publish(events)
         return report
 
+    async def _judge(
+        self, repo: Repository, now: dt.datetime, anchor: Anchor | None, *, lock: bool
+    ) -> tuple[Seal | None, TrustReport]:
+        # The anchor is read before the transaction: read inside, it could name an entry
+        # committed after this transaction's snapshot, which would look like a restore.
+        seal_row = await repo.get_seal(lock=lock)
+        report = inspect(
+            seal_row,
+            await repo.ledger_since_last_seal(),
+            await repo.list_certificates(),
+            self.identity,
+            self.vendor_keys(),
+            anchor,
+            await repo.ledger_hash_at(anchor.sequence) if anchor else None,
+            now,
+        )
+        return seal_row, report
+
     async def require_sound(self, repo: Repository) -> Seal:
         """The seal, locked for a ledger append; TrustedStorageBroken when storage as a
         whole is broken (copied, moved, tampered with, restored): repair it first."""
@@ -189,7 +205,8 @@ class TrustedStorage:
         )
         if problem is not None or seal_row is None:
             raise TrustedStorageBroken(
-                f"trusted storage is broken ({problem}); run repair first",
+                f"trusted storage is broken ({problem}); nothing changes until it is repaired: "
+                "`tessera trust` says why, `tessera repair` fixes it",
                 metadata={"cause": problem.cause if problem else ""},
             )
         return seal_row
@@ -327,7 +344,8 @@ class TrustedStorage:
             existing.count,
         ) != (activation_id, count):
             raise RequestIdReused(
-                f"request id {request_id!r} was prepared for another request",
+                f"request id {request_id!r} was prepared for another request; use a new "
+                "request id (or none)",
                 metadata={"request_id": request_id},
             )
         return request_id, SignedEnvelope.FromString(existing.request_envelope)
@@ -355,7 +373,7 @@ class TrustedStorage:
         if response.host_id != self.identity.host_id:
             raise CertificateForAnotherHost(
                 f"this answer is for host {response.host_id}, not this License Server "
-                f"({self.identity.host_id})",
+                f"({self.identity.host_id}); install it on the License Server that asked",
                 metadata={"host_id": response.host_id},
             )
         now = self.clock.now()
@@ -374,11 +392,14 @@ class TrustedStorage:
         if certificate.host_id != self.identity.host_id:
             raise CertificateForAnotherHost(
                 f"the certificate is bound to host {certificate.host_id}, not "
-                f"{self.identity.host_id}",
+                f"{self.identity.host_id}; install it on the License Server that asked",
                 metadata={"host_id": certificate.host_id},
             )
         if certificate.kind != LicenseKind.LICENSE_KIND_NETWORK:
-            raise CertificateMismatch("only network licenses are installed on a License Server")
+            raise CertificateMismatch(
+                "only network licenses are installed on a License Server; a local license "
+                "goes into its client host's local license store"
+            )
         return certificate
 
     async def _install(
@@ -392,7 +413,8 @@ class TrustedStorage:
             pending = await repo.get_pending_request(request_id)
             if pending is None or pending.kind is not RequestKind.ACTIVATE:
                 raise RequestNotPreparedHere(
-                    f"request {request_id!r} was not prepared by this License Server",
+                    f"request {request_id!r} was not prepared by this License Server; install "
+                    "the answer on the License Server that prepared the request",
                     metadata={"request_id": request_id},
                 )
             if (
@@ -400,7 +422,10 @@ class TrustedStorage:
                 or certificate.activation_id != pending.activation_id
                 or certificate.count != pending.count
             ):
-                raise CertificateMismatch("the certificate does not match the request it answers")
+                raise CertificateMismatch(
+                    "the certificate does not match the request it answers; ask the vendor "
+                    "again with the same request"
+                )
             existing = await repo.get_certificate_for_request(pending.request_id)
             if existing is not None:
                 if existing.returned_at is not None:

@@ -225,6 +225,18 @@ class Repository:
         )
         return int(total or 0)
 
+    async def held_certificates(self, feature: str) -> list[StoredCertificate]:
+        """Certificates of a feature that were not returned, serving or not: why a
+        feature has fewer seats than asked for is read from these."""
+        rows = (
+            await self.session.execute(
+                select(certificates)
+                .where(certificates.c.feature == feature, certificates.c.returned_at.is_(None))
+                .order_by(certificates.c.installed_at)
+            )
+        ).mappings()
+        return [_certificate(row) for row in rows]
+
     async def lock_pool(self, feature: str) -> PoolInformation:
         """The pool row of a feature (created empty when missing), locked until commit, so
         recounts of one pool take turns and each sums what the one before it wrote."""
