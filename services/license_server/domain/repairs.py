@@ -1,12 +1,14 @@
 """Repairing trusted storage: the vendor re-issues what it records this host holds.
 
 ``prepare`` signs a request with the host key, naming the host id the licenses were
-activated under when the machine changed since. The vendor allows a host only a few
-repairs a year, so ``prepare`` refuses while trusted storage is healthy (NothingToRepair)
-unless forced: a repair that is not needed must not use one up. ``complete`` verifies the vendor's
+activated under when the machine changed since. ``complete`` verifies the vendor's
 answer, replaces trusted storage with exactly the certificates it lists (certificates it
 does not list leave: the vendor no longer records them as this host's), and re-seals
 storage to this host and machine in a new ledger segment. Both are idempotent.
+
+The vendor allows a host only a few repairs a year, so ``prepare`` refuses while trusted
+storage is healthy (NothingToRepair) unless forced: a repair that is not needed must not
+use one up.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class Repairs:
                 metadata={"host_id": seal_row.host_id},
             )
         if not force:
-            health = await storage.inspect()
+            health = await storage.judge()
             if health.healthy:
                 raise NothingToRepair(
                     f"trusted storage of host {identity.host_id} is healthy (every "

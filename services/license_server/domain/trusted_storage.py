@@ -132,12 +132,12 @@ class TrustedStorage:
             return  # another replica sealed it at the same moment
         self.anchor.advance(written)
 
-    async def inspect(self) -> TrustReport:
+    async def judge(self) -> TrustReport:
         """Judge trusted storage now, changing nothing (``check`` acts on the verdict)."""
         now = self.clock.now()
         anchor = self.anchor.read()
         async with self.store.transaction() as repo:
-            _, report = await self._judge(repo, now, anchor, lock=False)
+            _, report = await self._judged(repo, now, anchor, lock=False)
         return report
 
     async def check(self) -> TrustReport:
@@ -147,7 +147,7 @@ class TrustedStorage:
         anchor = self.anchor.read()
         events: list[LeaseEvent] = []
         async with self.store.transaction() as repo:
-            seal_row, report = await self._judge(repo, now, anchor, lock=True)
+            seal_row, report = await self._judged(repo, now, anchor, lock=True)
             if seal_row is not None and report.storage_problem is None:
                 await self._move_high_water(repo, seal_row, report, now)
             for verdict in report.verdicts:
@@ -173,7 +173,7 @@ class TrustedStorage:
         self.publish(events)
         return report
 
-    async def _judge(
+    async def _judged(
         self, repo: Repository, now: dt.datetime, anchor: Anchor | None, *, lock: bool
     ) -> tuple[Seal | None, TrustReport]:
         # The anchor is read before the transaction: read inside, it could name an entry
