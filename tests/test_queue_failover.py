@@ -51,7 +51,7 @@ FEATURE = "client.station"
 # The License Server's --replica-timeout (its default), and what a test allows on top of
 # it for the dead replica's last beat to be seen, the drop, the grant and a loaded machine.
 REPLICA_TIMEOUT = 1.0
-SLACK = 1.5
+SLACK = 2.0
 
 
 @pytest.fixture
