@@ -11,7 +11,10 @@ database (two replicas) or alone on SQLite or PostgreSQL:
   the seat goes to them first (its dropped place cannot be granted);
 - a License Server SIGKILLed and restarted: the dead process's waiter is gone at once on
   SQLite (one process's file), within about the replica timeout on PostgreSQL, and a
-  freed seat can be taken.
+  freed seat can be taken;
+- three replicas, clients of the client library queueing for two seats, one replica
+  SIGKILLed and restarted again and again: a seat never stays free while clients wait
+  for longer than about the replica timeout, and the grants go on.
 
 Every test checks that the pool never holds more seats than are activated and that its
 count is the held leases'.
@@ -32,6 +35,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
+from clients import LicenseClient, LicenseError, LicenseServerUnreachable
 from services.activation_server import config as as_config
 from services.activation_server import server as as_server
 from services.administrator import config as admin_config
@@ -101,16 +105,20 @@ async def channels() -> AsyncIterator[list[grpc.aio.Channel]]:
         await channel.close()
 
 
-def license_server_args(tmp_path: Path, port: int, database_url: str) -> list[str]:
+def license_server_args(tmp_path: Path, port: int, database_url: str, ttl: int) -> list[str]:
     return [
         "--listen", f"127.0.0.1:{port}",
         "--data-dir", str(tmp_path / "ls"),
         "--database-url", database_url,
         "--vendor-keys", str(tmp_path / "as" / "vendor-keys.pub"),
         "--machine-id", "queue-failover-machine",
-        "--lease-ttl", "60",
+        "--lease-ttl", str(ttl),
+        "--heartbeat-interval", str(ttl / 3),
         "--sweep-interval", "0.2",
         "--replica-timeout", str(REPLICA_TIMEOUT),
+        # The test's clients all come from 127.0.0.1, standing in for many hosts.
+        "--max-streams-per-host", "0",
+        "--acquire-rate", "0",
     ]  # fmt: skip
 
 
@@ -120,8 +128,10 @@ async def start_license_server(
     name: str,
     port: int,
     database_url: str,
+    ttl: int = 60,
 ) -> lpb_grpc.LeaseServiceStub:
-    args = license_server_args(processes.tmp_path, port, database_url)
+    """A License Server process (its raw streams here send no heartbeats: a long TTL)."""
+    args = license_server_args(processes.tmp_path, port, database_url, ttl)
     processes.start(name, "services.license_server", *args)
     await processes.wait_serving(name, port)
     channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
@@ -349,3 +359,103 @@ async def test_a_restarted_license_server_drops_the_waiters_of_its_dead_process(
     assert await held_by(database_url) == ["newcomer"]
     assert await seats_in_database(database_url) == (1, 1, 1)
     print(f"{databases.kind}: restart -> the dead process's waiter dropped: {dropped_after:.2f} s")
+
+
+SEATS = 2
+CLIENTS = 12
+KILLS = 3
+
+
+@pytest.mark.parametrize("databases", ["postgres"], indirect=True)
+async def test_repeated_replica_kills_leave_no_free_seat_idle_while_clients_wait(
+    databases: DatabaseFactory,
+    vendor: Vendor,
+    processes: Processes,
+    channels: list[grpc.aio.Channel],
+) -> None:
+    database_url = await databases.new("license")
+    ports = [free_port() for _ in range(3)]
+    # The client library heartbeats: a short TTL, so a grant the SIGKILL cut short (the
+    # client never heard it) holds its seat only briefly.
+    stubs = [await start_license_server(processes, channels, "ls-0", ports[0], database_url, 6)]
+    stubs += await asyncio.gather(
+        *(
+            start_license_server(processes, channels, f"ls-{index}", ports[index], database_url, 6)
+            for index in (1, 2)
+        )
+    )
+    await vendor.activate(f"{ports[0]}@127.0.0.1", FEATURE, SEATS)
+
+    stopping = asyncio.Event()
+    grants = 0
+    errors: list[str] = []
+    # The longest stretch in which a seat was free while clients waited, as the replica
+    # that is never killed told it (License Information every 20 ms), and its checks.
+    idle_since: float | None = None
+    longest_idle = 0.0
+    looks = 0
+
+    async def client(number: int) -> None:
+        nonlocal grants
+        order = [ports[(number + step) % 3] for step in range(3)]
+        address = ";".join(f"{port}@127.0.0.1" for port in order)
+        async with LicenseClient(address, client_host=f"client-{number}") as license_client:
+            while not stopping.is_set():
+                try:
+                    lease = await license_client.acquire(FEATURE, wait=30)
+                except LicenseServerUnreachable:
+                    continue  # its replica died as it asked; the next one is asked anew
+                except LicenseError as error:
+                    errors.append(f"client-{number}: {error!r}")
+                    await asyncio.sleep(0.1)
+                    continue
+                grants += 1
+                await asyncio.sleep(0.05)
+                await lease.release()
+
+    async def watch() -> None:
+        nonlocal idle_since, longest_idle, looks
+        while not stopping.is_set():
+            info = await information(stubs[0])
+            now = time.monotonic()
+            if info.used > info.activated:
+                errors.append(f"over-allocated: {info}")
+            if info.available > 0 and info.queued > 0:
+                idle_since = now if idle_since is None else idle_since
+                longest_idle = max(longest_idle, now - idle_since)
+            else:
+                idle_since = None
+            looks += 1
+            await asyncio.sleep(0.02)
+
+    async def grants_reach(count: int) -> bool:
+        return grants >= count
+
+    tasks = [asyncio.create_task(client(number)) for number in range(CLIENTS)]
+    watcher = asyncio.create_task(watch())
+    try:
+        await until(lambda: grants_reach(20), 30, "20 grants before the first SIGKILL")
+        for kill in range(KILLS):
+            victim = 1 + kill % 2
+            processes.kill(f"ls-{victim}")
+            stubs[victim] = await start_license_server(
+                processes, channels, f"ls-{victim}", ports[victim], database_url, 6
+            )
+            await until(
+                lambda target=grants + 20: grants_reach(target),
+                30,
+                f"20 grants after SIGKILL {kill}",
+            )
+    finally:
+        stopping.set()
+        await asyncio.gather(*tasks, watcher, return_exceptions=True)
+
+    assert errors == []
+    assert looks > 100  # the watch ran all along
+    assert longest_idle < REPLICA_TIMEOUT + SLACK, f"a seat idled {longest_idle:.2f} s"
+    activated, used, held = await seats_in_database(database_url)
+    assert used == held <= activated == SEATS
+    print(
+        f"{KILLS} SIGKILLs, {grants} grants; longest stretch with a free seat and clients "
+        f"waiting: {longest_idle:.2f} s ({looks} looks)"
+    )
