@@ -117,13 +117,20 @@ class ReplicaRoster:
         return replica_id
 
     async def _beat_forever(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.beat_seconds)
             try:
                 await self.beat()
-            except Exception:  # the database is away: judge nobody on what was not seen
-                log.warning("replica beat failed; retrying", exc_info=True)
+            except Exception as error:  # the database is away: judge nobody meanwhile
                 self._seen.clear()
+                if not failing:  # once, not four times a second
+                    log.warning("replica beat failed: %s; retrying", error)
+                failing = True
+                continue
+            if failing:
+                log.warning("replica beat works again")
+                failing = False
 
     async def beat(self) -> None:
         """Raise this replica's beat, read the others', and declare dead those whose beat
