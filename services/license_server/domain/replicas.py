@@ -19,7 +19,8 @@ old places cannot be granted: a grant deletes the waiter's live row in the trans
 that takes the seats, and a dropped row is not there to delete.
 
 On a database only one process serves (SQLite), the process drops every other
-replica's row and queued clients at start: they belong to a process that is gone.
+replica's row and queued clients at start: they belong to a process that is gone. It
+does not beat: nobody else watches (and the file is not written four times a second).
 """
 
 from __future__ import annotations
@@ -66,19 +67,19 @@ class ReplicaRoster:
         self.dropped = 0
 
     async def start(self) -> None:
-        """Register, drop the dead process's waiters when this is the sole process, and
-        beat until stopped."""
+        """Register; then drop the dead process's waiters when this is the sole process,
+        or else beat until stopped."""
         await self.renew("")
-        if self.sole_process:
-            async with self.store.transaction() as repo:
-                features = await repo.drop_other_replicas(self.replica_id)
-                await repo.announce_all([SeatsFreed(f) for f in sorted(set(features))])
-            if features:
-                log.warning(
-                    "dropped %d queued client(s) of a License Server process that is gone",
-                    len(features),
-                )
-        self._task = asyncio.create_task(self._beat_forever(), name="tessera replica beat")
+        if not self.sole_process:
+            self._task = asyncio.create_task(self._beat_forever(), name="tessera replica beat")
+            return
+        async with self.store.transaction() as repo:
+            features = await repo.drop_other_replicas(self.replica_id)
+        if features:
+            log.warning(
+                "dropped %d queued client(s) of a License Server process that is gone",
+                len(features),
+            )
 
     async def stop(self) -> None:
         """Stop beating and leave: this replica's row and any waiter left go now, and
