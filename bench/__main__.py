@@ -4,6 +4,7 @@
     .venv/bin/python -m bench --phases echo,cycles    # just the throughput phases
     .venv/bin/python -m bench --phases streams --streams 20000
     .venv/bin/python -m bench --phases replicas,failover   # scale-out (opt-in, PostgreSQL)
+    .venv/bin/python -m bench --phases handover       # queue hand-over, 100 waiters
     .venv/bin/python -m bench.soak --minutes 60       # leaks and memory drift (bench/soak.py)
     .venv/bin/python -m bench.batch                   # CPU per group-commit transaction
 
@@ -26,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.handover import MAX_HANDOVER_P99, HandoverResult, handover_phase
 from bench.phases import (
     Options,
     StormResult,
@@ -42,11 +44,11 @@ from bench.scaleout import FailoverResult, ReplicasResult, failover_phase, repli
 from bench.services import Vendor
 from bench.stats import verdict
 
-PHASES = ("echo", "floor", "cycles", "streams", "storm", "replicas", "failover")
+PHASES = ("echo", "floor", "cycles", "streams", "storm", "handover", "replicas", "failover")
 # The echo phase measured a second time, after the floor and cycles phases.
 ECHO_AFTER = "echo-after"
 # The scale-out phases (replicas, failover) run only when asked for.
-DEFAULT_PHASES = PHASES[:5]
+DEFAULT_PHASES = PHASES[:6]
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 
 # Targets (issue "License Server ... fast").
@@ -115,6 +117,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--heartbeat-interval in the failover phase",
     )
     add("--failover-timeout", type=float, default=60.0, help="give up on the failover after this")
+    add(
+        "--handover-db",
+        choices=["sqlite", "postgres"],
+        default="postgres",
+        help="the handover phase's database (postgres: two replicas, sqlite: one server)",
+    )
+    add("--handover-waiters", type=int, default=100, help="clients waiting in the queue")
+    add("--handover-grants", type=int, default=300, help="hand-overs measured")
     add("--work-dir", default="", help="where servers keep data (default: a temp dir)")
     add("--keep", action="store_true", help="keep the work dir (logs, SQLite files)")
     add("--profile", default="", help="record py-spy profiles of the server into this dir")
@@ -255,6 +265,18 @@ def summary(results: dict[str, Any], options: Options) -> list[tuple[str, str, s
         )
     elif isinstance(storm, str):
         rows.append(("reconnect storm", storm, "", "ERROR"))
+    handover = results.get("handover")
+    if isinstance(handover, HandoverResult):
+        measured = (
+            f"p99 {1000 * handover.p99:.1f} ms (p50 {1000 * handover.p50:.1f} ms), "
+            f"{handover.handovers} hand-overs, {handover.waiters} waiters, {handover.db}"
+            + (f" x {handover.replicas} replicas" if handover.replicas > 1 else "")
+            + (", STALLED" if handover.stalled else "")
+        )
+        target = f"<= {1000 * MAX_HANDOVER_P99:.0f} ms p99"
+        rows.append(("queue hand-over", measured, target, verdict(handover.ok)))
+    elif isinstance(handover, str):
+        rows.append(("queue hand-over", handover, "", "ERROR"))
     rows += scale_out_summary(results)
     return rows
 
@@ -342,6 +364,9 @@ def make_options(args: argparse.Namespace) -> Options:
         failover_ttl=args.failover_ttl,
         failover_heartbeat_interval=args.failover_heartbeat_interval,
         failover_timeout=args.failover_timeout,
+        handover_db=args.handover_db,
+        handover_waiters=args.handover_waiters,
+        handover_grants=args.handover_grants,
     )
 
 
@@ -384,6 +409,9 @@ async def run(args: argparse.Namespace, options: Options) -> dict[str, Any]:
                     elif name == "failover":
                         assert vendor is not None
                         result = await failover_phase(options, vendor)
+                    elif name == "handover":
+                        assert vendor is not None
+                        result = await handover_phase(options, vendor)
                     else:
                         assert vendor is not None
                         result = await storm_phase(options, vendor)

@@ -71,6 +71,11 @@ class Options:
     failover_ttl: int = 30
     failover_heartbeat_interval: float = 10.0
     failover_timeout: float = 60.0
+    # Queue hand-over (bench/handover.py): the database (postgres: 2 replicas), the
+    # clients waiting all along, the hand-overs measured.
+    handover_db: str = "postgres"
+    handover_waiters: int = 100
+    handover_grants: int = 300
 
 
 class Workers:

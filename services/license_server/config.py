@@ -84,6 +84,12 @@ def load_settings(
         "under load, seconds a checkout/check-in transaction waits for more calls to join it; "
         "0: never",
     )
+    parser.add(
+        "--replica-timeout",
+        f"{LeasePolicy().replica_timeout_seconds:g}",
+        "seconds a License Server process may go without its beat before the others (on one "
+        "PostgreSQL database) declare it dead and drop its queued clients",
+    )
     add_credential_flags(parser, CREDENTIAL_ROLES)
     defaults = ClientLimits()
     parser.add(
@@ -111,10 +117,13 @@ def load_settings(
         sweep = float(args.sweep_interval)
         trust_check = float(args.trust_check_interval)
         delay = float(args.group_commit_delay)
+        replica_timeout = float(args.replica_timeout)
     except ValueError as error:
         parser.parser.error(f"lease timings must be numbers: {error}")
     if not 0 <= delay <= 1:
         parser.parser.error("--group-commit-delay must be between 0 and 1 second")
+    if not 0.2 <= replica_timeout <= 60:
+        parser.parser.error("--replica-timeout must be between 0.2 and 60 seconds")
     if ttl < 1 or interval <= 0 or sweep <= 0 or trust_check <= 0:
         parser.parser.error(
             "--lease-ttl, --heartbeat-interval, --sweep-interval and --trust-check-interval "
@@ -128,7 +137,10 @@ def load_settings(
         vendor_keys=vendor_keys,
         machine_id=args.machine_id,
         policy=LeasePolicy(
-            ttl_seconds=ttl, heartbeat_interval_seconds=interval, group_commit_delay_seconds=delay
+            ttl_seconds=ttl,
+            heartbeat_interval_seconds=interval,
+            group_commit_delay_seconds=delay,
+            replica_timeout_seconds=replica_timeout,
         ),
         sweep_interval=sweep,
         trust_check_interval=trust_check,

@@ -74,6 +74,7 @@ class LicenseServer:
         await self.endpoint.stop(grace, before_grace=tell_streams)
         await self.leasing.group_commit.drain()
         await self.leasing.heartbeats.stop()
+        await self.leasing.replicas.stop()
         self.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.sweeper
@@ -133,7 +134,11 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         await notifications.start()
     registry = new_registry(settings.common.service)
     lease_metrics = LeaseMetrics(registry)
-    leasing = Leasing(store, settings.policy, clock, bus, lease_metrics)
+    # A SQLite file is one process's: queued clients found at start are a dead process's.
+    leasing = Leasing(
+        store, settings.policy, clock, bus, lease_metrics, engine.dialect.name == "sqlite"
+    )
+    await leasing.replicas.start()
     trusted_storage = TrustedStorage(
         store,
         identity,

@@ -78,6 +78,10 @@ class LeaseSession:
         elif isinstance(item, LeaseEnded | LeaseResumed):
             async for response in self._on_lease_event(item):
                 yield response
+        elif isinstance(item, SeatsFreed) and self.waiter is None:
+            # Woken as first in line just after leaving the line: the next one may be
+            # first now.
+            self.leasing.bus.publish(item)
         elif isinstance(item, SeatsFreed) or item is _TICK:
             async for response in self._on_queue_turn():
                 yield response
@@ -107,8 +111,8 @@ class LeaseSession:
         if self.held is not None:
             bus.unwatch_lease(self.held.lease.lease_id, self._on_event)
         if self.waiter is not None:
-            bus.unwatch_feature(self.waiter.request.feature, self._on_event)
             waiter, self.waiter = self.waiter, None
+            bus.unwatch_queue(waiter.request.feature, waiter.ticket)
             # Best effort: a waiter left behind drops out when its alive time passes.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.leasing.leave_queue(waiter))
@@ -184,7 +188,7 @@ class LeaseSession:
                 self.waiter = await self.leasing.enqueue(new)
                 self._ttl = ttl
                 self._deadline = self._loop.time() + wait
-                self.leasing.bus.watch_feature(new.feature, self._on_event)
+                self.leasing.bus.watch_queue(new.feature, self.waiter.ticket, self._on_event)
                 async for response in self._on_queue_turn():
                     yield response
                 return
@@ -204,15 +208,18 @@ class LeaseSession:
             return
         outcome = await self.leasing.try_dequeue(waiter, self._ttl)
         if isinstance(outcome, Grant):
-            self.leasing.bus.unwatch_feature(waiter.request.feature, self._on_event)
             self.waiter = None
             self._hold(outcome)
             yield pb.LeaseResponse(granted=granted_to_proto(outcome))
             return
+        if outcome.waiter is not waiter:  # queued again at the back: its place was lost
+            waiter = self.waiter = outcome.waiter
+            self.leasing.bus.watch_queue(waiter.request.feature, waiter.ticket, self._on_event)
+        position = outcome.position
         if self._loop.time() >= self._deadline:
             error = QueueTimeout(
                 f"no {waiter.request.feature} seat freed while waiting in the queue "
-                f"(position {outcome}); wait longer, or ask the operator to activate more",
+                f"(position {position}); wait longer, or ask the operator to activate more",
                 metadata={"feature": waiter.request.feature},
             )
             self.leasing.metrics.denied(error.reason)
@@ -220,9 +227,9 @@ class LeaseSession:
                 denied=pb.LeaseDenied(reason=error.reason, message=error.message)
             )
             raise error
-        if outcome != self._position:
-            self._position = outcome
-            yield pb.LeaseResponse(queued=pb.LeaseQueued(position=outcome))
+        if position != self._position:
+            self._position = position
+            yield pb.LeaseResponse(queued=pb.LeaseQueued(position=position))
 
     # Holding a lease
 

@@ -10,6 +10,7 @@ waiter must hear at once is published as a lease event after the change commits.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from services.license_server.domain.model import (
     Waiter,
 )
 from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.replicas import ReplicaRoster
 from services.license_server.domain.seats import (
     RESUMED_ELSEWHERE,
     lease_not_found,
@@ -50,7 +52,11 @@ from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput
 from tessera.validation import checked_text
 
+log = logging.getLogger(__name__)
+
 MAX_SEATS_PER_LEASE = 10_000
+# Tries to queue a client under this replica's id, registering anew between them.
+REGISTER_ATTEMPTS = 3
 MAX_TEXT = 256
 
 # Why a lease ended without its holder asking, as told on its stream.
@@ -67,14 +73,31 @@ class LeasePolicy:
     heartbeat_interval_seconds: float = 30.0
     sweep_batch: int = 1000
     # A waiter's stream proves it is alive this often; a waiter silent for
-    # waiter_ttl_seconds (its replica died) drops out of the queue.
+    # waiter_ttl_seconds (its stream is gone, its leaving was lost) drops out of the queue.
     waiter_refresh_seconds: float = 5.0
     waiter_ttl_seconds: float = 15.0
+    # A replica whose beat stands still this long is declared dead by the others, and its
+    # queued clients leave the queue (domain/replicas.py).
+    replica_timeout_seconds: float = 1.0
     # Stream heartbeats are written to the database together, this often.
     heartbeat_flush_seconds: float = 1.0
     # Under load, how long a checkout/check-in/resume transaction waits for more calls to
     # join it (group_commit.GATHER_SECONDS); 0: never.
     group_commit_delay_seconds: float = GATHER_SECONDS
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a waiter stands: its place in line (1 is next), as queued now. ``waiter`` is
+    another one than was asked about when its place was lost (its replica was declared
+    dead) and it queued again at the back."""
+
+    waiter: Waiter
+    position: int
+
+
+class _PlaceLost(Exception):
+    """The waiter is no longer live: the transaction that would grant it rolls back."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,10 @@ class Leasing:
         clock: Clock,
         bus: LeaseBus | None = None,
         metrics: LeaseMetrics | None = None,
+        sole_process: bool = False,
     ) -> None:
+        """``sole_process``: no other process serves this database (SQLite), so queued
+        clients found at start belong to a process that is gone."""
         self.store = store
         self.policy = policy
         self.clock = clock
@@ -108,6 +134,9 @@ class Leasing:
             self.bus.publish,
             self.metrics,
             gather_seconds=policy.group_commit_delay_seconds,
+        )
+        self.replicas = ReplicaRoster(
+            store, self.bus, clock, policy.replica_timeout_seconds, sole_process
         )
 
     # Holding seats
@@ -199,42 +228,96 @@ class Leasing:
 
     async def _enqueue(self, new: NewLease) -> Waiter:
         new = _validated(new)
-        now = self.clock.now()
-        async with self.store.transaction() as repo:
-            pool = await repo.get_pool(new.feature)
-            if pool is None or new.count > pool.activated:
-                raise await shortfall(repo, new, pool, now)
-            waiter = Waiter(str(uuid.uuid4()), new, now)
-            ticket = await repo.enqueue(waiter, now + _seconds(self.policy.waiter_ttl_seconds))
-        return replace(waiter, ticket=ticket)
+        replica_id = self.replicas.replica_id
+        for _ in range(REGISTER_ATTEMPTS):
+            now = self.clock.now()
+            async with self.store.transaction() as repo:
+                pool = await repo.get_pool(new.feature)
+                if pool is None or new.count > pool.activated:
+                    raise await shortfall(repo, new, pool, now)
+                if await repo.hold_replica(replica_id):
+                    waiter = Waiter(str(uuid.uuid4()), new, now, replica_id=replica_id)
+                    alive_until = now + _seconds(self.policy.waiter_ttl_seconds)
+                    ticket = await repo.enqueue(waiter, alive_until, replica_id)
+                    return replace(waiter, ticket=ticket)
+            # This replica was declared dead (or never registered): queue under a new id.
+            replica_id = await self.replicas.renew(replica_id)
+        raise RuntimeError(f"this replica's registration was dropped {REGISTER_ATTEMPTS} times")
 
-    async def try_dequeue(self, waiter: Waiter, ttl_seconds: int | None) -> Grant | int:
+    async def try_dequeue(self, waiter: Waiter, ttl_seconds: int | None) -> Grant | QueuePlace:
         """Grant a waiter's seats if it is first in line and they are free; otherwise its
-        position in the queue. Keeps the waiter alive either way."""
+        place in the queue. Keeps the waiter alive; one whose place was lost (its replica
+        was declared dead) queues again at the back, and is granted if that is first."""
+        outcome = await self._try_dequeue(waiter, ttl_seconds)
+        if isinstance(outcome, QueuePlace) and outcome.waiter is not waiter:
+            # At the back now, which may be first: seats free now would wait for a turn.
+            return await self._try_dequeue(outcome.waiter, ttl_seconds)
+        return outcome
+
+    async def _try_dequeue(self, waiter: Waiter, ttl_seconds: int | None) -> Grant | QueuePlace:
         ttl = self._ttl(ttl_seconds)
         now = self.clock.now()
-        async with self.store.transaction() as repo:
-            request = waiter.request
-            pool = await repo.get_pool(request.feature)
-            if (
-                pool is not None
-                and pool.available >= request.count
-                and await repo.take_seats(request.feature, request.count, now, waiter.ticket)
-            ):
-                await repo.leave_queue(waiter.waiter_id)
-                grant = await self._grant_new(repo, request, ttl, now)
-            else:
-                alive_until = now + _seconds(self.policy.waiter_ttl_seconds)
-                await repo.keep_waiter_alive(waiter.waiter_id, alive_until)
-                return await repo.queue_position(waiter, now)
+        request = waiter.request
+        passing = False
+        try:
+            async with self.store.transaction() as repo:
+                pool = await repo.get_pool(request.feature)
+                if (
+                    pool is not None
+                    and pool.available >= request.count
+                    and await repo.take_seats(request.feature, request.count, now, waiter.ticket)
+                ):
+                    # Granted only while still in line: a dropped waiter's place is gone.
+                    if not await repo.claim_waiter(waiter.waiter_id, now):
+                        raise _PlaceLost
+                    grant = await self._grant_new(repo, request, ttl, now)
+                    # Seats left over go to whoever is next, on any replica.
+                    passing = pool.available > request.count
+                    if passing:
+                        await repo.announce(SeatsFreed(request.feature))
+                else:
+                    alive_until = now + _seconds(self.policy.waiter_ttl_seconds)
+                    if not await repo.keep_waiter_alive(waiter.waiter_id, alive_until, now):
+                        raise _PlaceLost
+                    return QueuePlace(waiter, await repo.queue_position(waiter, now))
+        except _PlaceLost:
+            return await self._queue_again(waiter)
+        self.bus.unwatch_queue(request.feature, waiter.ticket)
+        if passing:
+            self.bus.publish(SeatsFreed(request.feature))
         self.metrics.granted(request.feature)
         return grant
 
+    async def _queue_again(self, waiter: Waiter) -> QueuePlace:
+        """Put a waiter that lost its place at the back of the line, under this replica's
+        current id (a new one if this replica was declared dead)."""
+        self.bus.unwatch_queue(waiter.request.feature, waiter.ticket)
+        async with self.store.transaction() as repo:
+            await repo.leave_queue(waiter.waiter_id)  # what is left of it, if anything
+        again = await self.enqueue(waiter.request)
+        log.info(
+            "queued client %s for %s had lost its place (its replica was declared dead): "
+            "queued again as %s",
+            waiter.waiter_id,
+            waiter.request.feature,
+            again.waiter_id,
+        )
+        async with self.store.transaction() as repo:
+            position = await repo.queue_position(again, self.clock.now())
+        return QueuePlace(again, position)
+
     async def leave_queue(self, waiter: Waiter) -> None:
+        feature = waiter.request.feature
+        self.bus.unwatch_queue(feature, waiter.ticket)
         async with self.store.transaction() as repo:
             await repo.leave_queue(waiter.waiter_id)
-        # Whoever waited behind may be first now.
-        self.bus.publish(SeatsFreed(waiter.request.feature))
+            pool = await repo.get_pool(feature)
+            # Whoever waited behind may be first now, on any replica, and seats are free.
+            free = pool is not None and pool.available > 0
+            if free:
+                await repo.announce(SeatsFreed(feature))
+        if free:
+            self.bus.publish(SeatsFreed(feature))
 
     # The operator
 

@@ -117,3 +117,5 @@ class Waiter:
     enqueued_at: dt.datetime
     # Place in line, handed out by the database (0 until enqueued).
     ticket: int = 0
+    # The replica whose stream serves the waiter: it is live while that replica is.
+    replica_id: str = ""

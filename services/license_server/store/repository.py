@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from sqlalchemy import (
+    ColumnElement,
     Integer,
     RowMapping,
     Update,
@@ -47,6 +48,7 @@ from services.license_server.store.tables import (
     leases,
     pending_requests,
     pools,
+    replicas,
     requirements,
     trust_ledger,
     trust_seal,
@@ -59,10 +61,23 @@ from tessera.storage import TransactionalStore, first_row
 # parameters are named b_*: an UPDATE reserves its columns' own names.
 
 
+def _live(now: object) -> ColumnElement[bool]:
+    """Whether a lease_queue row is a live waiter at ``now``: its stream kept it alive and
+    its replica has not been declared dead (a row from before replicas were recorded has
+    no replica and is judged by alive_until alone)."""
+    return and_(
+        lease_queue.c.alive_until > now,
+        or_(
+            lease_queue.c.replica_id.is_(None),
+            exists().where(replicas.c.replica_id == lease_queue.c.replica_id),
+        ),
+    )
+
+
 def _taking(ahead_of_ticket: bool) -> Update:
     ahead = select(lease_queue.c.waiter_id).where(
         lease_queue.c.feature == bindparam("b_feature"),
-        lease_queue.c.alive_until > bindparam("b_now"),
+        _live(bindparam("b_now")),
     )
     if ahead_of_ticket:
         ahead = ahead.where(lease_queue.c.ticket < bindparam("b_ticket"))
@@ -396,7 +411,8 @@ class Repository:
         metrics scrape, which must stay cheap)."""
         waiting = (
             select(func.count())
-            .where(lease_queue.c.feature == pools.c.feature, lease_queue.c.alive_until > now)
+            .select_from(lease_queue)
+            .where(lease_queue.c.feature == pools.c.feature, _live(now))
             .scalar_subquery()
         )
         rows = await self.session.execute(
@@ -683,8 +699,8 @@ class Repository:
 
     # The queue
 
-    async def enqueue(self, waiter: Waiter, alive_until: dt.datetime) -> int:
-        """Put a waiter in line; returns its ticket."""
+    async def enqueue(self, waiter: Waiter, alive_until: dt.datetime, replica_id: str) -> int:
+        """Put a waiter in line, served by replica ``replica_id``; returns its ticket."""
         ticket = await self.session.scalar(
             insert(lease_queue)
             .values(
@@ -696,6 +712,7 @@ class Repository:
                 display_name=waiter.request.display_name,
                 enqueued_at=waiter.enqueued_at,
                 alive_until=alive_until,
+                replica_id=replica_id,
             )
             .returning(lease_queue.c.ticket)
         )
@@ -705,12 +722,26 @@ class Repository:
     async def leave_queue(self, waiter_id: str) -> None:
         await self.session.execute(delete(lease_queue).where(lease_queue.c.waiter_id == waiter_id))
 
-    async def keep_waiter_alive(self, waiter_id: str, alive_until: dt.datetime) -> None:
-        await self.session.execute(
+    async def claim_waiter(self, waiter_id: str, now: dt.datetime) -> bool:
+        """Take a live waiter out of line to grant it; False when it is no longer live
+        (its replica was declared dead, or it was dropped). On PostgreSQL the DELETE
+        waits for a replica dropping the row at the same time and then finds it gone, so
+        a waiter is granted or dropped, never both."""
+        result = await self.session.execute(
+            delete(lease_queue).where(lease_queue.c.waiter_id == waiter_id, _live(now))
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def keep_waiter_alive(
+        self, waiter_id: str, alive_until: dt.datetime, now: dt.datetime
+    ) -> bool:
+        """Push a live waiter's alive_until on; False when it is no longer live."""
+        result = await self.session.execute(
             update(lease_queue)
-            .where(lease_queue.c.waiter_id == waiter_id)
+            .where(lease_queue.c.waiter_id == waiter_id, _live(now))
             .values(alive_until=alive_until)
         )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def queue_position(self, waiter: Waiter, now: dt.datetime) -> int:
         """1 + the live waiters ahead of ``waiter`` for its feature."""
@@ -719,18 +750,14 @@ class Repository:
             .select_from(lease_queue)
             .where(
                 lease_queue.c.feature == waiter.request.feature,
-                lease_queue.c.alive_until > now,
+                _live(now),
                 lease_queue.c.ticket < waiter.ticket,
             )
         )
         return int(ahead or 0) + 1
 
     async def list_waiters(self, feature: str, now: dt.datetime) -> list[Waiter]:
-        query = (
-            select(lease_queue)
-            .where(lease_queue.c.alive_until > now)
-            .order_by(lease_queue.c.ticket)
-        )
+        query = select(lease_queue).where(_live(now)).order_by(lease_queue.c.ticket)
         if feature:
             query = query.where(lease_queue.c.feature == feature)
         return [
@@ -745,23 +772,83 @@ class Repository:
                 ),
                 enqueued_at=row["enqueued_at"],
                 ticket=row["ticket"],
+                replica_id=row["replica_id"] or "",
             )
             for row in (await self.session.execute(query)).mappings()
         ]
 
     async def drop_dead_waiters(self, now: dt.datetime) -> int:
-        result = await self.session.execute(
-            delete(lease_queue).where(lease_queue.c.alive_until <= now)
-        )
+        """Delete the rows of waiters no longer live (their streams stopped keeping them
+        alive, or their replica was declared dead)."""
+        result = await self.session.execute(delete(lease_queue).where(~_live(now)))
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def queued_per_feature(self, now: dt.datetime) -> dict[str, int]:
         rows = await self.session.execute(
             select(lease_queue.c.feature, func.count())
-            .where(lease_queue.c.alive_until > now)
+            .where(_live(now))
             .group_by(lease_queue.c.feature)
         )
         return {feature: int(count) for feature, count in rows.all()}
+
+    # Replicas
+
+    async def register_replica(self, replica_id: str, now: dt.datetime) -> None:
+        await self.session.execute(
+            insert(replicas).values(replica_id=replica_id, beat=0, started_at=now)
+        )
+
+    async def beat_replica(self, replica_id: str) -> bool:
+        """Raise a replica's beat; False when its row is gone (it was declared dead)."""
+        result = await self.session.execute(
+            update(replicas)
+            .where(replicas.c.replica_id == replica_id)
+            .values(beat=replicas.c.beat + 1)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def hold_replica(self, replica_id: str) -> bool:
+        """Whether a replica's row exists, kept until commit: on PostgreSQL a replica
+        declaring it dead waits (FOR KEY SHARE; its beats do not), so a waiter queued in
+        this transaction is dropped with the others, never left behind."""
+        found = await self.session.scalar(
+            select(replicas.c.replica_id)
+            .where(replicas.c.replica_id == replica_id)
+            .with_for_update(read=True, key_share=True)
+        )
+        return found is not None
+
+    async def replica_beats(self) -> dict[str, int]:
+        rows = await self.session.execute(select(replicas.c.replica_id, replicas.c.beat))
+        return {replica_id: int(beat) for replica_id, beat in rows.all()}
+
+    async def drop_replica(self, replica_id: str, beat: int | None = None) -> list[str] | None:
+        """Declare a replica dead: delete its row (only while its beat is still ``beat``,
+        when given) and its waiters; the features they waited for (with repeats), or None
+        when the row was gone or had beaten again."""
+        condition = [replicas.c.replica_id == replica_id]
+        if beat is not None:
+            condition.append(replicas.c.beat == beat)
+        result = await self.session.execute(delete(replicas).where(*condition))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        rows = await self.session.execute(
+            delete(lease_queue)
+            .where(lease_queue.c.replica_id == replica_id)
+            .returning(lease_queue.c.feature)
+        )
+        return list(rows.scalars())
+
+    async def drop_other_replicas(self, replica_id: str) -> list[str]:
+        """Declare every replica but ``replica_id`` dead (a database only one process
+        serves, at that process's start); the features their waiters waited for."""
+        await self.session.execute(delete(replicas).where(replicas.c.replica_id != replica_id))
+        rows = await self.session.execute(
+            delete(lease_queue)
+            .where(or_(lease_queue.c.replica_id.is_(None), lease_queue.c.replica_id != replica_id))
+            .returning(lease_queue.c.feature)
+        )
+        return list(rows.scalars())
 
     # Requirements
 

@@ -131,9 +131,23 @@ leases = Table(
     ),
 )
 
+# The License Server processes serving from this database now: each raises its beat a
+# few times a second. One whose beat stands still past the replica timeout, as another
+# replica sees it, is dead: that replica deletes its row (only if the beat is still the
+# one it saw) and, in the same transaction, its queued clients. A replica that finds its
+# own row gone was declared dead: it registers anew, and its clients queue again.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("replica_id", String(64), primary_key=True),
+    Column("beat", BigInteger, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+)
+
 # Clients waiting for seats, first come first served per feature: the database hands out
 # the tickets, so the order is the same on every replica and immune to clock skew. A
-# waiter's stream keeps alive_until in the future; one whose replica died drops out.
+# waiter is live while its replica's row exists and its stream keeps alive_until in the
+# future (replica_id is NULL only in rows written before replicas were recorded).
 lease_queue = Table(
     "lease_queue",
     metadata,
@@ -146,7 +160,9 @@ lease_queue = Table(
     Column("display_name", String(256), nullable=False),
     Column("enqueued_at", UTCDateTime, nullable=False),
     Column("alive_until", UTCDateTime, nullable=False),
+    Column("replica_id", String(64), nullable=True),
     Index("lease_queue_by_feature", "feature", "ticket"),
+    Index("lease_queue_by_replica", "replica_id"),
 )
 
 # Seats each client declared it needs (EBO's Required), per feature.
