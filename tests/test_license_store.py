@@ -28,7 +28,6 @@ from services.license_server.domain.errors import (
     NoSeatAvailable,
     StaleLeaseEpoch,
 )
-from services.license_server.domain.events import LeaseResumed
 from services.license_server.domain.group_commit import GATHER_AFTER
 from services.license_server.domain.leasing import LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
@@ -466,18 +465,22 @@ async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
 async def test_a_heartbeat_flush_fences_a_stream_that_missed_its_resume_event(
     leasing: Leasing,
 ) -> None:
-    """A stream beats for epoch 1 of a lease another stream (or replica) has resumed to
-    epoch 2, its LeaseResumed event having gone out before it listened: the next flush
-    extends the lease and tells the lease's listeners epoch 2 again, which fences the
-    stale stream (and leaves the current holder alone)."""
+    """Two streams beat for one lease in one flush: the current holder (epoch 2) and a
+    stale stream still at epoch 1, its resume's event having gone out before it listened.
+    The flush extends the lease once; only the holder is acknowledged, with the expiry
+    written; the stale stream's heartbeat is refused as resumed elsewhere."""
     await seed(leasing, 1)
-    grant = await leasing.acquire(new_lease())
-    await leasing.resume(grant.lease.lease_id, grant.secret)  # epoch 2, elsewhere
-    heard: list[object] = []
-    leasing.bus.watch_lease(grant.lease.lease_id, heard.append)
-    leasing.heartbeats.beat(grant.lease, leasing.clock.now())  # the stale stream, still at epoch 1
+    stale = await leasing.acquire(new_lease())
+    current = await leasing.resume(stale.lease.lease_id, stale.secret)  # epoch 2, elsewhere
+    known = leasing.clock.now() + dt.timedelta(seconds=TTL)
+    beats = [asyncio.create_task(leasing.keep_alive(g, known)) for g in (stale, current)]
+    await asyncio.sleep(0)  # one turn of the loop: each task runs to its wait for a flush
+    assert leasing.heartbeats.waiting == 2
+    assert not any(beat.done() for beat in beats)
     assert await leasing.heartbeats.flush() == 1
-    assert heard == [LeaseResumed(grant.lease.lease_id, 2)]
+    with pytest.raises(StaleLeaseEpoch):
+        await beats[0]
+    assert await beats[1] == leasing.clock.now() + dt.timedelta(seconds=TTL)
 
 
 async def test_check_ins_do_not_wait_behind_a_backlog_of_checkouts(leasing: Leasing) -> None:

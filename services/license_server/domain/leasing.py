@@ -68,7 +68,8 @@ class LeasePolicy:
     # waiter_ttl_seconds (its replica died) drops out of the queue.
     waiter_refresh_seconds: float = 5.0
     waiter_ttl_seconds: float = 15.0
-    # Stream heartbeats are written to the database together, this often.
+    # Stream heartbeats are written to the database together, at most this long after
+    # the first of them (sooner for short heartbeat intervals), and acknowledged then.
     heartbeat_flush_seconds: float = 1.0
     # Under load, how long a checkout/check-in/resume transaction waits for more calls to
     # join it (group_commit.GATHER_SECONDS); 0: never.
@@ -99,7 +100,7 @@ class Leasing:
         self.clock = clock
         self.bus = bus or LeaseBus()
         self.metrics = metrics or LeaseMetrics()
-        self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
+        self.heartbeats = HeartbeatBatcher(store, clock, policy.heartbeat_flush_seconds)
         self.group_commit = GroupCommit(
             store,
             clock,
@@ -145,15 +146,18 @@ class Leasing:
         assert expires_at is not None
         return expires_at
 
-    def heartbeat_in_time(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime | None:
-        """A heartbeat on the stream that holds ``grant``, before the expiry the stream
-        last heard: acknowledged at once (the new expiry) and written with the next flush.
-        None when it comes too late for that: ``heartbeat`` asks the database, which says
-        why the lease is no longer held, or extends it."""
-        now = self.clock.now()
-        if now < known_expiry:
-            return self.heartbeats.beat(grant.lease, now)
-        return None
+    async def keep_alive(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime:
+        """A heartbeat on the stream that holds ``grant``: the new expiry, once it is
+        written. Before the expiry the stream last heard it joins the next heartbeat
+        flush; after it, or when the flush did not extend the lease at the stream's
+        epoch, it is written alone, which says why the lease is no longer held
+        (LeaseExpired, LeaseReleased, StaleLeaseEpoch) or extends it."""
+        lease = grant.lease
+        if self.clock.now() < known_expiry:
+            written = await self.heartbeats.beat(lease, grant.heartbeat_interval_seconds)
+            if written is not None:
+                return written
+        return await self.heartbeat(lease.lease_id, grant.secret, lease.epoch, lease.ttl_seconds)
 
     async def resume(self, lease_id: str, secret: str) -> Grant:
         """Take over a held lease from a broken stream: same seats, a new epoch."""
