@@ -10,6 +10,7 @@ waiter must hear at once is published as a lease event after the change commits.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -48,7 +49,13 @@ from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput
 from tessera.validation import checked_text
 
+log = logging.getLogger("tessera.license_server.leasing")
+
 MAX_SEATS_PER_LEASE = 10_000
+# A step back of the clock up to this much is noise (NTP corrections, replicas' clocks a
+# few milliseconds apart) and stretches a lease by at most this much; a longer one is
+# noticed, and every lease is cut back to at most one TTL from the corrected time.
+CLOCK_STEP_TOLERANCE = dt.timedelta(seconds=1)
 MAX_TEXT = 256
 
 # Why a lease ended without its holder asking, as told on its stream.
@@ -100,6 +107,8 @@ class Leasing:
         self.clock = clock
         self.bus = bus or LeaseBus()
         self.metrics = metrics or LeaseMetrics()
+        # The latest time this process has seen, to notice the clock going back.
+        self._latest_now: dt.datetime | None = None
         self.heartbeats = HeartbeatBatcher(store, clock, policy.heartbeat_flush_seconds)
         self.group_commit = GroupCommit(
             store,
@@ -326,6 +335,40 @@ class Leasing:
             freed += len(expired)
             if len(expired) < self.policy.sweep_batch:
                 return freed
+
+    async def notice_clock_step(self) -> int:
+        """Cut leases back to one TTL from now if the clock went back since the last call
+        (while this process runs); returns how many were cut. Cheap when it did not."""
+        now = self.clock.now()
+        latest = self._latest_now
+        if latest is None or now >= latest - CLOCK_STEP_TOLERANCE:
+            self._latest_now = now if latest is None else max(latest, now)
+            return 0
+        log.warning(
+            "the clock went back %s (from %s to %s)",
+            latest - now,
+            latest.isoformat(timespec="seconds"),
+            now.isoformat(timespec="seconds"),
+        )
+        return await self.shorten_stretched_leases()
+
+    async def shorten_stretched_leases(self) -> int:
+        """Give every held lease at most one TTL from now: a lease granted or extended
+        while the clock was ahead (noticed after a restart with the clock put right, or
+        while running) must not keep its seat with no heartbeat until that future time.
+        Run at start and when the clock is seen going back; returns how many were cut."""
+        now = self.clock.now()
+        self._latest_now = now
+        async with self.store.transaction() as repo:
+            shortened = await repo.shorten_stretched_leases(now, CLOCK_STEP_TOLERANCE)
+        if shortened:
+            log.warning(
+                "%d lease(s) expired more than one TTL from now (%s), as if granted or "
+                "heartbeaten while the clock was ahead: cut back to one TTL from now",
+                len(shortened),
+                now.isoformat(timespec="seconds"),
+            )
+        return len(shortened)
 
     async def retire_expired_certificates(self) -> int:
         """Take expired certificates' seats out of their pools, revoking the newest leases
