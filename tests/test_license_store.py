@@ -28,9 +28,8 @@ from services.license_server.domain.errors import (
     NoSeatAvailable,
     StaleLeaseEpoch,
 )
-from services.license_server.domain.events import LeaseResumed
 from services.license_server.domain.group_commit import GATHER_AFTER
-from services.license_server.domain.leasing import LeasePolicy, Leasing
+from services.license_server.domain.leasing import CLOCK_STEP_TOLERANCE, LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
 from services.license_server.server import MIGRATIONS
 from services.license_server.store.repository import LicenseStore, Repository
@@ -466,18 +465,92 @@ async def test_resumes_of_one_batch_fence_each_lease_as_single_resumes_would(
 async def test_a_heartbeat_flush_fences_a_stream_that_missed_its_resume_event(
     leasing: Leasing,
 ) -> None:
-    """A stream beats for epoch 1 of a lease another stream (or replica) has resumed to
-    epoch 2, its LeaseResumed event having gone out before it listened: the next flush
-    extends the lease and tells the lease's listeners epoch 2 again, which fences the
-    stale stream (and leaves the current holder alone)."""
+    """Two streams beat for one lease in one flush: the current holder (epoch 2) and a
+    stale stream still at epoch 1, its resume's event having gone out before it listened.
+    The flush extends the lease once; only the holder is acknowledged, with the expiry
+    written; the stale stream's heartbeat is refused as resumed elsewhere."""
     await seed(leasing, 1)
-    grant = await leasing.acquire(new_lease())
-    await leasing.resume(grant.lease.lease_id, grant.secret)  # epoch 2, elsewhere
-    heard: list[object] = []
-    leasing.bus.watch_lease(grant.lease.lease_id, heard.append)
-    leasing.heartbeats.beat(grant.lease, leasing.clock.now())  # the stale stream, still at epoch 1
+    stale = await leasing.acquire(new_lease())
+    current = await leasing.resume(stale.lease.lease_id, stale.secret)  # epoch 2, elsewhere
+    known = leasing.clock.now() + dt.timedelta(seconds=TTL)
+    beats = [asyncio.create_task(leasing.keep_alive(g, known)) for g in (stale, current)]
+    await asyncio.sleep(0)  # one turn of the loop: each task runs to its wait for a flush
+    assert leasing.heartbeats.waiting == 2
+    assert not any(beat.done() for beat in beats)
     assert await leasing.heartbeats.flush() == 1
-    assert heard == [LeaseResumed(grant.lease.lease_id, 2)]
+    with pytest.raises(StaleLeaseEpoch):
+        await beats[0]
+    assert await beats[1] == leasing.clock.now() + dt.timedelta(seconds=TTL)
+
+
+async def lease_expiry(leasing: Leasing, lease_id: str) -> dt.datetime:
+    async with leasing.store.engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(leases.c.expires_at).where(leases.c.lease_id == lease_id)
+            )
+        ).one()
+    expires_at: dt.datetime = row[0]
+    return expires_at if expires_at.tzinfo else expires_at.replace(tzinfo=dt.UTC)
+
+
+async def test_a_clock_set_back_while_running_cuts_leases_to_one_ttl(
+    leasing: Leasing, clock: FakeClock
+) -> None:
+    """Leases granted and heartbeaten while the clock was a day ahead: once the sweeper
+    sees the clock a day back, each expires one TTL (its own) from the corrected now, and
+    with no heartbeat is freed then, not a day later. A lease granted after the step is
+    left alone."""
+    await seed(leasing, 3)
+    assert await leasing.notice_clock_step() == 0  # the first look: nothing to compare
+    ahead = await leasing.acquire(new_lease(client="ws-ahead"))
+    short = await leasing.acquire(new_lease(client="ws-short"), ttl_seconds=10)
+    clock.advance(-86_400)
+    after = await leasing.acquire(new_lease(client="ws-after"))
+    assert await leasing.notice_clock_step() == 2
+    now = clock.now()
+    assert await lease_expiry(leasing, ahead.lease.lease_id) == now + dt.timedelta(seconds=TTL)
+    assert await lease_expiry(leasing, short.lease.lease_id) == now + dt.timedelta(seconds=10)
+    assert await lease_expiry(leasing, after.lease.lease_id) == now + dt.timedelta(seconds=TTL)
+    assert await leasing.notice_clock_step() == 0  # noticed once
+    clock.advance(10)
+    assert await leasing.release_expired() == 1  # the 10 s lease
+    clock.advance(TTL - 10)
+    assert await leasing.release_expired() == 2
+    assert (await pool(leasing)).used == 0
+
+
+async def test_a_clock_step_within_the_tolerance_is_not_a_set_back(
+    leasing: Leasing, clock: FakeClock
+) -> None:
+    await seed(leasing, 1)
+    await leasing.notice_clock_step()
+    grant = await leasing.acquire(new_lease())
+    clock.advance(-CLOCK_STEP_TOLERANCE.total_seconds())
+    assert await leasing.notice_clock_step() == 0
+    assert await lease_expiry(leasing, grant.lease.lease_id) == grant.lease.expires_at
+
+
+async def test_at_start_leases_from_a_clock_that_was_ahead_get_one_ttl(
+    replicas: Replicas, clock: FakeClock
+) -> None:
+    """A License Server that ran a day ahead stops; one starts with the clock put right
+    (a fresh process: it never saw the wrong time). Before serving it cuts the leases
+    the other one granted to one TTL from now; the ones within one TTL stay as they are."""
+    first, second = await replicas(2)
+    await seed(first, 2)
+    clock.advance(86_400)
+    stretched = await first.acquire(new_lease(client="ws-ahead"))
+    clock.advance(-86_400)
+    normal = await first.acquire(new_lease(client="ws-now"))
+    clock.advance(30)
+    assert await second.shorten_stretched_leases() == 1
+    now = clock.now()
+    assert await lease_expiry(second, stretched.lease.lease_id) == now + dt.timedelta(seconds=TTL)
+    assert await lease_expiry(second, normal.lease.lease_id) == normal.lease.expires_at
+    # The client of the stretched lease may still resume it within that TTL, as any lease.
+    resumed = await second.resume(stretched.lease.lease_id, stretched.secret)
+    assert resumed.lease.expires_at == now + dt.timedelta(seconds=TTL)
 
 
 async def test_check_ins_do_not_wait_behind_a_backlog_of_checkouts(leasing: Leasing) -> None:

@@ -98,6 +98,7 @@ async def sweep_forever(
             except Exception:
                 log.exception("trusted storage check failed; retrying next interval")
         try:
+            await leasing.notice_clock_step()
             freed = await leasing.release_expired()
             if freed:
                 log.info("freed %d expired lease(s)", freed)
@@ -148,6 +149,8 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
         bus,
         lease_metrics,
     )
+    # Before serving: leases from a time the clock was ahead get one TTL from now.
+    await leasing.shorten_stretched_leases()
     await trusted_storage.open()
     report = await trusted_storage.check()
     for problem in report.problems:

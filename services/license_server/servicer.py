@@ -15,7 +15,7 @@ from services.license_server.domain.repairs import Repairs
 from services.license_server.domain.returns import Returns
 from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
-from services.license_server.session import LeaseSession
+from services.license_server.session import LEASE_GONE, LeaseSession
 from services.license_server.translate import (
     granted_to_proto,
     health_to_proto,
@@ -44,9 +44,10 @@ READ_AHEAD = 16
 class _Reader:
     """Reads a Lease stream's client messages ahead of its session.
 
-    A heartbeat that comes in time, while the session has nothing else to do (no earlier
-    message or event waiting, no answer being written), is answered here on the spot:
-    most of a stream's traffic, so it skips the inbox and the session's loop. Everything
+    A heartbeat, while the session has nothing else to do (no earlier message or event
+    waiting, no answer being written), is answered here once its flush has written it:
+    most of a stream's traffic, so it skips the inbox and the session's loop. Meanwhile
+    this stream reads nothing more (its client beats again an interval later). Everything
     else goes to the inbox, in order. ``turn`` is held by whoever writes to the stream, so
     answers go out one at a time and in the order the session decided them.
     """
@@ -70,17 +71,24 @@ class _Reader:
         session, inbox, turn, context = self.session, self.session.inbox, self.turn, self.context
         try:
             while (message := await context.read()) is not grpc.aio.EOF:
-                if not self.unhandled and inbox.empty() and not turn.locked():
+                if (
+                    not self.unhandled
+                    and inbox.empty()
+                    and not turn.locked()
+                    and session.answers_on_the_spot(message)
+                ):
                     async with turn:  # free, so taken without waiting: nothing comes between
                         try:
-                            ack = session.acknowledge_in_time(message)
+                            ack = await session.acknowledge()
+                        except LEASE_GONE as error:  # the loop tells it, as a lease event
+                            inbox.put_nowait(session.ended(error))
+                            continue
                         except Exception as error:  # a fault of ours: the loop raises it
                             inbox.put_nowait(error)
                             return
-                        if ack is not None:
-                            if await _answer(context, ack):
-                                continue
-                            return  # the client is gone
+                        if await _answer(context, ack):
+                            continue
+                        return  # the client is gone
                 self.unhandled += 1
                 inbox.put_nowait(message)  # unbounded: the credit below is what holds back
                 await self.credit.acquire()

@@ -4,8 +4,8 @@ A session holds at most one lease. It reacts to the client's messages (acquire, 
 heartbeat, release), to lease events (revoked, expired, resumed elsewhere, seats freed)
 and, while queued, to its own timer. Everything arrives through one inbox, so the order
 of what the client sees is the order things happened. The one shortcut: a heartbeat that
-comes in time while nothing else waits is answered by the stream's reader on the spot
-(``acknowledge_in_time``), which is what handling it next from the inbox would do.
+comes while nothing else waits is answered by the stream's reader itself
+(``acknowledge``), which is what handling it next from the inbox would do.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from tessera.errors import DomainError
 from tessera.license.v1 import license_pb2 as pb
 
 _TICK = object()  # a queued session's timer
+
+# What a heartbeat finds when its stream no longer holds the lease.
+LEASE_GONE = (LeaseReleased, LeaseExpired, StaleLeaseEpoch)
 
 
 class LeaseSession:
@@ -86,25 +89,32 @@ class LeaseSession:
             async for response in self._on_queue_turn():
                 yield response
 
-    def acknowledge_in_time(self, item: object) -> pb.LeaseResponse | None:
-        """The acknowledgement of a heartbeat that comes in time for the lease this stream
-        holds, answered on the spot: most of a stream's traffic, so the stream's reader
-        asks this first and skips the inbox and ``handle``. None for anything else, which
-        ``handle`` takes."""
+    def answers_on_the_spot(self, item: object) -> bool:
+        """Whether ``item`` is a heartbeat for the lease this stream holds: most of a
+        stream's traffic, so the stream's reader answers it itself (``acknowledge``) when
+        nothing else waits, skipping the inbox and ``handle``."""
+        return (
+            self.held is not None
+            and isinstance(item, pb.LeaseRequest)
+            and item.WhichOneof("kind") == "heartbeat"
+        )
+
+    async def acknowledge(self) -> pb.LeaseResponse:
+        """The acknowledgement of a heartbeat for the held lease, sent only once the new
+        expiry is written (a crash cannot take back what it says); LeaseExpired,
+        LeaseReleased or StaleLeaseEpoch when this stream no longer holds the lease."""
         held = self.held
-        if (
-            held is None
-            or not isinstance(item, pb.LeaseRequest)
-            or item.WhichOneof("kind") != "heartbeat"
-        ):
-            return None
-        expires_at = self.leasing.heartbeat_in_time(held, self._expires_at)
-        if expires_at is None:
-            return None
+        assert held is not None
+        expires_at = await self.leasing.keep_alive(held, self._expires_at)
         self._expires_at = expires_at
         return pb.LeaseResponse(
             heartbeat_ack=pb.LeaseHeartbeatAck(expires_at=to_timestamp(expires_at))
         )
+
+    def ended(self, error: DomainError) -> LeaseEnded:
+        """Why the held lease ended, as the lease event the session's loop tells."""
+        assert self.held is not None
+        return LeaseEnded(self.held.lease.lease_id, error.reason, error.message)
 
     async def close(self) -> None:
         bus = self.leasing.bus
@@ -145,24 +155,12 @@ class LeaseSession:
             self._hold(grant)
             yield pb.LeaseResponse(granted=granted_to_proto(grant))
         elif kind == "heartbeat":
-            held = self.held
-            assert held is not None
-            ack = self.acknowledge_in_time(request)
-            if ack is not None:
-                yield ack
-                return
-            lease = held.lease  # too late to answer at once: the database says why
             try:
-                expires_at = await self.leasing.heartbeat(
-                    lease.lease_id, held.secret, lease.epoch, lease.ttl_seconds
-                )
-                self._expires_at = expires_at
-            except (LeaseReleased, LeaseExpired, StaleLeaseEpoch) as error:
+                ack = await self.acknowledge()
+            except LEASE_GONE as error:
                 async for response in self._revoked(error.reason, error.message):
                     yield response
-            yield pb.LeaseResponse(
-                heartbeat_ack=pb.LeaseHeartbeatAck(expires_at=to_timestamp(expires_at))
-            )
+            yield ack
         elif kind == "release":
             lease_id = ""
             if self.held is not None:

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 MAX_SEATS_PER_LEASE = 10_000
 # Tries to queue a client under this replica's id, registering anew between them.
 REGISTER_ATTEMPTS = 3
+# A step back of the clock up to this much is noise (NTP corrections, replicas' clocks a
+# few milliseconds apart) and stretches a lease by at most this much; a longer one is
+# noticed, and every lease is cut back to at most one TTL from the corrected time.
+CLOCK_STEP_TOLERANCE = dt.timedelta(seconds=1)
 MAX_TEXT = 256
 
 # Why a lease ended without its holder asking, as told on its stream.
@@ -79,7 +83,8 @@ class LeasePolicy:
     # A replica whose beat stands still this long is declared dead by the others, and its
     # queued clients leave the queue (domain/replicas.py).
     replica_timeout_seconds: float = 1.0
-    # Stream heartbeats are written to the database together, this often.
+    # Stream heartbeats are written to the database together, at most this long after
+    # the first of them (sooner for short heartbeat intervals), and acknowledged then.
     heartbeat_flush_seconds: float = 1.0
     # Under load, how long a checkout/check-in/resume transaction waits for more calls to
     # join it (group_commit.GATHER_SECONDS); 0: never.
@@ -127,7 +132,9 @@ class Leasing:
         self.clock = clock
         self.bus = bus or LeaseBus()
         self.metrics = metrics or LeaseMetrics()
-        self.heartbeats = HeartbeatBatcher(store, self.bus, clock, policy.heartbeat_flush_seconds)
+        # The latest time this process has seen, to notice the clock going back.
+        self._latest_now: dt.datetime | None = None
+        self.heartbeats = HeartbeatBatcher(store, clock, policy.heartbeat_flush_seconds)
         self.group_commit = GroupCommit(
             store,
             clock,
@@ -176,15 +183,18 @@ class Leasing:
         assert expires_at is not None
         return expires_at
 
-    def heartbeat_in_time(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime | None:
-        """A heartbeat on the stream that holds ``grant``, before the expiry the stream
-        last heard: acknowledged at once (the new expiry) and written with the next flush.
-        None when it comes too late for that: ``heartbeat`` asks the database, which says
-        why the lease is no longer held, or extends it."""
-        now = self.clock.now()
-        if now < known_expiry:
-            return self.heartbeats.beat(grant.lease, now)
-        return None
+    async def keep_alive(self, grant: Grant, known_expiry: dt.datetime) -> dt.datetime:
+        """A heartbeat on the stream that holds ``grant``: the new expiry, once it is
+        written. Before the expiry the stream last heard it joins the next heartbeat
+        flush; after it, or when the flush did not extend the lease at the stream's
+        epoch, it is written alone, which says why the lease is no longer held
+        (LeaseExpired, LeaseReleased, StaleLeaseEpoch) or extends it."""
+        lease = grant.lease
+        if self.clock.now() < known_expiry:
+            written = await self.heartbeats.beat(lease, grant.heartbeat_interval_seconds)
+            if written is not None:
+                return written
+        return await self.heartbeat(lease.lease_id, grant.secret, lease.epoch, lease.ttl_seconds)
 
     async def resume(self, lease_id: str, secret: str) -> Grant:
         """Take over a held lease from a broken stream: same seats, a new epoch."""
@@ -408,6 +418,40 @@ class Leasing:
             freed += len(expired)
             if len(expired) < self.policy.sweep_batch:
                 return freed
+
+    async def notice_clock_step(self) -> int:
+        """Cut leases back to one TTL from now if the clock went back since the last call
+        (while this process runs); returns how many were cut. Cheap when it did not."""
+        now = self.clock.now()
+        latest = self._latest_now
+        if latest is None or now >= latest - CLOCK_STEP_TOLERANCE:
+            self._latest_now = now if latest is None else max(latest, now)
+            return 0
+        log.warning(
+            "the clock went back %s (from %s to %s)",
+            latest - now,
+            latest.isoformat(timespec="seconds"),
+            now.isoformat(timespec="seconds"),
+        )
+        return await self.shorten_stretched_leases()
+
+    async def shorten_stretched_leases(self) -> int:
+        """Give every held lease at most one TTL from now: a lease granted or extended
+        while the clock was ahead (noticed after a restart with the clock put right, or
+        while running) must not keep its seat with no heartbeat until that future time.
+        Run at start and when the clock is seen going back; returns how many were cut."""
+        now = self.clock.now()
+        self._latest_now = now
+        async with self.store.transaction() as repo:
+            shortened = await repo.shorten_stretched_leases(now, CLOCK_STEP_TOLERANCE)
+        if shortened:
+            log.warning(
+                "%d lease(s) expired more than one TTL from now (%s), as if granted or "
+                "heartbeaten while the clock was ahead: cut back to one TTL from now",
+                len(shortened),
+                now.isoformat(timespec="seconds"),
+            )
+        return len(shortened)
 
     async def retire_expired_certificates(self) -> int:
         """Take expired certificates' seats out of their pools, revoking the newest leases

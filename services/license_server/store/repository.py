@@ -555,6 +555,33 @@ class Repository:
         )
         return {lease_id: epoch for lease_id, epoch in rows.all()}
 
+    async def shorten_stretched_leases(
+        self, now: dt.datetime, tolerance: dt.timedelta
+    ) -> list[str]:
+        """Cut every held lease that expires more than ``tolerance`` beyond one TTL from
+        ``now`` (granted or extended while the clock was ahead) back to now + its TTL;
+        the ids of those cut. One UPDATE per TTL, each on the expiry index."""
+        ttls = (
+            await self.session.execute(
+                select(leases.c.ttl_seconds).where(leases.c.released_at.is_(None)).distinct()
+            )
+        ).scalars()
+        shortened: list[str] = []
+        for ttl in list(ttls):
+            expires_at = now + dt.timedelta(seconds=ttl)
+            rows = await self.session.execute(
+                update(leases)
+                .where(
+                    leases.c.released_at.is_(None),
+                    leases.c.ttl_seconds == ttl,
+                    leases.c.expires_at > expires_at + tolerance,
+                )
+                .values(expires_at=expires_at)
+                .returning(leases.c.lease_id)
+            )
+            shortened += rows.scalars()
+        return shortened
+
     async def bump_epoch(self, lease_id: str, secret_hash: bytes, now: dt.datetime) -> Lease | None:
         """Fence out older streams of a held, unexpired lease and extend it (resume)."""
         row = await first_row(
