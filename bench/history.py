@@ -9,7 +9,8 @@ SQLite one server, on PostgreSQL three replicas over one database. The clients a
 written from the contracts alone (``tessera.license.v1`` stubs, not the ``clients``
 library): most hold leases on ``Lease`` streams (some queue for a seat, some resume a
 broken stream only shortly before the lease would run out, as a client may), a few
-check out with unary ``Checkout``/``Heartbeat``/``Checkin``. Every grant, heartbeat
+check out with unary ``Checkout``/``Heartbeat``/``Checkin``; a few more use the
+``clients`` library, for variety. Every grant, heartbeat
 acknowledgement, release, revocation and refusal goes into a history
 (``bench.lease_history``), and the faults go on meanwhile:
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import random
 import shutil
@@ -68,6 +70,9 @@ from bench.services import (
     drop_postgres_database,
     free_port,
 )
+from clients import Backoff, Lease, LeaseRevoked, LicenseClient, LicenseError
+from clients.events import LeaseEvent, Lost, Resumed
+from clients.license import LicenseState
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
@@ -93,6 +98,7 @@ class Scenario:
     replicas: int = 1
     clients: int = 30  # stream clients
     unary_clients: int = 4  # Checkout / Heartbeat / Checkin clients
+    library_clients: int = 0  # clients of the client library (clients.LicenseClient)
     seats: int = 5
     ttl: int = 10  # --lease-ttl
     heartbeat: float = 0.5  # --heartbeat-interval
@@ -119,6 +125,8 @@ class RunResult:
     faults: dict[str, int] = field(default_factory=dict)
     # server incarnation -> its clock offset (seconds ahead of the clients' clock)
     offsets: dict[str, float] = field(default_factory=dict)
+    # seconds from each SIGKILL to the server serving again
+    restarts: list[float] = field(default_factory=list)
     # Things that are not violations but worth a look (no progress after a fault,
     # unexpected refusals).
     notes: list[str] = field(default_factory=list)
@@ -127,7 +135,8 @@ class RunResult:
         faults = ", ".join(f"{name} {count}" for name, count in self.faults.items() if count)
         return (
             f"{self.scenario.name} [{self.scenario.database}, {self.scenario.replicas} "
-            f"server(s), {self.scenario.clients + self.scenario.unary_clients} clients, "
+            f"server(s), {self.scenario.clients + self.scenario.unary_clients} clients"
+            f" + {self.scenario.library_clients} of the library, "
             f"{self.scenario.seats} seats] {self.seconds:.1f} s; faults: {faults or 'none'}; "
             f"{self.verdict.summary({FEATURE: self.scenario.seats})}"
         )
@@ -730,6 +739,97 @@ class UnaryClient(Client):
         return False
 
 
+class LibraryClient(Client):
+    """Holds leases through the client library (``clients.LicenseClient``): its own
+    heartbeats, resume, failover and check-in; recorded from what it tells the
+    application (the grant, ``Resumed``, ``Lost``, ``Released``, ``lease.expires_at``)."""
+
+    async def run(self) -> None:
+        address = ";".join(f"{target.split(':')[1]}@127.0.0.1" for target in self.order)
+        backoff = Backoff(initial=0.2, maximum=1.0)
+        async with LicenseClient(
+            address, client_host=self.name, call_timeout=CALL_TIMEOUT, backoff=backoff
+        ) as library:
+            while not self.stopping.is_set():
+                try:
+                    lease = await library.acquire(FEATURE, on_event=self.on_event)
+                except LicenseError as error:
+                    if error.reason:
+                        self.record(
+                            Kind.REFUSED, error.server, operation="acquire", reason=error.reason
+                        )
+                    await self.pause(self.rng.uniform(0.05, 0.2))
+                    continue
+                await self.hold(lease)
+
+    def on_event(self, event: LeaseEvent) -> None:
+        lease = self.lease
+        if lease is None:
+            return
+        if isinstance(event, Resumed):
+            self.record(
+                Kind.RESUMED,
+                event.server,
+                lease_id=lease.lease_id,
+                feature=lease.feature,
+                count=lease.count,
+                expires_at=event.expires_at.timestamp(),
+                epoch=event.epoch,
+            )
+            self.told = event.expires_at
+        elif isinstance(event, Lost):
+            error = event.error
+            if isinstance(error, LeaseRevoked):
+                self.record(
+                    Kind.REVOKED, error.server, lease_id=lease.lease_id, reason=error.reason
+                )
+            elif error.code is not None:  # a server's answer, e.g. LEASE_EXPIRED on resume
+                self.record(
+                    Kind.REFUSED,
+                    error.server,
+                    lease_id=lease.lease_id,
+                    operation="resume",
+                    reason=error.reason,
+                )
+            else:  # by the library's own reckoning (its reason says LEASE_EXPIRED too)
+                self.record(Kind.LOST, error.server, lease_id=lease.lease_id)
+
+    lease: Lease | None = None
+    told: dt.datetime | None = None
+
+    async def hold(self, lease: Lease) -> None:
+        self.lease, self.told = lease, lease.expires_at
+        self.record(
+            Kind.GRANTED,
+            lease.server,
+            lease_id=lease.lease_id,
+            feature=lease.feature,
+            count=lease.count,
+            expires_at=lease.expires_at.timestamp(),
+            epoch=lease.epoch,
+        )
+        interval = lease.heartbeat_interval.total_seconds()
+        until = time.monotonic() + self.rng.uniform(*self.scenario.hold) * interval
+        try:
+            # The library acknowledges heartbeats without telling: watch what it was told.
+            while lease.held and not self.stopping.is_set() and time.monotonic() < until:
+                await self.pause(0.02)
+                if lease.expires_at != self.told and lease.state == LicenseState.HELD:
+                    self.told = lease.expires_at
+                    self.record(
+                        Kind.ACK,
+                        lease.server,
+                        lease_id=lease.lease_id,
+                        expires_at=lease.expires_at.timestamp(),
+                    )
+            if lease.held:
+                self.record(Kind.RELEASE, lease.server, lease_id=lease.lease_id)
+                if await lease.release():  # False: no server answered the check-in
+                    self.record(Kind.RELEASED, lease.server, lease_id=lease.lease_id)
+        finally:
+            self.lease = None
+
+
 # Faults
 
 
@@ -750,9 +850,11 @@ class PrivatePostgres:
 
     def _as_postgres(self, *command: str) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run(
-            [*prefix, *command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        done = subprocess.run(
+            [*prefix, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
+        if done.returncode:
+            raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()}")
 
     def _pg_ctl(self, *args: str) -> None:
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), *args)
@@ -807,15 +909,19 @@ async def run_scenario(
     rng = random.Random(seed)
     faults = dict.fromkeys(FAULTS, 0)
     notes: list[str] = []
+    restarts: list[float] = []
     clients: list[Client] = []
     tasks: list[asyncio.Task[None]] = []
     try:
         await site.start_all()
         await vendor.activate(site.configs[0].ebo_address, scenario.seats)
         phase(f"{scenario.replicas} server(s) up, {scenario.seats} seats activated")
-        for number in range(scenario.clients + scenario.unary_clients):
+        streams, unary = scenario.clients, scenario.unary_clients
+        for number in range(streams + unary + scenario.library_clients):
             kind: type[Client]
-            if number >= scenario.clients:
+            if number >= streams + unary:
+                kind = LibraryClient
+            elif number >= streams:
                 kind = UnaryClient
             elif scenario.lazy_margin and number % scenario.lazy_every == 0:
                 kind = LazyStreamClient
@@ -849,11 +955,13 @@ async def run_scenario(
             since = len(history.events)
             held_then = {c.held.lease_id for c in clients if c.held is not None}
             if fault in ("kill", "clock"):
+                killed = time.monotonic()
                 site.kill(victim)
                 phase(f"{fault}: SIGKILLed ls-{victim} holding {len(held_then)} leases")
                 if fault == "clock":
                     site.clock[victim] -= scenario.clock_back
                 await site.start(victim)
+                restarts.append(time.monotonic() - killed)
                 phase(f"{fault}: ls-{victim} serving again")
             elif fault == "stop":
                 site.signal(victim, signal.SIGSTOP)
@@ -897,7 +1005,14 @@ async def run_scenario(
         site.stop_all()
     verdict = check(history, {FEATURE: scenario.seats}, site.offsets)
     return RunResult(
-        scenario, verdict, history, time.monotonic() - started, faults, dict(site.offsets), notes
+        scenario,
+        verdict,
+        history,
+        time.monotonic() - started,
+        faults,
+        dict(site.offsets),
+        restarts,
+        notes,
     )
 
 
@@ -940,16 +1055,20 @@ def scenarios(database: str, rng: random.Random, postgres_restart: bool) -> Scen
         name=f"soak-{database}",
         database=database,
         replicas=1 if database == "sqlite" else 3,
-        clients=36,
+        clients=32,
         unary_clients=4,
+        library_clients=4,
         seats=6,
         ttl=10,
-        heartbeat=rng.choice([0.5, 1.0, 3.0]),
+        heartbeat=rng.choice([0.5, 1.0, 2.0]),
         faults=faults,
         lazy_margin=1.0,
         lazy_every=3,
         stop_seconds=rng.uniform(1.0, 8.0),
         clock_back=30.0,
+        # Half the runs queue: on main a queued waiter whose server died blocks the
+        # feature's queue for ~15 s (issue 16 item 2), idling the seats after a kill.
+        queue_every=rng.choice([0, 3]),
     )
 
 
@@ -960,7 +1079,8 @@ async def soak(args: argparse.Namespace) -> int:
     postgres: PrivatePostgres | None = None
     server_url = args.postgres_url
     if "postgres" in kinds and not server_url:
-        postgres = PrivatePostgres(work / "postgres")
+        # Outside the work directory, which only root may enter.
+        postgres = PrivatePostgres(Path(tempfile.mkdtemp(prefix="tessera-history-pg-")))
         postgres.start()
         server_url = postgres.url
     vendor = await Vendor.start(work)
@@ -999,6 +1119,7 @@ async def soak(args: argparse.Namespace) -> int:
         await vendor.stop()
         if postgres is not None:
             postgres.stop()
+            shutil.rmtree(postgres.directory, ignore_errors=True)
     report(results)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

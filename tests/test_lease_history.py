@@ -1,7 +1,8 @@
 """A Jepsen-style history checker for leases (issue 16, "How to prove it").
 
 Clients written from the contracts alone (``bench.history``: the generated stubs, not
-the ``clients`` library) contend for few seats on real License Server processes while
+the ``clients`` library), and a few of the library for variety, contend for few seats
+on real License Server processes while
 servers are SIGKILLed, SIGSTOPped and restarted with their clock set back; every grant,
 heartbeat acknowledgement (with the ``expires_at`` told), release, revocation and
 refusal goes into a history, and ``bench.lease_history.check`` proves (a) clients never
@@ -179,16 +180,18 @@ async def vendor(tmp_path: Path) -> AsyncIterator[Vendor]:
 
 
 def scenario(databases: DatabaseFactory, name: str, *faults: str) -> Scenario:
-    """30 stream clients and 4 unary ones on 5 seats, TTL 10 s, heartbeats every 0.5 s
-    (under the heartbeat flush interval: on main a crash then loses no acknowledged
-    expiry, see the xfail below); one server on SQLite, three replicas on PostgreSQL."""
+    """26 stream clients, 4 unary ones and 4 of the client library on 5 seats, TTL 10 s,
+    heartbeats every 0.5 s (under the heartbeat flush interval: on main a crash then
+    loses no acknowledged expiry, see the xfail below); one server on SQLite, two
+    replicas on PostgreSQL."""
     postgres = databases.kind == "postgres"
     return Scenario(
         name=name,
         database=databases.kind,
-        replicas=3 if postgres else 1,
-        clients=30,
+        replicas=2 if postgres else 1,
+        clients=26,
         unary_clients=4,
+        library_clients=4,
         seats=5,
         ttl=10,
         heartbeat=0.5,
@@ -201,7 +204,7 @@ async def run(
     databases: DatabaseFactory, tmp_path: Path, vendor: Vendor, plan: Scenario
 ) -> RunResult:
     url = await databases.new("license")
-    result = await run_scenario(plan, tmp_path / "run", url, vendor)
+    result = await run_scenario(plan, tmp_path / "run", url, vendor, log=print)
     print(result.line())
     if result.verdict.violations:
         result.history.dump(tmp_path / "history.jsonl")
@@ -219,8 +222,8 @@ async def test_no_seat_believed_twice_and_no_promise_broken_under_sigkill_and_si
     tmp_path: Path, databases: DatabaseFactory, vendor: Vendor
 ) -> None:
     """SQLite: SIGKILL the server right after it acknowledged a heartbeat and start it
-    again, SIGSTOP it for 3 s, SIGKILL it again. PostgreSQL: the same to each of three
-    replicas in turn (killed replicas start again)."""
+    again, SIGSTOP it for 3 s, SIGKILL it again. PostgreSQL: the same to each of two
+    replicas in turn (a killed replica starts again); their clients fail over."""
     plan = scenario(databases, "kill-stop-kill", "kill", "stop", "kill")
     result = await run(databases, tmp_path, vendor, plan)
     assert_no_violations(result)
@@ -273,11 +276,17 @@ async def test_a_heartbeat_acknowledged_just_before_a_sigkill_keeps_its_promise(
     another client."""
     plan = replace(
         scenario(databases, "ack-then-sigkill", "kill"),
+        clients=30,
         unary_clients=0,  # a unary heartbeat is written at once
+        library_clients=0,  # the library resumes at once
         heartbeat=3.0,
         lazy_margin=1.0,
         lazy_every=1,
     )
     result = await run(databases, tmp_path, vendor, plan)
     assert result.faults["kill"] == 1 and result.verdict.acks > 0
+    if databases.kind == "sqlite" and result.restarts[0] > plan.ttl - plan.heartbeat:
+        # The lone server came back after the late resumes had given up: nothing was
+        # asked of it within the acknowledged lifetime, so the run proves nothing.
+        pytest.skip(f"the server took {result.restarts[0]:.1f} s to start again")
     assert_no_violations(result)
