@@ -330,9 +330,18 @@ class Client:
         return acquire
 
     def refusal(self, error: grpc.aio.AioRpcError, target: str, operation: str, lease: str) -> None:
-        """Record a refusal with a reason; a call that broke without one raises Broken."""
+        """Record a refusal's reason; raise Refused, or Broken when the call broke or may be
+        tried again (recorded too when it had a reason)."""
         reason = reason_of(error)
-        if error.code() in UNAVAILABLE and reason in ("", "SERVER_SHUTTING_DOWN"):
+        if error.code() == grpc.StatusCode.UNKNOWN:
+            self.notes.append(f"{self.name}: {operation} answered UNKNOWN {error.details()!r}")
+        if error.code() in UNAVAILABLE:
+            # Try again (or elsewhere): e.g. SERVER_SHUTTING_DOWN, DATABASE_UNAVAILABLE while
+            # PostgreSQL restarts, or no reason at all when the connection broke.
+            if reason:
+                self.record(
+                    Kind.REFUSED, target, lease_id=lease, operation=operation, reason=reason
+                )
             raise Broken(error.code().name) from error
         self.record(Kind.REFUSED, target, lease_id=lease, operation=operation, reason=reason)
         if error.code() == grpc.StatusCode.INTERNAL or not reason:

@@ -12,9 +12,10 @@ an expiry its holder was told, (c) retries stayed idempotent. The checker lives 
 first tests here feed it hand-made histories, each with one violation, to show it can
 fail.
 
-The short runs here take 10-25 s each. Queueing is off in them: on main a waiter whose
-server was SIGKILLed blocks its feature's queue for ~15 s (issue 16 item 2), which would
-idle every seat after each kill; the soak keeps queueing.
+The short runs here take 18-30 s each on a busy 2-core machine (most of it starting
+License Servers). Queueing is off in them: on main a waiter whose server was SIGKILLed
+blocks its feature's queue for ~15 s (issue 16 item 2), which would idle every seat
+after each kill; the soak queues in half its runs.
 """
 
 from __future__ import annotations
