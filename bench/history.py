@@ -59,8 +59,11 @@ from typing import TypeAlias
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
-from bench.lease_history import GONE, History, Kind, Verdict, check
+from bench.lease_history import GONE, Event, History, Kind, Verdict, check
 from bench.services import (
     FEATURE,
     LicenseServerConfig,
@@ -74,6 +77,7 @@ from bench.services import (
 from clients import Backoff, Lease, LeaseRevoked, LicenseClient, LicenseError
 from clients.events import LeaseEvent, Lost, Resumed
 from clients.license import LicenseState
+from services.license_server.store.tables import leases
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
@@ -115,6 +119,9 @@ class Scenario:
     queue_every: int = 3  # every n-th acquire waits in the queue (0: none)
     # How long a client holds a lease, in heartbeat intervals.
     hold: tuple[float, float] = (0.6, 4.0)
+    # A SIGKILL waits for up to this many acknowledgements from its victim for one whose
+    # expiry the database does not hold yet (0: the next acknowledgement will do).
+    aim_unflushed: int = 0
 
 
 @dataclass
@@ -128,6 +135,9 @@ class RunResult:
     offsets: dict[str, float] = field(default_factory=dict)
     # seconds from each SIGKILL to the server serving again
     restarts: list[float] = field(default_factory=list)
+    # for each SIGKILL aimed at an acknowledgement not yet durable (``aim_unflushed``):
+    # whether it was still not durable after the kill (False: the flush came first)
+    aims: list[bool] = field(default_factory=list)
     # Things that are not violations but worth a look (no progress after a fault,
     # unexpected refusals).
     notes: list[str] = field(default_factory=list)
@@ -920,6 +930,8 @@ async def run_scenario(
     faults = dict.fromkeys(FAULTS, 0)
     notes: list[str] = []
     restarts: list[float] = []
+    aims: list[bool] = []
+    durables = DurableExpiries(database_url) if scenario.aim_unflushed else None
     clients: list[Client] = []
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -954,20 +966,19 @@ async def run_scenario(
         phase("clients warm")
         for number, fault in enumerate(scenario.faults):
             victim = number % scenario.replicas
+            aimed_at: Event | None = None
             if fault in ("kill", "clock"):
-                # Right after the victim acknowledged a heartbeat: what it promised then
-                # is the newest promise a crash can lose.
-                label = site.label_of(victim)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5 * scenario.heartbeat + 5):
-                        while (await history.next(Kind.ACK)).server != label:
-                            pass
+                aimed_at = await aim(history, site.label_of(victim), scenario, durables)
             since = len(history.events)
             held_then = {c.held.lease_id for c in clients if c.held is not None}
             if fault in ("kill", "clock"):
                 killed = time.monotonic()
                 site.kill(victim)
                 phase(f"{fault}: SIGKILLed ls-{victim} holding {len(held_then)} leases")
+                if aimed_at is not None and durables is not None:
+                    # Still not durable now that the server is dead: the kill won the race
+                    # against the heartbeat flush (else the aim missed).
+                    aims.append(not await durables.written(aimed_at))
                 if fault == "clock":
                     site.clock[victim] -= scenario.clock_back
                 await site.start(victim)
@@ -1013,6 +1024,8 @@ async def run_scenario(
             notes.extend(client.notes)
             await client.close()
         site.stop_all()
+        if durables is not None:
+            await durables.close()
     verdict = check(history, {FEATURE: scenario.seats}, site.offsets)
     return RunResult(
         scenario,
@@ -1022,8 +1035,54 @@ async def run_scenario(
         faults,
         dict(site.offsets),
         restarts,
+        aims,
         notes,
     )
+
+
+class DurableExpiries:
+    """What the database holds as a lease's expiry. Only to aim a SIGKILL at the moment
+    an acknowledged expiry is not yet written (the checker never looks here)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.engine = create_async_engine(database_url, poolclass=NullPool)
+
+    async def expiry(self, lease_id: str) -> float | None:
+        async with self.engine.connect() as connection:
+            value = await connection.scalar(
+                select(leases.c.expires_at).where(leases.c.lease_id == lease_id)
+            )
+        return None if value is None else float(value.timestamp())
+
+    async def written(self, ack: Event) -> bool:
+        """Whether the expiry ``ack`` told is in the database (to half a second)."""
+        durable = await self.expiry(ack.lease_id)
+        assert ack.expires_at is not None
+        return durable is not None and durable >= ack.expires_at - 0.5
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def aim(
+    history: History, label: str, scenario: Scenario, durables: DurableExpiries | None
+) -> Event | None:
+    """Wait for the moment to SIGKILL the server ``label``: right after it acknowledged a
+    heartbeat (what it promised then is the newest promise a crash can lose); with
+    ``aim_unflushed``, an acknowledgement whose expiry is not in the database yet, if one
+    comes within that many. Returns that acknowledgement, or None."""
+    tries = max(1, scenario.aim_unflushed)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(tries * (scenario.heartbeat + 5)):
+            for _ in range(tries):
+                ack = await history.next(Kind.ACK)
+                while ack.server != label:
+                    ack = await history.next(Kind.ACK)
+                if durables is None:
+                    return None
+                if not await durables.written(ack):
+                    return ack
+    return None
 
 
 ENDING = (Kind.REFUSED, Kind.REVOKED, Kind.RELEASE, Kind.LOST)

@@ -12,8 +12,8 @@ an expiry its holder was told, (c) retries stayed idempotent. The checker lives 
 first tests here feed it hand-made histories, each with one violation, to show it can
 fail.
 
-The short runs here take 18-30 s each on a busy 2-core machine (most of it starting
-License Servers). Queueing is off in them: on main a waiter whose server was SIGKILLed
+The short runs here take 9-27 s each, about 45 s a database kind on a shared 2-core
+machine (most of it starting License Servers). Queueing is off in them: on main a waiter whose server was SIGKILLed
 blocks its feature's queue for ~15 s (issue 16 item 2), which would idle every seat
 after each kill; the soak queues in half its runs.
 """
@@ -274,7 +274,8 @@ async def test_a_heartbeat_acknowledged_just_before_a_sigkill_keeps_its_promise(
     replica answers the late resume), longer than the 1 s heartbeat flush; stream
     clients only, each resuming a broken stream 1 s before its lease runs out by its
     reckoning, as the contract allows. The server (on PostgreSQL a replica) is SIGKILLed
-    right after acknowledging a heartbeat. On main that acknowledgement was not yet
+    right after acknowledging a heartbeat whose expiry the database does not hold yet
+    (the harness looks, only to aim the kill). On main that acknowledgement was not yet
     durable: the lease expires up to a heartbeat interval early, the late resume is
     refused LEASE_EXPIRED inside the acknowledged lifetime, and its seat can go to
     another client."""
@@ -288,9 +289,16 @@ async def test_a_heartbeat_acknowledged_just_before_a_sigkill_keeps_its_promise(
         heartbeat=3.0,
         lazy_margin=1.0,
         lazy_every=1,
+        # Kill at an acknowledgement the database does not hold yet, if one comes within
+        # 10 (on main nearly every one; once fixed, none: then it kills at the tenth).
+        aim_unflushed=10,
     )
     result = await run(databases, tmp_path, vendor, plan)
     assert result.faults["kill"] == 1 and result.verdict.acks > 0
+    if False in result.aims:
+        # The flush wrote the aimed expiry between the look and the SIGKILL (a busy
+        # machine): the crash lost no acknowledgement, so the run proves nothing.
+        pytest.skip("the heartbeat flush won the race against the SIGKILL")
     if databases.kind == "sqlite" and result.restarts[0] > plan.ttl - plan.lazy_margin - 1:
         # The lone server came back after the late resumes had given up: nothing was
         # asked of it within the acknowledged lifetime, so the run proves nothing.
