@@ -13,9 +13,9 @@ first tests here feed it hand-made histories, each with one violation, to show i
 fail.
 
 The short runs here take 9-27 s each, about 45 s a database kind on a shared 2-core
-machine (most of it starting License Servers). Queueing is off in them: on main a waiter whose server was SIGKILLed
-blocks its feature's queue for ~15 s (issue 16 item 2), which would idle every seat
-after each kill; the soak queues in half its runs.
+machine (most of it starting License Servers). Queueing is off in them: on main a
+waiter whose server was SIGKILLed blocks its feature's queue for ~15 s (issue 16 item
+2), which would idle every seat after each kill; the soak queues in half its runs.
 """
 
 from __future__ import annotations
