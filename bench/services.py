@@ -50,11 +50,20 @@ def free_port() -> int:
 class ServerProcess:
     """A service run as ``python -m MODULE ARGS`` with its output in a log file."""
 
-    def __init__(self, name: str, module: str, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.module = module
         self.args = args
         self.log_path = log_path
+        # Added to the environment (e.g. LD_PRELOAD of libfaketime for a clock step).
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -65,7 +74,7 @@ class ServerProcess:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
 
     @property
