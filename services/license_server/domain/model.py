@@ -109,6 +109,21 @@ class StoredCertificate:
 
 
 @dataclass(frozen=True)
+class CheckInRow:
+    """A check-in this host signed and, once installed, the vendor's verified result."""
+
+    request_id: str
+    host_id: str
+    request_envelope: bytes
+    prepared_at: dt.datetime
+    result_envelope: bytes | None = None
+    checked_at: dt.datetime | None = None
+    installed_at: dt.datetime | None = None
+    # The result takes a certificate away: it is kept for good.
+    withdraws: bool = False
+
+
+@dataclass(frozen=True)
 class Waiter:
     """A client in a feature's queue, waiting for seats."""
 
