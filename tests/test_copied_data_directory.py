@@ -11,6 +11,7 @@ throughout, as an Enterprise Server would.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
@@ -24,6 +25,8 @@ from google.protobuf.duration_pb2 import Duration
 from sqlalchemy import delete, insert, select
 
 from services.activation_server.store.tables import check_ins
+from services.administrator import config as admin_config
+from services.administrator import server as admin_server
 from services.license_server import config as ls_config
 from services.license_server import server as ls_server
 from services.license_server.store.tables import metadata as license_tables
@@ -38,7 +41,14 @@ from tessera.rpc import reason_of
 from tessera.storage import create_engine, migrate
 from tessera_cli.app import App
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import LICENSE_SERVER_FLAGS, OPERATOR_TOKEN, VENDOR_TOKEN, Site, start_site
+from tests.support import (
+    ADMINISTRATOR_FLAGS,
+    LICENSE_SERVER_FLAGS,
+    OPERATOR_TOKEN,
+    VENDOR_TOKEN,
+    Site,
+    start_site,
+)
 
 STATION = "client.station"
 DAY = 86400
@@ -343,3 +353,38 @@ async def test_the_cli_sets_the_policy_checks_in_and_shows_a_superseded_server(
         assert "Run `tessera repair`" not in out
     finally:
         await copy.stop(0)
+
+
+async def test_the_administrator_checks_in_by_itself_every_poll(
+    site: Site, shared_clock: FakeClock
+) -> None:
+    await activate(site, await order(site, 1, interval_days=7, grace_days=1), 1)
+    shared_clock.advance(7 * DAY + 60)  # due
+    # Another Administrator over the same journal, polling every 50 ms.
+    polling = await admin_server.build(
+        admin_config.load_settings(
+            [
+                "--listen", "127.0.0.1:0",
+                "--data-dir", str(site.tmp_path / "polling_administrator"),
+                "--database-url",
+                site.admin.journal.engine.url.render_as_string(hide_password=False),
+                "--activation-server", f"127.0.0.1:{site.activation.port}",
+                "--check-in-poll", "0.05",
+                *ADMINISTRATOR_FLAGS,
+            ],
+            environ={},
+        )
+    )  # fmt: skip
+    try:
+        status = lpb.CheckInStatus()
+        for _ in range(200):  # bounded: at most 10 s of polls
+            status = (
+                await site.trusted_storage.GetTrustHealth(lpb.GetTrustHealthRequest())
+            ).health.check_in
+            if status.HasField("last_checked_at"):
+                break
+            await asyncio.sleep(0.05)
+        assert from_timestamp(status.last_checked_at) == shared_clock.now()
+        assert from_timestamp(status.due_at) == shared_clock.now() + dt.timedelta(days=7)
+    finally:
+        await polling.stop(0)

@@ -75,7 +75,9 @@ async def check_in(
     return vendor.open(reply.result, apb.VendorCheckInResult), reply.result.SerializeToString()
 
 
-async def repair(vendor: Vendor, host: Host, previous_host_id: str = "") -> list[LicenseCertificate]:
+async def repair(
+    vendor: Vendor, host: Host, previous_host_id: str = ""
+) -> list[LicenseCertificate]:
     reply = await vendor.activation.Repair(
         apb.RepairRequest(request=host.repair(previous_host_id=previous_host_id))
     )
