@@ -343,3 +343,18 @@ async def test_an_older_answer_held_back_and_installed_later_changes_nothing(
     await site.stop()
     await site.start()
     assert (await site.health()).certificates[0].state == State.CERTIFICATE_STATE_SUPERSEDED
+
+
+async def test_a_server_whose_storage_is_broken_repairs_before_it_checks_in(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
+    clock.advance(8 * DAY)  # due
+    await site.stop()
+    site.machine_id = "machine-b"  # new hardware: every certificate is another host's
+    await site.start()
+    prepared, _ = await prepare(site, only_if_due=True)
+    assert prepared.request_id == ""  # the Administrator's pass skips it
+    error = await refused(prepare(site))
+    assert (error.code(), reason_of(error)) == (Code.FAILED_PRECONDITION, "TRUSTED_STORAGE_BROKEN")
+    assert await stored_results(site) == []

@@ -149,9 +149,16 @@ async def test_a_rebinding_is_a_new_generation_that_supersedes_the_host_it_came_
     assert (answer.generation, answer.current_generation) == (0, 0)
     assert from_timestamp(answer.checked_at) == clock.now()
 
-    # The whole data directory copied to machine-b and repaired there.
+    # The whole data directory copied to machine-b. Checking in before its repair, the
+    # copy holds nothing of its own yet: not superseded, nothing flagged.
     clock.advance(3600)
     copy = original.on("machine-b")
+    early, _ = await check_in(vendor, check_in_request(copy, certificate))
+    assert early.standing == Standing.CHECK_IN_STANDING_CURRENT
+    assert [(c.standing, c.holder_host_id) for c in early.certificates] == [
+        (Standing.CHECK_IN_STANDING_UNKNOWN, "")
+    ]
+    # Repaired there, it takes the licenses over.
     [rebound] = await repair(vendor, copy, previous_host_id=original.host_id)
     [entry] = await vendor.audit("repair.rebound")
     assert (entry.subject, entry.actor) == (original.host_id, copy.host_id)
@@ -187,12 +194,24 @@ async def test_a_rebinding_is_a_new_generation_that_supersedes_the_host_it_came_
     assert first["superseded_certificate_ids"] == [certificate.certificate_id]
     assert flagged[0].subject == original.host_id
 
+    # What the superseded host is sold afterwards is its own; only the old is superseded.
+    fresh = await activate(vendor, original, await vendor.line(count=1), 1)
+    mixed, _ = await check_in(vendor, check_in_request(original, certificate, fresh))
+    assert [c.standing for c in mixed.certificates] == [
+        Standing.CHECK_IN_STANDING_SUPERSEDED,
+        Standing.CHECK_IN_STANDING_CURRENT,
+    ]
+    only_fresh, _ = await check_in(vendor, check_in_request(original, fresh))
+    assert only_fresh.standing == Standing.CHECK_IN_STANDING_CURRENT
+    flagged = await vendor.audit("checkin.superseded")
+    assert len(flagged) == 3  # the one that still listed the re-bound certificate
+
     # The copy is the current generation; its check-in is not flagged.
     current, _ = await check_in(vendor, check_in_request(copy, rebound))
     assert current.standing == Standing.CHECK_IN_STANDING_CURRENT
     assert (current.generation, current.current_generation) == (1, 1)
     assert [c.standing for c in current.certificates] == [Standing.CHECK_IN_STANDING_CURRENT]
-    assert len(await vendor.audit("checkin.superseded")) == 2
+    assert len(await vendor.audit("checkin.superseded")) == 3
 
     # A repair on the same machine keeps the host id: no new generation.
     await repair(vendor, copy)

@@ -106,17 +106,25 @@ class CheckIns:
                 held.certificate_id for held in request.certificates
             )
         }
+        lineage = lineage_of(request.host_id, await repo.generations_of(request.host_public_key))
         certificates = [
-            _standing_of(held.certificate_id, held.revision, records, request)
+            _standing_of(
+                held.certificate_id,
+                held.revision,
+                records,
+                request,
+                rebound_away=lineage.superseded_by is not None,
+            )
             for held in request.certificates
         ]
-        lineage = lineage_of(request.host_id, await repo.generations_of(request.host_public_key))
         superseded_certificates = [
             c.certificate_id
             for c in certificates
             if c.standing == StandingProto.CHECK_IN_STANDING_SUPERSEDED
         ]
-        superseded = lineage.superseded_by is not None or bool(superseded_certificates)
+        # Superseded while it still lists what was re-bound away: a copy, or an original
+        # whose copy took over, is running.
+        superseded = bool(superseded_certificates)
         standing = CheckInStanding.SUPERSEDED if superseded else CheckInStanding.CURRENT
         result = VendorCheckInResult(
             request_id=request.request_id,
@@ -171,6 +179,8 @@ def _standing_of(
     revision: int,
     records: dict[str, ActivationRecord],
     request: HostCheckInRequest,
+    *,
+    rebound_away: bool,
 ) -> CertificateCheckIn:
     record = records.get(certificate_id)
     answer = CertificateCheckIn(certificate_id=certificate_id, revision=revision)
@@ -181,9 +191,13 @@ def _standing_of(
         answer.standing = StandingProto.CHECK_IN_STANDING_RETURNED
     elif record.holder_host_id == request.host_id:
         answer.standing = StandingProto.CHECK_IN_STANDING_CURRENT
-    else:
+    elif rebound_away:
         answer.standing = StandingProto.CHECK_IN_STANDING_SUPERSEDED
         answer.holder_host_id = record.holder_host_id
+    else:
+        # Another host of this key holds it, but no re-binding took it from this one
+        # (e.g. a new machine checking in before its repair): not this host's.
+        answer.standing = StandingProto.CHECK_IN_STANDING_UNKNOWN
     return answer
 
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 from services.administrator.domain import inputs
 from services.administrator.peers import (
+    LICENSE_SERVER,
     ActivationServerClient,
     LicenseServerClient,
     LicenseServers,
 )
 from services.administrator.store.repository import Journal
-from tessera.errors import DomainError
+from tessera.errors import DomainError, PeerUnavailable
 from tessera.license.v1.license_pb2 import CheckInStatus
 
 log = logging.getLogger("tessera.administrator.check_in")
@@ -67,6 +68,13 @@ class CheckIns:
             try:
                 async with self.license_servers.connected(address) as server:
                     checked = await self._check_in(server, only_if_due=True)
+            except PeerUnavailable as error:
+                if error.metadata.get("peer") != LICENSE_SERVER:
+                    log.warning("check-in of the License Server at %s failed: %s", address, error)
+                else:
+                    # Often one moved away or retired: the journal keeps every address.
+                    log.info("no check-in of the License Server at %s: %s", address, error)
+                continue
             except DomainError as error:
                 log.warning("check-in of the License Server at %s failed: %s", address, error)
                 continue

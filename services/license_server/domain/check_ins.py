@@ -22,6 +22,7 @@ from services.license_server.domain.errors import (
     AnswerDoesNotMatch,
     CertificateForAnotherHost,
     RequestNotPreparedHere,
+    TrustedStorageBroken,
 )
 from services.license_server.domain.model import CheckInRow
 from services.license_server.domain.trust import TrustReport
@@ -134,8 +135,18 @@ class CheckIns:
         ``only_if_due``, none unless a certificate's policy makes a check-in due."""
         storage = self.storage
         identity = storage.identity
-        status = status_of(await storage.check())
+        report = await storage.check()
+        status = status_of(report)
         now = storage.clock.now()
+        if report.storage_problem is not None:
+            # The certificates are bound to another host id (or nothing can be trusted):
+            # the vendor would only say so. Repair first; the repair is the check-in.
+            if only_if_due:
+                return PreparedCheckIn(None, None, status)
+            raise TrustedStorageBroken(
+                f"trusted storage is broken ({report.storage_problem}); run repair first",
+                metadata={"cause": report.storage_problem.cause},
+            )
         if only_if_due and not status.due(now):
             return PreparedCheckIn(None, None, status)
         held = sorted(
