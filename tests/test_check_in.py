@@ -257,6 +257,10 @@ async def test_a_superseded_certificate_stops_serving_at_once_and_for_good(
         "CERTIFICATE_SUPERSEDED",
     )
     assert not health.healthy and "repair does not bring them back" in health.repair_advice
+    # A repair would re-issue nothing and count: it is refused unless forced.
+    error = await refused(site.storage.PrepareRepair(pb.PrepareRepairRequest()))
+    assert (error.code(), reason_of(error)) == (Code.FAILED_PRECONDITION, "NOTHING_TO_REPAIR")
+    assert "withdrawn by a check-in" in error.details()
 
     # Durable: a restart, or a year later, changes nothing.
     await site.stop()
