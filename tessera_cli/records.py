@@ -138,6 +138,8 @@ def feature(info: lpb.FeatureInformation) -> Json:
         "queued": info.queued,
         "required": info.required,
         "violation": info.violation,
+        "withdrawn": info.withdrawn,
+        "withdrawn_reason": info.withdrawn_reason,
     }
 
 

@@ -333,6 +333,16 @@ def licenses(
             feature_rows,
         ),
     ]
+    withdrawn = [f for f in features if f.withdrawn]
+    if withdrawn:
+        parts += [
+            "",
+            *(
+                style.bad(f"{f.feature}: {f.withdrawn} seat(s) withdrawn by a check-in")
+                + f" ({f.withdrawn_reason}); `tessera trust` says more"
+                for f in withdrawn
+            ),
+        ]
     if certificates:
         certificate_rows: list[Row] = [
             [

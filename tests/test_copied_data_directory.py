@@ -208,6 +208,16 @@ async def test_a_copied_data_directory_repaired_elsewhere_supersedes_the_origina
         ).health
         assert not health.healthy and health.check_in.superseded
         assert {c.state for c in health.certificates} == {State.CERTIFICATE_STATE_SUPERSEDED}
+        [info] = (
+            await leases_of(site, original).GetLicenseInformation(
+                lpb.GetLicenseInformationRequest(feature=STATION)
+            )
+        ).features
+        assert (info.activated, info.withdrawn, info.withdrawn_reason) == (
+            0,
+            2,
+            "CERTIFICATE_SUPERSEDED",
+        )
 
         current = await check_in(site, copy)
         assert not current.status.superseded and current.status.withdrawn_seats == 0
@@ -348,6 +358,9 @@ async def test_the_cli_sets_the_policy_checks_in_and_shows_a_superseded_server(
         health = json.loads(out)["health"]
         assert health["check_in"]["superseded"] is True
         assert {c["state"] for c in health["certificates"]} == {"superseded"}
+        code, out = await tessera(site, "licenses", "--json")
+        [feature] = json.loads(out)["features"]
+        assert (feature["withdrawn"], feature["withdrawn_reason"]) == (2, "CERTIFICATE_SUPERSEDED")
         code, out = await tessera(site, "trust")
         assert "SUPERSEDED" in out and "repair does not bring them back" in out
         assert "Run `tessera repair`" not in out

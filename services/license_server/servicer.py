@@ -228,6 +228,8 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     queued=pool.queued,
                     required=pool.required,
                     violation=pool.violation,
+                    withdrawn=pool.withdrawn,
+                    withdrawn_reason=pool.withdrawn_reason,
                 )
                 for pool in pools
             ]

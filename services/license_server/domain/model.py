@@ -17,6 +17,9 @@ class PoolInformation:
 
     queued: int = 0
     required: int = 0
+    # Seats a check-in with the vendor withdrew, and why (vendor_standing.py).
+    withdrawn: int = 0
+    withdrawn_reason: str = ""
 
     @property
     def available(self) -> int:

@@ -214,6 +214,24 @@ class Repository:
 
     # Check-ins with the vendor
 
+    async def withdrawn_per_feature(self, causes: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """Per feature, the seats of certificates one of ``causes`` keeps from serving, and
+        one such cause."""
+        rows = await self.session.execute(
+            select(
+                certificates.c.feature,
+                func.sum(certificates.c.count - certificates.c.withheld),
+                func.min(certificates.c.broken_cause),
+            )
+            .where(
+                certificates.c.returned_at.is_(None),
+                certificates.c.retired_at.is_(None),
+                certificates.c.broken_cause.in_(list(causes)),
+            )
+            .group_by(certificates.c.feature)
+        )
+        return {feature: (int(seats or 0), str(cause)) for feature, seats, cause in rows}
+
     async def insert_check_in(self, row: CheckInRow) -> None:
         await self.session.execute(
             insert(check_ins).values(
