@@ -15,6 +15,7 @@ the only places that turn statuses and pushed messages into these classes::
     │   ├── FeatureNotLicensed              no seats of the feature are activated there
     │   ├── CountAboveActivated             more seats asked for than are activated at all
     │   ├── TrustedStorageBroken            trusted storage needs a repair first
+    │   ├── LicenseWithdrawn                a check-in with the vendor withdrew the seats
     │   ├── InvalidLicenseRequest           a field of the request is malformed
     │   ├── LicensePermissionDenied         the call needs a credential
     │   └── LicenseServerBusy               a per-client limit: ask again after a pause
@@ -118,6 +119,13 @@ class TrustedStorageBroken(LicenseRefused):
     clock set back, changed machine): its operator must repair it."""
 
 
+class LicenseWithdrawn(LicenseRefused):
+    """A check-in with the vendor withdrew the feature's seats (FAILED_PRECONDITION):
+    ``CERTIFICATE_SUPERSEDED`` (the vendor re-bound them to another License Server) or
+    ``CHECK_IN_OVERDUE`` (no check-in within the license's policy): the operator checks
+    in (``tessera check-in``) or calls the vendor; a repair does not help."""
+
+
 class InvalidLicenseRequest(LicenseRefused):
     """A field of the request is missing or malformed (INVALID_ARGUMENT)."""
 
@@ -191,6 +199,8 @@ REASONS: dict[str, type[LicenseError]] = {
     "FEATURE_NOT_LICENSED": FeatureNotLicensed,
     "COUNT_ABOVE_ACTIVATED": CountAboveActivated,
     "TRUSTED_STORAGE_BROKEN": TrustedStorageBroken,
+    "CERTIFICATE_SUPERSEDED": LicenseWithdrawn,
+    "CHECK_IN_OVERDUE": LicenseWithdrawn,
     "INVALID_INPUT": InvalidLicenseRequest,
     "MALFORMED_REQUEST": InvalidLicenseRequest,
     "LEASE_PROTOCOL_VIOLATION": InvalidLicenseRequest,

@@ -370,6 +370,20 @@ def build() -> Parser:
     _repair_force(p)
     _operation_id(p)
 
+    _add(
+        commands,
+        "check-in",
+        online.check_in,
+        "check the License Server in with the vendor now",
+        "Ask the vendor (through the Administrator) whether it still records the licenses "
+        "on the License Server as this server's. Certificates it re-bound to another host "
+        "(a copy of this server's data directory repaired elsewhere) or no longer records "
+        "stop serving; overdue ones serve again. Only needed where the vendor's check-in "
+        "policy asks for it, and the Administrator does that by itself when one is due. "
+        "Exits 5 when seats do not serve.",
+        ["tessera check-in", "tessera check-in --license-server 27001@es-host --json"],
+    )
+
     p = _add(
         commands,
         "move",
@@ -663,7 +677,9 @@ def _vendor(commands: argparse._SubParsersAction[Parser]) -> None:
         "Record an order: one --line per feature sold. Terms after the count, comma-"
         "separated: local (node-locked, for client hosts), partial (single seats may be "
         "returned), expires=DATE, days=N (licenses expire N days after each activation), "
-        "maintenance=DATE.",
+        "maintenance=DATE, check-in=N (the License Servers must check in with the vendor "
+        "every N days, or 12h, 30m; off unless set) and grace=N (how long after a missed "
+        "check-in the seats keep serving).",
         [
             'tessera vendor entitlements create --customer "Harbour Tower" '
             "--contact bms@harbour.example --line client.station=10 "

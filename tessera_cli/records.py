@@ -138,6 +138,8 @@ def feature(info: lpb.FeatureInformation) -> Json:
         "queued": info.queued,
         "required": info.required,
         "violation": info.violation,
+        "withdrawn": info.withdrawn,
+        "withdrawn_reason": info.withdrawn_reason,
     }
 
 
@@ -174,11 +176,26 @@ def trust_health(health: lpb.TrustHealth) -> Json:
                 "cause": c.cause,
                 "detail": c.detail,
                 "returning": c.returning,
+                "check_in_deadline": when(c, "check_in_deadline"),
             }
             for c in health.certificates
         ],
         "clock_high_water": when(health, "clock_high_water"),
         "checked_at": when(health, "checked_at"),
+        "check_in": check_in_status(health.check_in),
+    }
+
+
+def check_in_status(status: lpb.CheckInStatus) -> Json:
+    return {
+        "required": status.required,
+        "last_checked_at": when(status, "last_checked_at"),
+        "due_at": when(status, "due_at"),
+        "deadline": when(status, "deadline"),
+        "superseded": status.superseded,
+        "superseded_by_host_id": status.superseded_by_host_id,
+        "superseded_at": when(status, "superseded_at"),
+        "withdrawn_seats": status.withdrawn_seats,
     }
 
 
@@ -200,6 +217,8 @@ def entitlement(e: apb.Entitlement) -> Json:
                 "duration_seconds": seconds(line, "duration"),
                 "maintenance_ends_at": when(line, "maintenance_ends_at"),
                 "partial_return_allowed": line.partial_return_allowed,
+                "check_in_interval_seconds": seconds(line, "check_in_interval"),
+                "check_in_grace_seconds": seconds(line, "check_in_grace"),
             }
             for line in e.lines
         ],

@@ -48,6 +48,14 @@ def _line_expiry(line: apb.EntitlementLine) -> str:
     return "never"
 
 
+def _span(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400} d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min"
+
+
 def entitlement(style: Style, e: apb.Entitlement, hint: bool = True) -> str:
     who = e.customer_organization + (f" ({e.contact})" if e.contact else "")
     rows: list[Row] = [
@@ -83,6 +91,14 @@ def entitlement(style: Style, e: apb.Entitlement, hint: bool = True) -> str:
             ),
         ]
     )
+    checked = [line for line in e.lines if line.HasField("check_in_interval")]
+    if checked:
+        text += "\n\n" + "\n".join(
+            f"{line.activation_id}: check in with the vendor every "
+            f"{_span(line.check_in_interval.seconds)}, grace "
+            f"{_span(line.check_in_grace.seconds)}"
+            for line in checked
+        )
     if hint and e.lines:
         text += "\n\n" + style.dim(
             f"Activate with: tessera activate {e.entitlement_id} --feature FEATURE --count N"
@@ -317,6 +333,16 @@ def licenses(
             feature_rows,
         ),
     ]
+    withdrawn = [f for f in features if f.withdrawn]
+    if withdrawn:
+        parts += [
+            "",
+            *(
+                style.bad(f"{f.feature}: {f.withdrawn} seat(s) withdrawn by a check-in")
+                + f" ({f.withdrawn_reason}); `tessera trust` says more"
+                for f in withdrawn
+            ),
+        ]
     if certificates:
         certificate_rows: list[Row] = [
             [
@@ -390,11 +416,23 @@ def leases(style: Style, entries: Sequence[lpb.LeaseEntry]) -> str:
     )
 
 
-_CERTIFICATE_TONES = {"trusted": "ok", "broken": "bad", "returning": "warn", "expired": "dim"}
+_CERTIFICATE_TONES = {
+    "trusted": "ok",
+    "broken": "bad",
+    "returning": "warn",
+    "expired": "dim",
+    "superseded": "bad",
+    "check_in_overdue": "bad",
+}
 
 
 def trust(style: Style, health: lpb.TrustHealth, advise: bool = True) -> str:
-    state = style.ok("healthy") if health.healthy else style.bad("BROKEN")
+    if health.healthy:
+        state = style.ok("healthy")
+    elif health.check_in.withdrawn_seats and not health.broken_seats:
+        state = style.bad("NOT SERVING")  # check-ins withdrew seats; nothing is broken
+    else:
+        state = style.bad("BROKEN")
     sealed = (
         ""
         if health.sealed_host_id in ("", health.host_id)
@@ -439,11 +477,54 @@ def trust(style: Style, health: lpb.TrustHealth, advise: bool = True) -> str:
         ]
     if health.problems:
         lines += ["", "Problems:", *(f"  - {problem}" for problem in health.problems)]
-    if health.repair_advice:
+    check_in = check_in_line(style, health.check_in)
+    if check_in:
+        lines += ["", check_in]
+    if health.repair_advice and not health.broken_seats:
+        # Only check-ins keep certificates from serving: a repair would not help.
+        lines += ["", health.repair_advice]
+    elif health.repair_advice:
         lines += ["", f"A repair would: {health.repair_advice}"]
         if advise:
             lines.append(style.dim("Run `tessera repair` (needs the vendor; at most 4 a year)."))
     return "\n".join(lines)
+
+
+def check_in_line(style: Style, status: lpb.CheckInStatus) -> str:
+    """Where the License Server stands with the vendor's check-in policy, in one line;
+    empty when no check-in is needed and none found anything."""
+    last = (
+        f"last check-in {clock(status.last_checked_at)}"
+        if status.HasField("last_checked_at")
+        else "never checked in"
+    )
+    if status.superseded:
+        by = status.superseded_by_host_id or "another host"
+        return style.bad("SUPERSEDED") + (
+            f": the vendor re-bound this License Server's licenses to host {by}"
+            + (f" on {clock(status.superseded_at)}" if status.HasField("superseded_at") else "")
+            + f"; {status.withdrawn_seats} seat(s) stopped serving ({last})"
+        )
+    if not status.required:
+        if not status.withdrawn_seats:
+            return ""
+        return f"Check-in: {last}; {status.withdrawn_seats} seat(s) withdrawn"
+    due = f"next due {clock(status.due_at)}, seats stop {clock(status.deadline)} without one"
+    withdrawn = (
+        style.bad(f"; {status.withdrawn_seats} seat(s) withdrawn") if status.withdrawn_seats else ""
+    )
+    return f"Check-in with the vendor: {last}; {due}{withdrawn}"
+
+
+def checked_in(style: Style, reply: admin_pb2.CheckInResponse, address: str) -> str:
+    status = reply.status
+    if status.superseded:
+        head = style.bad("Superseded:") + f" {address} (host {reply.host_id}) checked in."
+    elif status.withdrawn_seats:
+        head = style.warn("Checked in") + f" {address} (host {reply.host_id})."
+    else:
+        head = style.ok("Checked in") + f" {address} (host {reply.host_id}): current."
+    return head + "\n" + (check_in_line(style, status) or "No check-in policy applies.")
 
 
 def registration(style: Style, r: apb.Registration) -> str:

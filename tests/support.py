@@ -133,6 +133,7 @@ async def start_site(
     license_clock: Clock | None = None,
     lease_ttl: int = 90,
     machine_id: str = "test-machine",
+    activation_clock: Clock | None = None,
 ) -> Site:
     activation = await as_server.build(
         as_config.load_settings(
@@ -143,7 +144,8 @@ async def start_site(
                 "--vendor-token", VENDOR_TOKEN,
             ],
             environ={},
-        )
+        ),
+        clock=activation_clock,
     )  # fmt: skip
     license_settings = ls_config.load_settings(
             [

@@ -215,6 +215,8 @@ async def test_order_activate_licenses_return_and_journal(cli: Cli) -> None:
             "queued": 0,
             "required": 0,
             "violation": False,
+            "withdrawn": 0,
+            "withdrawn_reason": "",
         },
         {
             "feature": "server.device.es",
@@ -224,6 +226,8 @@ async def test_order_activate_licenses_return_and_journal(cli: Cli) -> None:
             "queued": 0,
             "required": 0,
             "violation": False,
+            "withdrawn": 0,
+            "withdrawn_reason": "",
         },
     ]
     assert {c["feature"] for c in licenses["certificates"]} == {

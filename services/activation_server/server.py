@@ -9,6 +9,7 @@ from pathlib import Path
 from services.activation_server.config import Settings
 from services.activation_server.domain.activations import Activations
 from services.activation_server.domain.audit import AuditLog
+from services.activation_server.domain.check_ins import CheckIns
 from services.activation_server.domain.entitlements import Entitlements
 from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.repairs import Repairs
@@ -69,6 +70,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     activations = Activations(store, vendor_keys, clock, metrics, settings.limits)
     returns = Returns(store, vendor_keys, clock, settings.limits, metrics)
     repairs = Repairs(store, vendor_keys, clock, settings.limits, metrics)
+    check_ins = CheckIns(store, vendor_keys, clock, metrics)
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
@@ -79,7 +81,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     )
     endpoint.add_servicer(
         activation_pb2_grpc.add_ActivationServiceServicer_to_server,
-        ActivationServicer(entitlements, activations, returns, repairs, vendor_keys),
+        ActivationServicer(entitlements, activations, returns, repairs, vendor_keys, check_ins),
     )
     endpoint.add_servicer(
         activation_pb2_grpc.add_VendorServiceServicer_to_server,

@@ -11,11 +11,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.activation_server.domain.activations import Activations
 from services.activation_server.domain.audit import AuditLog
+from services.activation_server.domain.check_ins import CheckIns
 from services.activation_server.domain.entitlements import Entitlements
 from services.activation_server.domain.model import (
     ActivationRecord,
     ActivationState,
     AuditEntry,
+    CheckInPolicy,
     Entitlement,
     LicenseKind,
     NewLine,
@@ -72,6 +74,8 @@ def entitlement_to_proto(entitlement: Entitlement) -> pb.Entitlement:
                 duration=_duration(line.duration),
                 maintenance_ends_at=to_timestamp(line.maintenance_ends_at),
                 partial_return_allowed=line.partial_return_allowed,
+                check_in_interval=_duration(line.check_in.interval if line.check_in else None),
+                check_in_grace=_duration(line.check_in.grace if line.check_in else None),
             )
             for line in entitlement.lines
         ],
@@ -151,7 +155,38 @@ def new_line_from_proto(index: int, line: pb.NewEntitlementLine) -> NewLine:
         duration=duration,
         maintenance_ends_at=maintenance_ends_at,
         partial_return_allowed=line.partial_return_allowed,
+        check_in=_check_in_policy(index, line),
     )
+
+
+def _seconds(field: str, duration: Duration) -> dt.timedelta:
+    if duration.seconds < 0 or duration.nanos < 0:
+        raise InvalidInput(field, "must not be negative")
+    try:
+        # Policies are kept in whole seconds.
+        return dt.timedelta(seconds=duration.seconds)
+    except OverflowError as error:
+        raise InvalidInput(field, "is not a valid duration") from error
+
+
+def _check_in_policy(index: int, line: pb.NewEntitlementLine) -> CheckInPolicy | None:
+    interval = (
+        _seconds(f"lines[{index}].check_in_interval", line.check_in_interval)
+        if line.HasField("check_in_interval")
+        else dt.timedelta(0)
+    )
+    grace = (
+        _seconds(f"lines[{index}].check_in_grace", line.check_in_grace)
+        if line.HasField("check_in_grace")
+        else dt.timedelta(0)
+    )
+    if not interval:
+        if grace:
+            raise InvalidInput(
+                f"lines[{index}].check_in_grace", "needs a check_in_interval (0 means no check-in)"
+            )
+        return None  # 0 or unset: no check-in, the default
+    return CheckInPolicy(interval, grace)
 
 
 def registration_from_proto(request: pb.ActivateRequest) -> Registration | None:
@@ -177,12 +212,14 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         returns: Returns,
         repairs: Repairs,
         vendor_keys: VendorKeys,
+        check_ins: CheckIns,
     ) -> None:
         self.entitlements = entitlements
         self.activations = activations
         self.returns = returns
         self.repairs = repairs
         self.vendor_keys = vendor_keys
+        self.check_ins = check_ins
 
     @ERRORS.unary
     async def GetOrder(self, request: pb.GetOrderRequest, context: Context) -> pb.GetOrderResponse:
@@ -211,6 +248,13 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
             raise InvalidInput("request", "a signed repair request is required")
         response = await self.repairs.repair(request.request)
         return pb.RepairResponse(response=response)
+
+    @ERRORS.unary
+    async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
+        if not request.HasField("request"):
+            raise InvalidInput("request", "a signed check-in request is required")
+        result = await self.check_ins.check_in(request.request)
+        return pb.CheckInResponse(result=result)
 
     @ERRORS.unary
     async def GetVendorKeys(

@@ -38,6 +38,9 @@ class Settings:
     # plaintext).
     activation_server_tls: ClientTls | None = None
     license_server_tls: ClientTls | None = None
+    # How often to ask the License Servers in the journal whether a check-in with the
+    # vendor is due (their licenses' check-in policy); 0: never by itself.
+    check_in_poll_seconds: float = 3600.0
 
     @property
     def database_url(self) -> str:
@@ -100,8 +103,22 @@ def load_settings(
         "",
         "the token to present to License Servers itself (prefer the file, or the env)",
     )
+    parser.add(
+        "--check-in-poll",
+        "3600",
+        "seconds between asking the License Servers in the journal whether their licenses' "
+        "check-in policy makes a check-in with the vendor due; 0: only on demand",
+    )
     common, args = parser.parse(argv)
     credentials = credential_settings(parser, args, CREDENTIAL_ROLES)
+    try:
+        check_in_poll = float(args.check_in_poll)
+    except ValueError:
+        parser.parser.error(
+            f"--check-in-poll must be a number of seconds, not {args.check_in_poll!r}"
+        )
+    if not check_in_poll >= 0:
+        parser.parser.error("--check-in-poll must be 0 or more seconds")
     token_file = args.license_server_token_file.strip()
     try:
         activation_server_tls = client_tls(
@@ -128,4 +145,5 @@ def load_settings(
         credentials=credentials,
         license_server_token_file=Path(token_file) if token_file else None,
         license_server_token=args.license_server_token.strip(),
+        check_in_poll_seconds=check_in_poll,
     )

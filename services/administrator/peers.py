@@ -90,6 +90,12 @@ class ActivationServerClient:
         response = await self._call(lambda: self._stub.Repair(message, timeout=CALL_TIMEOUT))
         return response.response
 
+    async def check_in(self, request: SignedEnvelope) -> SignedEnvelope:
+        """The vendor's signed VendorCheckInResult to a host-signed check-in."""
+        message = activation_pb.CheckInRequest(request=request)
+        response = await self._call(lambda: self._stub.CheckIn(message, timeout=CALL_TIMEOUT))
+        return response.result
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -212,6 +218,22 @@ class LicenseServerClient:
         request = license_pb.CompleteRepairRequest(response=response)
         return await self.call(
             lambda: self.trusted_storage.CompleteRepair(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
+        )
+
+    async def prepare_check_in(self, only_if_due: bool) -> license_pb.PrepareCheckInResponse:
+        request = license_pb.PrepareCheckInRequest(only_if_due=only_if_due)
+        return await self.call(
+            lambda: self.trusted_storage.PrepareCheckIn(
+                request, timeout=CALL_TIMEOUT, metadata=self.metadata
+            )
+        )
+
+    async def complete_check_in(self, result: SignedEnvelope) -> license_pb.CompleteCheckInResponse:
+        request = license_pb.CompleteCheckInRequest(result=result)
+        return await self.call(
+            lambda: self.trusted_storage.CompleteCheckIn(
                 request, timeout=CALL_TIMEOUT, metadata=self.metadata
             )
         )

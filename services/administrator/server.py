@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.administrator.config import Settings
+from services.administrator.domain.check_in import CheckIns
 from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.resume import ResumeReport
@@ -39,6 +40,8 @@ class Administrator:
     # The pass over the journal started with the service (await it to know it is done).
     resumed: asyncio.Task[ResumeReport]
     port: int
+    # Checks the License Servers in with the vendor when their policy makes it due.
+    check_ins: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -47,9 +50,12 @@ class Administrator:
 
     async def stop(self, grace: float) -> None:
         await self.endpoint.stop(grace)
-        self.resumed.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.resumed
+        for task in (self.resumed, self.check_ins):
+            if task is None:
+                continue
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.activation_server.close()
         await self.journal.engine.dispose()
 
@@ -67,6 +73,17 @@ async def resume_in_background(operations: Operations) -> ResumeReport:
             len(report.failed),
         )
     return report
+
+
+async def check_in_forever(check_ins: CheckIns, interval: float) -> None:
+    """Every ``interval`` seconds, check in the License Servers whose licenses' check-in
+    policy makes it due (a failure is logged and tried again at the next pass)."""
+    while True:
+        try:
+            await check_ins.check_in_due()
+        except Exception:
+            log.exception("the check-in pass failed; trying again in %g s", interval)
+        await asyncio.sleep(interval)
 
 
 async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
@@ -110,4 +127,9 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
         metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )
     resumed = asyncio.create_task(resume_in_background(operations))
-    return Administrator(endpoint, journal, activation_server, operations, resumed, port)
+    check_ins = None
+    if settings.check_in_poll_seconds > 0:
+        check_ins = asyncio.create_task(
+            check_in_forever(operations.check_ins, settings.check_in_poll_seconds)
+        )
+    return Administrator(endpoint, journal, activation_server, operations, resumed, port, check_ins)

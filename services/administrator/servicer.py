@@ -194,6 +194,11 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
         return pb.ImportResponseResponse(operation=operation_to_proto(operation))
 
     @ERRORS.unary
+    async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
+        checked = await self.operations.check_ins.check_in(request.license_server)
+        return pb.CheckInResponse(host_id=checked.host_id, status=checked.status)
+
+    @ERRORS.unary
     async def SetRegistration(
         self, request: pb.SetRegistrationRequest, context: Context
     ) -> pb.SetRegistrationResponse:

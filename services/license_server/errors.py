@@ -41,6 +41,7 @@ ERRORS = ErrorTable(
         errors.TrustedStorageBroken: Code.FAILED_PRECONDITION,
         errors.NothingToRepair: Code.FAILED_PRECONDITION,
         errors.AnswerDoesNotMatch: Code.INVALID_ARGUMENT,
+        errors.WithdrawnByCheckIn: Code.FAILED_PRECONDITION,
         errors.TooManyStreams: Code.RESOURCE_EXHAUSTED,
         errors.AcquireRateExceeded: Code.RESOURCE_EXHAUSTED,
         errors.LeaseStreamIdle: Code.DEADLINE_EXCEEDED,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from services.license_server.config import Settings
 from services.license_server.domain.admission import Admission
+from services.license_server.domain.check_ins import CheckIns
 from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.ledger import AnchorFile
@@ -179,7 +180,11 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     endpoint.add_servicer(
         license_pb2_grpc.add_TrustedStorageServiceServicer_to_server,
         TrustedStorageServicer(
-            trusted_storage, Returns(trusted_storage), Repairs(trusted_storage), identity
+            trusted_storage,
+            Returns(trusted_storage),
+            Repairs(trusted_storage),
+            identity,
+            CheckIns(trusted_storage),
         ),
     )
     common = settings.common

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from services.license_server.domain.admission import Admission, ClientLimits
+from services.license_server.domain.check_ins import CheckIns
 from services.license_server.domain.errors import LeaseStreamIdle, ServerShuttingDown
 from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.repairs import Repairs
@@ -17,6 +18,7 @@ from services.license_server.domain.trusted_storage import TrustedStorage
 from services.license_server.errors import ERRORS
 from services.license_server.session import LEASE_GONE, LeaseSession
 from services.license_server.translate import (
+    check_in_status_to_proto,
     granted_to_proto,
     health_to_proto,
     lease_entry_to_proto,
@@ -234,6 +236,8 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
                     queued=pool.queued,
                     required=pool.required,
                     violation=pool.violation,
+                    withdrawn=pool.withdrawn,
+                    withdrawn_reason=pool.withdrawn_reason,
                 )
                 for pool in pools
             ]
@@ -270,11 +274,13 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
         returns: Returns,
         repairs: Repairs,
         identity: HostIdentity,
+        check_ins: CheckIns,
     ) -> None:
         self.trusted_storage = trusted_storage
         self.returns = returns
         self.repairs = repairs
         self.identity = identity
+        self.check_ins = check_ins
 
     @ERRORS.unary
     async def GetHostIdentity(
@@ -383,4 +389,27 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
         report = await self.trusted_storage.check()
         return pb.GetTrustHealthResponse(
             health=health_to_proto(report, self.trusted_storage.clock.now())
+        )
+
+    @ERRORS.unary
+    async def PrepareCheckIn(
+        self, request: pb.PrepareCheckInRequest, context: Context
+    ) -> pb.PrepareCheckInResponse:
+        prepared = await self.check_ins.prepare(request.only_if_due)
+        return pb.PrepareCheckInResponse(
+            request_id=prepared.request_id or "",
+            request=prepared.request,
+            status=check_in_status_to_proto(prepared.status),
+        )
+
+    @ERRORS.unary
+    async def CompleteCheckIn(
+        self, request: pb.CompleteCheckInRequest, context: Context
+    ) -> pb.CompleteCheckInResponse:
+        if not request.HasField("result"):
+            raise InvalidInput("result", "a signed vendor check-in result is required")
+        completed = await self.check_ins.complete(request.result)
+        return pb.CompleteCheckInResponse(
+            status=check_in_status_to_proto(completed.status),
+            already_completed=completed.already_completed,
         )

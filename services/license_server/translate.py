@@ -6,9 +6,15 @@ import datetime as dt
 
 from google.protobuf.duration_pb2 import Duration
 
+from services.license_server.domain.check_ins import CheckInStatus, status_of
 from services.license_server.domain.leasing import LeaseEntry
 from services.license_server.domain.model import Grant, NewLease
 from services.license_server.domain.trust import TrustReport
+from services.license_server.domain.vendor_standing import (
+    CHECK_IN_CAUSES,
+    CHECK_IN_OVERDUE,
+    WITHDRAWN,
+)
 from tessera.clock import to_timestamp
 from tessera.errors import InvalidInput
 from tessera.license.v1 import license_pb2 as pb
@@ -99,7 +105,12 @@ def health_to_proto(report: TrustReport, checked_at: dt.datetime) -> pb.TrustHea
     serving = broken = 0
     for verdict in report.verdicts:
         stored = verdict.stored
-        if verdict.problem is not None:
+        cause = verdict.problem.cause if verdict.problem else None
+        if cause in WITHDRAWN:
+            state = pb.CertificateState.CERTIFICATE_STATE_SUPERSEDED
+        elif cause == CHECK_IN_OVERDUE:
+            state = pb.CertificateState.CERTIFICATE_STATE_CHECK_IN_OVERDUE
+        elif verdict.problem is not None:
             state = pb.CertificateState.CERTIFICATE_STATE_BROKEN
             broken += stored.count - stored.returning
         elif verdict.expired:
@@ -120,6 +131,7 @@ def health_to_proto(report: TrustReport, checked_at: dt.datetime) -> pb.TrustHea
                 detail=verdict.problem.detail if verdict.problem else "",
                 returning=stored.returning,
                 return_request_id=stored.return_request_id or "",
+                check_in_deadline=to_timestamp(verdict.check_in_deadline),
             )
         )
     return pb.TrustHealth(
@@ -133,13 +145,32 @@ def health_to_proto(report: TrustReport, checked_at: dt.datetime) -> pb.TrustHea
         checked_at=to_timestamp(checked_at),
         serving_seats=serving,
         broken_seats=broken,
+        check_in=check_in_status_to_proto(status_of(report)),
+    )
+
+
+def check_in_status_to_proto(status: CheckInStatus) -> pb.CheckInStatus:
+    return pb.CheckInStatus(
+        required=status.required,
+        last_checked_at=to_timestamp(status.last_checked_at),
+        due_at=to_timestamp(status.due_at),
+        deadline=to_timestamp(status.deadline),
+        superseded=status.superseded,
+        superseded_by_host_id=status.superseded_by_host_id,
+        superseded_at=to_timestamp(status.superseded_at),
+        withdrawn_seats=status.withdrawn_seats,
     )
 
 
 def _repair_advice(report: TrustReport, broken_seats: int) -> str:
     if report.healthy:
         return ""
-    broken = sum(verdict.problem is not None for verdict in report.verdicts)
+    broken = sum(
+        verdict.problem is not None and verdict.problem.cause not in CHECK_IN_CAUSES
+        for verdict in report.verdicts
+    )
+    if not broken:
+        return _check_in_advice(report)
     holder = report.sealed_host_id
     if report.storage_problem is not None and report.storage_problem.cause == "DATABASE_COPIED":
         if report.verdicts:
@@ -160,3 +191,27 @@ def _repair_advice(report: TrustReport, broken_seats: int) -> str:
         "trusted storage with exactly those and re-seals it; certificates the vendor does not "
         "record for that host leave. At most 4 repairs per host per year."
     )
+
+
+def _check_in_advice(report: TrustReport) -> str:
+    """What to do when only check-ins keep certificates from serving: a repair would not
+    help (the vendor re-issues only what it records as this host's)."""
+    causes = {v.problem.cause for v in report.verdicts if v.problem is not None}
+    advice = []
+    if causes & WITHDRAWN:
+        status = status_of(report)
+        by = f" to host {status.superseded_by_host_id}" if status.superseded_by_host_id else ""
+        advice.append(
+            "The vendor no longer records some certificates as this License Server's: they "
+            f"were re-bound{by} by a repair elsewhere (a copy of this server's data "
+            "directory, or its replacement), or returned. They never serve here again and a "
+            "repair does not bring them back; if this server is the one that should hold "
+            "them, contact the vendor."
+        )
+    if CHECK_IN_OVERDUE in causes:
+        advice.append(
+            "Some licenses need a check-in with the vendor that is overdue: run "
+            "`tessera check-in` (it needs the Administrator and the Internet); their seats "
+            "serve again once the vendor finds them current."
+        )
+    return " ".join(advice)

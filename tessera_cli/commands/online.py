@@ -1,4 +1,5 @@
-"""Online operations through the Administrator: order, activate, return, repair, move.
+"""Online operations through the Administrator: order, activate, return, repair, move,
+check-in.
 
 Each journaled operation gets its operation id here, before the call, so that when the
 network fails halfway the error can say how to resume it (``--operation-id``): the
@@ -13,6 +14,7 @@ import uuid
 from tessera.admin.v1 import admin_pb2
 from tessera_cli import records, views
 from tessera_cli.commands import lookup
+from tessera_cli.failures import ExitCode
 from tessera_cli.session import Result, Session
 from tessera_cli.settings import check_license_server
 
@@ -98,6 +100,25 @@ async def repair(args: argparse.Namespace, session: Session) -> Result:
             "health": records.trust_health(reply.health),
         },
         views.repaired(session.style, reply),
+    )
+
+
+async def check_in(args: argparse.Namespace, session: Session) -> Result:
+    address = session.settings.license_server.value
+    admin = session.connections.administrator()
+    async with session.progress.show(f"Checking {address} in with the vendor"):
+        reply = await session.connections.administrator_call(
+            admin.CheckIn, admin_pb2.CheckInRequest(license_server=address)
+        )
+    problem = reply.status.superseded or reply.status.withdrawn_seats > 0
+    return Result(
+        {
+            "license_server": address,
+            "host_id": reply.host_id,
+            "check_in": records.check_in_status(reply.status),
+        },
+        views.checked_in(session.style, reply, address),
+        ExitCode.PROBLEM_FOUND if problem else ExitCode.OK,
     )
 
 

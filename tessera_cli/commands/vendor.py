@@ -20,9 +20,12 @@ from tessera_cli.settings import Token
 
 VENDOR = Service.ACTIVATION_SERVER
 _FEATURE_COUNT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*=\s*(\d+)\s*$")
+_SPAN = re.compile(r"^(\d+)([dhm]?)$")
+_SPAN_SECONDS = {"d": 86400, "": 86400, "h": 3600, "m": 60}
 LINE_SYNTAX = (
-    "FEATURE=COUNT[,local][,partial][,expires=DATE][,days=N][,maintenance=DATE], "
-    "e.g. client.station=10,partial or server.device.es=40,expires=2027-12-31"
+    "FEATURE=COUNT[,local][,partial][,expires=DATE][,days=N][,maintenance=DATE]"
+    "[,check-in=N[d|h|m]][,grace=N[d|h|m]], e.g. client.station=10,partial or "
+    "server.device.es=40,expires=2027-12-31 or client.station=5,check-in=7d,grace=2d"
 )
 
 
@@ -77,6 +80,12 @@ def parse_line(spec: str) -> apb.NewEntitlementLine:
             line.maintenance_ends_at.CopyFrom(_moment(value, f"--line {spec!r} maintenance"))
         elif key == "days" and value.isdigit() and int(value) > 0:
             line.duration.CopyFrom(Duration(seconds=int(value) * 86400))
+        elif key in ("check-in", "grace") and _SPAN.match(value):
+            span = _SPAN.match(value)
+            assert span is not None
+            seconds = int(span.group(1)) * _SPAN_SECONDS[span.group(2)]
+            target = line.check_in_interval if key == "check-in" else line.check_in_grace
+            target.CopyFrom(Duration(seconds=seconds))
         else:
             raise UsageError(
                 f"--line {spec!r}: {term.strip()!r} is not a term; write {LINE_SYNTAX}"

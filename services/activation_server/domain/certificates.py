@@ -2,13 +2,16 @@
 
 A certificate keeps its id for the life of its activation. Each re-issue (a partial
 return leaves fewer seats, a repair re-binds it to the host's new host id) raises its
-revision and changes only what the re-issue is about; the highest revision stands.
+revision and changes only what the re-issue is about; the highest revision stands. The
+line's check-in policy is signed into the first issue and so carried by every re-issue.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+
+from google.protobuf.duration_pb2 import Duration
 
 from services.activation_server.domain.model import (
     ActivationRecord,
@@ -50,7 +53,17 @@ def first_issue(
         maintenance_ends_at=to_timestamp(line.maintenance_ends_at),
         partial_return_allowed=line.partial_return_allowed,
         revision=0,
+        check_in_interval=_duration(line.check_in.interval if line.check_in else None),
+        check_in_grace=_duration(line.check_in.grace if line.check_in else None),
     )
+
+
+def _duration(value: dt.timedelta | None) -> Duration | None:
+    if value is None:
+        return None
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
 
 
 def reissue(

@@ -19,6 +19,8 @@ MAX_SEATS_PER_LINE = 1_000_000
 MAX_TEXT = 256
 MIN_DURATION = dt.timedelta(seconds=1)
 MAX_DURATION = dt.timedelta(days=100 * 365)
+MIN_CHECK_IN_INTERVAL = dt.timedelta(minutes=1)
+MAX_CHECK_IN = dt.timedelta(days=365)
 
 
 class Entitlements:
@@ -54,6 +56,8 @@ class Entitlements:
                     f"lines[{index}].duration",
                     f"must be between 1 second and {MAX_DURATION.days} days",
                 )
+            if line.check_in is not None:
+                _check_policy(index, line)
         entitlement_id = new_id(ENTITLEMENT_PREFIX)
         issued = [(new_id(ACTIVATION_PREFIX), line) for line in lines]
         async with self.store.transaction() as repo:
@@ -98,6 +102,19 @@ class Entitlements:
         return entitlement
 
 
+def _check_policy(index: int, line: NewLine) -> None:
+    assert line.check_in is not None
+    if not MIN_CHECK_IN_INTERVAL <= line.check_in.interval <= MAX_CHECK_IN:
+        raise InvalidInput(
+            f"lines[{index}].check_in_interval",
+            f"must be between 1 minute and {MAX_CHECK_IN.days} days",
+        )
+    if not dt.timedelta(0) <= line.check_in.grace <= MAX_CHECK_IN:
+        raise InvalidInput(
+            f"lines[{index}].check_in_grace", f"must be between 0 and {MAX_CHECK_IN.days} days"
+        )
+
+
 def _line_detail(activation_id: str, line: NewLine) -> dict[str, object]:
     return {
         "activation_id": activation_id,
@@ -110,4 +127,12 @@ def _line_detail(activation_id: str, line: NewLine) -> dict[str, object]:
         if line.maintenance_ends_at is None
         else line.maintenance_ends_at.isoformat(),
         "partial_return_allowed": line.partial_return_allowed,
+        **(
+            {}
+            if line.check_in is None
+            else {
+                "check_in_interval_seconds": int(line.check_in.interval.total_seconds()),
+                "check_in_grace_seconds": int(line.check_in.grace.total_seconds()),
+            }
+        ),
     }

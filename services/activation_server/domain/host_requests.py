@@ -1,4 +1,4 @@
-"""Requests signed by a host's key: activation, return and repair.
+"""Requests signed by a host's key: activation, return, repair and check-in.
 
 The host's public key travels inside the payload, so the payload is parsed once to find
 it and the signature is then checked over the exact bytes received. The host id the
@@ -15,6 +15,7 @@ from nacl.signing import VerifyKey
 from services.activation_server.domain.errors import HostKeyMismatch
 from tessera.activation.v1.activation_pb2 import (
     HostActivationRequest,
+    HostCheckInRequest,
     HostRepairRequest,
     HostReturnRequest,
 )
@@ -23,7 +24,9 @@ from tessera.envelope import open_with_key
 from tessera.errors import InvalidInput, MalformedPayload, WrongPayloadType
 from tessera.keys import host_id as compute_host_id
 
-HostRequest = TypeVar("HostRequest", HostActivationRequest, HostReturnRequest, HostRepairRequest)
+HostRequest = TypeVar(
+    "HostRequest", HostActivationRequest, HostReturnRequest, HostRepairRequest, HostCheckInRequest
+)
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 

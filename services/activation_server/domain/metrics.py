@@ -16,7 +16,7 @@ CREDITED = "credited"
 
 
 class VendorMetrics:
-    """Activation, return and repair outcomes; forced returns."""
+    """Activation, return, repair and check-in outcomes; forced returns."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = registry if registry is not None else CollectorRegistry()
@@ -39,6 +39,13 @@ class VendorMetrics:
             labels,
             registry=registry,
         )
+        self.check_ins = Counter(
+            "tessera_check_ins_total",
+            "Check-ins of License Servers answered, by the host's standing (current, "
+            "superseded: a superseded generation still checking in)",
+            ["standing"],
+            registry=registry,
+        )
         self.forced_returns = Counter(
             "tessera_forced_returns_total",
             "Certificates credited back by vendor staff without their host",
@@ -53,6 +60,9 @@ class VendorMetrics:
 
     def repair(self, refusal_reason: str = "") -> None:
         self.repairs.labels(REFUSED if refusal_reason else GRANTED, refusal_reason).inc()
+
+    def check_in(self, standing: str) -> None:
+        self.check_ins.labels(standing).inc()
 
     def forced_return(self) -> None:
         self.forced_returns.inc()

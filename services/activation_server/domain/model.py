@@ -21,6 +21,15 @@ class ActivationState(StrEnum):
 
 
 @dataclass(frozen=True)
+class CheckInPolicy:
+    """A line's check-in term: its License Servers check in with the vendor at least
+    every ``interval``, or its seats stop serving ``grace`` after a check-in was due."""
+
+    interval: dt.timedelta
+    grace: dt.timedelta = dt.timedelta(0)
+
+
+@dataclass(frozen=True)
 class NewLine:
     """A line of an order being created."""
 
@@ -32,6 +41,8 @@ class NewLine:
     duration: dt.timedelta | None = None
     maintenance_ends_at: dt.datetime | None = None
     partial_return_allowed: bool = False
+    # None: no check-in (the default).
+    check_in: CheckInPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class EntitlementLine:
     duration: dt.timedelta | None
     maintenance_ends_at: dt.datetime | None
     partial_return_allowed: bool
+    check_in: CheckInPolicy | None = None
 
     @property
     def available(self) -> int:
@@ -145,6 +157,41 @@ class RepairRecord:
     previous_host_id: str
     response_envelope: bytes
     repaired_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class HostGeneration:
+    """One re-binding of a host key's licenses: a repair moved what ``previous_host_id``
+    held to ``host_id`` (a new machine, or a copy of the License Server elsewhere), which
+    becomes the key's ``generation`` and supersedes the host it came from."""
+
+    host_public_key: bytes
+    generation: int
+    host_id: str
+    previous_host_id: str
+    request_id: str
+    rebound_at: dt.datetime
+
+
+class CheckInStanding(StrEnum):
+    """The vendor's word on a certificate (or a host) at a check-in."""
+
+    CURRENT = "current"
+    SUPERSEDED = "superseded"
+    RETURNED = "returned"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class CheckInRecord:
+    """The vendor's recorded answer to one check-in, with the exact signed result."""
+
+    host_id: str
+    request_id: str
+    host_public_key: bytes
+    standing: CheckInStanding
+    result_envelope: bytes
+    checked_at: dt.datetime
 
 
 @dataclass(frozen=True)

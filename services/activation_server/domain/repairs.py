@@ -4,7 +4,8 @@ A repair is signed by the key that activated the host's licenses, names the host
 were activated under (``previous_host_id``) when the machine changed, and re-binds every
 active network certificate held there to the host id now. A host key may repair a limited
 number of times in any 365 days; the same request id always gets the same answer and a
-retry does not count again.
+retry does not count again. A re-binding to another host id is recorded as the key's next
+generation (``generations.py``): the host it came from is superseded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.activation_server.domain.errors import (
     RepairLimitReached,
     RequestIdReused,
 )
+from services.activation_server.domain.generations import record_rebinding
 from services.activation_server.domain.host_requests import (
     checked_request_id,
     verify_host_signed,
@@ -178,6 +180,7 @@ class Repairs:
                 "repairs_left": repairs_left,
             },
         )
+        await record_rebinding(repo, request, holder, held, now)
         return response
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import RowMapping, Select, insert, select, update
+from sqlalchemy import RowMapping, Select, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -17,8 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from services.activation_server.domain.model import (
     ActivationRecord,
     ActivationState,
+    CheckInPolicy,
+    CheckInRecord,
+    CheckInStanding,
     Entitlement,
     EntitlementLine,
+    HostGeneration,
     LicenseKind,
     NewLine,
     Registration,
@@ -29,9 +33,11 @@ from services.activation_server.domain.model import (
 from services.activation_server.store.audit import AuditQueries
 from services.activation_server.store.tables import (
     activations,
+    check_ins,
     entitlement_lines,
     entitlements,
     features,
+    host_generations,
     repair_hosts,
     repairs,
     return_receipts,
@@ -91,6 +97,12 @@ class Repository:
                     else int(line.duration.total_seconds()),
                     "maintenance_ends_at": line.maintenance_ends_at,
                     "partial_return_allowed": line.partial_return_allowed,
+                    "check_in_interval_seconds": None
+                    if line.check_in is None
+                    else int(line.check_in.interval.total_seconds()),
+                    "check_in_grace_seconds": None
+                    if line.check_in is None
+                    else int(line.check_in.grace.total_seconds()),
                 }
                 for position, (activation_id, line) in enumerate(lines)
             ],
@@ -386,6 +398,92 @@ class Repository:
         )
         return list(rows.scalars())
 
+    # -- generations and check-ins ------------------------------------------------------
+
+    async def newest_generation(self, host_public_key: bytes) -> int:
+        """The host key's newest generation: 0 until a repair re-bound its licenses."""
+        newest = await self.session.scalar(
+            select(func.max(host_generations.c.generation)).where(
+                host_generations.c.host_public_key == host_public_key
+            )
+        )
+        return int(newest or 0)
+
+    async def insert_generation(self, generation: HostGeneration) -> None:
+        await self.session.execute(
+            insert(host_generations).values(
+                host_public_key=generation.host_public_key,
+                generation=generation.generation,
+                host_id=generation.host_id,
+                previous_host_id=generation.previous_host_id,
+                request_id=generation.request_id,
+                rebound_at=generation.rebound_at,
+            )
+        )
+
+    async def generations_of(self, host_public_key: bytes) -> list[HostGeneration]:
+        """Every re-binding of the host key's licenses, oldest first."""
+        rows = (
+            await self.session.execute(
+                select(host_generations)
+                .where(host_generations.c.host_public_key == host_public_key)
+                .order_by(host_generations.c.generation)
+            )
+        ).mappings()
+        return [_generation(row) for row in rows]
+
+    async def certificates_by_id(self, certificate_ids: Iterable[str]) -> list[ActivationRecord]:
+        """The activations whose certificates these are (unknown ids are left out)."""
+        wanted = list(certificate_ids)
+        if not wanted:
+            return []
+        rows = (
+            await self.session.execute(
+                _activation_query().where(activations.c.certificate_id.in_(wanted))
+            )
+        ).mappings()
+        return [_activation(row) for row in rows]
+
+    async def get_check_in(self, host_id: str, request_id: str) -> CheckInRecord | None:
+        row = await first_row(
+            self.session,
+            select(check_ins).where(
+                check_ins.c.host_id == host_id, check_ins.c.request_id == request_id
+            ),
+        )
+        return None if row is None else _check_in(row)
+
+    async def insert_check_in(self, record: CheckInRecord) -> None:
+        """Record a check-in; DuplicateRequest when its request id is already recorded."""
+        try:
+            await self.session.execute(
+                insert(check_ins).values(
+                    host_id=record.host_id,
+                    request_id=record.request_id,
+                    host_public_key=record.host_public_key,
+                    standing=record.standing.value,
+                    result_envelope=record.result_envelope,
+                    checked_at=record.checked_at,
+                )
+            )
+        except IntegrityError as error:
+            raise DuplicateRequest(record.request_id) from error
+
+    async def check_ins_since(
+        self, host_id: str, standing: CheckInStanding, since: dt.datetime
+    ) -> int:
+        """How many check-ins of the host with this standing were recorded since then."""
+        count = await self.session.scalar(
+            select(func.count())
+            .select_from(check_ins)
+            .where(
+                check_ins.c.host_id == host_id,
+                check_ins.c.standing == standing.value,
+                check_ins.c.checked_at >= since,
+            )
+        )
+        return int(count or 0)
+
 
 def _activation_query() -> Select[Any]:
     return select(
@@ -398,6 +496,7 @@ def _activation_query() -> Select[Any]:
 
 def _line(row: RowMapping) -> EntitlementLine:
     seconds = row["duration_seconds"]
+    check_in_seconds = row["check_in_interval_seconds"]
     return EntitlementLine(
         activation_id=row["activation_id"],
         entitlement_id=row["entitlement_id"],
@@ -409,6 +508,12 @@ def _line(row: RowMapping) -> EntitlementLine:
         duration=None if seconds is None else dt.timedelta(seconds=seconds),
         maintenance_ends_at=row["maintenance_ends_at"],
         partial_return_allowed=bool(row["partial_return_allowed"]),
+        check_in=None
+        if not check_in_seconds
+        else CheckInPolicy(
+            dt.timedelta(seconds=check_in_seconds),
+            dt.timedelta(seconds=row["check_in_grace_seconds"] or 0),
+        ),
     )
 
 
@@ -459,6 +564,28 @@ def _repair(row: RowMapping) -> RepairRecord:
         previous_host_id=row["previous_host_id"],
         response_envelope=row["response_envelope"],
         repaired_at=row["repaired_at"],
+    )
+
+
+def _generation(row: RowMapping) -> HostGeneration:
+    return HostGeneration(
+        host_public_key=row["host_public_key"],
+        generation=row["generation"],
+        host_id=row["host_id"],
+        previous_host_id=row["previous_host_id"],
+        request_id=row["request_id"],
+        rebound_at=row["rebound_at"],
+    )
+
+
+def _check_in(row: RowMapping) -> CheckInRecord:
+    return CheckInRecord(
+        host_id=row["host_id"],
+        request_id=row["request_id"],
+        host_public_key=row["host_public_key"],
+        standing=CheckInStanding(row["standing"]),
+        result_envelope=row["result_envelope"],
+        checked_at=row["checked_at"],
     )
 
 

@@ -60,6 +60,9 @@ entitlement_lines = Table(
     Column("duration_seconds", BigInteger, nullable=True),
     Column("maintenance_ends_at", UTCDateTime, nullable=True),
     Column("partial_return_allowed", Boolean, nullable=False, server_default=false()),
+    # The check-in policy (whole seconds); NULL interval: no check-in.
+    Column("check_in_interval_seconds", BigInteger, nullable=True),
+    Column("check_in_grace_seconds", BigInteger, nullable=True),
     # The database itself refuses to activate more than was sold.
     CheckConstraint("activated >= 0 AND activated <= count", name="activated_within_count"),
     CheckConstraint("count > 0", name="count_positive"),
@@ -138,6 +141,37 @@ repair_hosts = Table(
     "repair_hosts",
     metadata,
     Column("host_public_key", LargeBinary, primary_key=True),
+)
+
+# Every re-binding of a host key's licenses to another host id (a repair after the
+# machine changed, or on a copy of the License Server elsewhere): generation n of the key
+# is the host its n-th re-binding went to; it supersedes previous_host_id.
+host_generations = Table(
+    "host_generations",
+    metadata,
+    Column("host_public_key", LargeBinary, primary_key=True),
+    Column("generation", Integer, primary_key=True, autoincrement=False),
+    Column("host_id", String(32), nullable=False, index=True),
+    Column("previous_host_id", String(32), nullable=False, index=True),
+    # The repair that re-bound them.
+    Column("request_id", String(128), nullable=False),
+    Column("rebound_at", UTCDateTime, nullable=False),
+    CheckConstraint("generation > 0", name="generation_positive"),
+)
+
+# Check-ins of License Servers: (host id, request id) is the idempotency key.
+check_ins = Table(
+    "check_ins",
+    metadata,
+    Column("host_id", String(32), primary_key=True),
+    Column("request_id", String(128), primary_key=True),
+    Column("host_public_key", LargeBinary, nullable=False),
+    # current or superseded.
+    Column("standing", String(16), nullable=False),
+    # The exact signed result, so a retried check-in gets the same bytes back.
+    Column("result_envelope", LargeBinary, nullable=False),
+    Column("checked_at", UTCDateTime, nullable=False),
+    Index("ix_check_ins_by_host", "host_id", "checked_at"),
 )
 
 audit_log = Table(

@@ -9,6 +9,7 @@ unfinished operations at start.
 from __future__ import annotations
 
 from services.administrator.domain.activation import ActivationExchange, Activations
+from services.administrator.domain.check_in import CheckIns
 from services.administrator.domain.exchange import ExchangeRunner
 from services.administrator.domain.journal import OperationJournal
 from services.administrator.domain.metrics import OperationMetrics
@@ -44,6 +45,7 @@ class Operations:
         return_ = ReturnExchange(activation_server)
         repair = RepairExchange(activation_server)
         self.overview = Overview(activation_server, license_servers)
+        self.check_ins = CheckIns(store, activation_server, license_servers)
         self.activations = Activations(self.journal, runner, activation, clock)
         self.returns = Returns(runner, return_)
         self.repairs = Repairs(runner, repair)

@@ -103,6 +103,14 @@ class Repository:
         rows = (await self.session.execute(query)).mappings().all()
         return [_operation(row) for row in rows]
 
+    async def license_server_addresses(self) -> list[str]:
+        """Every License Server address an operation named (source or target), sorted."""
+        named: set[str] = set()
+        for column in (operations.c.license_server, operations.c.target_license_server):
+            rows = await self.session.execute(select(column).distinct())
+            named.update(address for address in rows.scalars() if address)
+        return sorted(named)
+
     async def unfinished_online(self) -> list[Operation]:
         """Operations to resume at start, oldest first (offline ones wait for a file)."""
         query = (

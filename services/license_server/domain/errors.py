@@ -145,6 +145,17 @@ class NothingToRepair(DomainError):
     reason = "NOTHING_TO_REPAIR"
 
 
+class WithdrawnByCheckIn(DomainError):
+    """The feature's seats do not serve because of a check-in with the vendor:
+    CERTIFICATE_SUPERSEDED (re-bound to another host by a repair there), LICENSE_NOT_HELD
+    (returned or force-returned at the vendor) or CHECK_IN_OVERDUE (no check-in within
+    the license's policy; ``tessera check-in`` puts it right)."""
+
+    def __init__(self, reason: str, message: str, feature: str) -> None:
+        super().__init__(message, metadata={"feature": feature})
+        self.reason = reason
+
+
 class AnswerDoesNotMatch(DomainError):
     """A vendor answer does not fit the request it claims to answer."""
 

@@ -47,6 +47,7 @@ from services.license_server.domain.seats import (
     shortfall,
     unusable,
 )
+from services.license_server.domain.vendor_standing import CHECK_IN_CAUSES
 from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput
@@ -384,6 +385,7 @@ class Leasing:
             pools = {pool.feature: pool for pool in await repo.list_pools()}
             queued = await repo.queued_per_feature(now)
             required = await repo.required_per_feature()
+            withdrawn = await repo.withdrawn_per_feature(CHECK_IN_CAUSES)
         names = sorted(set(pools) | set(required))
         if feature:
             if feature not in names:
@@ -396,6 +398,8 @@ class Leasing:
                 pools[name].used if name in pools else 0,
                 queued=queued.get(name, 0),
                 required=required.get(name, 0),
+                withdrawn=withdrawn.get(name, (0, ""))[0],
+                withdrawn_reason=withdrawn.get(name, (0, ""))[1],
             )
             for name in names
         ]

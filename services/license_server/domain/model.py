@@ -17,6 +17,9 @@ class PoolInformation:
 
     queued: int = 0
     required: int = 0
+    # Seats a check-in with the vendor withdrew, and why (vendor_standing.py).
+    withdrawn: int = 0
+    withdrawn_reason: str = ""
 
     @property
     def available(self) -> int:
@@ -106,6 +109,21 @@ class StoredCertificate:
     retired_at: dt.datetime | None = None
     broken_cause: str | None = None
     broken_detail: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckInRow:
+    """A check-in this host signed and, once installed, the vendor's verified result."""
+
+    request_id: str
+    host_id: str
+    request_envelope: bytes
+    prepared_at: dt.datetime
+    result_envelope: bytes | None = None
+    checked_at: dt.datetime | None = None
+    installed_at: dt.datetime | None = None
+    # The result takes a certificate away: it is kept for good.
+    withdraws: bool = False
 
 
 @dataclass(frozen=True)

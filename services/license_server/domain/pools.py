@@ -20,6 +20,8 @@ LICENSE_EXPIRED = ("license_expired", "LICENSE_EXPIRED")
 LICENSE_RETURNED = ("license_returned", "LICENSE_RETURNED")
 TRUSTED_STORAGE_BROKEN = ("trust_broken", "TRUSTED_STORAGE_BROKEN")
 LICENSE_NOT_HELD = ("license_not_held", "LICENSE_NOT_HELD")
+CERTIFICATE_SUPERSEDED = ("superseded", "CERTIFICATE_SUPERSEDED")
+CHECK_IN_OVERDUE = ("check_in_overdue", "CHECK_IN_OVERDUE")
 
 
 async def fit_pool(

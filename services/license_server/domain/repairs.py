@@ -34,6 +34,7 @@ from services.license_server.domain.trusted_storage import (
     request_id_or_new,
     stored_from,
 )
+from services.license_server.domain.vendor_standing import CHECK_IN_CAUSES
 from services.license_server.store.repository import Repository
 from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
@@ -98,6 +99,17 @@ class Repairs:
                     "this License Server lacks, complete the operation that activated them "
                     "(`tessera operations --unfinished`), or repair anyway with --force "
                     "(it counts as one of the year's repairs)",
+                    metadata={"host_id": identity.host_id},
+                )
+            if all(problem.cause in CHECK_IN_CAUSES for problem in health.problems):
+                # The vendor withdrew these at a check-in; it would re-issue nothing.
+                raise NothingToRepair(
+                    f"the certificates of host {identity.host_id} that do not serve were "
+                    "withdrawn by a check-in with the vendor (superseded by a repair "
+                    "elsewhere, returned, or a check-in overdue): a repair does not bring "
+                    "them back and would count as one of the year's repairs. Run `tessera "
+                    "check-in` for an overdue one; call the vendor if this server should "
+                    "hold the others",
                     metadata={"host_id": identity.host_id},
                 )
         # Only the same host key may claim the licenses of the host id it had before the

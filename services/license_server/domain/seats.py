@@ -17,12 +17,19 @@ from services.license_server.domain.errors import (
     NoSeatAvailable,
     StaleLeaseEpoch,
     TrustedStorageBroken,
+    WithdrawnByCheckIn,
 )
 from services.license_server.domain.model import (
     Lease,
     NewLease,
     PoolInformation,
     StoredCertificate,
+)
+from services.license_server.domain.vendor_standing import (
+    CERTIFICATE_SUPERSEDED,
+    CHECK_IN_CAUSES,
+    CHECK_IN_OVERDUE,
+    LICENSE_NOT_HELD,
 )
 from services.license_server.store.repository import Repository
 from tessera.errors import DomainError
@@ -89,9 +96,19 @@ async def shortfall(
     was never activated, only with an activation."""
     activated = pool.activated if pool is not None else 0
     held = await repo.held_certificates(new.feature)
-    broken = [c for c in held if c.broken_cause is not None and not _expired(c, now)]
+    # Seats a check-in withdrew are not broken: a repair does not bring them back.
+    withdrawn = [c for c in held if c.broken_cause in CHECK_IN_CAUSES and not _expired(c, now)]
+    broken = [
+        c
+        for c in held
+        if c.broken_cause is not None and c not in withdrawn and not _expired(c, now)
+    ]
     broken_seats = sum(c.count - c.returning for c in broken)
-    if broken and new.count <= activated + broken_seats:
+    withdrawn_seats = sum(c.count - c.returning for c in withdrawn)
+    repairable = bool(broken) and new.count <= activated + broken_seats
+    if withdrawn and not repairable and new.count <= activated + broken_seats + withdrawn_seats:
+        return withdrawn_by_check_in(new.feature, withdrawn[0].broken_cause or "")
+    if repairable:
         cause = broken[0].broken_cause or ""
         return TrustedStorageBroken(
             f"{broken_seats} seat(s) of {new.feature} do not serve because trusted storage "
@@ -121,6 +138,22 @@ async def shortfall(
             metadata={"feature": new.feature},
         )
     return not_licensed(new.feature)
+
+
+def withdrawn_by_check_in(feature: str, cause: str) -> WithdrawnByCheckIn:
+    """The refusal for seats a check-in with the vendor withdrew (``cause``)."""
+    what = {
+        CERTIFICATE_SUPERSEDED: "the vendor re-bound them to another License Server (a "
+        "repair there, e.g. of a copy of this server's data directory); they do not serve "
+        "here again, and a repair does not bring them back",
+        LICENSE_NOT_HELD: "the vendor no longer records them as this License Server's "
+        "(returned or force-returned)",
+        CHECK_IN_OVERDUE: "no check-in with the vendor was verified within the license's "
+        "check-in policy; run `tessera check-in`",
+    }[cause]
+    return WithdrawnByCheckIn(
+        cause, f"the {feature} licenses on this License Server do not serve: {what}", feature
+    )
 
 
 def _expired(certificate: StoredCertificate, now: dt.datetime) -> bool:

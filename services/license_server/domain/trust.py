@@ -1,8 +1,9 @@
 """Judging trusted storage: which certificates serve, and if not, why.
 
 ``inspect`` is a pure function of what is stored (seal, ledger segment, certificate
-rows), what this server is (host key, machine), the vendor keys, the anchor file and the
-time. Storage-wide causes break every certificate; per-certificate causes break one.
+rows), what this server is (host key, machine), the vendor keys, the anchor file, the
+newest check-in with the vendor and the time. Storage-wide causes break every
+certificate; per-certificate causes break one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from services.license_server.domain.ledger import (
     envelope_digest,
 )
 from services.license_server.domain.model import StoredCertificate
+from services.license_server.domain.vendor_standing import (
+    CHECK_IN_OVERDUE,
+    CheckInView,
+    Standing,
+    overdue_detail,
+    standing_of,
+)
 from tessera.clock import from_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.envelope import open_envelope
@@ -60,6 +68,10 @@ class Verdict:
     document: LicenseCertificate | None
     problem: Problem | None
     expired: bool
+    # With a check-in policy: when the next check-in is due, and when the seats stop
+    # serving without one (vendor_standing.py).
+    check_in_due: dt.datetime | None = None
+    check_in_deadline: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,8 @@ class TrustReport:
     clock_set_back: bool
     clock_high_water: dt.datetime | None
     verdicts: list[Verdict]
+    # The newest verified check-in with the vendor, if any.
+    check_in: CheckInView | None = None
 
     @property
     def problems(self) -> list[Problem]:
@@ -94,9 +108,11 @@ def inspect(
     anchor: Anchor | None,
     anchored_hash: bytes | None,
     now: dt.datetime,
+    check_in: CheckInView | None = None,
 ) -> TrustReport:
     """Judge trusted storage; ``anchored_hash`` is the stored hash of the entry the anchor
-    names (None when there is no such entry)."""
+    names (None when there is no such entry), ``check_in`` the newest verified check-in
+    with the vendor."""
     storage = storage_problem(seal, segment, identity, anchor, anchored_hash)
     clock_set_back = seal is not None and (
         seal.clock_set_back_at is not None or now < seal.clock_high_water - CLOCK_TOLERANCE
@@ -114,9 +130,16 @@ def inspect(
             if document is not None and document.HasField("expires_at")
             else None
         )
+        standing = Standing(None, None, None)
+        if document is not None and problem is None and storage is None:
+            standing = standing_of(document, check_in)
+            if standing.withdrawn is not None:
+                problem = Problem(standing.withdrawn.cause, standing.withdrawn.detail)
+        # A check-in deadline is a time limit too: a clock set back would stretch it.
+        limited = expires_at is not None or standing.deadline is not None
         if storage is not None:
             problem = storage
-        elif problem is None and clock_set_back and expires_at is not None:
+        elif problem is None and clock_set_back and limited:
             assert seal is not None
             problem = Problem(
                 CLOCK_SET_BACK,
@@ -124,8 +147,18 @@ def inspect(
                 f"{seal.clock_high_water.isoformat(timespec='seconds')}, "
                 "so this time-limited license cannot be trusted to expire",
             )
+        elif problem is None and standing.deadline is not None and now > standing.deadline:
+            assert standing.due is not None
+            problem = Problem(CHECK_IN_OVERDUE, overdue_detail(standing.due, standing.deadline))
         verdicts.append(
-            Verdict(row, document, problem, expires_at is not None and expires_at <= now)
+            Verdict(
+                row,
+                document,
+                problem,
+                expires_at is not None and expires_at <= now,
+                standing.due,
+                standing.deadline,
+            )
         )
     return TrustReport(
         host_id=identity.host_id,
@@ -134,6 +167,7 @@ def inspect(
         clock_set_back=clock_set_back,
         clock_high_water=seal.clock_high_water if seal is not None else None,
         verdicts=verdicts,
+        check_in=check_in,
     )
 
 

@@ -36,6 +36,12 @@ from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
 from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.trust import TrustReport, inspect, state_of, storage_problem
+from services.license_server.domain.vendor_standing import (
+    CERTIFICATE_SUPERSEDED,
+    CHECK_IN_OVERDUE,
+    LICENSE_NOT_HELD,
+    view_of,
+)
 from services.license_server.store.repository import DuplicateKey, LicenseStore, Repository
 from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
@@ -162,14 +168,16 @@ class TrustedStorage:
                     )
             # Every pool, not only the ones whose certificates changed: a pool row edited
             # by hand is put right too.
+            withdrawn = _withdrawn_by_check_in(report)
             for feature in await repo.pool_features():
-                events += await fit_pool(
-                    repo,
+                why, message = withdrawn.get(
                     feature,
-                    now,
-                    pools.TRUSTED_STORAGE_BROKEN,
-                    f"trusted storage broke for the {feature} license behind this lease",
+                    (
+                        pools.TRUSTED_STORAGE_BROKEN,
+                        f"trusted storage broke for the {feature} license behind this lease",
+                    ),
                 )
+                events += await fit_pool(repo, feature, now, why, message)
         self.publish(events)
         return report
 
@@ -188,6 +196,11 @@ class TrustedStorage:
             anchor,
             await repo.ledger_hash_at(anchor.sequence) if anchor else None,
             now,
+            view_of(
+                await repo.installed_check_ins(self.identity.host_id),
+                self.identity.host_id,
+                self.vendor_keys(),
+            ),
         )
         return seal_row, report
 
@@ -455,6 +468,28 @@ class TrustedStorage:
         async with self.store.transaction() as repo:
             stored = await repo.list_certificates()
         return [(certificate_of(s), s) for s in stored if s.returned_at is None]
+
+
+def _withdrawn_by_check_in(report: TrustReport) -> dict[str, tuple[tuple[str, str], str]]:
+    """Per feature, why leases go when a check-in withdrew its seats (the reason told on
+    the stream, and the message)."""
+    reasons = {
+        CERTIFICATE_SUPERSEDED: pools.CERTIFICATE_SUPERSEDED,
+        LICENSE_NOT_HELD: pools.LICENSE_NOT_HELD,
+        CHECK_IN_OVERDUE: pools.CHECK_IN_OVERDUE,
+    }
+    withdrawn: dict[str, tuple[tuple[str, str], str]] = {}
+    for verdict in report.verdicts:
+        if verdict.problem is not None and verdict.problem.cause in reasons:
+            withdrawn.setdefault(
+                verdict.stored.feature,
+                (
+                    reasons[verdict.problem.cause],
+                    f"the {verdict.stored.feature} license behind this lease stopped serving: "
+                    f"{verdict.problem.detail}",
+                ),
+            )
+    return withdrawn
 
 
 def _chain(

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from services.license_server.domain.events import NOTIFY_CHANNEL, LeaseEvent, encode_event
 from services.license_server.domain.ledger import LedgerEntry, Seal
 from services.license_server.domain.model import (
+    CheckInRow,
     Lease,
     NewLease,
     PendingRequest,
@@ -44,6 +45,7 @@ from services.license_server.domain.model import (
 )
 from services.license_server.store.tables import (
     certificates,
+    check_ins,
     lease_queue,
     leases,
     pending_requests,
@@ -222,6 +224,102 @@ class Repository:
                 returned_at=certificate.returned_at,
                 broken_cause=certificate.broken_cause,
                 broken_detail=certificate.broken_detail,
+            )
+        )
+
+    # Check-ins with the vendor
+
+    async def withdrawn_per_feature(self, causes: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """Per feature, the seats of certificates one of ``causes`` keeps from serving, and
+        one such cause."""
+        rows = await self.session.execute(
+            select(
+                certificates.c.feature,
+                func.sum(certificates.c.count - certificates.c.withheld),
+                func.min(certificates.c.broken_cause),
+            )
+            .where(
+                certificates.c.returned_at.is_(None),
+                certificates.c.retired_at.is_(None),
+                certificates.c.broken_cause.in_(list(causes)),
+            )
+            .group_by(certificates.c.feature)
+        )
+        return {feature: (int(seats or 0), str(cause)) for feature, seats, cause in rows}
+
+    async def insert_check_in(self, row: CheckInRow) -> None:
+        await self.session.execute(
+            insert(check_ins).values(
+                request_id=row.request_id,
+                host_id=row.host_id,
+                request_envelope=row.request_envelope,
+                prepared_at=row.prepared_at,
+            )
+        )
+
+    async def get_check_in(self, request_id: str, *, lock: bool = False) -> CheckInRow | None:
+        query = select(check_ins).where(check_ins.c.request_id == request_id)
+        row = await first_row(self.session, query.with_for_update() if lock else query)
+        return None if row is None else _check_in(row)
+
+    async def install_check_in(
+        self,
+        request_id: str,
+        result_envelope: bytes,
+        checked_at: dt.datetime,
+        at: dt.datetime,
+        withdraws: bool,
+    ) -> None:
+        await self.session.execute(
+            update(check_ins)
+            .where(check_ins.c.request_id == request_id)
+            .values(
+                result_envelope=result_envelope,
+                checked_at=checked_at,
+                installed_at=at,
+                withdraws=withdraws,
+            )
+        )
+
+    async def installed_check_ins(self, host_id: str) -> list[CheckInRow]:
+        """Every installed check-in of ``host_id``, oldest decided first."""
+        rows = await self.session.execute(
+            select(check_ins)
+            .where(check_ins.c.host_id == host_id, check_ins.c.checked_at.is_not(None))
+            .order_by(check_ins.c.checked_at, check_ins.c.request_id)
+        )
+        return [_check_in(row) for row in rows.mappings()]
+
+    async def newest_check_in(self, host_id: str) -> CheckInRow | None:
+        """The installed check-in of ``host_id`` the vendor decided last."""
+        row = await first_row(
+            self.session,
+            select(check_ins)
+            .where(check_ins.c.host_id == host_id, check_ins.c.checked_at.is_not(None))
+            .order_by(check_ins.c.checked_at.desc(), check_ins.c.request_id)
+            .limit(1),
+        )
+        return None if row is None else _check_in(row)
+
+    async def forget_check_ins(
+        self, host_id: str, decided_before: dt.datetime, prepared_before: dt.datetime
+    ) -> None:
+        """Drop check-ins of ``host_id`` the vendor decided before ``decided_before`` that
+        took nothing away (a newer one stands; those that withdrew a certificate stay),
+        and those prepared before ``prepared_before`` and never answered."""
+        await self.session.execute(
+            delete(check_ins).where(
+                check_ins.c.host_id == host_id,
+                or_(
+                    and_(
+                        check_ins.c.checked_at < decided_before,
+                        check_ins.c.withdraws.is_(False),
+                    ),
+                    and_(
+                        check_ins.c.checked_at.is_(None),
+                        check_ins.c.prepared_at < prepared_before,
+                    ),
+                ),
             )
         )
 
@@ -976,6 +1074,19 @@ def _certificate(row: RowMapping) -> StoredCertificate:
         retired_at=row["retired_at"],
         broken_cause=row["broken_cause"],
         broken_detail=row["broken_detail"],
+    )
+
+
+def _check_in(row: RowMapping) -> CheckInRow:
+    return CheckInRow(
+        request_id=row["request_id"],
+        host_id=row["host_id"],
+        request_envelope=row["request_envelope"],
+        prepared_at=row["prepared_at"],
+        result_envelope=row["result_envelope"],
+        checked_at=row["checked_at"],
+        installed_at=row["installed_at"],
+        withdraws=bool(row["withdraws"]),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Index,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     text,
 )
 
@@ -91,6 +93,26 @@ trust_seal = Table(
     # Set when the clock was found set back; cleared only by a repair.
     Column("clock_set_back_at", UTCDateTime, nullable=True),
     Column("signature", LargeBinary, nullable=False),
+)
+
+# Check-ins with the vendor this host signed, and the vendor's verified answers. The
+# newest answer for this host id says which certificates the vendor still records as
+# this host's (the others stop serving) and starts the check-in deadlines anew.
+check_ins = Table(
+    "check_ins",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    # The host id that signed the request (a copied database holds another host's).
+    Column("host_id", String(32), nullable=False),
+    Column("request_envelope", LargeBinary, nullable=False),
+    Column("prepared_at", UTCDateTime, nullable=False),
+    # Set together once the vendor's signed result is verified and installed.
+    Column("result_envelope", LargeBinary, nullable=True),
+    Column("checked_at", UTCDateTime, nullable=True),
+    Column("installed_at", UTCDateTime, nullable=True),
+    # The result takes a certificate away (superseded, not held): kept for good.
+    Column("withdraws", Boolean, nullable=False, server_default=false()),
+    Index("check_ins_by_host", "host_id", "checked_at"),
 )
 
 # One seat pool per feature. Seats are taken and given back by conditional updates on
