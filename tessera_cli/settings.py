@@ -291,10 +291,11 @@ def resolve(
     )
 
 
-def check_license_server(address: str, where: str) -> str:
+def check_license_server(address: str, where: str, field: str = "license_server") -> str:
     """``address`` if it is a License Server address, else a one-line refusal (exit 2,
-    reason INVALID_LICENSE_SERVER_ADDRESS) that names ``where`` it came from (a flag,
-    an environment variable, the config file)."""
+    reason INVALID_LICENSE_SERVER_ADDRESS, metadata ``field`` as the Administrator gives
+    it) that names ``where`` it came from (a flag, an environment variable, the config
+    file)."""
     if not address.strip():
         message = f"{where} is empty; give an address, e.g. @localhost or 27000@es-host"
     else:
@@ -303,7 +304,14 @@ def check_license_server(address: str, where: str) -> str:
             return address
         except InvalidLicenseServerAddress as error:
             message = f"{error.message} ({where})"
-    raise CliError(Failure(ExitCode.USAGE, message, reason=InvalidLicenseServerAddress.reason))
+    raise CliError(
+        Failure(
+            ExitCode.USAGE,
+            message,
+            reason=InvalidLicenseServerAddress.reason,
+            metadata={"field": field},
+        )
+    )
 
 
 def _tls(

@@ -566,8 +566,9 @@ async def test_what_refusals_and_outages_tell_the_operator(cli: Cli, site: Site)
         error = await cli.refused(
             2, "INVALID_LICENSE_SERVER_ADDRESS", *command, "--license-server", "localhost"
         )
+        # Refused before anything is sent, in one line that names the forms it takes.
         assert error["message"].startswith("Invalid license server configuration")
-        assert "port@host" in error["hint"]
+        assert "port@host" in error["message"] and "--license-server" in error["message"]
         assert error["metadata"]["field"] == "license_server"
 
     await restart_administrator(site, activation_server=f"127.0.0.1:{down}")

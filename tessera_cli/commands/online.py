@@ -127,9 +127,9 @@ async def move(args: argparse.Namespace, session: Session) -> Result:
     source = (
         session.settings.license_server.value
         if args.source is None
-        else check_license_server(args.source, "--from")
+        else check_license_server(args.source, "--from", "from_license_server")
     )
-    check_license_server(args.to, "--to")
+    check_license_server(args.to, "--to", "to_license_server")
     found = await lookup.certificate(session, source, args.certificate, args.feature)
     certificate_id = found.certificate.certificate_id if found else str(args.certificate)
     request = admin_pb2.MoveRequest(
