@@ -12,12 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from services.license_server.domain import pools
 from services.license_server.domain.errors import (
     LeaseNotFound,
+    QueueTimeout,
     StaleLeaseEpoch,
 )
 from services.license_server.domain.events import (
@@ -504,6 +505,55 @@ class Leasing:
     def _publish(self, events: Sequence[LeaseEvent]) -> None:
         for event in events:
             self.bus.publish(event)
+
+    # What a lease stream asks of leasing besides the verbs above (lease_stream.py): it
+    # never reaches into the bus, the metrics or the policy itself.
+
+    @property
+    def waiter_refresh_seconds(self) -> float:
+        """How long a queued stream may go without trying its turn (``try_dequeue``):
+        each try keeps its waiter alive."""
+        return self.policy.waiter_refresh_seconds
+
+    def count_open_streams(self, count: Callable[[], int]) -> None:
+        """Report ``count()`` as the number of open lease streams at each scrape."""
+        self.metrics.count_open_streams(count)
+
+    def watch_lease(self, grant: Grant, listener: Callable[[LeaseEvent], None]) -> None:
+        """Tell ``listener`` when the lease ``grant`` holds ends without its holder
+        asking or is resumed elsewhere, on any replica, until ``unwatch_lease``."""
+        self.bus.watch_lease(grant.lease.lease_id, listener)
+
+    def unwatch_lease(self, grant: Grant, listener: Callable[[LeaseEvent], None]) -> None:
+        """Stop telling ``listener`` about the lease ``grant`` holds."""
+        self.bus.unwatch_lease(grant.lease.lease_id, listener)
+
+    def watch_queue(self, waiter: Waiter, listener: Callable[[LeaseEvent], None]) -> None:
+        """Wake ``listener`` (with SeatsFreed) when seats of the waiter's feature free up
+        while it is this process's first in line, until it is granted (``try_dequeue``),
+        leaves the line (``leave_queue``) or ``unwatch_queue``."""
+        self.bus.watch_queue(waiter.request.feature, waiter.ticket, listener)
+
+    def unwatch_queue(self, waiter: Waiter) -> None:
+        """Stop waking the waiter's stream."""
+        self.bus.unwatch_queue(waiter.request.feature, waiter.ticket)
+
+    def pass_on(self, freed: SeatsFreed) -> None:
+        """Hand a wake-up to whoever is first in line now: it reached a stream that had
+        just left the line."""
+        self.bus.publish(freed)
+
+    def wait_ran_out(self, waiter: Waiter, position: int) -> QueueTimeout:
+        """The refusal of a waiter whose wait ended before a seat freed for it, counted
+        as a denial. The waiter stays in line until it leaves (``leave_queue``)."""
+        feature = waiter.request.feature
+        refusal = QueueTimeout(
+            f"no {feature} seat freed while waiting in the queue (position {position}); "
+            "wait longer, or ask the operator to activate more",
+            metadata={"feature": feature},
+        )
+        self.metrics.denied(refusal.reason)
+        return refusal
 
 
 def _expiry_events(expired: list[tuple[str, str]]) -> list[LeaseEvent]:
