@@ -28,6 +28,7 @@ from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
 from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.metrics import metrics_note, new_registry
+from tessera.rpc import ErrorTranslation
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -79,7 +80,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        wrappers=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS), ErrorTranslation(ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,
