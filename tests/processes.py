@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from tessera.auth import BearerCredentials
-from tessera.serving import is_serving
+from tessera.server.serving import is_serving
 from tessera.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parents[1]

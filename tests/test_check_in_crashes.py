@@ -29,9 +29,9 @@ from tessera.admin.v1 import admin_pb2 as adpb
 from tessera.admin.v1 import admin_pb2_grpc as adpb_grpc
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
-from tessera.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
+from tessera.server.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.storage import create_engine, migrate
 from tests.conftest import DatabaseFactory
 from tests.processes import (

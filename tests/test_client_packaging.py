@@ -60,6 +60,15 @@ def test_every_client_module_and_the_typing_markers_are_shipped() -> None:
         assert shipped_as(path.resolve()) is not None, f"{path} is not in the wheel"
 
 
+def test_the_wheel_ships_the_shared_package_minus_its_server_and_storage_halves() -> None:
+    shared = ROOT / "tessera"
+    server_side = (shared / "server", shared / "storage")
+    for path in shared.rglob("*.py"):
+        inside = any(path.is_relative_to(half) for half in server_side)
+        shipped = shipped_as(path.resolve()) is not None
+        assert shipped != inside, f"{path.relative_to(ROOT)}: shipped={shipped}"
+
+
 def test_the_generated_stubs_ship_with_their_types() -> None:
     for stub in (ROOT / "tessera").glob("*/v1/*_pb2*.py"):
         assert shipped_as(stub.resolve()) is not None

@@ -1,4 +1,4 @@
-"""Credentials and roles (tessera.auth), over real gRPC on loopback.
+"""Credentials and roles (tessera.server.auth), over real gRPC on loopback.
 
 The three services run in this process on SQLite, configured with one credentials file
 of digests (a token for each role). For every protected service: no credential and an
@@ -30,19 +30,20 @@ from services.license_server import server as ls_server
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.activation.v1 import activation_pb2_grpc as apb_grpc
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.auth import (
+from tessera.auth import bearer_metadata
+from tessera.license.v1 import license_pb2 as lpb
+from tessera.license.v1 import license_pb2_grpc as lpb_grpc
+from tessera.rpc import error_info, reason_of
+from tessera.server.auth import (
     ACCESS,
     AccessControl,
     Credentials,
     Role,
     access_for,
-    bearer_metadata,
     parse_credentials,
     token_digest,
 )
-from tessera.license.v1 import license_pb2 as lpb
-from tessera.license.v1 import license_pb2_grpc as lpb_grpc
-from tessera.rpc import ServiceRegistrar, error_info, reason_of
+from tessera.server.handlers import ServiceRegistrar
 
 Code = grpc.StatusCode
 TOKENS = {

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from tessera.serving import is_serving
+from tessera.server.serving import is_serving
 from tessera_cli import parser as cli_parser
 from tests.processes import ROOT, free_port
 

@@ -5,7 +5,7 @@ exactly once with the books of the License Servers and the vendor in agreement.
 Every service runs as a real process (``python -m services.<name>``) on a free loopback
 port with its own data directory and database. The one service under test runs with
 ``TESSERA_FAILPOINTS=<failpoint>`` and SIGKILLs itself on reaching that step
-(``tessera.failpoints``). It is armed from the start when the activations that set a
+(``tessera.server.failpoints``). It is armed from the start when the activations that set a
 return, repair or move up cannot pass its failpoint, and restarted armed after them
 when they can.
 
@@ -62,9 +62,9 @@ from tessera.admin.v1 import admin_pb2 as adpb
 from tessera.admin.v1 import admin_pb2_grpc as adpb_grpc
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
-from tessera.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
+from tessera.server.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tests.conftest import DatabaseFactory
 from tests.processes import (
     ADMINISTRATOR_TOKEN,

@@ -34,8 +34,8 @@ from tessera.admin.v1 import admin_pb2
 from tessera.auth import bearer_metadata
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
-from tessera.limits import StreamCounter, TokenBuckets, peer_host
 from tessera.rpc import error_info, reason_of, retry_delay, rich_status
+from tessera.server.limits import StreamCounter, TokenBuckets, peer_host
 from tessera_cli.failures import HINTS, Service, Situation, explain
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.support import VENDOR_TOKEN, Site, restart_activation_server, start_site

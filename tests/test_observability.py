@@ -28,13 +28,13 @@ from services.administrator import config as admin_config
 from services.administrator import server as admin_server
 from services.license_server import config as ls_config
 from services.license_server import server as ls_server
-from tessera import logs
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.auth import bearer_metadata
-from tessera.call_observer import REQUEST_ID_HEADER
 from tessera.license.v1 import license_pb2 as lpb
-from tessera.metrics import MetricsServer
 from tessera.rpc import reason_of
+from tessera.server import logs
+from tessera.server.call_observer import REQUEST_ID_HEADER
+from tessera.server.metrics import MetricsServer
 from tests.conftest import DatabaseFactory, FakeClock
 from tests.support import (
     ADMINISTRATOR_FLAGS,
@@ -457,7 +457,7 @@ async def test_request_id_is_taken_logged_and_echoed(sqlite_site: Site) -> None:
     stamped = {
         record.getMessage().split()[0]: getattr(record, "request_id", "")
         for record in records
-        if record.name == "tessera.call_observer"
+        if record.name == "tessera.server.call_observer"
         and getattr(record, "request_id", "") in ("req-42", "req-43")
     }
     assert stamped == {

@@ -1,4 +1,4 @@
-"""What every service's serving plumbing promises (``tessera.serving``): a port of its own,
+"""What every service's serving plumbing promises (``tessera.server.serving``): a port of its own,
 never shared; one line and exit 2 for every refusal to start; server reflection as both
 ``grpc.reflection.v1`` and ``v1alpha``.
 
@@ -27,7 +27,7 @@ from services.administrator.server import SERVICE_NAMES as ADMINISTRATOR_SERVICE
 from services.license_server.server import SERVICE_NAMES as LICENSE_SERVICES
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.rpc import reason_of
-from tessera.serving import Endpoint, ListenRefused, listen_problem
+from tessera.server.serving import Endpoint, ListenRefused, listen_problem
 from tests.conftest import DatabaseFactory
 from tests.processes import ROOT, Processes, free_port
 from tests.support import Site, start_site
@@ -94,7 +94,7 @@ def test_a_port_another_program_holds_ends_start_up_in_one_line(
     line = only_line(done.stderr)
     holder = SERVICES[service] if flag == "--listen" else "another service or exporter?"
     assert line.endswith(
-        f"ERROR tessera.serving: refusing to start: port {held_port} is in use ({holder}); "
+        f"ERROR tessera.server.serving: refusing to start: port {held_port} is in use ({holder}); "
         f"choose {flag}"
     ), line
     assert "Traceback" not in done.stderr + done.stdout
@@ -227,7 +227,7 @@ def test_a_database_or_data_directory_it_cannot_use_is_one_line(tmp_path: Path) 
         ),
         (
             ["--data-dir", str(tmp_path / "file" / "data")],
-            f"ERROR tessera.serving: cannot start: {tmp_path / 'file' / 'data'}: Not a "
+            f"ERROR tessera.server.serving: cannot start: {tmp_path / 'file' / 'data'}: Not a "
             "directory; check --data-dir (and the other paths given) and who may write there",
         ),
     ]
@@ -245,7 +245,7 @@ def test_a_database_or_data_directory_it_cannot_use_is_one_line(tmp_path: Path) 
     )
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].endswith(
-        "ERROR tessera.serving: cannot start: the database cannot be reached "
+        "ERROR tessera.server.serving: cannot start: the database cannot be reached "
         "(ConnectionRefusedError); check --database-url and that the database server runs"
     )
     assert "Traceback" not in done.stderr

@@ -45,8 +45,8 @@ from tessera.keys import (
     read_vendor_public_keys,
     vendor_key_id,
 )
-from tessera.rpc import ServiceRegistrar
-from tessera.serving import REFUSALS, YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
+from tessera.server.handlers import ServiceRegistrar
+from tessera.server.serving import REFUSALS, YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
 
 # IDs
 

@@ -14,10 +14,9 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select,
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tessera import sqlite_connection
-from tessera.serving import REFUSALS
-from tessera.sqlite_connection import UnsupportedSQLite, check_sqlite
-from tessera.storage import create_engine
+from tessera.server.serving import REFUSALS
+from tessera.storage import create_engine, sqlite_connection
+from tessera.storage.sqlite_connection import UnsupportedSQLite, check_sqlite
 
 metadata = MetaData()
 seats = Table(
@@ -165,7 +164,7 @@ async def test_an_engine_on_an_unsupported_sqlite_refuses_its_first_connection(
 ) -> None:
     """The check runs as the engine connects, before any statement: the service's
     start-up (migrations) fails with UnsupportedSQLite, which it reports without a
-    traceback (tessera.serving.REFUSALS). Here the minimum is raised above what any
+    traceback (tessera.server.serving.REFUSALS). Here the minimum is raised above what any
     SQLite allows, as no SQLite on this machine is limited."""
     monkeypatch.setattr(sqlite_connection, "MIN_BOUND_PARAMETERS", 2**31)
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'refused.db'}")

@@ -28,19 +28,14 @@ from services.administrator.config import load_settings as admin_settings
 from services.administrator.peers import ActivationServerClient, LicenseServerClient
 from services.license_server.config import load_settings as license_settings
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.auth import bearer_metadata, load_or_create_token
+from tessera.auth import bearer_metadata
 from tessera.errors import PeerUnavailable
 from tessera.ids import ENTITLEMENT_PREFIX, new_id
 from tessera.keys import InsecureKeyFile, UnreadableKeyFile, read_private_file
-from tessera.serving import Endpoint, is_serving
-from tessera.tls import (
-    PlaintextRefused,
-    ServerTls,
-    check_plaintext,
-    is_loopback,
-    open_channel,
-    open_sync_channel,
-)
+from tessera.server.auth import load_or_create_token
+from tessera.server.serving import Endpoint, is_serving
+from tessera.server.tls import PlaintextRefused, ServerTls, check_plaintext, is_loopback
+from tessera.tls import open_channel, open_sync_channel
 from tessera_cli.app import App
 from tessera_cli.failures import UsageError
 from tessera_cli.settings import Flags, resolve
@@ -202,7 +197,7 @@ def test_plaintext_is_allowed_on_loopback_only(caplog: pytest.LogCaptureFixture)
         with pytest.raises(PlaintextRefused, match="--allow-plaintext"):
             check_plaintext(listen, None, allow_plaintext=False)
     check_plaintext("0.0.0.0:27000", ServerTls(Path("c"), Path("k")), allow_plaintext=False)
-    with caplog.at_level(logging.WARNING, logger="tessera.tls"):
+    with caplog.at_level(logging.WARNING, logger="tessera.server.tls"):
         check_plaintext("0.0.0.0:27000", None, allow_plaintext=True)
     assert "PLAINTEXT" in caplog.text
 

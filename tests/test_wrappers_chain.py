@@ -14,18 +14,14 @@ from prometheus_client import CollectorRegistry
 
 from services.license_server import errors as license_errors
 from services.license_server.domain.errors import LeaseNotFound, LeaseProtocolViolation
-from tessera.auth import AccessControl, Credentials, Role, bearer_metadata
-from tessera.call_observer import CallObserver
+from tessera.auth import bearer_metadata
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
-from tessera.rpc import (
-    ErrorTranslation,
-    HandlerWrapper,
-    ServiceRegistrar,
-    behaviour_of,
-    reason_of,
-    rebuilt,
-)
+from tessera.rpc import reason_of
+from tessera.server.auth import AccessControl, Credentials, Role
+from tessera.server.call_observer import CallObserver
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.handlers import HandlerWrapper, ServiceRegistrar, behaviour_of, rebuilt
 
 OPERATOR_TOKEN = "operator-token-for-the-chain"
 

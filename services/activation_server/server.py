@@ -25,11 +25,11 @@ from services.activation_server.servicer import ActivationServicer, VendorServic
 from services.activation_server.store.key_files import KeyDirectory
 from services.activation_server.store.repository import ActivationStore
 from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
-from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
-from tessera.metrics import metrics_note, new_registry
-from tessera.rpc import ErrorTranslation
-from tessera.serving import Endpoint
+from tessera.server.auth import AccessControl
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.metrics import metrics_note, new_registry
+from tessera.server.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
 log = logging.getLogger("tessera.activation_server")

@@ -19,11 +19,11 @@ from services.administrator.peers import ActivationServerClient, LicenseServers
 from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
-from tessera.metrics import metrics_note, new_registry
-from tessera.rpc import ErrorTranslation
-from tessera.serving import Endpoint
+from tessera.server.auth import AccessControl
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.metrics import metrics_note, new_registry
+from tessera.server.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
 log = logging.getLogger("tessera.administrator")

@@ -27,7 +27,6 @@ from services.license_server.servicer import (
 )
 from services.license_server.store.notifications import PostgresLeaseNotifications
 from services.license_server.store.repository import LicenseStore
-from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.keys import (
     HostIdentity,
@@ -37,9 +36,10 @@ from tessera.keys import (
     read_vendor_public_keys,
 )
 from tessera.license.v1 import license_pb2, license_pb2_grpc
-from tessera.metrics import metrics_note, new_registry
-from tessera.rpc import ErrorTranslation
-from tessera.serving import Endpoint
+from tessera.server.auth import AccessControl
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.metrics import metrics_note, new_registry
+from tessera.server.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
 log = logging.getLogger("tessera.license_server")

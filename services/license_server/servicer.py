@@ -28,7 +28,7 @@ from tessera.errors import DomainError, InvalidInput
 from tessera.keys import HostIdentity
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
-from tessera.limits import peer_host
+from tessera.server.limits import peer_host
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -16,9 +16,9 @@ from typing import Protocol, TypeVar
 
 from services.activation_server.domain.audit import refusal_detail
 from services.activation_server.domain.ports import Audited, DuplicateRequest, Transactions
-from tessera import failpoints
 from tessera.clock import Clock
 from tessera.errors import DomainError
+from tessera.server import failpoints
 
 Records = TypeVar("Records", bound=Audited, contravariant=True)
 Recorded = TypeVar("Recorded")

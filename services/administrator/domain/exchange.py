@@ -46,11 +46,11 @@ from services.administrator.peers import (
     LicenseServerClient,
     LicenseServers,
 )
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import DomainError, PeerRefused
+from tessera.server import failpoints
 
 log = logging.getLogger("tessera.administrator")
 

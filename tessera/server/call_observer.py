@@ -2,8 +2,8 @@
 
 ``CallObserver`` is the outermost handler wrapper of every service. For each call it
 takes the caller's ``x-request-id`` metadata (or makes one), puts it in the context
-variable that log records read (``tessera.logs``), and echoes it in the trailing metadata
-of every answer (errors included, see ``tessera.rpc.abort``) and, for response streams, in
+variable that log records read (``tessera.server.logs``), and echoes it in the trailing metadata
+of every answer (errors included, see ``tessera.server.handlers.abort``) and, for response streams, in
 the initial metadata as well, so a stream's holder knows it from the start. When the call
 ends it observes the whole call's duration, streams included, in
 ``tessera_rpc_duration_seconds`` by service, method and status code.
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import CollectorRegistry, Histogram
 
-from tessera.logs import request_id_var, stamp_request_ids
-from tessera.rpc import HandlerWrapper, behaviour_of, rebuilt
+from tessera.server.handlers import HandlerWrapper, behaviour_of, rebuilt
+from tessera.server.logs import request_id_var, stamp_request_ids
 
 log = logging.getLogger(__name__)
 

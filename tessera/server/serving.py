@@ -3,13 +3,13 @@ request ids, metrics.
 
 Every service serves ``grpc.health.v1`` and server reflection (``grpc.reflection.v1`` and
 ``v1alpha``), so grpcurl, ``buf curl`` and Kubernetes gRPC probes work without our stubs.
-Every call is observed (request id, latency histogram; ``tessera.call_observer``) and,
+Every call is observed (request id, latency histogram; ``tessera.server.call_observer``) and,
 with ``--metrics-listen``, the service's registry is served at ``GET /metrics`` on a
 port of its own. SIGTERM and SIGINT stop the service gracefully: health turns
 NOT_SERVING, new calls are refused, in-flight calls get a grace period, then the
 service's own cleanup (streams told, database closed) runs. A service serves TLS (or
 mutual TLS) when configured, and plaintext only on loopback unless explicitly allowed
-(``tessera.tls``); a refused configuration or a private key file others can read stops
+(``tessera.server.tls``); a refused configuration or a private key file others can read stops
 it before it serves.
 
 A service never shares its port: gRPC's default SO_REUSEPORT is turned off, so a second
@@ -35,23 +35,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from tessera import logs
-from tessera.call_observer import CallObserver
-from tessera.config import CommonSettings
-from tessera.database_errors import database_unavailable
-from tessera.deadlines import CallDeadline
 from tessera.keys import InsecureKeyFile, UnreadableKeyFile
-from tessera.metrics import MetricsServer, split_listen
-from tessera.rpc import HandlerWrapper, MalformedRequestGuard, ServiceRegistrar, ServicerT
-from tessera.sqlite_connection import UnsupportedSQLite
-from tessera.tls import (
-    ClientTls,
-    PlaintextRefused,
-    ServerTls,
-    TlsConfigurationError,
-    check_plaintext,
-    open_channel,
+from tessera.server import logs
+from tessera.server.call_observer import CallObserver
+from tessera.server.config import CommonSettings
+from tessera.server.deadlines import CallDeadline
+from tessera.server.handlers import (
+    HandlerWrapper,
+    MalformedRequestGuard,
+    ServiceRegistrar,
+    ServicerT,
 )
+from tessera.server.metrics import MetricsServer, split_listen
+from tessera.server.tls import PlaintextRefused, ServerTls, check_plaintext
+from tessera.storage.errors import database_unavailable
+from tessera.storage.sqlite_connection import UnsupportedSQLite
+from tessera.tls import ClientTls, TlsConfigurationError, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,9 @@ class Endpoint:
     A request larger than ``max_message_bytes`` is refused by grpc itself, before any
     Tessera code runs, with RESOURCE_EXHAUSTED ("received message larger than max");
     a unary call running longer than ``max_call_seconds`` (0: no limit) is cancelled
-    with DEADLINE_EXCEEDED / CALL_DEADLINE_EXCEEDED (``tessera.deadlines``).
+    with DEADLINE_EXCEEDED / CALL_DEADLINE_EXCEEDED (``tessera.server.deadlines``).
 
-    Every call goes through the handler wrappers (``tessera.rpc.HandlerWrapper``) in this
+    Every call goes through the handler wrappers (``tessera.server.handlers.HandlerWrapper``) in this
     order, the first outermost: the call observer, then the service's ``wrappers`` (its
     access control, then the translation of its error table), then the call deadline
     and the malformed-request guard, then the servicer.
@@ -313,7 +312,7 @@ async def wait_for_stop_signal() -> None:
 
 
 def configure_logging(level: str, log_format: str = "text", service: str = "") -> None:
-    """Timestamped log lines on stderr, as text or JSON (``tessera.logs``)."""
+    """Timestamped log lines on stderr, as text or JSON (``tessera.server.logs``)."""
     logs.configure_logging(level, log_format, service)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 
 from tessera.errors import CallDeadlineExceeded
-from tessera.rpc import HandlerWrapper, abort, rebuilt, rich_status
+from tessera.rpc import rich_status
+from tessera.server.handlers import HandlerWrapper, abort, rebuilt
 
 log = logging.getLogger(__name__)
 

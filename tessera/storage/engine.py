@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 from sqlalchemy.types import TypeDecorator
 
-from tessera import sqlite_connection
+from tessera.storage import sqlite_connection
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -65,7 +65,7 @@ def create_engine(url: str) -> AsyncEngine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # One connection: SQLite writes one transaction at a time anyway, and waiting in
         # the pool's queue is cheap where SQLite's busy handler sleeps and retries.
-        # Statements take one trip each to aiosqlite's thread (tessera.sqlite_connection).
+        # Statements take one trip each to aiosqlite's thread (tessera.storage.sqlite_connection).
         engine = create_async_engine(
             url,
             async_creator=partial(sqlite_connection.connect, database, **options),

@@ -5,7 +5,7 @@ Each service has one environment prefix (``TESSERA_AS_``, ``TESSERA_LS_``,
 
 Transport security is common to all three: ``--tls-cert``/``--tls-key`` serve TLS,
 ``--tls-client-ca`` adds mutual TLS, and plaintext is served on loopback only unless
-``--allow-plaintext`` says otherwise (``tessera.tls``).
+``--allow-plaintext`` says otherwise (``tessera.server.tls``).
 
 A setting it refuses ends the service with status 2 and one line: the service, what is
 wrong, and ``--help``.
@@ -23,10 +23,10 @@ from typing import NoReturn
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from tessera.logs import LOG_FORMATS
-from tessera.metrics import split_listen
+from tessera.server.logs import LOG_FORMATS
+from tessera.server.metrics import split_listen
+from tessera.server.tls import PlaintextRefused, ServerTls, check_plaintext
 from tessera.storage import sqlite_url
-from tessera.tls import PlaintextRefused, ServerTls, check_plaintext
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
