@@ -40,12 +40,12 @@ from services.administrator.domain.model import (
     OperationKind,
     OperationState,
 )
-from services.administrator.domain.registration import Registrations
-from services.administrator.peers import (
-    ActivationServerClient,
-    LicenseServerClient,
-    LicenseServers,
+from services.administrator.domain.ports import (
+    LicenseServer,
+    LicenseServerDirectory,
+    Vendor,
 )
+from services.administrator.domain.registration import Registrations
 from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.clock import Clock
@@ -73,7 +73,7 @@ def reach(operation: Operation, step: str) -> None:
     failpoints.reach(f"administrator.{operation.kind.value}.{step}")
 
 
-def check_host(server: LicenseServerClient, host_id: str, operation_id: str) -> None:
+def check_host(server: LicenseServer, host_id: str, operation_id: str) -> None:
     """The address must still answer with the License Server the operation began on."""
     if server.host_id != host_id:
         raise OperationHostChanged(
@@ -121,13 +121,11 @@ class Exchange(ABC):
     # operation. Not for a return: its seats stay withheld until a signed receipt says.
     refusal_is_final = True
 
-    def __init__(self, activation_server: ActivationServerClient) -> None:
+    def __init__(self, activation_server: Vendor) -> None:
         self.activation_server = activation_server
 
     @abstractmethod
-    async def prepare(
-        self, server: LicenseServerClient, intent: Intent, request_id: str
-    ) -> Prepared: ...
+    async def prepare(self, server: LicenseServer, intent: Intent, request_id: str) -> Prepared: ...
 
     @abstractmethod
     async def ask_vendor(
@@ -136,7 +134,7 @@ class Exchange(ABC):
 
     @abstractmethod
     async def install(
-        self, server: LicenseServerClient, operation: Operation, response: SignedEnvelope
+        self, server: LicenseServer, operation: Operation, response: SignedEnvelope
     ) -> Installed: ...
 
     def addressee(self, response: SignedEnvelope) -> tuple[str, str]:
@@ -166,7 +164,7 @@ class ExchangeRunner:
         journal: OperationJournal,
         registrations: Registrations,
         clock: Clock,
-        license_servers: LicenseServers,
+        license_servers: LicenseServerDirectory,
     ) -> None:
         self.journal = journal
         self.registrations = registrations
@@ -199,7 +197,7 @@ class ExchangeRunner:
     @asynccontextmanager
     async def reach_license_server(
         self, operation: Operation, address: str
-    ) -> AsyncIterator[LicenseServerClient]:
+    ) -> AsyncIterator[LicenseServer]:
         """The License Server a journaled operation continues on; if it cannot be reached,
         the journal notes why."""
         async with self.journal.noting_errors(operation):
@@ -216,7 +214,7 @@ class ExchangeRunner:
         return operation
 
     async def prepare(
-        self, exchange: Exchange, server: LicenseServerClient, intent: Intent, operation_id: str
+        self, exchange: Exchange, server: LicenseServer, intent: Intent, operation_id: str
     ) -> Operation:
         """Step 1: the License Server signs (the operation id is the request id, so doing
         this again after a crash returns the very same request); then journal it."""
@@ -246,7 +244,7 @@ class ExchangeRunner:
         return operation
 
     async def complete(
-        self, exchange: Exchange, server: LicenseServerClient, operation: Operation
+        self, exchange: Exchange, server: LicenseServer, operation: Operation
     ) -> Operation:
         """Steps 2 and 3 from wherever the journal says the operation stands."""
         async with self.journal.noting_errors(operation):
@@ -283,7 +281,7 @@ class ExchangeRunner:
     async def install(
         self,
         exchange: Exchange,
-        server: LicenseServerClient,
+        server: LicenseServer,
         operation: Operation,
         response: SignedEnvelope,
     ) -> Operation:

@@ -17,7 +17,7 @@ from typing import Any
 from services.administrator.domain.errors import OperationIdReused, OperationNotFound
 from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.model import Intent, Operation, OperationState
-from services.administrator.store.repository import DuplicateOperation, Journal
+from services.administrator.domain.ports import DuplicateOperation, JournalStore
 from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput, PeerRefused
 
@@ -45,7 +45,7 @@ class OperationJournal:
     """The journal as the flows use it."""
 
     def __init__(
-        self, store: Journal, clock: Clock, metrics: OperationMetrics | None = None
+        self, store: JournalStore, clock: Clock, metrics: OperationMetrics | None = None
     ) -> None:
         self.store = store
         self.clock = clock

@@ -1,4 +1,5 @@
-"""SQL for the Administrator's operations journal and registration details."""
+"""SQL for the Administrator's operations journal and registration details: implements
+the journal ports of domain/ports.py (JournalStore, JournalQueries)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,12 @@ from services.administrator.domain.model import (
     OperationState,
     Registration,
 )
+from services.administrator.domain.ports import DuplicateOperation
 from services.administrator.store.tables import operations, registration
 from tessera.storage import TransactionalStore, first_row
 
 UNFINISHED = (OperationState.PREPARED.value, OperationState.ANSWERED.value)
 _REGISTRATION_ROW = 1
-
-
-class DuplicateOperation(Exception):
-    """Another call journaled this operation id first."""
 
 
 class Repository:
