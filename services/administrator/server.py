@@ -13,19 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.administrator.config import Settings
-from services.administrator.domain.activation import ActivationExchange, Activations
-from services.administrator.domain.check_in import CheckIns
+from services.administrator.domain.activations import ActivationExchange, Activations
+from services.administrator.domain.check_ins import CheckIns
 from services.administrator.domain.exchange import ExchangeRunner
 from services.administrator.domain.journal import OperationJournal
 from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.model import OperationKind
-from services.administrator.domain.move import Moves
+from services.administrator.domain.moves import Moves
 from services.administrator.domain.offline import Offline
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.overview import Overview
 from services.administrator.domain.ports import JournalStore, LicenseServerDirectory, Vendor
 from services.administrator.domain.registration import Registrations
-from services.administrator.domain.repair import RepairExchange, Repairs
+from services.administrator.domain.repairs import RepairExchange, Repairs
 from services.administrator.domain.resume import ResumeReport
 from services.administrator.domain.returns import ReturnExchange, Returns
 from services.administrator.errors import ERRORS

@@ -1,7 +1,7 @@
 """The Administrator's use cases, as the servicer calls them.
 
-Each flow has its own module: activation, returns, repair, move, offline (files), and
-overview (look-ups); exchange holds the pattern they share (prepare -> vendor ->
+Each flow has its own module: activations, returns, repairs, moves, check_ins, offline
+(files) and overview (look-ups); exchange holds the pattern they share (prepare -> vendor ->
 install, journaled step by step), journal the journal's rules, resume the pass over
 unfinished operations at start. ``server.py`` builds them over the ports (journal,
 vendor, License Servers) and hands them over here.
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.administrator.domain.activation import Activations
-from services.administrator.domain.check_in import CheckIns
+from services.administrator.domain.activations import Activations
+from services.administrator.domain.check_ins import CheckIns
 from services.administrator.domain.journal import OperationJournal
 from services.administrator.domain.model import OperationKind
-from services.administrator.domain.move import Moves
+from services.administrator.domain.moves import Moves
 from services.administrator.domain.offline import Offline
 from services.administrator.domain.overview import Overview
 from services.administrator.domain.registration import Registrations
-from services.administrator.domain.repair import Repairs
+from services.administrator.domain.repairs import Repairs
 from services.administrator.domain.resume import ResumeReport, resume_unfinished
 from services.administrator.domain.returns import Returns
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.administrator.domain import inputs
-from services.administrator.domain.activation import ActivationExchange, installed_certificate
+from services.administrator.domain.activations import ActivationExchange, installed_certificate
 from services.administrator.domain.errors import CertificateNotFound, SameLicenseServer
 from services.administrator.domain.exchange import ExchangeRunner, check_host, reach
 from services.administrator.domain.journal import OperationJournal
