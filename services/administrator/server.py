@@ -19,7 +19,7 @@ from services.administrator.domain.exchange import ExchangeRunner
 from services.administrator.domain.journal import OperationJournal
 from services.administrator.domain.metrics import OperationMetrics
 from services.administrator.domain.model import OperationKind
-from services.administrator.domain.moves import Moves
+from services.administrator.domain.moves import ActivationHalf, Moves, ReturnHalf
 from services.administrator.domain.offline import Offline
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.overview import Overview
@@ -123,7 +123,7 @@ def wire_operations(
         activations=Activations(journal, runner, activation, clock),
         returns=Returns(runner, return_),
         repairs=Repairs(runner, repair),
-        moves=Moves(journal, runner, return_, activation, registrations, clock),
+        moves=Moves(journal, runner, ReturnHalf(vendor), ActivationHalf(vendor), clock),
         offline=Offline(
             journal,
             runner,

@@ -172,5 +172,5 @@ class Activations:
         operation = self.runner.outcome(self.exchange, operation)
         response = await self.runner.ask_vendor(self.exchange, operation)
         if not operation.state.finished:
-            operation = await self.journal.advance(operation, OperationState.COMPLETED)
+            operation = await self.journal.complete(operation)
         return operation, response

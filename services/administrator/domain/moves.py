@@ -1,22 +1,23 @@
 """Move: return a whole certificate from one License Server, then activate the same line
-and seats on another (replacing hardware, EcoStruxure's "move"). One journaled operation.
+and seats on another (replacing hardware, EcoStruxure's "move").
 
-The two halves are a return and an activation with request ids derived from the
-operation id ("<operation>.return", "<operation>.activate"), so every step is idempotent
-on its peer and the operation can resume after a crash at any step. The journal records
-each step before the next:
+A move is a parent operation of two child operations, its halves: a return on the
+source ("<operation>.return") and an activation on the target ("<operation>.activate"),
+each run by the same exchange runner as an ordinary return or activation, so every step
+is idempotent on its peer and the move can resume after a crash at any step. All three
+are journaled together once the source has signed the return; the activation waits,
+PLANNED, until the vendor has credited the seats back. The move's own state:
 
-    PREPARED   the source signed the return (its seats stopped serving)
-    ANSWERED   the source verified and installed the vendor's receipt (journaled with
-               it); then the target signed the activation request (journaled)
-    COMPLETED  the target verified and installed the vendor's certificate (journaled
-               with it)
+    PREPARED   the return is under way (the source's seats stopped serving)
+    ANSWERED   the return is done: the source installed the vendor's receipt; the
+               activation on the target is under way
+    COMPLETED  the target verified and installed the vendor's certificate
     REFUSED    the vendor refused the return: the seats serve on the source again and
                nothing is activated on the target
 
 A vendor answer is journaled only once the License Server it is for has installed it
 (the Administrator holds no vendor keys; see exchange.py): until then, asked again, the
-vendor gives the same answer.
+vendor gives the same answer. A failure of either half is noted on the move too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from services.administrator.domain import inputs
 from services.administrator.domain.activations import ActivationExchange, installed_certificate
 from services.administrator.domain.errors import CertificateNotFound, SameLicenseServer
-from services.administrator.domain.exchange import ExchangeRunner, check_host, reach
+from services.administrator.domain.exchange import Exchange, ExchangeRunner, reach
 from services.administrator.domain.journal import OperationJournal
 from services.administrator.domain.model import (
     Intent,
@@ -34,7 +35,6 @@ from services.administrator.domain.model import (
     OperationKind,
     OperationState,
 )
-from services.administrator.domain.registration import Registrations
 from services.administrator.domain.returns import ReturnExchange, refusal_in
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import SignedEnvelope
@@ -44,6 +44,33 @@ RETURN_STEP = ".return"
 ACTIVATE_STEP = ".activate"
 # The steps' request ids must fit the License Server's 128 characters.
 MAX_MOVE_OPERATION_ID = inputs.MAX_OPERATION_ID - len(ACTIVATE_STEP)
+
+
+class ReturnHalf(ReturnExchange):
+    """A move's first half: the whole certificate goes back from the source. Its steps
+    are the move's failpoints (``administrator.move.<step>``)."""
+
+    def reach(self, operation: Operation, step: str) -> None:
+        if step == "after_install":
+            reach(operation, "after_return")
+        else:
+            super().reach(operation, step)
+
+
+class ActivationHalf(ActivationExchange):
+    """A move's second half: the same line and seats onto the target."""
+
+    # The seats already left the source: a vendor refusal leaves the move unfinished
+    # (last_error says why) until the vendor activates them.
+    refusal_is_final = False
+
+    def reach(self, operation: Operation, step: str) -> None:
+        if step == "after_prepare":
+            reach(operation, "after_target_prepare")
+        elif step == "after_vendor":
+            reach(operation, "after_target_vendor")
+        else:
+            reach(operation, "after_install")
 
 
 @dataclass(frozen=True)
@@ -60,16 +87,14 @@ class Moves:
         self,
         journal: OperationJournal,
         runner: ExchangeRunner,
-        returns: ReturnExchange,
-        activations: ActivationExchange,
-        registrations: Registrations,
+        return_half: ReturnHalf,
+        activation_half: ActivationHalf,
         clock: Clock,
     ) -> None:
         self.journal = journal
         self.runner = runner
-        self.returns = returns
-        self.activations = activations
-        self.registrations = registrations
+        self.return_half = return_half
+        self.activation_half = activation_half
         self.clock = clock
 
     async def move(
@@ -95,9 +120,9 @@ class Moves:
             if operation is None:
                 operation = await self._begin(intent, operation_id)
             operation = await self._complete(operation)
+            activated = await self.journal.get(operation_id + ACTIVATE_STEP)
         return Moved(
-            operation,
-            installed_certificate(operation.result, operation.target_response_envelope),
+            operation, installed_certificate(activated.result, activated.response_envelope)
         )
 
     async def resume(self, operation_id: str) -> Operation:
@@ -106,7 +131,7 @@ class Moves:
 
     async def _begin(self, intent: Intent, operation_id: str) -> Operation:
         """Both License Servers answer, the certificate is on the source: withhold its
-        seats there and journal the move."""
+        seats there and journal the move with its halves."""
         async with (
             self.runner.license_servers.connected(intent.license_server) as source,
             self.runner.license_servers.connected(intent.target_license_server) as target,
@@ -130,121 +155,99 @@ class Moves:
                 )
             whole = Intent(
                 kind=OperationKind.RETURN,
+                license_server=intent.license_server,
                 certificate_id=intent.certificate_id,
                 count=0,
                 force=intent.force,
             )
-            prepared = await self.returns.prepare(source, whole, operation_id + RETURN_STEP)
+            prepared = await self.return_half.prepare(source, whole, operation_id + RETURN_STEP)
             now = self.clock.now()
-            operation = await self.journal.start(
-                Operation(
-                    operation_id=operation_id,
-                    kind=OperationKind.MOVE,
-                    state=OperationState.PREPARED,
-                    license_server=intent.license_server,
-                    host_id=source.host_id,
-                    activation_id=certificate.activation_id,
-                    count=certificate.count,
-                    request_id=prepared.request_id,
-                    request_envelope=prepared.request.SerializeToString(),
-                    response_envelope=None,
-                    created_at=now,
-                    updated_at=now,
-                    certificate_id=intent.certificate_id,
-                    force=intent.force,
-                    target_license_server=intent.target_license_server,
-                    target_host_id=target.host_id,
-                    revoked_leases=prepared.revoked_leases,
-                )
+            move = Operation(
+                operation_id=operation_id,
+                kind=OperationKind.MOVE,
+                state=OperationState.PREPARED,
+                license_server=intent.license_server,
+                host_id=source.host_id,
+                activation_id=certificate.activation_id,
+                count=certificate.count,
+                request_id=prepared.request_id,
+                request_envelope=b"",
+                response_envelope=None,
+                created_at=now,
+                updated_at=now,
+                certificate_id=intent.certificate_id,
+                force=intent.force,
+                target_license_server=intent.target_license_server,
+                target_host_id=target.host_id,
+                revoked_leases=prepared.revoked_leases,
             )
+            returning = Operation(
+                operation_id=operation_id + RETURN_STEP,
+                kind=OperationKind.RETURN,
+                state=OperationState.PREPARED,
+                license_server=intent.license_server,
+                host_id=source.host_id,
+                activation_id="",
+                count=0,
+                request_id=prepared.request_id,
+                request_envelope=prepared.request.SerializeToString(),
+                response_envelope=None,
+                created_at=now,
+                updated_at=now,
+                certificate_id=intent.certificate_id,
+                force=intent.force,
+                revoked_leases=prepared.revoked_leases,
+                parent_operation_id=operation_id,
+            )
+            activating = Operation(
+                operation_id=operation_id + ACTIVATE_STEP,
+                kind=OperationKind.ACTIVATE,
+                state=OperationState.PLANNED,
+                license_server=intent.target_license_server,
+                host_id=target.host_id,
+                activation_id=certificate.activation_id,
+                count=certificate.count,
+                request_id=operation_id + ACTIVATE_STEP,
+                request_envelope=b"",
+                response_envelope=None,
+                created_at=now,
+                updated_at=now,
+                parent_operation_id=operation_id,
+            )
+            operation = await self.journal.start(move, returning, activating)
         reach(operation, "after_prepare")
         return operation
 
     async def _complete(self, operation: Operation) -> Operation:
         """The remaining steps, from wherever the journal says the move stands."""
-        if operation.state is OperationState.PREPARED:
-            receipt = await self.runner.ask_vendor(self.returns, operation)
-            operation = await self._return_from_source(operation, receipt)
-        elif (
-            operation.state is OperationState.ANSWERED and operation.target_request_envelope is None
-        ):
-            assert operation.response_envelope is not None
-            receipt = SignedEnvelope.FromString(operation.response_envelope)
-            operation = await self._return_from_source(operation, receipt)
+        if operation.state in (OperationState.PREPARED, OperationState.ANSWERED):
+            # ANSWERED too: an older Administrator journaled the receipt before the
+            # source installed it (the half is ANSWERED then, and installs it now).
+            returned = await self._run(self.return_half, operation, RETURN_STEP)
+            if returned.state is OperationState.REFUSED:
+                assert returned.response_envelope is not None
+                receipt = SignedEnvelope.FromString(returned.response_envelope)
+                operation = await self.journal.refuse(
+                    operation,
+                    refusal_in(receipt, operation),
+                    result=returned.result,
+                    response_envelope=returned.response_envelope,
+                )
+            elif operation.state is OperationState.PREPARED:
+                operation = await self.journal.answered(operation)
         if operation.state is OperationState.ANSWERED:
-            if operation.target_response_envelope is None:
-                answer = await self._ask_vendor_to_activate(operation)
-            else:  # journaled by an older Administrator before it was installed
-                answer = SignedEnvelope.FromString(operation.target_response_envelope)
-            operation = await self._install_on_target(operation, answer)
-        return self.runner.outcome(self.returns, operation)
+            activated = await self._run(self.activation_half, operation, ACTIVATE_STEP)
+            operation = await self.journal.complete(operation, result=activated.result)
+        return self.runner.outcome(self.return_half, operation)
 
-    async def _return_from_source(self, operation: Operation, receipt: SignedEnvelope) -> Operation:
-        """The source verifies and installs the vendor's receipt (installing it again is
-        a no-op), which is journaled then; if credited, the target signs the activation
-        request for the same line and seats."""
-        async with (
-            self.journal.noting_errors(operation),
-            self.runner.license_servers.connected(operation.license_server) as source,
-        ):
-            check_host(source, operation.host_id, operation.operation_id)
-            completed = await source.complete_return(receipt)
-        reach(operation, "after_return")
-        if not completed.credited:
-            return await self.journal.refuse(
-                operation,
-                refusal_in(receipt, operation),
-                result=completed.SerializeToString(),
-                response_envelope=receipt.SerializeToString(),
-            )
-        if operation.state is OperationState.PREPARED:
-            operation = await self.journal.advance(
-                operation, OperationState.ANSWERED, response_envelope=receipt.SerializeToString()
-            )
-            if operation.state is not OperationState.ANSWERED:
-                return operation  # another call took the move further meanwhile
-        async with (
-            self.journal.noting_errors(operation),
-            self.runner.license_servers.connected(operation.target_license_server) as target,
-        ):
-            check_host(target, operation.target_host_id, operation.operation_id)
-            prepared = await target.prepare_activation(
-                operation.activation_id, operation.count, operation.operation_id + ACTIVATE_STEP
-            )
-        operation = await self.journal.fill(
-            operation,
-            "target_request_envelope",
-            prepared.request.SerializeToString(),
-            target_request_id=prepared.request_id,
-        )
-        reach(operation, "after_target_prepare")
-        return operation
-
-    async def _ask_vendor_to_activate(self, operation: Operation) -> SignedEnvelope:
-        """The vendor's certificate for the target (not journaled: unverified until the
-        target installs it)."""
-        assert operation.target_request_envelope is not None
-        request = SignedEnvelope.FromString(operation.target_request_envelope)
-        registration = await self.registrations.for_vendor()
-        # A refusal here is not the end: the seats already left the source, so the move
-        # stays unfinished (last_error says why) until the vendor activates them.
+    async def _run(self, half: Exchange, operation: Operation, step: str) -> Operation:
+        """One half of the move, by the exchange runner, from where the journal says it
+        stands; a failure is noted on the move too."""
         async with self.journal.noting_errors(operation):
-            answer = await self.activations.ask_vendor(request, registration)
-        reach(operation, "after_target_vendor")
-        return answer
-
-    async def _install_on_target(self, operation: Operation, answer: SignedEnvelope) -> Operation:
-        """The target verifies and installs the certificate; journaled with it."""
-        async with (
-            self.journal.noting_errors(operation),
-            self.runner.license_servers.connected(operation.target_license_server) as target,
-        ):
-            check_host(target, operation.target_host_id, operation.operation_id)
-            installed = await target.install_activation(answer)
-        reach(operation, "after_install")
-        return await self.journal.advance(
-            operation,
-            OperationState.COMPLETED,
-            result=installed.SerializeToString(),
-            target_response_envelope=answer.SerializeToString(),
-        )
+            journaled = await self.journal.get(operation.operation_id + step)
+            if journaled.state.finished:
+                return journaled
+            async with self.runner.reach_license_server(
+                journaled, journaled.license_server
+            ) as server:
+                return await self.runner.advance(half, server, journaled)

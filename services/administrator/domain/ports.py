@@ -14,9 +14,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Protocol
 
-from services.administrator.domain.model import Operation, OperationState, Registration
+from services.administrator.domain.model import (
+    Operation,
+    OperationState,
+    OperationUpdate,
+    Registration,
+)
 from tessera.activation.v1 import activation_pb2 as activation_pb
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.license.v1 import license_pb2 as license_pb
@@ -124,28 +129,25 @@ class JournalQueries(Protocol):
     async def get(self, operation_id: str) -> Operation | None: ...
 
     async def insert(self, operation: Operation) -> None:
-        """Journal a new operation; DuplicateOperation when its id is taken."""
+        """Journal a new operation; DuplicateOperation when its id is taken. A move's
+        halves are inserted in the move's transaction."""
         ...
 
     async def advance(
         self,
         operation_id: str,
-        state: OperationState,
         from_states: Collection[OperationState],
-        at: dt.datetime,
-        **values: Any,
-    ) -> bool: ...
-
-    async def fill(
-        self, operation_id: str, column: str, value: bytes, at: dt.datetime, **values: Any
-    ) -> bool: ...
+        step: OperationUpdate,
+    ) -> bool:
+        """Journal ``step`` if the operation still stands in one of ``from_states``."""
+        ...
 
     async def record_error(
         self, operation_id: str, last_error: str, code: str, at: dt.datetime
     ) -> None: ...
 
     async def list_operations(self, limit: int, unfinished_only: bool) -> list[Operation]:
-        """Newest first."""
+        """Newest first; a move's halves are not listed (the move is)."""
         ...
 
     async def license_server_addresses(self) -> list[str]:
@@ -153,7 +155,8 @@ class JournalQueries(Protocol):
         ...
 
     async def unfinished_online(self) -> list[Operation]:
-        """Operations to resume at start, oldest first."""
+        """Operations to resume at start, oldest first (not a move's halves, nor those
+        waiting for a response file)."""
         ...
 
     async def get_registration(self) -> Registration | None: ...
