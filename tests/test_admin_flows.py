@@ -565,18 +565,28 @@ async def test_a_move_stopped_at_any_step_finishes_at_the_next_start(
     moves = site.admin.operations.moves
     taken: dict[str, Any] = {}
 
+    # A move's halves are a return and an activation run by the exchange runner.
+    runner, journal = moves.runner, moves.journal
+
     async def begin() -> None:
         taken["operation"] = await moves._begin(moves_intent(request), "move-resume")
 
     async def vendor_credits() -> None:
-        taken["receipt"] = await moves.runner.ask_vendor(moves.returns, taken["operation"])
+        taken["return"] = await journal.get("move-resume.return")
+        taken["receipt"] = await runner.ask_vendor(moves.return_half, taken["return"])
 
     async def source_returns() -> None:
-        operation = await moves._return_from_source(taken["operation"], taken["receipt"])
-        taken["operation"] = operation
+        async with runner.license_servers.connected(request.from_license_server) as source:
+            await runner.install(moves.return_half, source, taken["return"], taken["receipt"])
+        await journal.answered(taken["operation"])
+        activation = await journal.get("move-resume.activate")
+        async with runner.license_servers.connected(request.to_license_server) as target:
+            taken["activation"] = await runner.prepare_planned(
+                moves.activation_half, target, activation
+            )
 
     async def vendor_activates() -> None:
-        await moves._ask_vendor_to_activate(taken["operation"])
+        await runner.ask_vendor(moves.activation_half, taken["activation"])
 
     # The steps Move takes, driven one by one, as if the process died after the last.
     for step in [begin, vendor_credits, source_returns, vendor_activates][: MOVE_STOPS[stop]]:

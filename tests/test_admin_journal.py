@@ -16,7 +16,12 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from services.administrator.domain.model import Intent, OperationKind, OperationState
+from services.administrator.domain.model import (
+    Intent,
+    OperationKind,
+    OperationState,
+    OperationUpdate,
+)
 from services.administrator.domain.offline_files import read_request_file
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.admin.v1 import admin_pb2 as pb
@@ -407,9 +412,16 @@ async def test_an_answer_an_older_administrator_journaled_is_installed_at_the_ne
     answer = await site.admin.operations.activations.runner.ask_vendor(
         site.admin.operations.activations.exchange, prepared
     )
-    await site.admin.operations.journal.advance(
-        prepared, OperationState.ANSWERED, response_envelope=answer.SerializeToString()
-    )
+    async with site.admin.journal.transaction() as repo:
+        await repo.advance(
+            prepared.operation_id,
+            (OperationState.PREPARED,),
+            OperationUpdate(
+                OperationState.ANSWERED,
+                prepared.updated_at,
+                response_envelope=answer.SerializeToString(),
+            ),
+        )
 
     await restart_administrator(site)
     report = await site.admin.resumed

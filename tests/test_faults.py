@@ -760,7 +760,7 @@ def test_the_matrix_covers_every_failpoint_of_the_services() -> None:
     administrator = {fault.failpoint for fault in FAULTS + MOVE_FAULTS if fault.service == ADMIN}
     assert administrator == {
         *(f"administrator.{flow}.{step}" for flow in FLOWS for step in exchange),
-        *(f"administrator.move.{step}" for step in steps("services/administrator/domain/move.py")),
+        *(f"administrator.move.{step}" for step in steps("services/administrator/domain/moves.py")),
     }
 
 

@@ -142,7 +142,7 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
     async def GetOperation(
         self, request: pb.GetOperationRequest, context: Context
     ) -> pb.GetOperationResponse:
-        operation = await self.operations.journal.get(
+        operation = await self.operations.journal.lookup(
             inputs.existing_operation_id(request.operation_id)
         )
         return pb.GetOperationResponse(operation=operation_to_proto(operation))

@@ -2,11 +2,11 @@
 
 ``CallObserver`` is the outermost handler wrapper of every service. For each call it
 takes the caller's ``x-request-id`` metadata (or makes one), puts it in the context
-variable that log records read (``tessera.server.logs``), and echoes it in the trailing metadata
-of every answer (errors included, see ``tessera.server.handlers.abort``) and, for response streams, in
-the initial metadata as well, so a stream's holder knows it from the start. When the call
-ends it observes the whole call's duration, streams included, in
-``tessera_rpc_duration_seconds`` by service, method and status code.
+variable that log records read (``tessera.server.logs``), and echoes it in the trailing
+metadata of every answer (errors included, see ``tessera.server.handlers.abort``) and,
+for response streams, in the initial metadata as well, so a stream's holder knows it
+from the start. When the call ends it observes the whole call's duration, streams
+included, in ``tessera_rpc_duration_seconds`` by service, method and status code.
 """
 
 from __future__ import annotations

@@ -70,10 +70,11 @@ class Endpoint:
     a unary call running longer than ``max_call_seconds`` (0: no limit) is cancelled
     with DEADLINE_EXCEEDED / CALL_DEADLINE_EXCEEDED (``tessera.server.deadlines``).
 
-    Every call goes through the handler wrappers (``tessera.server.handlers.HandlerWrapper``) in this
-    order, the first outermost: the call observer, then the service's ``wrappers`` (its
-    access control, then the translation of its error table), then the call deadline
-    and the malformed-request guard, then the servicer.
+    Every call goes through the handler wrappers
+    (``tessera.server.handlers.HandlerWrapper``) in this order, the first outermost: the
+    call observer, then the service's ``wrappers`` (its access control, then the
+    translation of its error table), then the call deadline and the malformed-request
+    guard, then the servicer.
     """
 
     def __init__(

@@ -21,7 +21,7 @@ from services.administrator.domain.exchange import (
     Prepared,
 )
 from services.administrator.domain.model import Intent, Operation, OperationKind
-from services.administrator.peers import LicenseServerClient
+from services.administrator.domain.ports import LicenseServer
 from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.common.v1.common_pb2 import SignedEnvelope
@@ -33,9 +33,7 @@ class RepairExchange(Exchange):
     request_type = HostRepairRequest
     response_type = VendorRepairResponse
 
-    async def prepare(
-        self, server: LicenseServerClient, intent: Intent, request_id: str
-    ) -> Prepared:
+    async def prepare(self, server: LicenseServer, intent: Intent, request_id: str) -> Prepared:
         prepared = await server.prepare_repair(request_id, intent.force)
         return Prepared(prepared.request_id, prepared.request)
 
@@ -45,7 +43,7 @@ class RepairExchange(Exchange):
         return await self.activation_server.repair(request)
 
     async def install(
-        self, server: LicenseServerClient, operation: Operation, response: SignedEnvelope
+        self, server: LicenseServer, operation: Operation, response: SignedEnvelope
     ) -> Installed:
         repaired = await server.complete_repair(response)
         return Installed(repaired.SerializeToString())

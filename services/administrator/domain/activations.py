@@ -26,7 +26,7 @@ from services.administrator.domain.model import (
     OperationKind,
     OperationState,
 )
-from services.administrator.peers import LicenseServerClient
+from services.administrator.domain.ports import LicenseServer
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.clock import Clock
@@ -40,9 +40,7 @@ class ActivationExchange(Exchange):
     request_type = HostActivationRequest
     response_type = VendorActivationResponse
 
-    async def prepare(
-        self, server: LicenseServerClient, intent: Intent, request_id: str
-    ) -> Prepared:
+    async def prepare(self, server: LicenseServer, intent: Intent, request_id: str) -> Prepared:
         prepared = await server.prepare_activation(intent.activation_id, intent.count, request_id)
         return Prepared(prepared.request_id, prepared.request)
 
@@ -52,7 +50,7 @@ class ActivationExchange(Exchange):
         return await self.activation_server.activate(request, registration)
 
     async def install(
-        self, server: LicenseServerClient, operation: Operation, response: SignedEnvelope
+        self, server: LicenseServer, operation: Operation, response: SignedEnvelope
     ) -> Installed:
         installed = await server.install_activation(response)
         return Installed(installed.SerializeToString())
@@ -174,5 +172,5 @@ class Activations:
         operation = self.runner.outcome(self.exchange, operation)
         response = await self.runner.ask_vendor(self.exchange, operation)
         if not operation.state.finished:
-            operation = await self.journal.advance(operation, OperationState.COMPLETED)
+            operation = await self.journal.complete(operation)
         return operation, response

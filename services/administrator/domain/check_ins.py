@@ -16,13 +16,13 @@ import logging
 from dataclasses import dataclass
 
 from services.administrator.domain import inputs
-from services.administrator.peers import (
+from services.administrator.domain.ports import (
     LICENSE_SERVER,
-    ActivationServerClient,
-    LicenseServerClient,
-    LicenseServers,
+    JournalStore,
+    LicenseServer,
+    LicenseServerDirectory,
+    Vendor,
 )
-from services.administrator.store.repository import Journal
 from tessera.errors import DomainError, PeerUnavailable
 from tessera.license.v1.license_pb2 import CheckInStatus
 
@@ -44,9 +44,9 @@ class CheckIns:
 
     def __init__(
         self,
-        journal: Journal,
-        activation_server: ActivationServerClient,
-        license_servers: LicenseServers,
+        journal: JournalStore,
+        activation_server: Vendor,
+        license_servers: LicenseServerDirectory,
     ) -> None:
         self.journal = journal
         self.activation_server = activation_server
@@ -83,7 +83,7 @@ class CheckIns:
                 _log_status(checked)
         return done
 
-    async def _check_in(self, server: LicenseServerClient, only_if_due: bool) -> CheckedIn:
+    async def _check_in(self, server: LicenseServer, only_if_due: bool) -> CheckedIn:
         prepared = await server.prepare_check_in(only_if_due)
         if not prepared.request_id:
             return CheckedIn(server.address, server.host_id, prepared.status, checked_in=False)
