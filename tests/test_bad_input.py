@@ -42,7 +42,7 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import (
+from tests.support.in_process_site import (
     ADMINISTRATOR_FLAGS,
     LICENSE_SERVER_FLAGS,
     VENDOR_TOKEN,

@@ -23,7 +23,7 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory
-from tests.processes import Processes, credentialed_channel, free_port
+from tests.support.processes import Processes, credentialed_channel, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -36,7 +36,7 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.metrics import MetricsServer
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import (
+from tests.support.in_process_site import (
     ADMINISTRATOR_FLAGS,
     LICENSE_SERVER_FLAGS,
     OPERATOR_TOKEN,

@@ -12,7 +12,7 @@ from tessera.admin.v1 import admin_pb2
 from tessera.license.v1 import license_pb2
 from tessera.rpc import reason_of
 from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import Site, start_site
+from tests.support.in_process_site import Site, start_site
 
 
 @pytest.fixture

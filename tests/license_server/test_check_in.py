@@ -1,0 +1,364 @@
+"""Check-in on the License Server: the vendor's word on what this host holds, and the
+check-in policy a certificate may carry.
+
+Each test runs a real License Server (gRPC on loopback, SQLite and PostgreSQL, a fake
+clock) and plays the vendor with a real signing key, so it can hand the License Server
+genuine check-in results, forged ones, ones for other hosts and old ones held back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from sqlalchemy import select
+
+from services.license_server.store.tables import check_ins
+from tessera.activation.v1 import activation_pb2 as apb
+from tessera.clock import from_timestamp, to_timestamp
+from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
+from tessera.license.v1 import license_pb2 as pb
+from tessera.rpc import reason_of
+from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.trust import LicenseServerUnderTest, Vendor, new_activation_id
+
+State = pb.CertificateState
+Standing = apb.CheckInStanding
+Code = grpc.StatusCode
+DAY = 86400
+STATION = "client.station"
+WRONG_HOST = "CERTIFICATE_FOR_ANOTHER_HOST"
+
+
+@pytest.fixture
+async def vendor(tmp_path: Path) -> Vendor:
+    vendor = Vendor()
+    vendor.publish(tmp_path / "vendor-keys.pub")
+    return vendor
+
+
+@pytest.fixture
+async def site(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[LicenseServerUnderTest]:
+    server = LicenseServerUnderTest(
+        data_dir=tmp_path / "license_server",
+        database_url=await databases.new("license"),
+        vendor_keys=tmp_path / "vendor-keys.pub",
+        machine_id="machine-a",
+        clock=clock,
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def activate(
+    site: LicenseServerUnderTest,
+    vendor: Vendor,
+    clock: FakeClock,
+    count: int,
+    *,
+    interval_days: int = 0,
+    grace_days: int = 0,
+) -> LicenseCertificate:
+    """Activate ``count`` seats whose certificate carries a check-in policy (0: none),
+    issued at the fake clock's now."""
+    prepared = await site.storage.PrepareActivation(
+        pb.PrepareActivationRequest(activation_id=new_activation_id(), count=count)
+    )
+    request = apb.HostActivationRequest.FromString(prepared.request.payload)
+    certificate = vendor.certificate(request)
+    certificate.issued_at.CopyFrom(to_timestamp(clock.now()))
+    if interval_days:
+        certificate.check_in_interval.CopyFrom(Duration(seconds=interval_days * DAY))
+        certificate.check_in_grace.CopyFrom(Duration(seconds=grace_days * DAY))
+    answer = vendor.sign(
+        apb.VendorActivationResponse(
+            request_id=request.request_id,
+            host_id=request.host_id,
+            certificate=vendor.sign(certificate),
+        )
+    )
+    installed = await site.storage.InstallActivation(pb.InstallActivationRequest(response=answer))
+    return installed.certificate.certificate
+
+
+def result_for(
+    vendor: Vendor,
+    request: apb.HostCheckInRequest,
+    checked_at: dt.datetime,
+    standing: int = Standing.CHECK_IN_STANDING_CURRENT,
+    holder: str = "",
+) -> SignedEnvelope:
+    """The vendor's answer to ``request``: every certificate listed has ``standing``."""
+    superseded = standing == Standing.CHECK_IN_STANDING_SUPERSEDED
+    return vendor.sign(
+        apb.VendorCheckInResult(
+            request_id=request.request_id,
+            host_id=request.host_id,
+            checked_at=to_timestamp(checked_at),
+            standing=Standing.CHECK_IN_STANDING_SUPERSEDED
+            if superseded
+            else Standing.CHECK_IN_STANDING_CURRENT,
+            certificates=[
+                apb.CertificateCheckIn(
+                    certificate_id=c.certificate_id,
+                    revision=c.revision,
+                    standing=standing,  # type: ignore[arg-type]
+                    holder_host_id=holder,
+                )
+                for c in request.certificates
+            ],
+            superseded_by_host_id=holder if superseded else "",
+            superseded_at=to_timestamp(checked_at) if superseded else None,
+            generation=0,
+            current_generation=1 if superseded else 0,
+        )
+    )
+
+
+async def prepare(
+    site: LicenseServerUnderTest, only_if_due: bool = False
+) -> tuple[pb.PrepareCheckInResponse, apb.HostCheckInRequest]:
+    prepared = await site.storage.PrepareCheckIn(pb.PrepareCheckInRequest(only_if_due=only_if_due))
+    request = apb.HostCheckInRequest()
+    if prepared.request_id:
+        request.ParseFromString(prepared.request.payload)
+    return prepared, request
+
+
+async def complete(site: LicenseServerUnderTest, result: SignedEnvelope) -> pb.CheckInStatus:
+    done = await site.storage.CompleteCheckIn(pb.CompleteCheckInRequest(result=result))
+    return done.status
+
+
+async def refused(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call  # type: ignore[misc]
+    return error.value
+
+
+async def checkout(site: LicenseServerUnderTest, count: int = 1) -> pb.CheckoutResponse:
+    return await site.leases.Checkout(
+        pb.CheckoutRequest(acquire=pb.LeaseAcquire(feature=STATION, count=count))
+    )
+
+
+async def stored_results(site: LicenseServerUnderTest) -> list[bytes | None]:
+    assert site.server is not None
+    async with site.server.store.engine.connect() as connection:
+        rows = await connection.execute(select(check_ins.c.result_envelope))
+        return [row.result_envelope for row in rows]
+
+
+async def test_without_a_policy_no_check_in_is_ever_needed(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    await activate(site, vendor, clock, 2)
+    clock.advance(2 * 365 * DAY)  # two years without the Internet
+    prepared, _ = await prepare(site, only_if_due=True)
+    assert prepared.request_id == "" and not prepared.HasField("request")
+    assert not prepared.status.required and not prepared.status.HasField("deadline")
+    health = await site.health()
+    assert health.healthy and not health.check_in.required
+    assert not health.certificates[0].HasField("check_in_deadline")
+    assert (await checkout(site, 2)).granted.count == 2
+    assert await stored_results(site) == []  # nothing was even prepared
+
+
+async def test_an_overdue_check_in_stops_the_seats_until_the_vendor_finds_them_current(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    issued = clock.now()
+    certificate = await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
+    health = await site.health()
+    assert health.check_in.required
+    assert from_timestamp(health.check_in.due_at) == issued + dt.timedelta(days=7)
+    assert from_timestamp(health.check_in.deadline) == issued + dt.timedelta(days=8)
+    assert from_timestamp(health.certificates[0].check_in_deadline) == issued + dt.timedelta(days=8)
+    clock.advance(6 * DAY)
+    prepared, _ = await prepare(site, only_if_due=True)
+    assert prepared.request_id == ""  # not due yet
+
+    stream = site.leases.Lease()
+    await stream.write(pb.LeaseRequest(acquire=pb.LeaseAcquire(feature=STATION, count=1)))
+    assert (await stream.read()).HasField("granted")
+    clock.advance(2 * DAY - 1)  # due, in the grace period: still serving
+    assert (await site.health()).healthy
+    prepared, due_request = await prepare(site, only_if_due=True)
+    assert prepared.request_id and [c.certificate_id for c in due_request.certificates] == [
+        certificate.certificate_id
+    ]
+
+    clock.advance(2)  # past due + grace, and no check-in verified
+    health = await site.health()
+    [trust] = health.certificates
+    assert (trust.state, trust.cause) == (
+        State.CERTIFICATE_STATE_CHECK_IN_OVERDUE,
+        "CHECK_IN_OVERDUE",
+    )
+    assert "tessera check-in" in health.repair_advice
+    assert health.check_in.withdrawn_seats == 2
+    told = await stream.read()
+    assert told.HasField("revoked") and told.revoked.reason == "CHECK_IN_OVERDUE"
+    error = await refused(checkout(site))
+    assert (error.code(), reason_of(error)) == (Code.FAILED_PRECONDITION, "CHECK_IN_OVERDUE")
+    assert await site.activated() == 0
+
+    # The check-in prepared while due is answered now: current, and the seats serve.
+    status = await complete(site, result_for(vendor, due_request, clock.now()))
+    assert status.withdrawn_seats == 0 and not status.superseded
+    assert from_timestamp(status.last_checked_at) == clock.now()
+    assert from_timestamp(status.deadline) == clock.now() + dt.timedelta(days=8)
+    assert await site.activated() == 2
+    assert (await checkout(site)).granted.count == 1
+
+    # A clock set back would stretch the deadline: it breaks the license as it does a
+    # time-limited one.
+    clock.advance(3600)
+    assert (await site.health()).healthy
+    clock.advance(-2 * 3600)
+    [trust] = (await site.health()).certificates
+    assert trust.cause == "CLOCK_SET_BACK"
+
+
+async def test_a_superseded_certificate_stops_serving_at_once_and_for_good(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    # No policy: the vendor's word stands all the same when the site checks in.
+    await activate(site, vendor, clock, 2)
+    stream = site.leases.Lease()
+    await stream.write(pb.LeaseRequest(acquire=pb.LeaseAcquire(feature=STATION, count=2)))
+    assert (await stream.read()).HasField("granted")
+
+    _, request = await prepare(site)
+    status = await complete(
+        site,
+        result_for(
+            vendor, request, clock.now(), Standing.CHECK_IN_STANDING_SUPERSEDED, "HOLD-ERHO-STEL"
+        ),
+    )
+    assert status.superseded and status.superseded_by_host_id == "HOLD-ERHO-STEL"
+    assert status.withdrawn_seats == 2 and not status.required
+    told = await stream.read()
+    assert told.HasField("revoked") and told.revoked.reason == "CERTIFICATE_SUPERSEDED"
+    assert "HOLD-ERHO-STEL" in told.revoked.message
+    error = await refused(checkout(site))
+    assert (error.code(), reason_of(error)) == (Code.FAILED_PRECONDITION, "CERTIFICATE_SUPERSEDED")
+    health = await site.health()
+    [trust] = health.certificates
+    assert (trust.state, trust.cause) == (
+        State.CERTIFICATE_STATE_SUPERSEDED,
+        "CERTIFICATE_SUPERSEDED",
+    )
+    assert not health.healthy and "repair does not bring them back" in health.repair_advice
+    # A repair would re-issue nothing and count: it is refused unless forced.
+    error = await refused(site.storage.PrepareRepair(pb.PrepareRepairRequest()))
+    assert (error.code(), reason_of(error)) == (Code.FAILED_PRECONDITION, "NOTHING_TO_REPAIR")
+    assert "withdrawn by a check-in" in error.details()
+
+    # Durable: a restart, or a year later, changes nothing.
+    await site.stop()
+    await site.start()
+    clock.advance(365 * DAY)
+    assert await site.activated() == 0
+    assert (await site.health()).certificates[0].state == State.CERTIFICATE_STATE_SUPERSEDED
+
+
+async def test_a_forged_or_misaddressed_check_in_result_is_refused_and_stores_nothing(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    await activate(site, vendor, clock, 3)
+    _, request = await prepare(site)
+    superseded = result_for(
+        vendor, request, clock.now(), Standing.CHECK_IN_STANDING_SUPERSEDED, "HOLD-ERHO-STEL"
+    )
+
+    # One payload byte changed: the signature no longer matches.
+    altered = SignedEnvelope()
+    altered.CopyFrom(superseded)
+    altered.payload = altered.payload[:-1] + bytes([altered.payload[-1] ^ 1])
+    # Signed by a key this server does not trust.
+    stranger = Vendor().sign(apb.VendorCheckInResult.FromString(superseded.payload))
+    # For another host, for a check-in never prepared, about other certificates.
+    elsewhere = apb.HostCheckInRequest()
+    elsewhere.CopyFrom(request)
+    elsewhere.host_id = "HOST-ELSE-WHER-E000"
+    unknown = apb.HostCheckInRequest()
+    unknown.CopyFrom(request)
+    unknown.request_id = "never-prepared"
+    other = apb.HostCheckInRequest()
+    other.CopyFrom(request)
+    other.certificates[0].revision = 7
+    now = clock.now()
+    cases = [
+        (altered, Code.PERMISSION_DENIED, "BAD_SIGNATURE"),
+        (stranger, Code.PERMISSION_DENIED, "UNKNOWN_SIGNING_KEY"),
+        (result_for(vendor, elsewhere, now), Code.PERMISSION_DENIED, WRONG_HOST),
+        (result_for(vendor, unknown, now), Code.NOT_FOUND, "REQUEST_NOT_PREPARED_HERE"),
+        (result_for(vendor, other, now), Code.INVALID_ARGUMENT, "ANSWER_DOES_NOT_MATCH_REQUEST"),
+    ]  # fmt: skip
+    for forged, code, reason in cases:
+        error = await refused(complete(site, forged))
+        assert (error.code(), reason_of(error)) == (code, reason), error.details()
+        assert await stored_results(site) == [None]  # the prepared check-in, unanswered
+        assert await site.activated() == 3
+        assert (await site.health()).healthy
+
+    # The genuine answer then installs, once.
+    assert (await complete(site, superseded)).superseded
+    again = await site.storage.CompleteCheckIn(pb.CompleteCheckInRequest(result=superseded))
+    assert again.already_completed and again.status.superseded
+    assert await stored_results(site) == [superseded.SerializeToString()]
+    # The same check-in answered again with other bytes is refused too.
+    error = await refused(complete(site, result_for(vendor, request, clock.now())))
+    assert reason_of(error) == "ANSWER_DOES_NOT_MATCH_REQUEST"
+    assert await site.activated() == 0
+
+
+async def test_an_older_answer_held_back_and_installed_later_changes_nothing(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
+    _, first = await prepare(site)
+    current_then = result_for(vendor, first, clock.now())
+    clock.advance(3 * DAY)
+    _, second = await prepare(site)
+    superseded_now = result_for(
+        vendor, second, clock.now(), Standing.CHECK_IN_STANDING_SUPERSEDED, "HOLD-ERHO-STEL"
+    )
+    assert (await complete(site, superseded_now)).superseded
+    # The "current" answer from three days before, kept back and offered now.
+    status = await complete(site, current_then)
+    assert status.superseded and status.withdrawn_seats == 2
+    assert from_timestamp(status.last_checked_at) == clock.now()
+    assert await site.activated() == 0
+    # Nor does a "current" answer stamped later (a vendor replica whose clock runs
+    # ahead, or a forged time): the vendor never hands a re-bound revision back.
+    _, third = await prepare(site)
+    status = await complete(site, result_for(vendor, third, clock.now() + dt.timedelta(days=1)))
+    assert status.superseded and status.superseded_by_host_id == "HOLD-ERHO-STEL"
+    assert await site.activated() == 0
+    await site.stop()
+    await site.start()
+    assert (await site.health()).certificates[0].state == State.CERTIFICATE_STATE_SUPERSEDED
+
+
+async def test_a_server_whose_storage_is_broken_repairs_before_it_checks_in(
+    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+) -> None:
+    await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
+    clock.advance(8 * DAY)  # due
+    await site.stop()
+    site.machine_id = "machine-b"  # new hardware: every certificate is another host's
+    await site.start()
+    prepared, _ = await prepare(site, only_if_due=True)
+    assert prepared.request_id == ""  # the Administrator's pass skips it
+    error = await refused(prepare(site))
+    assert (error.code(), reason_of(error)) == (Code.FAILED_PRECONDITION, "TRUSTED_STORAGE_BROKEN")
+    assert await stored_results(site) == []
