@@ -1,69 +1,22 @@
 """Shared fixtures: databases (SQLite and real PostgreSQL), clocks, in-process services.
 
-PostgreSQL tests need TESSERA_TEST_POSTGRES_URL, e.g.
-``postgresql+asyncpg://postgres@127.0.0.1:5432/postgres``; each test gets a fresh database
-created on that server and dropped afterwards. Without the URL they skip, except under
-CI=true, where a missing PostgreSQL is a failure.
+The classes behind them live in tests/support/ (databases.py says how PostgreSQL tests
+find their server).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import os
-import uuid
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
-POSTGRES_URL = os.environ.get("TESSERA_TEST_POSTGRES_URL", "")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_postgres() -> str:
-    if POSTGRES_URL:
-        return POSTGRES_URL
-    if IN_CI:
-        pytest.fail("CI=true but TESSERA_TEST_POSTGRES_URL is not set: PostgreSQL tests must run")
-    pytest.skip("TESSERA_TEST_POSTGRES_URL is not set; PostgreSQL tests skipped")
-
-
-def _plain_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-class DatabaseFactory:
-    """Makes empty databases of one kind for a test and removes them afterwards."""
-
-    def __init__(self, kind: str, tmp_path: Path) -> None:
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.created: list[str] = []
-
-    async def new(self, name: str) -> str:
-        if self.kind == "sqlite":
-            return f"sqlite+aiosqlite:///{self.tmp_path / (name + '.db')}"
-        server = require_postgres()
-        database = f"tessera_test_{name}_{uuid.uuid4().hex[:12]}"
-        connection = await asyncpg.connect(_plain_dsn(server))
-        try:
-            await connection.execute(f'CREATE DATABASE "{database}"')
-        finally:
-            await connection.close()
-        self.created.append(database)
-        return make_url(server).set(database=database).render_as_string(hide_password=False)
-
-    async def drop_all(self) -> None:
-        if not self.created:
-            return
-        connection = await asyncpg.connect(_plain_dsn(POSTGRES_URL))
-        try:
-            for database in self.created:
-                await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await connection.close()
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.processes import Processes
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -76,19 +29,17 @@ async def databases(
     await factory.drop_all()
 
 
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start: dt.datetime | None = None) -> None:
-        self.current = start or dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
-
-    def now(self) -> dt.datetime:
-        return self.current
-
-    def advance(self, seconds: float) -> None:
-        self.current += dt.timedelta(seconds=seconds)
-
-
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Services as real processes; each is killed at the end, stopped ones (SIGSTOP) too."""
+    processes = Processes(tmp_path)
+    yield processes
+    for process in processes.running.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # stopped, it would not end the test
+    processes.kill_all()

@@ -41,14 +41,10 @@ from tessera.keys import HostIdentity, machine_binding
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.in_process_site import (
-    ADMINISTRATOR_FLAGS,
-    LICENSE_SERVER_FLAGS,
-    VENDOR_TOKEN,
-    Site,
-    start_site,
-)
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
+from tests.support.tokens import ADMINISTRATOR_FLAGS, LICENSE_SERVER_FLAGS, VENDOR_TOKEN
 
 Code = grpc.StatusCode
 NETWORK = LicenseKind.LICENSE_KIND_NETWORK

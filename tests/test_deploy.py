@@ -39,7 +39,7 @@ from nacl.signing import SigningKey
 
 from services.activation_server.store.key_files import KeyDirectory
 from tessera.keys import load_or_create_signing_key, load_signing_key
-from tests.conftest import IN_CI
+from tests.support.databases import IN_CI
 from tests.support.processes import ROOT
 
 # The Kubernetes version whose API schemas the manifests must satisfy (the oldest

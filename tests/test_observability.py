@@ -35,13 +35,14 @@ from tessera.call_observer import REQUEST_ID_HEADER
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.metrics import MetricsServer
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.in_process_site import (
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site
+from tests.support.tokens import (
     ADMINISTRATOR_FLAGS,
     LICENSE_SERVER_FLAGS,
     OPERATOR_TOKEN,
     VENDOR_TOKEN,
-    Site,
 )
 
 STATION = "client.station"

@@ -11,7 +11,8 @@ import pytest
 from tessera.admin.v1 import admin_pb2
 from tessera.license.v1 import license_pb2
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import Site, start_site
 
 

@@ -34,11 +34,12 @@ from tessera.clock import to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.envelope import seal
 from tessera.storage import create_engine, migrate, sqlite_url
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.vendor import (
     STAFF,
+    ActivationServerUnderTest,
     Host,
-    Vendor,
     activate,
     expect,
     give_back,
@@ -52,7 +53,7 @@ Code = grpc.StatusCode
 @pytest.fixture
 async def vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[Vendor]:
+) -> AsyncIterator[ActivationServerUnderTest]:
     vendor = await start_vendor(tmp_path, databases, clock)
     yield vendor
     await vendor.close()
@@ -66,7 +67,7 @@ def expected_hash(previous: bytes, entry: apb.AuditEntry) -> bytes:
     return hashlib.sha256(previous + encoded).digest()
 
 
-async def decisions(vendor: Vendor, clock: FakeClock) -> None:
+async def decisions(vendor: ActivationServerUnderTest, clock: FakeClock) -> None:
     """One of each kind of vendor decision, a second apart."""
     host = Host.new()
     line = await vendor.line(count=3, partial_return_allowed=True)  # entitlement.created
@@ -108,7 +109,7 @@ ACTIONS = [
 
 
 async def test_every_decision_is_an_entry_of_one_hash_chain(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     await decisions(vendor, clock)
     entries = await vendor.audit()
@@ -130,7 +131,7 @@ async def test_every_decision_is_an_entry_of_one_hash_chain(
 
 
 async def test_the_log_pages_by_sequence_and_filters_by_subject(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     await decisions(vendor, clock)
     every = await vendor.audit()
@@ -179,7 +180,9 @@ async def test_the_log_pages_by_sequence_and_filters_by_subject(
     )
 
 
-async def test_refusals_of_signed_requests_are_audited_but_junk_is_not(vendor: Vendor) -> None:
+async def test_refusals_of_signed_requests_are_audited_but_junk_is_not(
+    vendor: ActivationServerUnderTest,
+) -> None:
     host = Host.new()
     line = await vendor.line(count=1)
     start = len(await vendor.audit())
@@ -208,7 +211,9 @@ async def test_refusals_of_signed_requests_are_audited_but_junk_is_not(vendor: V
     assert json.loads(refused.detail_json)["reason"] == "NOT_ENOUGH_SEATS_LEFT"
 
 
-async def test_two_replicas_append_to_one_unbroken_chain(clock: FakeClock, vendor: Vendor) -> None:
+async def test_two_replicas_append_to_one_unbroken_chain(
+    clock: FakeClock, vendor: ActivationServerUnderTest
+) -> None:
     line = await vendor.line(count=10)
     # The second replica runs over the first one's database and key files.
     replica = await start_vendor_at(vendor.data_dir, vendor.database_url, clock)
@@ -373,7 +378,7 @@ async def audit_cli(*args: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("tampering", sorted(TAMPERING))
 async def test_verification_finds_the_first_tampered_entry(
-    vendor: Vendor, clock: FakeClock, tampering: str
+    vendor: ActivationServerUnderTest, clock: FakeClock, tampering: str
 ) -> None:
     await decisions(vendor, clock)
 
@@ -386,7 +391,7 @@ async def test_verification_finds_the_first_tampered_entry(
 
 
 async def test_the_audit_command_exits_0_when_intact_and_1_when_broken(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     await decisions(vendor, clock)
     code, output = await audit_cli("verify", "--database-url", vendor.database_url)
@@ -402,7 +407,7 @@ async def test_the_audit_command_exits_0_when_intact_and_1_when_broken(
 
 
 async def test_a_tail_cut_together_with_the_head_needs_a_pinned_head(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     """Whoever rewrites the head too leaves a whole, shorter chain: the head hash from an
     earlier GetAuditLog, kept elsewhere, is what shows it."""

@@ -24,11 +24,12 @@ from google.protobuf.duration_pb2 import Duration
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.vendor import (
     STAFF,
+    ActivationServerUnderTest,
     Host,
-    Vendor,
     activate,
     expect,
     give_back,
@@ -44,7 +45,7 @@ DAY = Duration(seconds=86400)
 @pytest.fixture
 async def vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[Vendor]:
+) -> AsyncIterator[ActivationServerUnderTest]:
     vendor = await start_vendor(tmp_path, databases, clock)
     yield vendor
     await vendor.close()
@@ -69,14 +70,14 @@ def check_in_request(
 
 
 async def check_in(
-    vendor: Vendor, request: SignedEnvelope
+    vendor: ActivationServerUnderTest, request: SignedEnvelope
 ) -> tuple[apb.VendorCheckInResult, bytes]:
     reply = await vendor.activation.CheckIn(apb.CheckInRequest(request=request))
     return vendor.open(reply.result, apb.VendorCheckInResult), reply.result.SerializeToString()
 
 
 async def repair(
-    vendor: Vendor, host: Host, previous_host_id: str = ""
+    vendor: ActivationServerUnderTest, host: Host, previous_host_id: str = ""
 ) -> list[LicenseCertificate]:
     reply = await vendor.activation.Repair(
         apb.RepairRequest(request=host.repair(previous_host_id=previous_host_id))
@@ -86,7 +87,7 @@ async def repair(
 
 
 async def test_a_lines_check_in_policy_is_signed_into_every_issue_of_its_certificates(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
 ) -> None:
     host = Host.new()
     checked = await vendor.line(count=4, check_in_interval=WEEK, check_in_grace=DAY)
@@ -125,7 +126,7 @@ async def test_a_lines_check_in_policy_is_signed_into_every_issue_of_its_certifi
     ],
 )
 async def test_a_bad_check_in_policy_is_refused_and_creates_nothing(
-    vendor: Vendor, interval: Duration | None, grace: Duration | None, field: str
+    vendor: ActivationServerUnderTest, interval: Duration | None, grace: Duration | None, field: str
 ) -> None:
     before = len(await vendor.audit())
     line = apb.NewEntitlementLine(feature="client.station", count=1, kind=1)
@@ -139,7 +140,7 @@ async def test_a_bad_check_in_policy_is_refused_and_creates_nothing(
 
 
 async def test_a_rebinding_is_a_new_generation_that_supersedes_the_host_it_came_from(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     original = Host.new("machine-a")
     line = await vendor.line(count=2, check_in_interval=WEEK, check_in_grace=DAY)
@@ -221,7 +222,7 @@ async def test_a_rebinding_is_a_new_generation_that_supersedes_the_host_it_came_
 
 
 async def test_a_check_in_answers_the_same_request_id_the_same_and_tells_strangers_nothing(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
 ) -> None:
     host = Host.new()
     line = await vendor.line(count=5)

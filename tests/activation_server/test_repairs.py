@@ -20,12 +20,13 @@ from tessera.activation.v1 import activation_pb2 as apb
 from tessera.clock import from_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.rpc import error_info, reason_of
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.vendor import (
     LOCAL,
     STAFF,
+    ActivationServerUnderTest,
     Host,
-    Vendor,
     activate,
     expect,
     give_back,
@@ -38,18 +39,22 @@ Code = grpc.StatusCode
 @pytest.fixture
 async def vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[Vendor]:
+) -> AsyncIterator[ActivationServerUnderTest]:
     vendor = await start_vendor(tmp_path, databases, clock)
     yield vendor
     await vendor.close()
 
 
-async def repair(vendor: Vendor, request: SignedEnvelope) -> tuple[apb.VendorRepairResponse, bytes]:
+async def repair(
+    vendor: ActivationServerUnderTest, request: SignedEnvelope
+) -> tuple[apb.VendorRepairResponse, bytes]:
     reply = await vendor.activation.Repair(apb.RepairRequest(request=request))
     return vendor.open(reply.response, apb.VendorRepairResponse), reply.response.SerializeToString()
 
 
-def certificates_of(vendor: Vendor, answer: apb.VendorRepairResponse) -> list[LicenseCertificate]:
+def certificates_of(
+    vendor: ActivationServerUnderTest, answer: apb.VendorRepairResponse
+) -> list[LicenseCertificate]:
     return sorted(
         (vendor.open(envelope, LicenseCertificate) for envelope in answer.certificates),
         key=lambda certificate: certificate.certificate_id,
@@ -57,7 +62,7 @@ def certificates_of(vendor: Vendor, answer: apb.VendorRepairResponse) -> list[Li
 
 
 async def test_a_repair_rebinds_the_hosts_certificates_to_its_new_machine(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     old = Host.new("machine-a")
     stations = await vendor.line(count=10)
@@ -113,7 +118,7 @@ async def test_a_repair_rebinds_the_hosts_certificates_to_its_new_machine(
 
 
 async def test_a_repair_on_the_same_machine_reissues_at_the_next_revision(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
 ) -> None:
     host = Host.new()
     line = await vendor.line(count=5, partial_return_allowed=True)
@@ -131,7 +136,7 @@ async def test_a_repair_on_the_same_machine_reissues_at_the_next_revision(
 
 
 async def test_the_fifth_repair_in_a_year_is_refused_with_the_date_of_the_next(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     host = Host.new()
     certificate = await activate(vendor, host, await vendor.line(count=5), 2)
@@ -194,7 +199,7 @@ async def test_concurrent_repairs_never_exceed_the_limit(
         await vendor.close()
 
 
-async def test_a_repair_signed_by_another_key_is_refused(vendor: Vendor) -> None:
+async def test_a_repair_signed_by_another_key_is_refused(vendor: ActivationServerUnderTest) -> None:
     owner = Host.new("machine-a")
     certificate = await activate(vendor, owner, await vendor.line(count=5), 2)
     thief = Host.new("machine-b")
@@ -216,7 +221,7 @@ async def test_a_repair_signed_by_another_key_is_refused(vendor: Vendor) -> None
 
 
 async def test_a_host_that_holds_nothing_gets_an_empty_repair_that_still_counts(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
 ) -> None:
     host = Host.new()
     first, _ = await repair(vendor, host.repair())
@@ -226,7 +231,7 @@ async def test_a_host_that_holds_nothing_gets_an_empty_repair_that_still_counts(
 
 
 async def test_bad_repair_requests_are_refused_and_not_audited(
-    vendor: Vendor, subtests: pytest.Subtests
+    vendor: ActivationServerUnderTest, subtests: pytest.Subtests
 ) -> None:
     host = Host.new()
     other = Host.new("machine-b")
@@ -258,7 +263,9 @@ async def test_bad_repair_requests_are_refused_and_not_audited(
     assert answer.repairs_left == 3  # none of the refusals counted
 
 
-async def test_a_repair_request_id_reused_with_other_content_is_refused(vendor: Vendor) -> None:
+async def test_a_repair_request_id_reused_with_other_content_is_refused(
+    vendor: ActivationServerUnderTest,
+) -> None:
     host = Host.new()
     await repair(vendor, host.repair(request_id="r-1"))
     await expect(

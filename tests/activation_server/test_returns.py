@@ -24,13 +24,14 @@ from tessera.activation.v1 import activation_pb2 as apb
 from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.rpc import error_info
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.vendor import (
     LOCAL,
     NETWORK,
     STAFF,
+    ActivationServerUnderTest,
     Host,
-    Vendor,
     activate,
     expect,
     give_back,
@@ -45,13 +46,15 @@ REFUSED = apb.RETURN_OUTCOME_REFUSED
 @pytest.fixture
 async def vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[Vendor]:
+) -> AsyncIterator[ActivationServerUnderTest]:
     vendor = await start_vendor(tmp_path, databases, clock)
     yield vendor
     await vendor.close()
 
 
-async def test_a_full_return_credits_every_seat_back(vendor: Vendor, clock: FakeClock) -> None:
+async def test_a_full_return_credits_every_seat_back(
+    vendor: ActivationServerUnderTest, clock: FakeClock
+) -> None:
     host = Host.new()
     line = await vendor.line(count=5)
     certificate = await activate(vendor, host, line, 3)
@@ -80,7 +83,7 @@ async def test_a_full_return_credits_every_seat_back(vendor: Vendor, clock: Fake
 
 
 async def test_a_partial_return_reissues_the_certificate_for_the_seats_kept(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     host = Host.new()
     line = await vendor.line(
@@ -115,7 +118,7 @@ async def test_a_partial_return_reissues_the_certificate_for_the_seats_kept(
 
 
 async def test_refusals_are_signed_receipts_that_credit_nothing(
-    vendor: Vendor, subtests: pytest.Subtests
+    vendor: ActivationServerUnderTest, subtests: pytest.Subtests
 ) -> None:
     host = Host.new()
     whole_only = await vendor.line(count=5)
@@ -152,7 +155,9 @@ async def test_refusals_are_signed_receipts_that_credit_nothing(
     assert (record.state, record.count) == (apb.ACTIVATION_STATE_ACTIVE, 4)
 
 
-async def test_the_same_request_gets_the_same_receipt_bytes(vendor: Vendor) -> None:
+async def test_the_same_request_gets_the_same_receipt_bytes(
+    vendor: ActivationServerUnderTest,
+) -> None:
     host = Host.new()
     line = await vendor.line(count=5)
     certificate = await activate(vendor, host, line, 2)
@@ -178,7 +183,7 @@ async def test_the_same_request_gets_the_same_receipt_bytes(vendor: Vendor) -> N
 
 
 async def test_a_retried_activation_still_gets_its_first_answer_after_a_partial_return(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
 ) -> None:
     host = Host.new()
     line = await vendor.line(count=5, partial_return_allowed=True)
@@ -193,7 +198,9 @@ async def test_a_retried_activation_still_gets_its_first_answer_after_a_partial_
     assert (await vendor.line_now(line)).activated == 2
 
 
-async def test_a_request_id_reused_for_another_return_is_refused(vendor: Vendor) -> None:
+async def test_a_request_id_reused_for_another_return_is_refused(
+    vendor: ActivationServerUnderTest,
+) -> None:
     host = Host.new()
     line = await vendor.line(count=5, partial_return_allowed=True)
     certificate = await activate(vendor, host, line, 3)
@@ -213,7 +220,7 @@ async def test_a_request_id_reused_for_another_return_is_refused(vendor: Vendor)
 
 
 async def test_only_the_host_that_holds_a_certificate_may_return_it(
-    vendor: Vendor, subtests: pytest.Subtests
+    vendor: ActivationServerUnderTest, subtests: pytest.Subtests
 ) -> None:
     owner = Host.new()
     line = await vendor.line(count=5)
@@ -244,7 +251,9 @@ async def test_only_the_host_that_holds_a_certificate_may_return_it(
     assert (record.state, record.count) == (apb.ACTIVATION_STATE_ACTIVE, 3)
 
 
-async def test_unknown_and_local_certificates_cannot_be_returned(vendor: Vendor) -> None:
+async def test_unknown_and_local_certificates_cannot_be_returned(
+    vendor: ActivationServerUnderTest,
+) -> None:
     host = Host.new()
     await expect(
         vendor.activation.Return(
@@ -275,7 +284,7 @@ async def test_unknown_and_local_certificates_cannot_be_returned(vendor: Vendor)
 
 
 async def test_bad_return_requests_are_refused_before_anything_is_decided(
-    vendor: Vendor, subtests: pytest.Subtests
+    vendor: ActivationServerUnderTest, subtests: pytest.Subtests
 ) -> None:
     host = Host.new()
     certificate = await activate(vendor, host, await vendor.line(count=5), 2)
@@ -357,7 +366,7 @@ async def test_returns_per_entitlement_are_limited_in_a_rolling_window(
 
 
 async def test_force_return_credits_a_dead_hosts_seats_with_a_reason(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     host = Host.new()
     line = await vendor.line(count=5)
@@ -421,7 +430,7 @@ async def test_force_return_credits_a_dead_hosts_seats_with_a_reason(
 
 
 async def test_line_terms_reach_the_order_and_the_certificates(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     now = clock.now()
     maintenance = now + dt.timedelta(days=365)
@@ -476,7 +485,7 @@ async def test_line_terms_reach_the_order_and_the_certificates(
 
 
 async def test_bad_line_terms_are_invalid_argument(
-    vendor: Vendor, subtests: pytest.Subtests
+    vendor: ActivationServerUnderTest, subtests: pytest.Subtests
 ) -> None:
     cases = {
         "zero-duration": ({"duration": Duration(seconds=0)}, "lines[0].duration"),
@@ -512,7 +521,9 @@ async def test_bad_line_terms_are_invalid_argument(
             assert info is not None and info.metadata["field"] == field
 
 
-async def test_registration_is_recorded_with_the_activation(vendor: Vendor) -> None:
+async def test_registration_is_recorded_with_the_activation(
+    vendor: ActivationServerUnderTest,
+) -> None:
     host = Host.new()
     registration = apb.Registration(
         organization="ACME Facilities",
@@ -554,7 +565,7 @@ async def test_registration_is_recorded_with_the_activation(vendor: Vendor) -> N
 
 
 async def test_an_expired_certificate_is_not_credited_back(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     """Crediting it would let the seats be activated again with a fresh term."""
     host = Host.new()

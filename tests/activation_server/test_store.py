@@ -30,12 +30,13 @@ from tessera.envelope import open_envelope, seal
 from tessera.errors import BadSignature, InvalidInput
 from tessera.keys import HostIdentity, machine_binding
 from tessera.storage import create_engine, migrate
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 
 FEATURE = "client.station"
 
 
-class Vendor:
+class ActivationReplica:
     """One Activation Server replica: its own engine and store over the shared database."""
 
     def __init__(self, store: ActivationStore, key: VendorKey, clock: FakeClock) -> None:
@@ -44,7 +45,7 @@ class Vendor:
         self.activations = Activations(store, key, clock)
 
 
-Replicas = Callable[[int], Awaitable[list[Vendor]]]
+Replicas = Callable[[int], Awaitable[list[ActivationReplica]]]
 
 
 @pytest.fixture
@@ -59,14 +60,14 @@ async def replicas(
     url = await databases.new("activation")
     stores: list[ActivationStore] = []
 
-    async def make(count: int) -> list[Vendor]:
+    async def make(count: int) -> list[ActivationReplica]:
         made = []
         for _ in range(count):
             engine = create_engine(url)
             await migrate(engine, MIGRATIONS)
             store = ActivationStore(engine)
             stores.append(store)
-            made.append(Vendor(store, vendor_key, clock))
+            made.append(ActivationReplica(store, vendor_key, clock))
         return made
 
     yield make
@@ -75,7 +76,7 @@ async def replicas(
 
 
 @pytest.fixture
-async def vendor(replicas: Replicas) -> Vendor:
+async def vendor(replicas: Replicas) -> ActivationReplica:
     [one] = await replicas(1)
     return one
 
@@ -110,7 +111,7 @@ def request(
 
 
 async def new_line(
-    vendor: Vendor, count: int, expires_at: dt.datetime | None = None
+    vendor: ActivationReplica, count: int, expires_at: dt.datetime | None = None
 ) -> EntitlementLine:
     entitlement = await vendor.entitlements.create(
         "Test Building Owner",
@@ -120,13 +121,13 @@ async def new_line(
     return entitlement.lines[0]
 
 
-async def line_now(vendor: Vendor, line: EntitlementLine) -> EntitlementLine:
+async def line_now(vendor: ActivationReplica, line: EntitlementLine) -> EntitlementLine:
     order = await vendor.entitlements.get_order(line.entitlement_id)
     [current] = [x for x in order.lines if x.activation_id == line.activation_id]
     return current
 
 
-async def count_rows(vendor: Vendor, table: object) -> int:
+async def count_rows(vendor: ActivationReplica, table: object) -> int:
     async with vendor.store.engine.connect() as connection:
         return int(await connection.scalar(select(func.count()).select_from(table)))  # type: ignore[arg-type]
 
@@ -138,7 +139,7 @@ def certificate_of(response: SignedEnvelope, key: VendorKey) -> LicenseCertifica
 
 
 async def test_activation_grants_a_signed_certificate_for_the_host(
-    vendor: Vendor, vendor_key: VendorKey, clock: FakeClock
+    vendor: ActivationReplica, vendor_key: VendorKey, clock: FakeClock
 ) -> None:
     line = await new_line(vendor, 10)
     identity = host("site-a")
@@ -224,7 +225,7 @@ async def test_the_same_request_sent_concurrently_gets_one_answer(
 
 
 async def test_request_id_reused_for_another_count_is_refused(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationReplica, clock: FakeClock
 ) -> None:
     line = await new_line(vendor, 10)
     identity = host("site-a")
@@ -239,7 +240,7 @@ async def test_request_id_reused_for_another_count_is_refused(
 
 
 async def test_request_ids_are_unique_per_host_not_across_hosts(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationReplica, clock: FakeClock
 ) -> None:
     line = await new_line(vendor, 10)
     await vendor.activations.activate(request(host("site-a"), line.activation_id, 2, "op-1", clock))
@@ -248,7 +249,7 @@ async def test_request_ids_are_unique_per_host_not_across_hosts(
 
 
 async def test_host_id_that_does_not_belong_to_the_key_is_refused(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationReplica, clock: FakeClock
 ) -> None:
     line = await new_line(vendor, 10)
     identity = host("site-a")
@@ -290,7 +291,7 @@ async def test_host_id_that_does_not_belong_to_the_key_is_refused(
     assert await count_rows(vendor, activations) == 0
 
 
-async def test_expired_line_is_refused(vendor: Vendor, clock: FakeClock) -> None:
+async def test_expired_line_is_refused(vendor: ActivationReplica, clock: FakeClock) -> None:
     line = await new_line(vendor, 10, expires_at=clock.now() + dt.timedelta(days=1))
     identity = host("site-a")
     await vendor.activations.activate(request(identity, line.activation_id, 1, "req-1", clock))
@@ -301,7 +302,9 @@ async def test_expired_line_is_refused(vendor: Vendor, clock: FakeClock) -> None
     assert await count_rows(vendor, activations) == 1
 
 
-async def test_not_enough_seats_left_changes_nothing(vendor: Vendor, clock: FakeClock) -> None:
+async def test_not_enough_seats_left_changes_nothing(
+    vendor: ActivationReplica, clock: FakeClock
+) -> None:
     line = await new_line(vendor, 5)
     await vendor.activations.activate(request(host("a"), line.activation_id, 4, "req-1", clock))
     with pytest.raises(NotEnoughSeatsLeft) as refused:
@@ -312,7 +315,7 @@ async def test_not_enough_seats_left_changes_nothing(vendor: Vendor, clock: Fake
 
 
 async def test_a_count_near_the_int32_limit_is_refused_cleanly(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationReplica, clock: FakeClock
 ) -> None:
     line = await new_line(vendor, 5)
     await vendor.activations.activate(request(host("a"), line.activation_id, 1, "req-1", clock))

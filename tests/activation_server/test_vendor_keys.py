@@ -21,11 +21,12 @@ from tessera.clock import from_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate
 from tessera.envelope import open_envelope
 from tessera.keys import InsecureKeyFile, read_vendor_public_keys, vendor_key_id
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.vendor import (
     STAFF,
+    ActivationServerUnderTest,
     Host,
-    Vendor,
     restart_vendor,
     start_vendor,
     start_vendor_at,
@@ -35,17 +36,19 @@ from tests.support.vendor import (
 @pytest.fixture
 async def vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[Vendor]:
+) -> AsyncIterator[ActivationServerUnderTest]:
     vendor = await start_vendor(tmp_path, databases, clock)
     yield vendor
     await vendor.close()
 
 
-async def vendor_keys(vendor: Vendor) -> list[apb.VendorPublicKey]:
+async def vendor_keys(vendor: ActivationServerUnderTest) -> list[apb.VendorPublicKey]:
     return list((await vendor.activation.GetVendorKeys(apb.GetVendorKeysRequest())).keys)
 
 
-async def signed_by(vendor: Vendor, host: Host, line: apb.EntitlementLine) -> str:
+async def signed_by(
+    vendor: ActivationServerUnderTest, host: Host, line: apb.EntitlementLine
+) -> str:
     """The key id that signs an activation answer and its certificate now."""
     reply = await vendor.activation.Activate(
         apb.ActivateRequest(request=host.activation(line.activation_id, 1))
@@ -56,7 +59,7 @@ async def signed_by(vendor: Vendor, host: Host, line: apb.EntitlementLine) -> st
 
 
 async def test_a_rotated_key_signs_and_the_old_one_keeps_verifying(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     host = Host.new()
     line = await vendor.line(count=10)
@@ -100,7 +103,9 @@ async def test_a_rotated_key_signs_and_the_old_one_keeps_verifying(
     assert stat.S_IMODE((vendor.data_dir / "vendor-signing.key").stat().st_mode) == 0o600
 
 
-async def test_the_rotated_key_still_signs_after_a_restart(vendor: Vendor) -> None:
+async def test_the_rotated_key_still_signs_after_a_restart(
+    vendor: ActivationServerUnderTest,
+) -> None:
     rotated = await vendor.staff.RotateSigningKey(apb.RotateSigningKeyRequest(), metadata=STAFF)
     before = await vendor_keys(vendor)
     vendor = await restart_vendor(vendor)
@@ -112,7 +117,7 @@ async def test_the_rotated_key_still_signs_after_a_restart(vendor: Vendor) -> No
 
 
 async def test_a_replica_sharing_the_key_files_follows_a_rotation(
-    vendor: Vendor, clock: FakeClock
+    vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     replica = await start_vendor_at(vendor.data_dir, vendor.database_url, clock)
     try:

@@ -21,9 +21,9 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
-    VENDOR_TOKEN,
     Site,
     restart_activation_server,
     restart_administrator,
@@ -32,6 +32,7 @@ from tests.support.in_process_site import (
     start_site,
 )
 from tests.support.processes import free_port
+from tests.support.tokens import VENDOR_TOKEN
 
 Code = grpc.StatusCode
 VENDOR = bearer_metadata(VENDOR_TOKEN)

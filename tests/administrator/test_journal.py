@@ -25,9 +25,9 @@ from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import PeerRefused
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.rpc import error_info, reason_of
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
-    VENDOR_TOKEN,
     Site,
     ls_server,
     restart_administrator,
@@ -35,6 +35,7 @@ from tests.support.in_process_site import (
     start_site,
 )
 from tests.support.processes import free_port
+from tests.support.tokens import VENDOR_TOKEN
 
 T = TypeVar("T")
 VENDOR = bearer_metadata(VENDOR_TOKEN)

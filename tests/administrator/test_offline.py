@@ -38,15 +38,15 @@ from tessera.auth import bearer_metadata
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
-    ADMINISTRATOR_FLAGS,
-    VENDOR_TOKEN,
     Site,
     restart_license_server,
     start_another_license_server,
     start_site,
 )
+from tests.support.tokens import ADMINISTRATOR_FLAGS, VENDOR_TOKEN
 from tests.test_bad_input import count_rows
 
 Code = grpc.StatusCode

@@ -20,10 +20,8 @@ import pytest
 from services.administrator.domain.offline_files import RESPONSE, armour, read_response_file
 from tessera.license.v1 import license_pb2
 from tessera_cli.app import App
-from tests.conftest import DatabaseFactory
+from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
-    OPERATOR_TOKEN,
-    VENDOR_TOKEN,
     Site,
     restart_activation_server,
     restart_administrator,
@@ -32,6 +30,7 @@ from tests.support.in_process_site import (
     start_site,
 )
 from tests.support.processes import free_port
+from tests.support.tokens import OPERATOR_TOKEN, VENDOR_TOKEN
 
 OPERATION_KEYS = {
     "operation_id",

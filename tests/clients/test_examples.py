@@ -16,9 +16,10 @@ import pytest
 
 from tessera.auth import bearer_metadata
 from tessera.license.v1 import license_pb2 as pb
-from tests.conftest import DatabaseFactory
-from tests.support.in_process_site import OPERATOR_TOKEN, Site, start_site
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
 from tests.support.processes import ROOT
+from tests.support.tokens import OPERATOR_TOKEN
 
 pytestmark = pytest.mark.parametrize("databases", ["sqlite"], indirect=True)
 

@@ -49,21 +49,22 @@ from tessera.auth import BearerCredentials, bearer_metadata
 from tessera.clock import Clock
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
 from tests.support.processes import ROOT, Processes, free_port
-from tests.support.trust import Vendor, new_activation_id
+from tests.support.tokens import OPERATOR_TOKEN
+from tests.support.trust import SigningVendor, new_activation_id
 
-OPERATOR_TOKEN = "client-test-operator"
 FAST = Backoff(initial=0.05, maximum=0.2)
 
 
 @dataclass
-class Site:
+class LicenseServerReplicas:
     """License Servers over one database (replicas, or one restarted), real gRPC."""
 
     tmp_path: Path
     database_url: str
-    vendor: Vendor = field(default_factory=Vendor)
+    vendor: SigningVendor = field(default_factory=SigningVendor)
     servers: list[ls_server.LicenseServer] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -136,14 +137,14 @@ class Site:
 
 
 @pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
-    site = Site(tmp_path, await databases.new("license"))
+async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[LicenseServerReplicas]:
+    site = LicenseServerReplicas(tmp_path, await databases.new("license"))
     site.vendor.publish(tmp_path / "vendor-keys.pub")
     yield site
     await site.close()
 
 
-async def started(site: Site, seats: int = 2) -> int:
+async def started(site: LicenseServerReplicas, seats: int = 2) -> int:
     server = await site.start()
     await site.activate(server.port, seats)
     return server.port
@@ -164,7 +165,9 @@ async def next_event(events: EventStream, *kinds: type) -> LeaseEvent:
     raise AssertionError(f"the lease ended without {kinds}")
 
 
-async def test_a_lease_heartbeats_by_itself_and_checks_in_on_exit(site: Site) -> None:
+async def test_a_lease_heartbeats_by_itself_and_checks_in_on_exit(
+    site: LicenseServerReplicas,
+) -> None:
     port = await started(site)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station", ttl=2) as lease:
@@ -182,7 +185,9 @@ async def test_a_lease_heartbeats_by_itself_and_checks_in_on_exit(site: Site) ->
         assert await site.used(port) == 0  # checked in at once, not after the TTL
 
 
-async def test_resume_after_the_server_restarts_keeps_the_same_lease(site: Site) -> None:
+async def test_resume_after_the_server_restarts_keeps_the_same_lease(
+    site: LicenseServerReplicas,
+) -> None:
     port = await started(site)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station") as lease:
@@ -203,7 +208,9 @@ async def test_resume_after_the_server_restarts_keeps_the_same_lease(site: Site)
         assert await site.used(port) == 0
 
 
-async def test_failover_resumes_on_the_next_server_of_the_address(site: Site) -> None:
+async def test_failover_resumes_on_the_next_server_of_the_address(
+    site: LicenseServerReplicas,
+) -> None:
     first, second = await site.start(), await site.start()  # replicas over one database
     await site.activate(first.port, 2)
     address = f"{first.port}@127.0.0.1;{second.port}@127.0.0.1"
@@ -219,7 +226,7 @@ async def test_failover_resumes_on_the_next_server_of_the_address(site: Site) ->
         assert await site.used(second.port) == 0  # checked in on the second server
 
 
-async def test_the_first_server_that_answers_grants(site: Site) -> None:
+async def test_the_first_server_that_answers_grants(site: LicenseServerReplicas) -> None:
     port = await started(site)
     down = free_port()
     client = client_for(f"{down}@127.0.0.1;{port}@127.0.0.1")
@@ -227,7 +234,7 @@ async def test_the_first_server_that_answers_grants(site: Site) -> None:
         assert lease.server == f"127.0.0.1:{port}"
 
 
-async def test_a_cancelled_task_checks_its_lease_in(site: Site) -> None:
+async def test_a_cancelled_task_checks_its_lease_in(site: LicenseServerReplicas) -> None:
     port = await started(site)
     granted = asyncio.Event()
 
@@ -252,7 +259,7 @@ async def test_a_cancelled_task_checks_its_lease_in(site: Site) -> None:
         assert await site.used(port) == 0
 
 
-async def test_revocation_is_pushed_to_events_and_callbacks(site: Site) -> None:
+async def test_revocation_is_pushed_to_events_and_callbacks(site: LicenseServerReplicas) -> None:
     port = await started(site)
     seen: list[LeaseEvent] = []
     async with client_for(f"{port}@127.0.0.1") as client:
@@ -273,7 +280,9 @@ async def test_revocation_is_pushed_to_events_and_callbacks(site: Site) -> None:
         assert seen == [lost]  # leaving the block adds nothing: there was nothing to check in
 
 
-async def test_an_unreachable_server_gives_an_expiry_warning_then_expiry(site: Site) -> None:
+async def test_an_unreachable_server_gives_an_expiry_warning_then_expiry(
+    site: LicenseServerReplicas,
+) -> None:
     port = await started(site)
     async with client_for(f"{port}@127.0.0.1") as client:
         lease = await client.acquire("client.station", ttl=1)
@@ -289,7 +298,9 @@ async def test_an_unreachable_server_gives_an_expiry_warning_then_expiry(site: S
         assert await lease.release()  # nothing left to check in
 
 
-async def test_a_lease_the_server_expired_is_told_as_expired(site: Site, clock: FakeClock) -> None:
+async def test_a_lease_the_server_expired_is_told_as_expired(
+    site: LicenseServerReplicas, clock: FakeClock
+) -> None:
     server = await site.start(clock=clock)
     await site.activate(server.port, 1)
     async with client_for(f"{server.port}@127.0.0.1") as client:
@@ -301,7 +312,7 @@ async def test_a_lease_the_server_expired_is_told_as_expired(site: Site, clock: 
         assert lost.error.reason == "LEASE_EXPIRED" and lost.error.server == lease.server
 
 
-async def test_queued_then_granted_when_a_seat_frees(site: Site) -> None:
+async def test_queued_then_granted_when_a_seat_frees(site: LicenseServerReplicas) -> None:
     port = await started(site, seats=1)
     seen: list[LeaseEvent] = []
     queued = asyncio.Event()
@@ -324,7 +335,7 @@ async def test_queued_then_granted_when_a_seat_frees(site: Site) -> None:
         assert timed_out.value.reason == "QUEUE_TIMEOUT"
 
 
-async def test_refusals_are_typed_with_the_servers_reason(site: Site) -> None:
+async def test_refusals_are_typed_with_the_servers_reason(site: LicenseServerReplicas) -> None:
     port = await started(site, seats=1)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station"):
@@ -354,7 +365,7 @@ async def test_refusals_are_typed_with_the_servers_reason(site: Site) -> None:
     assert len(unreachable.value.attempts) == 2
 
 
-async def test_required_counts_and_license_information(site: Site) -> None:
+async def test_required_counts_and_license_information(site: LicenseServerReplicas) -> None:
     port = await started(site, seats=2)
     async with client_for(f"{port}@127.0.0.1") as client:
         await client.declare_requirement("client.station", 3)
@@ -365,7 +376,7 @@ async def test_required_counts_and_license_information(site: Site) -> None:
         assert not station.violation
 
 
-async def test_the_sync_wrapper_from_a_thread_without_a_loop(site: Site) -> None:
+async def test_the_sync_wrapper_from_a_thread_without_a_loop(site: LicenseServerReplicas) -> None:
     port = await started(site, seats=1)
 
     def workstation() -> tuple[str, bool, str]:
@@ -384,7 +395,7 @@ async def test_the_sync_wrapper_from_a_thread_without_a_loop(site: Site) -> None
     assert await site.used(port) == 0
 
 
-async def test_the_sync_wrapper_waits_for_a_loss(site: Site) -> None:
+async def test_the_sync_wrapper_waits_for_a_loss(site: LicenseServerReplicas) -> None:
     port = await started(site, seats=1)
     client = SyncLicenseClient(f"{port}@127.0.0.1", backoff=FAST)
     try:
@@ -429,7 +440,9 @@ sys.exit(0)  # never closed, never released
 
 
 @pytest.mark.parametrize("script", [EXITING_CLIENT, SYNC_EXITING_CLIENT], ids=["loop", "sync"])
-async def test_interpreter_exit_checks_in_what_was_left_held(site: Site, script: str) -> None:
+async def test_interpreter_exit_checks_in_what_was_left_held(
+    site: LicenseServerReplicas, script: str
+) -> None:
     port = await started(site)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", textwrap.dedent(script), f"{port}@127.0.0.1",
@@ -450,7 +463,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     processes.kill_all()
 
 
-async def test_resume_after_sigkill_of_the_server_process(site: Site, processes: Processes) -> None:
+async def test_resume_after_sigkill_of_the_server_process(
+    site: LicenseServerReplicas, processes: Processes
+) -> None:
     port = free_port()
     processes.start("license_server", "services.license_server", *site.args(port))
     await processes.wait_serving("license_server", port)
@@ -470,7 +485,9 @@ async def test_resume_after_sigkill_of_the_server_process(site: Site, processes:
         assert await site.used(port) == 0
 
 
-async def test_release_reports_false_when_no_server_can_be_reached(site: Site) -> None:
+async def test_release_reports_false_when_no_server_can_be_reached(
+    site: LicenseServerReplicas,
+) -> None:
     port = await started(site)
     seen: list[LeaseEvent] = []
     client = client_for(f"{port}@127.0.0.1", release_timeout=0.5)
@@ -536,7 +553,7 @@ class Proxy:
 
 
 @pytest.fixture
-async def proxied(site: Site) -> AsyncIterator[tuple[int, Proxy]]:
+async def proxied(site: LicenseServerReplicas) -> AsyncIterator[tuple[int, Proxy]]:
     port = await started(site)
     proxy = Proxy(port)
     await proxy.start()
@@ -545,7 +562,7 @@ async def proxied(site: Site) -> AsyncIterator[tuple[int, Proxy]]:
 
 
 async def test_a_network_blip_resumes_the_same_lease_without_a_double_count(
-    site: Site, proxied: tuple[int, Proxy]
+    site: LicenseServerReplicas, proxied: tuple[int, Proxy]
 ) -> None:
     port, proxy = proxied
     assert proxy.server is not None
@@ -563,7 +580,7 @@ async def test_a_network_blip_resumes_the_same_lease_without_a_double_count(
 
 
 async def test_a_silent_connection_is_noticed_by_the_missing_acknowledgement(
-    site: Site, proxied: tuple[int, Proxy]
+    site: LicenseServerReplicas, proxied: tuple[int, Proxy]
 ) -> None:
     port, proxy = proxied
     assert proxy.server is not None

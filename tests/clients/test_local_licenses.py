@@ -22,8 +22,10 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.keys import read_vendor_public_keys
 from tessera.local_licenses import LocalLicenseRejected, LocalLicenseStore, LocalStoreTampered
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.in_process_site import VENDOR_TOKEN, Site, start_site
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
+from tests.support.tokens import VENDOR_TOKEN
 
 EXPIRES = dt.datetime(2027, 1, 31, tzinfo=dt.UTC)
 

@@ -22,9 +22,10 @@ from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.errors import InvalidLicenseServerAddress
 from tessera.local_licenses import LocalLicenseStore
-from tests.conftest import DatabaseFactory
-from tests.support.in_process_site import VENDOR_TOKEN, Site, start_site
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
 from tests.support.processes import free_port
+from tests.support.tokens import VENDOR_TOKEN
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -33,18 +33,12 @@ from tessera.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.storage import create_engine, migrate
-from tests.conftest import DatabaseFactory
-from tests.support.processes import (
-    ADMINISTRATOR_TOKEN,
-    OPERATOR_TOKEN,
-    Processes,
-    credentialed_channel,
-    free_port,
-)
+from tests.support.databases import DatabaseFactory
+from tests.support.processes import Processes, credentialed_channel, free_port
+from tests.support.tokens import ADMINISTRATOR_TOKEN, OPERATOR_TOKEN, VENDOR_TOKEN
 
 pytestmark = pytest.mark.e2e
 
-VENDOR_TOKEN = "check-in-vendor-token"
 VENDOR = bearer_metadata(VENDOR_TOKEN)
 RPC_TIMEOUT = 30.0
 AS, ADMIN, LS, COPY = "activation_server", "administrator", "license_server", "copy"
@@ -149,13 +143,6 @@ class CrashSite:
     async def close(self) -> None:
         for name in list(self.channels):
             await self.forget_channel(name)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.kill_all()
 
 
 @pytest.fixture

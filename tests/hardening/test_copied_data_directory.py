@@ -40,14 +40,14 @@ from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
 from tessera.storage import create_engine, migrate
 from tessera_cli.app import App
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.in_process_site import (
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
+from tests.support.tokens import (
     ADMINISTRATOR_FLAGS,
     LICENSE_SERVER_FLAGS,
     OPERATOR_TOKEN,
     VENDOR_TOKEN,
-    Site,
-    start_site,
 )
 
 STATION = "client.station"

@@ -65,21 +65,14 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
-from tests.conftest import DatabaseFactory
-from tests.support.processes import (
-    ADMINISTRATOR_TOKEN,
-    OPERATOR_TOKEN,
-    ROOT,
-    Processes,
-    credentialed_channel,
-    free_port,
-)
+from tests.support.databases import DatabaseFactory
+from tests.support.processes import ROOT, Processes, credentialed_channel, free_port
+from tests.support.tokens import ADMINISTRATOR_TOKEN, OPERATOR_TOKEN, VENDOR_TOKEN
 
 pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 
-VENDOR_TOKEN = "fault-vendor-token"
 VENDOR = bearer_metadata(VENDOR_TOKEN)
 RPC_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0
@@ -181,7 +174,7 @@ ON_POSTGRES = {
 }
 
 
-def representative(site: Site, fault: Fault) -> None:
+def representative(site: ProcessSite, fault: Fault) -> None:
     if site.databases.kind == "postgres" and fault.id not in ON_POSTGRES:
         pytest.skip("PostgreSQL runs a representative subset of the crash matrix")
 
@@ -190,7 +183,10 @@ def representative(site: Site, fault: Fault) -> None:
 
 
 @dataclass
-class Site:
+class ProcessSite:
+    """The three services (and a second License Server) as real processes, each killed
+    and restarted on its own."""
+
     tmp_path: Path
     processes: Processes
     databases: DatabaseFactory
@@ -313,8 +309,8 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 @pytest.fixture
 async def site(
     tmp_path: Path, databases: DatabaseFactory, processes: Processes
-) -> AsyncIterator[Site]:
-    site = Site(tmp_path, processes, databases)
+) -> AsyncIterator[ProcessSite]:
+    site = ProcessSite(tmp_path, processes, databases)
     yield site
     await site.close()
 
@@ -337,7 +333,7 @@ class Setup:
         return self.certificates[feature].certificate.certificate_id
 
 
-async def create_entitlement(site: Site, flow: str, servers: list[str]) -> Setup:
+async def create_entitlement(site: ProcessSite, flow: str, servers: list[str]) -> Setup:
     created = await site.vendor.CreateEntitlement(
         apb.CreateEntitlementRequest(
             customer_organization="Fault Tower",
@@ -357,7 +353,7 @@ async def create_entitlement(site: Site, flow: str, servers: list[str]) -> Setup
     return Setup(flow, entitlement.entitlement_id, lines, servers)
 
 
-async def prepare(site: Site, fault: Fault) -> Setup:
+async def prepare(site: ProcessSite, fault: Fault) -> Setup:
     """Start the site with the service under test armed (after the setup's activations
     when they would pass its failpoint) and set the flow's stage."""
     servers = [LS, TARGET] if fault.flow == MOVE else [LS]
@@ -397,7 +393,7 @@ async def prepare(site: Site, fault: Fault) -> Setup:
     return setup
 
 
-async def run(site: Site, setup: Setup) -> Message:
+async def run(site: ProcessSite, setup: Setup) -> Message:
     """The Administrator RPC under test, always with the same operation id."""
     if setup.flow == ACTIVATE:
         return await site.admin.Activate(
@@ -447,7 +443,7 @@ async def answered(call: Callable[[], Awaitable[T]]) -> T:
         await asyncio.sleep(0.1)
 
 
-async def crash(site: Site, fault: Fault, setup: Setup) -> None:
+async def crash(site: ProcessSite, fault: Fault, setup: Setup) -> None:
     """Run the operation into the armed failpoint: the call fails, the service is dead."""
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await run(site, setup)
@@ -495,7 +491,7 @@ class Books:
         return {line.feature: line.activated for line in self.lines}
 
 
-async def audit_log(site: Site) -> list[apb.AuditEntry]:
+async def audit_log(site: ProcessSite) -> list[apb.AuditEntry]:
     entries: list[apb.AuditEntry] = []
     after = 0
     while True:
@@ -522,7 +518,7 @@ def held_in(certificates: Iterable[lpb.InstalledCertificate]) -> Held:
     }
 
 
-async def books(site: Site, setup: Setup) -> Books:
+async def books(site: ProcessSite, setup: Setup) -> Books:
     """Both sides' books, the License Servers' read first: they serve seats only after the
     vendor recorded them and stop serving before the vendor credits them back, so what
     serves at one moment is still on the vendor's books a moment later."""
@@ -578,7 +574,7 @@ async def books(site: Site, setup: Setup) -> Books:
     )
 
 
-async def settled_books(site: Site, setup: Setup) -> Books:
+async def settled_books(site: ProcessSite, setup: Setup) -> Books:
     """Books that read the same twice running. Each side is read call by call, so while
     the Administrator may still be finishing the operation on its own (its resume at
     start) one snapshot could mix states from before and after a step."""
@@ -716,7 +712,7 @@ def check_flow(setup: Setup, before: Books | None, after: Books, reply: Message)
         assert after.audit[: len(before.audit)] == before.audit
 
 
-async def check_idempotent(site: Site, setup: Setup, reply: Message) -> None:
+async def check_idempotent(site: ProcessSite, setup: Setup, reply: Message) -> None:
     """A third call answers the same and changes nothing anywhere."""
     settled = await books(site, setup)
     again = await run(site, setup)
@@ -766,7 +762,7 @@ def test_the_matrix_covers_every_failpoint_of_the_services() -> None:
 
 @pytest.mark.parametrize("fault", FAULTS + MOVE_FAULTS, ids=lambda fault: fault.id)
 async def test_a_crash_at_any_step_completes_exactly_once_on_retry(
-    site: Site, fault: Fault
+    site: ProcessSite, fault: Fault
 ) -> None:
     representative(site, fault)
     setup = await prepare(site, fault)
@@ -801,7 +797,7 @@ RESUMED = [
 
 @pytest.mark.parametrize("fault", RESUMED, ids=lambda fault: fault.id)
 async def test_the_administrator_finishes_its_journal_after_a_crash(
-    site: Site, fault: Fault
+    site: ProcessSite, fault: Fault
 ) -> None:
     setup = await prepare(site, fault)
     await crash(site, fault, setup)

@@ -30,7 +30,7 @@ import pytest
 from bench.history import RunResult, Scenario, run_scenario
 from bench.lease_history import Event, Kind, check
 from bench.services import FEATURE, Vendor
-from tests.conftest import DatabaseFactory
+from tests.support.databases import DatabaseFactory
 
 # Hand-made histories: one client process, so wall = monotonic + WALL.
 WALL = 1_000_000.0

@@ -23,7 +23,6 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
 
 from services.activation_server import config as as_config
 from services.license_server import config as ls_config
@@ -37,8 +36,10 @@ from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.limits import StreamCounter, TokenBuckets, peer_host
 from tessera.rpc import error_info, reason_of, retry_delay, rich_status
 from tessera_cli.failures import HINTS, Service, Situation, explain
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.in_process_site import VENDOR_TOKEN, Site, restart_activation_server, start_site
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory, plain_dsn
+from tests.support.in_process_site import Site, restart_activation_server, start_site
+from tests.support.tokens import VENDOR_TOKEN
 from tests.support.vendor import Host, activate, expect, give_back, start_vendor
 
 Code = grpc.StatusCode
@@ -312,10 +313,6 @@ async def test_an_idle_lease_stream_is_closed_and_a_holding_one_is_not(site: Sit
 
 
 # Call deadlines
-
-
-def plain_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @POSTGRES

@@ -21,16 +21,17 @@ from clients import LicenseClient
 from clients import TrustedStorageBroken as ClientTrustedStorageBroken
 from tessera.license.v1 import license_pb2 as pb
 from tessera.rpc import error_info, reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.trust import LicenseServerUnderTest, Vendor
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.trust import LicenseServerUnderTest, SigningVendor
 
 Code = grpc.StatusCode
 STATION = "client.station"
 
 
 @pytest.fixture
-async def vendor(tmp_path: Path) -> Vendor:
-    vendor = Vendor()
+async def vendor(tmp_path: Path) -> SigningVendor:
+    vendor = SigningVendor()
     vendor.publish(tmp_path / "vendor-keys.pub")
     return vendor
 
@@ -94,7 +95,7 @@ async def set_clock_back(site: LicenseServerUnderTest, clock: FakeClock) -> None
 
 
 async def test_a_feature_whose_only_certificate_broke_is_refused_as_broken_storage(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     await site.activate(vendor, 2, expires_at=clock.now() + dt.timedelta(days=30))
     await set_clock_back(site, clock)
@@ -120,7 +121,7 @@ async def test_a_feature_whose_only_certificate_broke_is_refused_as_broken_stora
 
 
 async def test_broken_seats_that_would_serve_the_request_are_named_as_the_cause(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     await site.activate(vendor, 2)  # perpetual: a clock set back does not break it
     await site.activate(vendor, 3, expires_at=clock.now() + dt.timedelta(days=30))
@@ -140,7 +141,7 @@ async def test_broken_seats_that_would_serve_the_request_are_named_as_the_cause(
 
 
 async def test_a_machine_change_is_refused_as_broken_storage_on_every_path(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     await site.activate(vendor, 2)
     await site.stop()
@@ -165,7 +166,7 @@ async def test_a_machine_change_is_refused_as_broken_storage_on_every_path(
 
 
 async def test_an_expired_license_is_refused_with_its_expiry_and_a_new_activation_as_remedy(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     ends = clock.now() + dt.timedelta(days=1)
     await site.activate(vendor, 2, expires_at=ends)
@@ -180,7 +181,7 @@ async def test_an_expired_license_is_refused_with_its_expiry_and_a_new_activatio
 
 
 async def test_seats_being_returned_are_refused_saying_so(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     certificate = await site.activate(vendor, 2)
     await site.prepare_return(certificate.certificate_id)
@@ -190,7 +191,7 @@ async def test_seats_being_returned_are_refused_saying_so(
 
 
 async def test_every_lease_refusal_says_what_to_do(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     never = await refused(
         site.leases.Checkout(checkout(feature="client.graphiceditor")),

@@ -44,7 +44,8 @@ from tessera.tls import (
 from tessera_cli.app import App
 from tessera_cli.failures import UsageError
 from tessera_cli.settings import Flags, resolve
-from tests.support.processes import OPERATOR_TOKEN, ROOT, Processes, free_port
+from tests.support.processes import ROOT, Processes, free_port
+from tests.support.tokens import OPERATOR_TOKEN
 
 OPENSSL = "/usr/bin/openssl"
 

@@ -21,11 +21,10 @@ import pytest
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory
-from tests.license_server.test_resilience import Vendor, license_server_args
-from tests.license_server.test_resilience import processes as processes  # fixtures
-from tests.license_server.test_resilience import vendor as vendor
-from tests.support.processes import OPERATOR_TOKEN, Processes, credentialed_channel, free_port
+from tests.support.activating_vendor import ActivatingVendor, license_server_args
+from tests.support.databases import DatabaseFactory
+from tests.support.processes import Processes, credentialed_channel, free_port
+from tests.support.tokens import OPERATOR_TOKEN
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +68,10 @@ def wall(stamp: dt.datetime) -> float:
 
 
 async def test_a_heartbeat_acknowledged_just_before_a_sigkill_holds_after_restart(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor, processes: Processes
+    tmp_path: Path,
+    databases: DatabaseFactory,
+    activating_vendor: ActivatingVendor,
+    processes: Processes,
 ) -> None:
     """TTL 12 s, heartbeat interval 4 s. The holder heartbeats 5 s after its grant, gets
     the acknowledgement and the License Server is SIGKILLed at once. After the restart
@@ -82,7 +84,7 @@ async def test_a_heartbeat_acknowledged_just_before_a_sigkill_holds_after_restar
     args += ["--heartbeat-interval", "4"]
     processes.start("license_server", "services.license_server", *args)
     await processes.wait_serving("license_server", port)
-    await vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
+    await activating_vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         leases = lpb_grpc.LeaseServiceStub(channel)
@@ -178,7 +180,10 @@ needs_faketime = pytest.mark.skipif(
 
 @needs_faketime
 async def test_a_lease_from_a_clock_a_day_ahead_gets_one_ttl_after_a_restart(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor, processes: Processes
+    tmp_path: Path,
+    databases: DatabaseFactory,
+    activating_vendor: ActivatingVendor,
+    processes: Processes,
 ) -> None:
     """The License Server runs a day ahead and grants a lease (expiring tomorrow); it is
     SIGKILLed and restarts with the right clock. The lease now expires at most one TTL
@@ -189,7 +194,7 @@ async def test_a_lease_from_a_clock_a_day_ahead_gets_one_ttl_after_a_restart(
     args += ["--operator-token", OPERATOR_TOKEN]  # to list the leases
     processes.start("license_server", "services.license_server", *args)
     await processes.wait_serving("license_server", port)
-    await vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
+    await activating_vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
     processes.stop("license_server")
 
     offset = tmp_path / "faketime"
@@ -211,7 +216,10 @@ async def test_a_lease_from_a_clock_a_day_ahead_gets_one_ttl_after_a_restart(
 
 @needs_faketime
 async def test_a_clock_set_back_under_a_running_server_cuts_its_leases(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor, processes: Processes
+    tmp_path: Path,
+    databases: DatabaseFactory,
+    activating_vendor: ActivatingVendor,
+    processes: Processes,
 ) -> None:
     """The License Server's clock is a day ahead while it grants a lease, then is put
     right while it runs: its sweeper notices the clock went back and the lease expires
@@ -224,7 +232,7 @@ async def test_a_clock_set_back_under_a_running_server_cuts_its_leases(
     offset.write_text("+1d\n")
     processes.start("license_server", "services.license_server", *args, env=faked_clock(offset))
     await processes.wait_serving("license_server", port)
-    await vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
+    await activating_vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         granted = await acquire_on_stream(lpb_grpc.LeaseServiceStub(channel), "ahead")
         assert wall(granted.expires_at.ToDatetime(tzinfo=dt.UTC)) > time.time() + 86_000

@@ -23,8 +23,9 @@ from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.license.v1 import license_pb2 as pb
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.trust import LicenseServerUnderTest, Vendor, new_activation_id
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.trust import LicenseServerUnderTest, SigningVendor, new_activation_id
 
 State = pb.CertificateState
 Standing = apb.CheckInStanding
@@ -35,8 +36,8 @@ WRONG_HOST = "CERTIFICATE_FOR_ANOTHER_HOST"
 
 
 @pytest.fixture
-async def vendor(tmp_path: Path) -> Vendor:
-    vendor = Vendor()
+async def vendor(tmp_path: Path) -> SigningVendor:
+    vendor = SigningVendor()
     vendor.publish(tmp_path / "vendor-keys.pub")
     return vendor
 
@@ -59,7 +60,7 @@ async def site(
 
 async def activate(
     site: LicenseServerUnderTest,
-    vendor: Vendor,
+    vendor: SigningVendor,
     clock: FakeClock,
     count: int,
     *,
@@ -89,7 +90,7 @@ async def activate(
 
 
 def result_for(
-    vendor: Vendor,
+    vendor: SigningVendor,
     request: apb.HostCheckInRequest,
     checked_at: dt.datetime,
     standing: int = Standing.CHECK_IN_STANDING_CURRENT,
@@ -157,7 +158,7 @@ async def stored_results(site: LicenseServerUnderTest) -> list[bytes | None]:
 
 
 async def test_without_a_policy_no_check_in_is_ever_needed(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     await activate(site, vendor, clock, 2)
     clock.advance(2 * 365 * DAY)  # two years without the Internet
@@ -172,7 +173,7 @@ async def test_without_a_policy_no_check_in_is_ever_needed(
 
 
 async def test_an_overdue_check_in_stops_the_seats_until_the_vendor_finds_them_current(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     issued = clock.now()
     certificate = await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
@@ -228,7 +229,7 @@ async def test_an_overdue_check_in_stops_the_seats_until_the_vendor_finds_them_c
 
 
 async def test_a_superseded_certificate_stops_serving_at_once_and_for_good(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     # No policy: the vendor's word stands all the same when the site checks in.
     await activate(site, vendor, clock, 2)
@@ -271,7 +272,7 @@ async def test_a_superseded_certificate_stops_serving_at_once_and_for_good(
 
 
 async def test_a_forged_or_misaddressed_check_in_result_is_refused_and_stores_nothing(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     await activate(site, vendor, clock, 3)
     _, request = await prepare(site)
@@ -284,7 +285,7 @@ async def test_a_forged_or_misaddressed_check_in_result_is_refused_and_stores_no
     altered.CopyFrom(superseded)
     altered.payload = altered.payload[:-1] + bytes([altered.payload[-1] ^ 1])
     # Signed by a key this server does not trust.
-    stranger = Vendor().sign(apb.VendorCheckInResult.FromString(superseded.payload))
+    stranger = SigningVendor().sign(apb.VendorCheckInResult.FromString(superseded.payload))
     # For another host, for a check-in never prepared, about other certificates.
     elsewhere = apb.HostCheckInRequest()
     elsewhere.CopyFrom(request)
@@ -322,7 +323,7 @@ async def test_a_forged_or_misaddressed_check_in_result_is_refused_and_stores_no
 
 
 async def test_an_older_answer_held_back_and_installed_later_changes_nothing(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
     _, first = await prepare(site)
@@ -350,7 +351,7 @@ async def test_an_older_answer_held_back_and_installed_later_changes_nothing(
 
 
 async def test_a_server_whose_storage_is_broken_repairs_before_it_checks_in(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     await activate(site, vendor, clock, 2, interval_days=7, grace_days=1)
     clock.advance(8 * DAY)  # due

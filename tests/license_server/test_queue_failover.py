@@ -23,12 +23,11 @@ count is the held leases'.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -36,17 +35,13 @@ import pytest
 from sqlalchemy import func, select
 
 from clients import LicenseClient, LicenseError, LicenseServerUnreachable
-from services.activation_server import config as as_config
-from services.activation_server import server as as_server
-from services.administrator import config as admin_config
-from services.administrator import server as admin_server
 from services.license_server.store.tables import leases, pools
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.storage import create_engine
-from tests.conftest import DatabaseFactory
-from tests.license_server.test_resilience import TOKEN, Vendor
-from tests.support.processes import CREDENTIALS_ENV, Processes, free_port
+from tests.support.activating_vendor import ActivatingVendor
+from tests.support.databases import DatabaseFactory
+from tests.support.processes import Processes, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -56,45 +51,6 @@ FEATURE = "client.station"
 # it for the dead replica's last beat to be seen, the drop, the grant and a loaded machine.
 REPLICA_TIMEOUT = 1.0
 SLACK = 2.0
-
-
-@pytest.fixture
-async def vendor(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Vendor]:
-    activation = await as_server.build(
-        as_config.load_settings(
-            [
-                "--listen", "127.0.0.1:0",
-                "--data-dir", str(tmp_path / "as"),
-                "--database-url", await databases.new("activation"),
-                "--vendor-token", TOKEN,
-            ],
-            environ={},
-        )
-    )  # fmt: skip
-    admin = await admin_server.build(
-        admin_config.load_settings(
-            [
-                "--listen", "127.0.0.1:0",
-                "--data-dir", str(tmp_path / "admin"),
-                "--database-url", await databases.new("admin"),
-                "--activation-server", f"127.0.0.1:{activation.port}",
-            ],
-            environ=CREDENTIALS_ENV,
-        )
-    )  # fmt: skip
-    yield Vendor(activation, admin)
-    await admin.stop(0)
-    await activation.stop(0)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    for process in processes.running.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)  # stopped, it would not end the test
-    processes.kill_all()
 
 
 @pytest.fixture
@@ -241,7 +197,7 @@ async def held_by(database_url: str) -> list[str]:
 @pytest.mark.parametrize("databases", ["postgres"], indirect=True)
 async def test_a_waiter_on_a_sigkilled_replica_does_not_stall_the_queue_on_the_other(
     databases: DatabaseFactory,
-    vendor: Vendor,
+    activating_vendor: ActivatingVendor,
     processes: Processes,
     channels: list[grpc.aio.Channel],
 ) -> None:
@@ -249,7 +205,7 @@ async def test_a_waiter_on_a_sigkilled_replica_does_not_stall_the_queue_on_the_o
     port_a, port_b = free_port(), free_port()
     replica_a = await start_license_server(processes, channels, "a", port_a, database_url)
     replica_b = await start_license_server(processes, channels, "b", port_b, database_url)
-    await vendor.activate(f"{port_a}@127.0.0.1", FEATURE, 1)
+    await activating_vendor.activate(f"{port_a}@127.0.0.1", FEATURE, 1)
 
     holder, _ = await hold(replica_b, "holder")
     await queue(replica_a, "waiter-on-a", position=1)
@@ -271,7 +227,7 @@ async def test_a_waiter_on_a_sigkilled_replica_does_not_stall_the_queue_on_the_o
 @pytest.mark.parametrize("databases", ["postgres"], indirect=True)
 async def test_a_stopped_replica_that_comes_back_cannot_serve_its_dropped_waiter(
     databases: DatabaseFactory,
-    vendor: Vendor,
+    activating_vendor: ActivatingVendor,
     processes: Processes,
     channels: list[grpc.aio.Channel],
 ) -> None:
@@ -279,7 +235,7 @@ async def test_a_stopped_replica_that_comes_back_cannot_serve_its_dropped_waiter
     port_a, port_b = free_port(), free_port()
     replica_a = await start_license_server(processes, channels, "a", port_a, database_url)
     replica_b = await start_license_server(processes, channels, "b", port_b, database_url)
-    await vendor.activate(f"{port_a}@127.0.0.1", FEATURE, 1)
+    await activating_vendor.activate(f"{port_a}@127.0.0.1", FEATURE, 1)
 
     holder, _ = await hold(replica_b, "holder")
     on_a = await queue(replica_a, "waiter-on-a", position=1)
@@ -319,14 +275,14 @@ async def test_a_stopped_replica_that_comes_back_cannot_serve_its_dropped_waiter
 
 async def test_a_restarted_license_server_drops_the_waiters_of_its_dead_process(
     databases: DatabaseFactory,
-    vendor: Vendor,
+    activating_vendor: ActivatingVendor,
     processes: Processes,
     channels: list[grpc.aio.Channel],
 ) -> None:
     database_url = await databases.new("license")
     port = free_port()
     server = await start_license_server(processes, channels, "ls", port, database_url)
-    await vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
+    await activating_vendor.activate(f"{port}@127.0.0.1", FEATURE, 1)
     _, granted = await hold(server, "holder")
     await queue(server, "waiter", position=1)
 
@@ -369,7 +325,7 @@ KILLS = 3
 @pytest.mark.parametrize("databases", ["postgres"], indirect=True)
 async def test_repeated_replica_kills_leave_no_free_seat_idle_while_clients_wait(
     databases: DatabaseFactory,
-    vendor: Vendor,
+    activating_vendor: ActivatingVendor,
     processes: Processes,
     channels: list[grpc.aio.Channel],
 ) -> None:
@@ -384,7 +340,7 @@ async def test_repeated_replica_kills_leave_no_free_seat_idle_while_clients_wait
             for index in (1, 2)
         )
     )
-    await vendor.activate(f"{ports[0]}@127.0.0.1", FEATURE, SEATS)
+    await activating_vendor.activate(f"{ports[0]}@127.0.0.1", FEATURE, SEATS)
 
     stopping = asyncio.Event()
     grants = 0

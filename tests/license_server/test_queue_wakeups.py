@@ -25,8 +25,10 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
 from tessera.storage import create_engine, migrate
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.license_server.test_leasing import (
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
+from tests.support.lease_stream import (
     Stream,
     acquire,
     activate,
@@ -35,8 +37,7 @@ from tests.license_server.test_leasing import (
     receive,
     release,
 )
-from tests.license_server.test_store import new_lease, seed
-from tests.support.in_process_site import Site, start_site
+from tests.support.license_pools import new_lease, seed
 
 # Shorter than a stream's 5 s poll of its place.
 PROMPTLY = 2.0

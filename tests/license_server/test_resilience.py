@@ -16,131 +16,32 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
-from sqlalchemy.engine import make_url
 
-from services.activation_server import config as as_config
-from services.activation_server import server as as_server
-from services.administrator import config as admin_config
-from services.administrator import server as admin_server
-from tessera.activation.v1 import activation_pb2 as apb
-from tessera.activation.v1 import activation_pb2_grpc as apb_grpc
-from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.auth import bearer_metadata
-from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory
+from tests.support.activating_vendor import ActivatingVendor, license_server_args
+from tests.support.databases import DatabaseFactory, plain_dsn
 from tests.support.processes import (
-    CREDENTIALS_ENV,
     ROOT,
     Processes,
-    credentialed_channel,
     free_port,
 )
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "resilience-vendor-token"
-
-
-@dataclass
-class Vendor:
-    """An Activation Server and an Administrator in this process, to activate seats."""
-
-    activation: as_server.ActivationServer
-    admin: admin_server.Administrator
-
-    async def activate(self, license_server: str, feature: str, seats: int) -> None:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{self.activation.port}") as vendor_channel,
-            credentialed_channel(f"127.0.0.1:{self.admin.port}") as admin_channel,
-        ):
-            created = await apb_grpc.VendorServiceStub(vendor_channel).CreateEntitlement(
-                apb.CreateEntitlementRequest(
-                    customer_organization="Resilience",
-                    lines=[
-                        apb.NewEntitlementLine(
-                            feature=feature, count=seats, kind=LicenseKind.LICENSE_KIND_NETWORK
-                        )
-                    ],
-                ),
-                metadata=bearer_metadata(TOKEN),
-            )
-            await admin_pb2_grpc.AdministratorServiceStub(admin_channel).Activate(
-                admin_pb2.ActivateRequest(
-                    license_server=license_server,
-                    activation_id=created.entitlement.lines[0].activation_id,
-                    count=seats,
-                )
-            )
-
-
-@pytest.fixture
-async def vendor(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Vendor]:
-    activation = await as_server.build(
-        as_config.load_settings(
-            [
-                "--listen", "127.0.0.1:0",
-                "--data-dir", str(tmp_path / "as"),
-                "--database-url", await databases.new("activation"),
-                "--vendor-token", TOKEN,
-            ],
-            environ={},
-        )
-    )  # fmt: skip
-    admin = await admin_server.build(
-        admin_config.load_settings(
-            [
-                "--listen", "127.0.0.1:0",
-                "--data-dir", str(tmp_path / "admin"),
-                "--database-url", await databases.new("admin"),
-                "--activation-server", f"127.0.0.1:{activation.port}",
-            ],
-            environ=CREDENTIALS_ENV,
-        )
-    )  # fmt: skip
-    yield Vendor(activation, admin)
-    await admin.stop(0)
-    await activation.stop(0)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.kill_all()
-
-
-def license_server_args(tmp_path: Path, port: int, database_url: str, ttl: int) -> list[str]:
-    return [
-        "--listen", f"127.0.0.1:{port}",
-        "--data-dir", str(tmp_path / "ls"),
-        "--database-url", database_url,
-        "--vendor-keys", str(tmp_path / "as" / "vendor-keys.pub"),
-        "--machine-id", "resilience-machine",
-        "--lease-ttl", str(ttl),
-        "--sweep-interval", "0.2",
-        # Hundreds of clients from one loopback address stand in for hundreds of hosts.
-        "--max-streams-per-host", "0",
-        "--acquire-rate", "0",
-    ]  # fmt: skip
-
-
-def plain_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
 
 @pytest.mark.parametrize("databases", ["postgres"], indirect=True)
 async def test_three_replicas_never_over_allocate_under_200_clients(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor, processes: Processes
+    tmp_path: Path,
+    databases: DatabaseFactory,
+    activating_vendor: ActivatingVendor,
+    processes: Processes,
 ) -> None:
     database_url = await databases.new("license")
     ports = [free_port() for _ in range(3)]
@@ -152,7 +53,7 @@ async def test_three_replicas_never_over_allocate_under_200_clients(
         )
     for index, port in enumerate(ports):
         await processes.wait_serving(f"replica-{index}", port)
-    await vendor.activate(f"{ports[0]}@127.0.0.1", "client.station", 10)
+    await activating_vendor.activate(f"{ports[0]}@127.0.0.1", "client.station", 10)
 
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
     stubs = [lpb_grpc.LeaseServiceStub(channel) for channel in channels]
@@ -216,14 +117,17 @@ async def test_three_replicas_never_over_allocate_under_200_clients(
 
 
 async def test_sigkill_with_100_leases_then_every_holder_resumes_its_own(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor, processes: Processes
+    tmp_path: Path,
+    databases: DatabaseFactory,
+    activating_vendor: ActivatingVendor,
+    processes: Processes,
 ) -> None:
     database_url = await databases.new("license")
     port = free_port()
     args = license_server_args(tmp_path, port, database_url, ttl=60)
     processes.start("license_server", "services.license_server", *args)
     await processes.wait_serving("license_server", port)
-    await vendor.activate(f"{port}@127.0.0.1", "client.station", 100)
+    await activating_vendor.activate(f"{port}@127.0.0.1", "client.station", 100)
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         leases = lpb_grpc.LeaseServiceStub(channel)
@@ -298,7 +202,10 @@ asyncio.run(main())
 
 
 async def test_a_client_that_vanishes_without_fin_loses_its_seat_after_the_ttl(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor, processes: Processes
+    tmp_path: Path,
+    databases: DatabaseFactory,
+    activating_vendor: ActivatingVendor,
+    processes: Processes,
 ) -> None:
     database_url = await databases.new("license")
     port = free_port()
@@ -308,7 +215,7 @@ async def test_a_client_that_vanishes_without_fin_loses_its_seat_after_the_ttl(
         *license_server_args(tmp_path, port, database_url, ttl=3),
     )
     await processes.wait_serving("license_server", port)
-    await vendor.activate(f"{port}@127.0.0.1", "client.station", 1)
+    await activating_vendor.activate(f"{port}@127.0.0.1", "client.station", 1)
     client = subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread
         [sys.executable, "-c", VANISHING_CLIENT, f"127.0.0.1:{port}"],
         cwd=ROOT,

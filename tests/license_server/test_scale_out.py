@@ -26,14 +26,13 @@ import datetime as dt
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
-from sqlalchemy.engine import make_url
 
 from clients import Lease, LicenseClient, NoSeatAvailable
 from clients.events import LeaseEvent, Lost, Resumed
@@ -45,26 +44,17 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory
-from tests.support.processes import ADMINISTRATOR_TOKEN, Processes, credentialed_channel, free_port
-from tests.support.processes import OPERATOR_TOKEN as SITE_OPERATOR_TOKEN
+from tests.support.databases import DatabaseFactory, plain_dsn
+from tests.support.processes import Processes, credentialed_channel, free_port
+from tests.support.tokens import ADMINISTRATOR_TOKEN, OPERATOR_TOKEN, VENDOR_TOKEN
 
 pytestmark = pytest.mark.e2e
 
-VENDOR_TOKEN = "scale-out-vendor-token"
-OPERATOR_TOKEN = "scale-out-operator-token"
 FEATURE = "client.station"
 TTL = 6  # --lease-ttl, seconds
 HEARTBEAT = 2  # --heartbeat-interval, seconds
 RPC_TIMEOUT = 30.0
 NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.kill_all()
 
 
 def postgres_only(databases: DatabaseFactory) -> None:
@@ -123,10 +113,6 @@ async def start(processes: Processes, *services: tuple[str, str, list[str], int]
     for name, module, args, _port in services:
         processes.start(name, module, *args)
     await asyncio.gather(*(processes.wait_serving(name, port) for name, _, _, port in services))
-
-
-def plain_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def until(condition: Callable[[], bool], within: float, what: str) -> float:
@@ -258,7 +244,7 @@ async def test_a_replica_sigkilled_under_load_its_leases_resume_elsewhere_within
     # The site's seats, through the second Activation Server replica onto the second
     # License Server replica: one activation serves all three (one host identity).
     entitlement_id, activation_id = await sell(as_ports[0], SEATS)
-    async with credentialed_channel(target(admin_port), SITE_OPERATOR_TOKEN) as channel:
+    async with credentialed_channel(target(admin_port), OPERATOR_TOKEN) as channel:
         administrator = admin_pb2_grpc.AdministratorServiceStub(channel)
         activated = await administrator.Activate(
             admin_pb2.ActivateRequest(
@@ -535,7 +521,7 @@ async def test_two_administrators_on_two_vendor_replicas_never_activate_more_tha
 
     entitlement_id, activation_id = await sell(as_ports[0], SOLD)
     channels = [
-        *(credentialed_channel(target(port), SITE_OPERATOR_TOKEN) for port in admin_ports),
+        *(credentialed_channel(target(port), OPERATOR_TOKEN) for port in admin_ports),
         *(credentialed_channel(target(port), ADMINISTRATOR_TOKEN) for port in ls_ports),
     ]
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +29,14 @@ from services.license_server.domain.errors import (
 )
 from services.license_server.domain.group_commit import GATHER_AFTER
 from services.license_server.domain.leasing import CLOCK_STEP_TOLERANCE, LeasePolicy, Leasing
-from services.license_server.domain.model import Grant, NewLease, PoolInformation, StoredCertificate
+from services.license_server.domain.model import Grant, PoolInformation
 from services.license_server.server import MIGRATIONS
 from services.license_server.store.repository import LicenseStore, Repository
 from services.license_server.store.tables import leases
 from tessera.storage import create_engine, migrate
-from tests.conftest import DatabaseFactory, FakeClock
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.license_pools import new_lease, seed
 
 FEATURE = "client.station"
 TTL = 90
@@ -69,24 +70,6 @@ async def leasing(replicas: Replicas) -> Leasing:
     return one
 
 
-async def seed(leasing: Leasing, seats: int, feature: str = FEATURE) -> None:
-    """Install a certificate for ``seats`` seats of ``feature`` straight into storage."""
-    certificate_id = str(uuid.uuid4())
-    async with leasing.store.transaction() as repo:
-        await repo.insert_certificate(
-            StoredCertificate(
-                certificate_id=certificate_id,
-                request_id=f"request-{certificate_id}",
-                feature=feature,
-                count=seats,
-                envelope=b"not-verified-in-these-tests",
-                installed_at=leasing.clock.now(),
-            )
-        )
-        await repo.lock_pool(feature)
-        assert await repo.set_pool_activated(feature, await repo.serving_seats(feature))
-
-
 async def pool(leasing: Leasing, feature: str = FEATURE) -> PoolInformation:
     [info] = await leasing.information(feature)
     return info
@@ -101,10 +84,6 @@ async def held_seats(leasing: Leasing, feature: str = FEATURE) -> int:
             )
         )
     return int(total or 0)
-
-
-def new_lease(count: int = 1, client: str = "ws-01", feature: str = FEATURE) -> NewLease:
-    return NewLease(feature, count, client, "operator", "WorkStation")
 
 
 async def test_counted_checkout_is_all_or_nothing(leasing: Leasing) -> None:

@@ -20,15 +20,16 @@ from tessera.activation.v1 import activation_pb2 as apb
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.license.v1 import license_pb2 as pb
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.trust import LicenseServerUnderTest, Vendor, restore, snapshot
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.trust import LicenseServerUnderTest, SigningVendor, restore, snapshot
 
 State = pb.CertificateState
 
 
 @pytest.fixture
-async def vendor(tmp_path: Path) -> Vendor:
-    vendor = Vendor()
+async def vendor(tmp_path: Path) -> SigningVendor:
+    vendor = SigningVendor()
     vendor.publish(tmp_path / "vendor-keys.pub")
     return vendor
 
@@ -66,7 +67,7 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
 
 
 async def test_a_return_withholds_the_seats_before_the_vendor_credits_them(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     certificate = await site.activate(vendor, 5)
     assert await site.activated() == 5
@@ -91,7 +92,7 @@ async def test_a_return_withholds_the_seats_before_the_vendor_credits_them(
 
 
 async def test_seats_in_use_are_not_returned_unless_forced_and_then_holders_are_told(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     certificate = await site.activate(vendor, 2)
     stream = site.leases.Lease()
@@ -112,7 +113,7 @@ async def test_seats_in_use_are_not_returned_unless_forced_and_then_holders_are_
 
 
 async def test_what_one_activation_brought_returns_together_unless_the_line_allows_less(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     whole = await site.activate(vendor, 4)
     error = await refused(site.prepare_return(whole.certificate_id, count=1))
@@ -144,7 +145,7 @@ async def test_what_one_activation_brought_returns_together_unless_the_line_allo
 
 
 async def test_a_refused_return_serves_again_and_a_not_held_one_leaves(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     certificate = await site.activate(vendor, 3)
     _, request = await site.prepare_return(certificate.certificate_id)
@@ -164,7 +165,7 @@ async def test_a_refused_return_serves_again_and_a_not_held_one_leaves(
 
 
 async def test_forged_and_misaddressed_receipts_change_nothing(
-    site: LicenseServerUnderTest, vendor: Vendor, tmp_path: Path
+    site: LicenseServerUnderTest, vendor: SigningVendor, tmp_path: Path
 ) -> None:
     certificate = await site.activate(vendor, 3)
     _, request = await site.prepare_return(certificate.certificate_id)
@@ -176,7 +177,7 @@ async def test_forged_and_misaddressed_receipts_change_nothing(
     error = await refused(site.storage.CompleteReturn(pb.CompleteReturnRequest(receipt=flipped)))
     assert reason_of(error) == "BAD_SIGNATURE"
 
-    stranger = Vendor()
+    stranger = SigningVendor()
     error = await refused(
         site.storage.CompleteReturn(pb.CompleteReturnRequest(receipt=stranger.credit(request)))
     )
@@ -208,7 +209,7 @@ async def test_forged_and_misaddressed_receipts_change_nothing(
 
 
 async def test_a_changed_machine_breaks_every_certificate_until_repair(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     first = await site.activate(vendor, 2)
     second = await site.activate(vendor, 3, feature="server.enterprise.base")
@@ -267,7 +268,7 @@ async def test_a_changed_machine_breaks_every_certificate_until_repair(
 
 
 async def test_a_database_copied_to_another_server_serves_nothing(
-    site: LicenseServerUnderTest, vendor: Vendor, tmp_path: Path
+    site: LicenseServerUnderTest, vendor: SigningVendor, tmp_path: Path
 ) -> None:
     await site.activate(vendor, 4)
     # Same database, another server's data directory (another host key).
@@ -285,7 +286,7 @@ async def test_a_database_copied_to_another_server_serves_nothing(
 
 
 async def test_a_restored_older_backup_is_detected(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     certificate = await site.activate(vendor, 5)
     backup = await snapshot(site)
@@ -301,7 +302,7 @@ async def test_a_restored_older_backup_is_detected(
 
 
 async def test_a_clock_set_back_breaks_time_limited_licenses_until_repair(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     limited = await site.activate(vendor, 2, expires_at=clock.now() + dt.timedelta(days=30))
     await site.activate(vendor, 3)
@@ -318,7 +319,7 @@ async def test_a_clock_set_back_breaks_time_limited_licenses_until_repair(
 
 
 async def test_edited_rows_and_deleted_ledger_entries_are_found(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     first = await site.activate(vendor, 2)
     second = await site.activate(vendor, 3)
@@ -350,7 +351,7 @@ async def test_edited_rows_and_deleted_ledger_entries_are_found(
 
 
 async def test_a_repair_keeps_only_what_the_vendor_records(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     kept = await site.activate(vendor, 2)
     returned = await site.activate(vendor, 4)
@@ -379,7 +380,7 @@ async def test_a_repair_keeps_only_what_the_vendor_records(
 
 
 async def test_a_repair_of_healthy_storage_is_refused_and_prepares_nothing(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     await site.activate(vendor, 2)
     before = await snapshot(site)
@@ -405,7 +406,7 @@ async def test_a_repair_of_healthy_storage_is_refused_and_prepares_nothing(
 
 
 async def test_broken_storage_is_repaired_without_force(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: SigningVendor, clock: FakeClock
 ) -> None:
     limited = await site.activate(vendor, 2, expires_at=clock.now() + dt.timedelta(days=30))
     clock.advance(3600)
@@ -435,7 +436,7 @@ async def test_broken_storage_is_repaired_without_force(
 
 
 async def test_a_repair_for_another_host_is_refused(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: SigningVendor
 ) -> None:
     await site.activate(vendor, 2)
     prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest(force=True))

@@ -31,10 +31,10 @@ from tessera.activation.v1 import activation_pb2 as apb
 from tessera.common.v1.common_pb2 import LicenseCertificate
 from tessera.keys import read_vendor_public_keys
 from tessera.license.v1 import license_pb2 as pb
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.trust import LicenseServerUnderTest
-from tests.support.trust import Vendor as FakeVendor
-from tests.support.vendor import STAFF, Vendor, start_vendor
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.trust import LicenseServerUnderTest, SigningVendor
+from tests.support.vendor import STAFF, ActivationServerUnderTest, start_vendor
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ T = TypeVar("T")
 @pytest.fixture
 async def vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[Vendor]:
+) -> AsyncIterator[ActivationServerUnderTest]:
     vendor = await start_vendor(tmp_path, databases, clock)
     yield vendor
     await vendor.close()
@@ -66,7 +66,7 @@ async def _license_server(
 
 @pytest.fixture
 async def site(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, vendor: Vendor
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, vendor: ActivationServerUnderTest
 ) -> AsyncIterator[LicenseServerUnderTest]:
     server = await _license_server(
         tmp_path, databases, clock, vendor.published_keys_file, "license"
@@ -76,7 +76,10 @@ async def site(
 
 
 async def activate(
-    site: LicenseServerUnderTest, vendor: Vendor, line: apb.EntitlementLine, count: int
+    site: LicenseServerUnderTest,
+    vendor: ActivationServerUnderTest,
+    line: apb.EntitlementLine,
+    count: int,
 ) -> LicenseCertificate:
     prepared = await site.storage.PrepareActivation(
         pb.PrepareActivationRequest(activation_id=line.activation_id, count=count)
@@ -88,17 +91,19 @@ async def activate(
     return installed.certificate.certificate
 
 
-async def vendor_return(vendor: Vendor, request: object) -> apb.ReturnResponse:
+async def vendor_return(vendor: ActivationServerUnderTest, request: object) -> apb.ReturnResponse:
     return await vendor.activation.Return(apb.ReturnRequest(request=request))
 
 
-async def vendor_repair(site: LicenseServerUnderTest, vendor: Vendor) -> apb.RepairResponse:
+async def vendor_repair(
+    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
+) -> apb.RepairResponse:
     # Forced: these interleavings repair storage that is still healthy.
     prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest(force=True))
     return await vendor.activation.Repair(apb.RepairRequest(request=prepared.request))
 
 
-async def vendor_holds(vendor: Vendor, host_id: str) -> int:
+async def vendor_holds(vendor: ActivationServerUnderTest, host_id: str) -> int:
     """Seats the vendor records ``host_id`` as holding (active network activations)."""
     reply = await vendor.staff.ListActivations(
         apb.ListActivationsRequest(host_id=host_id),
@@ -120,7 +125,7 @@ def postgres_only(databases: DatabaseFactory) -> None:
 
 async def test_stale_repair_answer_does_not_resurrect_a_returned_certificate(
     site: LicenseServerUnderTest,
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
     tmp_path: Path,
     databases: DatabaseFactory,
     clock: FakeClock,
@@ -162,7 +167,7 @@ async def test_stale_repair_answer_does_not_resurrect_a_returned_certificate(
 
 
 async def test_partial_return_receipt_installs_after_a_repair(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> None:
     line = await vendor.line(count=10, partial_return_allowed=True)
     certificate = await activate(site, vendor, line, 10)
@@ -198,7 +203,7 @@ async def test_partial_return_receipt_installs_after_a_repair(
 
 
 async def test_a_certificate_row_moved_to_another_feature_is_detected(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> None:
     line = await vendor.line(count=5)
     certificate = await activate(site, vendor, line, 5)
@@ -214,7 +219,7 @@ async def test_a_certificate_row_moved_to_another_feature_is_detected(
 
 
 async def test_a_time_limited_certificate_cannot_be_kept_alive_by_editing_its_row(
-    site: LicenseServerUnderTest, vendor: Vendor, clock: FakeClock
+    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest, clock: FakeClock
 ) -> None:
     line = await vendor.line(count=5, duration=Duration(seconds=3600))
     certificate = await activate(site, vendor, line, 5)
@@ -235,7 +240,7 @@ async def test_a_time_limited_certificate_cannot_be_kept_alive_by_editing_its_ro
 
 
 async def test_an_edited_pool_row_is_put_right_by_the_trust_check(
-    site: LicenseServerUnderTest, vendor: Vendor
+    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> None:
     line = await vendor.line(count=2)
     await activate(site, vendor, line, 2)
@@ -256,15 +261,15 @@ async def test_an_edited_pool_row_is_put_right_by_the_trust_check(
 
 
 @pytest.fixture
-async def fake_vendor(tmp_path: Path) -> FakeVendor:
-    vendor = FakeVendor()
+async def fake_vendor(tmp_path: Path) -> SigningVendor:
+    vendor = SigningVendor()
     vendor.publish(tmp_path / "fake-vendor-keys.pub")
     return vendor
 
 
 @pytest.fixture
 async def racing_site(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, fake_vendor: FakeVendor
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, fake_vendor: SigningVendor
 ) -> AsyncIterator[LicenseServerUnderTest]:
     postgres_only(databases)
     server = await _license_server(
@@ -314,7 +319,7 @@ def in_paused_context(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 
 
 async def test_a_late_duplicate_refusal_does_not_release_a_newer_return(
-    racing_site: LicenseServerUnderTest, fake_vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+    racing_site: LicenseServerUnderTest, fake_vendor: SigningVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     site = racing_site
     certificate = await site.activate(fake_vendor, 5)
@@ -340,7 +345,7 @@ async def test_a_late_duplicate_refusal_does_not_release_a_newer_return(
 
 
 async def test_concurrent_prepare_return_with_one_request_id_gets_one_answer(
-    racing_site: LicenseServerUnderTest, fake_vendor: FakeVendor, monkeypatch: pytest.MonkeyPatch
+    racing_site: LicenseServerUnderTest, fake_vendor: SigningVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     site = racing_site
     certificate = await site.activate(fake_vendor, 5)
@@ -360,7 +365,7 @@ _IN_SWEEPER: contextvars.ContextVar[bool] = contextvars.ContextVar("in_sweeper",
 
 async def test_retiring_an_expired_certificate_does_not_put_withheld_seats_back(
     racing_site: LicenseServerUnderTest,
-    fake_vendor: FakeVendor,
+    fake_vendor: SigningVendor,
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

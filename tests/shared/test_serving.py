@@ -28,7 +28,7 @@ from services.license_server.server import SERVICE_NAMES as LICENSE_SERVICES
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.rpc import reason_of
 from tessera.serving import Endpoint, ListenRefused, listen_problem
-from tests.conftest import DatabaseFactory
+from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import Site, start_site
 from tests.support.processes import ROOT, Processes, free_port
 
@@ -37,13 +37,6 @@ SERVICES = {
     "administrator": "another Administrator?",
     "activation_server": "another Activation Server?",
 }
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.kill_all()
 
 
 @pytest.fixture

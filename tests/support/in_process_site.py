@@ -25,23 +25,13 @@ from tessera.auth import BearerCredentials, bearer_metadata
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2_grpc
-from tests.conftest import DatabaseFactory
-
-VENDOR_TOKEN = "test-vendor-token"
-OPERATOR_TOKEN = "test-operator-token"
-# What the Administrator presents to License Servers (their administrator role).
-ADMINISTRATOR_TOKEN = "test-administrator-token"
-# The Administrator's credential flags: the site's operator token admits the operator,
-# and the Administrator presents ADMINISTRATOR_TOKEN to License Servers.
-ADMINISTRATOR_FLAGS = (
-    "--operator-token", OPERATOR_TOKEN,
-    "--license-server-token", ADMINISTRATOR_TOKEN,
-)  # fmt: skip
-# A License Server's credential flags, matching the Administrator's.
-LICENSE_SERVER_FLAGS = (
-    "--operator-token", OPERATOR_TOKEN,
-    "--administrator-token", ADMINISTRATOR_TOKEN,
-)  # fmt: skip
+from tests.support.databases import DatabaseFactory
+from tests.support.tokens import (
+    ADMINISTRATOR_FLAGS,
+    LICENSE_SERVER_FLAGS,
+    OPERATOR_TOKEN,
+    VENDOR_TOKEN,
+)
 
 
 @dataclass

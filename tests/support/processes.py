@@ -18,14 +18,13 @@ import pytest
 from tessera.auth import BearerCredentials
 from tessera.serving import is_serving
 from tessera.tls import ClientTls
+from tests.support.tokens import ADMINISTRATOR_TOKEN, OPERATOR_TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Credentials every process started here gets through its environment (a flag a test
 # gives still wins): the Administrator admits OPERATOR_TOKEN and presents
 # ADMINISTRATOR_TOKEN to License Servers, which admit it.
-OPERATOR_TOKEN = "process-operator-token"
-ADMINISTRATOR_TOKEN = "process-administrator-token"
 CREDENTIALS_ENV = {
     "TESSERA_ADMIN_OPERATOR_TOKEN": OPERATOR_TOKEN,
     "TESSERA_ADMIN_LICENSE_SERVER_TOKEN": ADMINISTRATOR_TOKEN,

@@ -28,12 +28,12 @@ from tessera.envelope import seal
 from tessera.keys import vendor_key_id
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
+from tests.support.tokens import OPERATOR_TOKEN
 
-OPERATOR_TOKEN = "trust-operator-token"
 OPERATOR = bearer_metadata(OPERATOR_TOKEN)
 
 
-class Vendor:
+class SigningVendor:
     """Signs what an Activation Server would, with its own key."""
 
     def __init__(self, key: SigningKey | None = None) -> None:
@@ -187,7 +187,7 @@ class LicenseServerUnderTest:
         return self.server.identity.host_id
 
     async def activate(
-        self, vendor: Vendor, count: int, feature: str = "client.station", **options: object
+        self, vendor: SigningVendor, count: int, feature: str = "client.station", **options: object
     ) -> LicenseCertificate:
         """Prepare, have the vendor answer, install; the installed certificate."""
         prepared = await self.storage.PrepareActivation(

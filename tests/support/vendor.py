@@ -1,8 +1,9 @@
-"""The Activation Server alone, in process, for the test_vendor_* suites (no tests here).
+"""The vendor's Activation Server alone, in process, for the tests/activation_server suites.
 
-``Vendor`` is a real Activation Server (grpc.aio on 127.0.0.1:0, a real migrated database,
-real key files, a fake clock) with its stubs. ``Host`` is a License Server's host identity
-that signs activation, return and repair requests as a License Server would.
+``ActivationServerUnderTest`` is a real Activation Server (grpc.aio on 127.0.0.1:0, a real
+migrated database, real key files, a fake clock) with its stubs. ``Host`` is a License
+Server's host identity that signs activation, return and repair requests as a License
+Server would.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from tessera.common.v1.common_pb2 import LicenseCertificate, LicenseKind, Signed
 from tessera.envelope import open_envelope, seal
 from tessera.keys import HostIdentity, machine_binding, read_vendor_public_keys
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support.in_process_site import VENDOR_TOKEN
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.tokens import VENDOR_TOKEN
 
 STAFF = bearer_metadata(VENDOR_TOKEN)
 NETWORK = LicenseKind.LICENSE_KIND_NETWORK
@@ -41,7 +43,7 @@ M = TypeVar("M", bound=Message)
 
 
 @dataclass
-class Vendor:
+class ActivationServerUnderTest:
     """One Activation Server and a channel to it."""
 
     server: as_server.ActivationServer
@@ -132,14 +134,16 @@ class Vendor:
 
 async def start_vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, *extra: str
-) -> Vendor:
+) -> ActivationServerUnderTest:
     """An Activation Server with ``extra`` flags (e.g. ``--max-repairs-per-year 2``)."""
     return await start_vendor_at(
         tmp_path / "activation_server", await databases.new("activation"), clock, *extra
     )
 
 
-async def restart_vendor(vendor: Vendor, *extra: str) -> Vendor:
+async def restart_vendor(
+    vendor: ActivationServerUnderTest, *extra: str
+) -> ActivationServerUnderTest:
     """The same Activation Server (data directory, database) stopped and started again."""
     await vendor.close()
     again = await start_vendor_at(vendor.data_dir, vendor.database_url, vendor.clock, *extra)
@@ -147,7 +151,9 @@ async def restart_vendor(vendor: Vendor, *extra: str) -> Vendor:
     return again
 
 
-async def start_vendor_at(data_dir: Path, url: str, clock: FakeClock, *extra: str) -> Vendor:
+async def start_vendor_at(
+    data_dir: Path, url: str, clock: FakeClock, *extra: str
+) -> ActivationServerUnderTest:
     """An Activation Server over ``data_dir`` and the database at ``url`` (another replica,
     when one already runs there)."""
     server = await as_server.build(
@@ -164,7 +170,7 @@ async def start_vendor_at(data_dir: Path, url: str, clock: FakeClock, *extra: st
         clock=clock,
     )  # fmt: skip
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    return Vendor(server, data_dir, url, clock, channel)
+    return ActivationServerUnderTest(server, data_dir, url, clock, channel)
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ class Host:
 
 
 async def activate(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
     host: Host,
     line: apb.EntitlementLine,
     count: int,
@@ -252,7 +258,7 @@ async def activate(
 
 
 async def give_back(
-    vendor: Vendor,
+    vendor: ActivationServerUnderTest,
     host: Host,
     certificate: LicenseCertificate,
     count: int | None = None,
