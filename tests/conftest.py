@@ -16,7 +16,10 @@ import pytest
 
 from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
 from tests.support.processes import Processes
+from tests.support.trust import LicenseServerUnderTest, SigningVendor
+from tests.support.vendor import ActivationServerUnderTest, start_vendor
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -43,3 +46,57 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGCONT)  # stopped, it would not end the test
     processes.kill_all()
+
+
+@pytest.fixture
+async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
+    """All three services in process; the License Server's time is the test's ``clock``."""
+    site = await start_site(tmp_path, databases, license_clock=clock)
+    yield site
+    await site.close()
+
+
+@pytest.fixture
+async def real_clock_site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
+    """All three services in process on the real clock (for clients, the CLI and examples
+    whose own timers must meet the server's)."""
+    site = await start_site(tmp_path, databases)
+    yield site
+    await site.close()
+
+
+@pytest.fixture
+async def vendor(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[ActivationServerUnderTest]:
+    """The vendor's Activation Server alone, in process, on the test's ``clock``."""
+    vendor = await start_vendor(tmp_path, databases, clock)
+    yield vendor
+    await vendor.close()
+
+
+@pytest.fixture
+async def signing_vendor(tmp_path: Path) -> SigningVendor:
+    """A vendor key in the test's hands, published to ``tmp_path / "vendor-keys.pub"``
+    (where ``lone_license_server`` reads it); it signs answers the test composes."""
+    vendor = SigningVendor()
+    vendor.publish(tmp_path / "vendor-keys.pub")
+    return vendor
+
+
+@pytest.fixture
+async def lone_license_server(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[LicenseServerUnderTest]:
+    """A License Server alone on the test's ``clock``; the test plays the vendor with a
+    SigningVendor that publishes its keys to ``tmp_path / "vendor-keys.pub"``."""
+    server = LicenseServerUnderTest(
+        data_dir=tmp_path / "license_server",
+        database_url=await databases.new("license"),
+        vendor_keys=tmp_path / "vendor-keys.pub",
+        machine_id="machine-a",
+        clock=clock,
+    )
+    await server.start()
+    yield server
+    await server.stop()

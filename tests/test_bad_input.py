@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -43,7 +42,7 @@ from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
 from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
-from tests.support.in_process_site import Site, start_site
+from tests.support.in_process_site import Site
 from tests.support.tokens import ADMINISTRATOR_FLAGS, LICENSE_SERVER_FLAGS, VENDOR_TOKEN
 
 Code = grpc.StatusCode
@@ -55,13 +54,6 @@ VENDOR = bearer_metadata(VENDOR_TOKEN)
 # ---------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    yield site
-    await site.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -43,20 +43,10 @@ from tests.support.vendor import (
     activate,
     expect,
     give_back,
-    start_vendor,
     start_vendor_at,
 )
 
 Code = grpc.StatusCode
-
-
-@pytest.fixture
-async def vendor(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[ActivationServerUnderTest]:
-    vendor = await start_vendor(tmp_path, databases, clock)
-    yield vendor
-    await vendor.close()
 
 
 def expected_hash(previous: bytes, entry: apb.AuditEntry) -> bytes:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,7 +23,6 @@ from tessera.activation.v1 import activation_pb2 as apb
 from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tests.support.clock import FakeClock
-from tests.support.databases import DatabaseFactory
 from tests.support.vendor import (
     STAFF,
     ActivationServerUnderTest,
@@ -33,22 +30,12 @@ from tests.support.vendor import (
     activate,
     expect,
     give_back,
-    start_vendor,
 )
 
 Code = grpc.StatusCode
 Standing = apb.CheckInStanding
 WEEK = Duration(seconds=7 * 86400)
 DAY = Duration(seconds=86400)
-
-
-@pytest.fixture
-async def vendor(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[ActivationServerUnderTest]:
-    vendor = await start_vendor(tmp_path, databases, clock)
-    yield vendor
-    await vendor.close()
 
 
 def check_in_request(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -34,15 +33,6 @@ from tests.support.vendor import (
 )
 
 Code = grpc.StatusCode
-
-
-@pytest.fixture
-async def vendor(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[ActivationServerUnderTest]:
-    vendor = await start_vendor(tmp_path, databases, clock)
-    yield vendor
-    await vendor.close()
 
 
 async def repair(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -41,15 +40,6 @@ from tests.support.vendor import (
 Code = grpc.StatusCode
 CREDITED = apb.RETURN_OUTCOME_CREDITED
 REFUSED = apb.RETURN_OUTCOME_REFUSED
-
-
-@pytest.fixture
-async def vendor(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[ActivationServerUnderTest]:
-    vendor = await start_vendor(tmp_path, databases, clock)
-    yield vendor
-    await vendor.close()
 
 
 async def test_a_full_return_credits_every_seat_back(

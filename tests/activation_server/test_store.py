@@ -76,7 +76,7 @@ async def replicas(
 
 
 @pytest.fixture
-async def vendor(replicas: Replicas) -> ActivationReplica:
+async def replica(replicas: Replicas) -> ActivationReplica:
     [one] = await replicas(1)
     return one
 
@@ -111,9 +111,9 @@ def request(
 
 
 async def new_line(
-    vendor: ActivationReplica, count: int, expires_at: dt.datetime | None = None
+    replica: ActivationReplica, count: int, expires_at: dt.datetime | None = None
 ) -> EntitlementLine:
-    entitlement = await vendor.entitlements.create(
+    entitlement = await replica.entitlements.create(
         "Test Building Owner",
         "ops@example.com",
         [NewLine(FEATURE, count, LicenseKind.NETWORK, expires_at)],
@@ -121,14 +121,14 @@ async def new_line(
     return entitlement.lines[0]
 
 
-async def line_now(vendor: ActivationReplica, line: EntitlementLine) -> EntitlementLine:
-    order = await vendor.entitlements.get_order(line.entitlement_id)
+async def line_now(replica: ActivationReplica, line: EntitlementLine) -> EntitlementLine:
+    order = await replica.entitlements.get_order(line.entitlement_id)
     [current] = [x for x in order.lines if x.activation_id == line.activation_id]
     return current
 
 
-async def count_rows(vendor: ActivationReplica, table: object) -> int:
-    async with vendor.store.engine.connect() as connection:
+async def count_rows(replica: ActivationReplica, table: object) -> int:
+    async with replica.store.engine.connect() as connection:
         return int(await connection.scalar(select(func.count()).select_from(table)))  # type: ignore[arg-type]
 
 
@@ -139,11 +139,11 @@ def certificate_of(response: SignedEnvelope, key: VendorKey) -> LicenseCertifica
 
 
 async def test_activation_grants_a_signed_certificate_for_the_host(
-    vendor: ActivationReplica, vendor_key: VendorKey, clock: FakeClock
+    replica: ActivationReplica, vendor_key: VendorKey, clock: FakeClock
 ) -> None:
-    line = await new_line(vendor, 10)
+    line = await new_line(replica, 10)
     identity = host("site-a")
-    response = await vendor.activations.activate(
+    response = await replica.activations.activate(
         request(identity, line.activation_id, 4, "req-1", clock)
     )
     certificate = certificate_of(response, vendor_key)
@@ -153,7 +153,7 @@ async def test_activation_grants_a_signed_certificate_for_the_host(
         FEATURE,
     )
     assert certificate.request_id == "req-1"
-    current = await line_now(vendor, line)
+    current = await line_now(replica, line)
     assert (current.activated, current.available) == (4, 6)
 
 
@@ -225,37 +225,43 @@ async def test_the_same_request_sent_concurrently_gets_one_answer(
 
 
 async def test_request_id_reused_for_another_count_is_refused(
-    vendor: ActivationReplica, clock: FakeClock
+    replica: ActivationReplica, clock: FakeClock
 ) -> None:
-    line = await new_line(vendor, 10)
+    line = await new_line(replica, 10)
     identity = host("site-a")
-    await vendor.activations.activate(request(identity, line.activation_id, 2, "req-1", clock))
+    await replica.activations.activate(request(identity, line.activation_id, 2, "req-1", clock))
     with pytest.raises(RequestIdReused):
-        await vendor.activations.activate(request(identity, line.activation_id, 3, "req-1", clock))
-    other = await new_line(vendor, 10)
+        await replica.activations.activate(request(identity, line.activation_id, 3, "req-1", clock))
+    other = await new_line(replica, 10)
     with pytest.raises(RequestIdReused):
-        await vendor.activations.activate(request(identity, other.activation_id, 2, "req-1", clock))
-    assert (await line_now(vendor, line)).activated == 2
-    assert (await line_now(vendor, other)).activated == 0
+        await replica.activations.activate(
+            request(identity, other.activation_id, 2, "req-1", clock)
+        )
+    assert (await line_now(replica, line)).activated == 2
+    assert (await line_now(replica, other)).activated == 0
 
 
 async def test_request_ids_are_unique_per_host_not_across_hosts(
-    vendor: ActivationReplica, clock: FakeClock
+    replica: ActivationReplica, clock: FakeClock
 ) -> None:
-    line = await new_line(vendor, 10)
-    await vendor.activations.activate(request(host("site-a"), line.activation_id, 2, "op-1", clock))
-    await vendor.activations.activate(request(host("site-b"), line.activation_id, 3, "op-1", clock))
-    assert (await line_now(vendor, line)).activated == 5
+    line = await new_line(replica, 10)
+    await replica.activations.activate(
+        request(host("site-a"), line.activation_id, 2, "op-1", clock)
+    )
+    await replica.activations.activate(
+        request(host("site-b"), line.activation_id, 3, "op-1", clock)
+    )
+    assert (await line_now(replica, line)).activated == 5
 
 
 async def test_host_id_that_does_not_belong_to_the_key_is_refused(
-    vendor: ActivationReplica, clock: FakeClock
+    replica: ActivationReplica, clock: FakeClock
 ) -> None:
-    line = await new_line(vendor, 10)
+    line = await new_line(replica, 10)
     identity = host("site-a")
     someone_else = host("site-b")
     with pytest.raises(HostKeyMismatch):
-        await vendor.activations.activate(
+        await replica.activations.activate(
             request(
                 identity,
                 line.activation_id,
@@ -268,7 +274,7 @@ async def test_host_id_that_does_not_belong_to_the_key_is_refused(
     # Same key, but on another machine: the binding in the payload decides the host id.
     moved = HostIdentity(identity.signing_key, machine_binding("another-machine"))
     with pytest.raises(HostKeyMismatch):
-        await vendor.activations.activate(
+        await replica.activations.activate(
             request(moved, line.activation_id, 1, "req-2", clock, claimed_host_id=identity.host_id)
         )
     # Signed under a key id other than the host id it claims.
@@ -281,50 +287,52 @@ async def test_host_id_that_does_not_belong_to_the_key_is_refused(
         machine_binding=identity.machine_binding,
     )
     with pytest.raises(HostKeyMismatch):
-        await vendor.activations.activate(seal(document, "some-key", identity.signing_key))
+        await replica.activations.activate(seal(document, "some-key", identity.signing_key))
     # Signed by a key other than the one in the payload.
     with pytest.raises(BadSignature):
-        await vendor.activations.activate(
+        await replica.activations.activate(
             seal(document, identity.host_id, someone_else.signing_key)
         )
-    assert (await line_now(vendor, line)).activated == 0
-    assert await count_rows(vendor, activations) == 0
+    assert (await line_now(replica, line)).activated == 0
+    assert await count_rows(replica, activations) == 0
 
 
-async def test_expired_line_is_refused(vendor: ActivationReplica, clock: FakeClock) -> None:
-    line = await new_line(vendor, 10, expires_at=clock.now() + dt.timedelta(days=1))
+async def test_expired_line_is_refused(replica: ActivationReplica, clock: FakeClock) -> None:
+    line = await new_line(replica, 10, expires_at=clock.now() + dt.timedelta(days=1))
     identity = host("site-a")
-    await vendor.activations.activate(request(identity, line.activation_id, 1, "req-1", clock))
+    await replica.activations.activate(request(identity, line.activation_id, 1, "req-1", clock))
     clock.advance(dt.timedelta(days=1).total_seconds())
     with pytest.raises(LineExpired):
-        await vendor.activations.activate(request(identity, line.activation_id, 1, "req-2", clock))
-    assert (await line_now(vendor, line)).activated == 1
-    assert await count_rows(vendor, activations) == 1
+        await replica.activations.activate(request(identity, line.activation_id, 1, "req-2", clock))
+    assert (await line_now(replica, line)).activated == 1
+    assert await count_rows(replica, activations) == 1
 
 
 async def test_not_enough_seats_left_changes_nothing(
-    vendor: ActivationReplica, clock: FakeClock
+    replica: ActivationReplica, clock: FakeClock
 ) -> None:
-    line = await new_line(vendor, 5)
-    await vendor.activations.activate(request(host("a"), line.activation_id, 4, "req-1", clock))
+    line = await new_line(replica, 5)
+    await replica.activations.activate(request(host("a"), line.activation_id, 4, "req-1", clock))
     with pytest.raises(NotEnoughSeatsLeft) as refused:
-        await vendor.activations.activate(request(host("b"), line.activation_id, 2, "req-2", clock))
+        await replica.activations.activate(
+            request(host("b"), line.activation_id, 2, "req-2", clock)
+        )
     assert refused.value.metadata["available"] == "1"
-    assert (await line_now(vendor, line)).activated == 4
-    assert await count_rows(vendor, activations) == 1
+    assert (await line_now(replica, line)).activated == 4
+    assert await count_rows(replica, activations) == 1
 
 
 async def test_a_count_near_the_int32_limit_is_refused_cleanly(
-    vendor: ActivationReplica, clock: FakeClock
+    replica: ActivationReplica, clock: FakeClock
 ) -> None:
-    line = await new_line(vendor, 5)
-    await vendor.activations.activate(request(host("a"), line.activation_id, 1, "req-1", clock))
+    line = await new_line(replica, 5)
+    await replica.activations.activate(request(host("a"), line.activation_id, 1, "req-1", clock))
     with pytest.raises(InvalidInput):
-        await vendor.activations.activate(
+        await replica.activations.activate(
             request(host("b"), line.activation_id, 2**31 - 1, "req-2", clock)
         )
     with pytest.raises(NotEnoughSeatsLeft):
-        await vendor.activations.activate(
+        await replica.activations.activate(
             request(host("b"), line.activation_id, 100_000, "req-3", clock)
         )
-    assert (await line_now(vendor, line)).activated == 1
+    assert (await line_now(replica, line)).activated == 1

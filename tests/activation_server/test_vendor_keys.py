@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ from tests.support.vendor import (
     start_vendor,
     start_vendor_at,
 )
-
-
-@pytest.fixture
-async def vendor(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[ActivationServerUnderTest]:
-    vendor = await start_vendor(tmp_path, databases, clock)
-    yield vendor
-    await vendor.close()
 
 
 async def vendor_keys(vendor: ActivationServerUnderTest) -> list[apb.VendorPublicKey]:

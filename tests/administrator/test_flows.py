@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +20,6 @@ from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
-from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
     Site,
@@ -29,7 +27,6 @@ from tests.support.in_process_site import (
     restart_administrator,
     restart_license_server,
     start_another_license_server,
-    start_site,
 )
 from tests.support.processes import free_port
 from tests.support.tokens import VENDOR_TOKEN
@@ -37,13 +34,6 @@ from tests.support.tokens import VENDOR_TOKEN
 Code = grpc.StatusCode
 VENDOR = bearer_metadata(VENDOR_TOKEN)
 STATION = "client.station"
-
-
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    yield site
-    await site.close()
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ unfinished operations are resumed when the Administrator starts. On SQLite and P
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -25,14 +24,12 @@ from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import PeerRefused
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.rpc import error_info, reason_of
-from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
     Site,
     ls_server,
     restart_administrator,
     restart_license_server,
-    start_site,
 )
 from tests.support.processes import free_port
 from tests.support.tokens import VENDOR_TOKEN
@@ -48,13 +45,6 @@ REGISTRATION = apb.Registration(
     phone="+44 20 7946 0000",
     site="Building 4, plant room",
 )
-
-
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    yield site
-    await site.close()
 
 
 async def refused(call: Awaitable[Any], code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,13 +37,11 @@ from tessera.auth import bearer_metadata
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import error_info, reason_of
-from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import (
     Site,
     restart_license_server,
     start_another_license_server,
-    start_site,
 )
 from tests.support.tokens import ADMINISTRATOR_FLAGS, VENDOR_TOKEN
 from tests.test_bad_input import count_rows
@@ -52,13 +49,6 @@ from tests.test_bad_input import count_rows
 Code = grpc.StatusCode
 # "Files must be small": a few KB.
 SMALL = 4 * 1024
-
-
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    yield site
-    await site.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from tests.support.in_process_site import (
     restart_administrator,
     restart_license_server,
     start_another_license_server,
-    start_site,
 )
 from tests.support.processes import free_port
 from tests.support.tokens import OPERATOR_TOKEN, VENDOR_TOKEN
@@ -82,24 +80,24 @@ class Run:
 class Cli:
     """``tessera`` pointed at a Site through the environment, as an operator would."""
 
-    def __init__(self, site: Site, tmp_path: Path) -> None:
+    def __init__(self, real_clock_site: Site, tmp_path: Path) -> None:
         self.cwd = tmp_path / "operator"
         self.cwd.mkdir(exist_ok=True)
         self.env = {
-            "TESSERA_ADMINISTRATOR": f"127.0.0.1:{site.admin.port}",
-            "TESSERA_LICENSE_SERVER": site.license_address,
-            "TESSERA_ACTIVATION_SERVER": f"127.0.0.1:{site.activation.port}",
+            "TESSERA_ADMINISTRATOR": f"127.0.0.1:{real_clock_site.admin.port}",
+            "TESSERA_LICENSE_SERVER": real_clock_site.license_address,
+            "TESSERA_ACTIVATION_SERVER": f"127.0.0.1:{real_clock_site.activation.port}",
             "TESSERA_ADMINISTRATOR_TOKEN": OPERATOR_TOKEN,
             "TESSERA_OPERATOR_TOKEN": OPERATOR_TOKEN,
             "TESSERA_VENDOR_TOKEN": VENDOR_TOKEN,
             "TESSERA_TIMEOUT": "20",
             "XDG_CONFIG_HOME": str(tmp_path / "no-config"),
         }
-        self.site = site
+        self.site = real_clock_site
 
-    def point_at(self, site: Site) -> None:
-        self.env["TESSERA_ADMINISTRATOR"] = f"127.0.0.1:{site.admin.port}"
-        self.env["TESSERA_ACTIVATION_SERVER"] = f"127.0.0.1:{site.activation.port}"
+    def point_at(self, real_clock_site: Site) -> None:
+        self.env["TESSERA_ADMINISTRATOR"] = f"127.0.0.1:{real_clock_site.admin.port}"
+        self.env["TESSERA_ACTIVATION_SERVER"] = f"127.0.0.1:{real_clock_site.activation.port}"
 
     async def __call__(self, *argv: str, env: dict[str, str] | None = None) -> Run:
         stdout, stderr = io.StringIO(), io.StringIO()
@@ -137,15 +135,8 @@ class Cli:
 
 
 @pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases)
-    yield site
-    await site.close()
-
-
-@pytest.fixture
-def cli(site: Site, tmp_path: Path) -> Cli:
-    return Cli(site, tmp_path)
+def cli(real_clock_site: Site, tmp_path: Path) -> Cli:
+    return Cli(real_clock_site, tmp_path)
 
 
 async def create_order(cli: Cli, *lines: str) -> dict[str, Any]:
@@ -156,9 +147,9 @@ async def create_order(cli: Cli, *lines: str) -> dict[str, Any]:
     return dict(created["entitlement"])
 
 
-async def lease(site: Site, feature: str = "client.station") -> Any:
+async def lease(real_clock_site: Site, feature: str = "client.station") -> Any:
     """A WorkStation holding a seat over a stream (kept open by the caller)."""
-    stream = site.leases.Lease()
+    stream = real_clock_site.leases.Lease()
     await stream.write(
         license_pb2.LeaseRequest(
             acquire=license_pb2.LeaseAcquire(
@@ -265,11 +256,11 @@ async def test_order_activate_licenses_return_and_journal(cli: Cli) -> None:
 
 
 async def test_leases_revoke_and_a_return_refused_while_seats_are_in_use(
-    cli: Cli, site: Site
+    cli: Cli, real_clock_site: Site
 ) -> None:
     order = await create_order(cli, "client.station=5")
     await cli.ok("activate", order["entitlement_id"], "--count", "1")
-    holder = await lease(site)
+    holder = await lease(real_clock_site)
 
     leases = (await cli.json("leases"))["leases"]
     assert [(e["state"], e["client_host"], e["user"]) for e in leases] == [
@@ -288,7 +279,7 @@ async def test_leases_revoke_and_a_return_refused_while_seats_are_in_use(
     again = await cli.ok("revoke", leases[0]["lease_id"])
     assert "already ended" in again.stdout
 
-    await lease(site)
+    await lease(real_clock_site)
     forced = await cli.json("return", "--feature", "client.station", "--force")
     assert forced["revoked_leases"] == 1
 
@@ -301,14 +292,14 @@ async def test_leases_revoke_and_a_return_refused_while_seats_are_in_use(
     assert "TESSERA_OPERATOR_TOKEN" in wrong["hint"]
 
 
-async def test_trust_broken_repair_limit_and_repair(cli: Cli, site: Site) -> None:
+async def test_trust_broken_repair_limit_and_repair(cli: Cli, real_clock_site: Site) -> None:
     order = await create_order(cli, "client.station=5")
     await cli.ok("activate", order["entitlement_id"], "--count", "2")
     # Healthy: refused, and (below) not counted against the year's one repair.
     for _ in range(2):
         healthy = await cli.refused(1, "NOTHING_TO_REPAIR", "repair")
         assert "tessera repair --force" in healthy["hint"]
-    await restart_license_server(site, machine_id="replacement-board")
+    await restart_license_server(real_clock_site, machine_id="replacement-board")
 
     broken = await cli("trust", "--json")
     assert broken.code == 5
@@ -322,31 +313,31 @@ async def test_trust_broken_repair_limit_and_repair(cli: Cli, site: Site) -> Non
     error = await cli.refused(1, "TRUSTED_STORAGE_BROKEN", "return", "--feature", "client.station")
     assert "tessera repair" in error["hint"]
 
-    await restart_activation_server(site, "--max-repairs-per-year", "1")
-    cli.point_at(site)
+    await restart_activation_server(real_clock_site, "--max-repairs-per-year", "1")
+    cli.point_at(real_clock_site)
     repaired = await cli.json("repair")
     assert repaired["operation"]["state"] == "completed"
     assert repaired["health"]["healthy"] is True
     assert (await cli("trust")).code == 0
 
     # Broken again on yet another machine: the one repair of the year is used up.
-    await restart_license_server(site, machine_id="third-board")
+    await restart_license_server(real_clock_site, machine_id="third-board")
     error = await cli.refused(1, "REPAIR_LIMIT_REACHED", "repair")
     next_allowed = error["metadata"]["next_allowed_at"]
     assert f"next repair of this License Server from {next_allowed[:10]}" in error["hint"]
 
 
 async def test_a_repair_on_a_new_host_key_is_refused_and_loses_nothing(
-    cli: Cli, site: Site
+    cli: Cli, real_clock_site: Site
 ) -> None:
     order = await create_order(cli, "client.station=5")
     await cli.ok("activate", order["entitlement_id"], "--count", "2")
-    first_host = site.license.identity.host_id
-    key = site.tmp_path / "license_server" / "host.key"
+    first_host = real_clock_site.license.identity.host_id
+    key = real_clock_site.tmp_path / "license_server" / "host.key"
     lost = key.rename(key.with_name("host.key.lost"))
     # The database as it was, on a new host key (the License Server creates one).
-    await restart_license_server(site, machine_id="test-machine")
-    assert site.license.identity.host_id != first_host
+    await restart_license_server(real_clock_site, machine_id="test-machine")
+    assert real_clock_site.license.identity.host_id != first_host
     broken = await cli("trust", "--json")
     assert broken.code == 5 and broken.json["health"]["broken_seats"] == 2
     assert "REPAIR_FROM_ANOTHER_HOST" in broken.json["health"]["repair_advice"]
@@ -364,8 +355,8 @@ async def test_a_repair_on_a_new_host_key_is_refused_and_loses_nothing(
 
     # The way out the message names: the host key back, and nothing needs repairing.
     lost.replace(key)
-    await restart_license_server(site, machine_id="test-machine")
-    assert site.license.identity.host_id == first_host
+    await restart_license_server(real_clock_site, machine_id="test-machine")
+    assert real_clock_site.license.identity.host_id == first_host
     assert (await cli("trust")).code == 0
     assert (await cli.json("licenses"))["features"][0]["activated"] == 2
 
@@ -428,9 +419,9 @@ async def test_a_forged_answer_file_is_refused_and_the_genuine_one_completes(cli
 
 
 async def test_an_imported_answer_is_refused_on_another_license_server(
-    cli: Cli, site: Site, databases: DatabaseFactory
+    cli: Cli, real_clock_site: Site, databases: DatabaseFactory
 ) -> None:
-    other = await start_another_license_server(site, databases, "ls-b", "machine-b")
+    other = await start_another_license_server(real_clock_site, databases, "ls-b", "machine-b")
     try:
         order = await create_order(cli, "client.station=5")
         await cli.ok("export-request", "activate", order["entitlement_id"], "-o", "req.txt")
@@ -447,7 +438,7 @@ async def test_an_imported_answer_is_refused_on_another_license_server(
                 other_address,
             )
             assert other.identity.host_id in error["message"]
-            assert site.license.identity.host_id in error["hint"]
+            assert real_clock_site.license.identity.host_id in error["hint"]
             there = await cli.json("licenses", "--license-server", other_address)
             assert there["features"] == []
             imported = await cli.json("import-response", "resp.txt")
@@ -457,9 +448,9 @@ async def test_an_imported_answer_is_refused_on_another_license_server(
 
 
 async def test_move_to_another_license_server(
-    cli: Cli, site: Site, databases: DatabaseFactory
+    cli: Cli, real_clock_site: Site, databases: DatabaseFactory
 ) -> None:
-    other = await start_another_license_server(site, databases, "ls-b", "machine-b")
+    other = await start_another_license_server(real_clock_site, databases, "ls-b", "machine-b")
     try:
         order = await create_order(cli, "server.enterprise.base=1")
         await cli.ok("activate", order["entitlement_id"])
@@ -532,7 +523,7 @@ async def test_vendor_staff_commands(cli: Cli) -> None:
     assert line.code == 2 and "FEATURE=COUNT" in line.stderr
 
 
-async def test_what_refusals_and_outages_tell_the_operator(cli: Cli, site: Site) -> None:
+async def test_what_refusals_and_outages_tell_the_operator(cli: Cli, real_clock_site: Site) -> None:
     order = await create_order(cli, "client.station=2")
     ent = order["entitlement_id"]
 
@@ -570,8 +561,8 @@ async def test_what_refusals_and_outages_tell_the_operator(cli: Cli, site: Site)
         assert "port@host" in error["message"] and "--license-server" in error["message"]
         assert error["metadata"]["field"] == "license_server"
 
-    await restart_administrator(site, activation_server=f"127.0.0.1:{down}")
-    cli.point_at(site)
+    await restart_administrator(real_clock_site, activation_server=f"127.0.0.1:{down}")
+    cli.point_at(real_clock_site)
     # The order lookup needs the vendor: no operation started, nothing to resume.
     error = await cli.refused(3, "PEER_UNAVAILABLE", "activate", ent, "--feature", "client.station")
     assert error["metadata"]["peer"] == "Activation Server"
@@ -583,8 +574,8 @@ async def test_what_refusals_and_outages_tell_the_operator(cli: Cli, site: Site)
     operation_id = stuck.json["error"]["hint"].split("--operation-id ")[1].split()[0]
     unfinished = await cli.json("operations", "--unfinished")
     assert [op["operation_id"] for op in unfinished["operations"]] == [operation_id]
-    await restart_administrator(site)
-    cli.point_at(site)
+    await restart_administrator(real_clock_site)
+    cli.point_at(real_clock_site)
     resumed = await cli.json("activate", line, "--operation-id", operation_id)
     assert resumed["operation"]["state"] == "completed"
 

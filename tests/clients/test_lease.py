@@ -137,16 +137,18 @@ class LicenseServerReplicas:
 
 
 @pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[LicenseServerReplicas]:
-    site = LicenseServerReplicas(tmp_path, await databases.new("license"))
-    site.vendor.publish(tmp_path / "vendor-keys.pub")
-    yield site
-    await site.close()
+async def license_servers(
+    tmp_path: Path, databases: DatabaseFactory
+) -> AsyncIterator[LicenseServerReplicas]:
+    license_servers = LicenseServerReplicas(tmp_path, await databases.new("license"))
+    license_servers.vendor.publish(tmp_path / "vendor-keys.pub")
+    yield license_servers
+    await license_servers.close()
 
 
-async def started(site: LicenseServerReplicas, seats: int = 2) -> int:
-    server = await site.start()
-    await site.activate(server.port, seats)
+async def started(license_servers: LicenseServerReplicas, seats: int = 2) -> int:
+    server = await license_servers.start()
+    await license_servers.activate(server.port, seats)
     return server.port
 
 
@@ -166,9 +168,9 @@ async def next_event(events: EventStream, *kinds: type) -> LeaseEvent:
 
 
 async def test_a_lease_heartbeats_by_itself_and_checks_in_on_exit(
-    site: LicenseServerReplicas,
+    license_servers: LicenseServerReplicas,
 ) -> None:
-    port = await started(site)
+    port = await started(license_servers)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station", ttl=2) as lease:
             assert lease.server == f"127.0.0.1:{port}"
@@ -180,62 +182,69 @@ async def test_a_lease_heartbeats_by_itself_and_checks_in_on_exit(
             await asyncio.sleep(2.5)
             assert lease.state is LicenseState.HELD
             assert lease.expires_at > first_expiry + dt.timedelta(seconds=0.5)
-            assert await site.used(port) == 1
+            assert await license_servers.used(port) == 1
         assert lease.state is LicenseState.RELEASED
-        assert await site.used(port) == 0  # checked in at once, not after the TTL
+        assert await license_servers.used(port) == 0  # checked in at once, not after the TTL
 
 
 async def test_resume_after_the_server_restarts_keeps_the_same_lease(
-    site: LicenseServerReplicas,
+    license_servers: LicenseServerReplicas,
 ) -> None:
-    port = await started(site)
+    port = await started(license_servers)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station") as lease:
             events = lease.events()
             lease_id, epoch = lease.lease_id, lease.epoch
-            await site.stop(site.servers[0])  # tells the stream SERVER_SHUTTING_DOWN
+            await license_servers.stop(
+                license_servers.servers[0]
+            )  # tells the stream SERVER_SHUTTING_DOWN
             interrupted = await next_event(events, Interrupted)
             assert isinstance(interrupted, Interrupted)
             assert interrupted.error is not None
             assert interrupted.error.reason == "SERVER_SHUTTING_DOWN"
             assert lease.state is LicenseState.INTERRUPTED and lease.held
-            await site.start(port)
+            await license_servers.start(port)
             resumed = await next_event(events, Resumed)
             assert isinstance(resumed, Resumed) and resumed.epoch == epoch + 1
             assert (lease.lease_id, lease.resumes) == (lease_id, 1)
-            assert await site.used(port) == 1  # the same seat, not a second one
-            assert [entry.lease_id for entry in await site.held_leases(port)] == [lease_id]
-        assert await site.used(port) == 0
+            assert await license_servers.used(port) == 1  # the same seat, not a second one
+            assert [entry.lease_id for entry in await license_servers.held_leases(port)] == [
+                lease_id
+            ]
+        assert await license_servers.used(port) == 0
 
 
 async def test_failover_resumes_on_the_next_server_of_the_address(
-    site: LicenseServerReplicas,
+    license_servers: LicenseServerReplicas,
 ) -> None:
-    first, second = await site.start(), await site.start()  # replicas over one database
-    await site.activate(first.port, 2)
+    first, second = (
+        await license_servers.start(),
+        await license_servers.start(),
+    )  # replicas over one database
+    await license_servers.activate(first.port, 2)
     address = f"{first.port}@127.0.0.1;{second.port}@127.0.0.1"
     async with client_for(address) as client:
         async with client.lease("client.station") as lease:
             assert lease.server == f"127.0.0.1:{first.port}"
             events = lease.events()
             lease_id = lease.lease_id
-            await site.stop(first)
+            await license_servers.stop(first)
             await next_event(events, Resumed)
             assert (lease.server, lease.lease_id) == (f"127.0.0.1:{second.port}", lease_id)
-            assert await site.used(second.port) == 1
-        assert await site.used(second.port) == 0  # checked in on the second server
+            assert await license_servers.used(second.port) == 1
+        assert await license_servers.used(second.port) == 0  # checked in on the second server
 
 
-async def test_the_first_server_that_answers_grants(site: LicenseServerReplicas) -> None:
-    port = await started(site)
+async def test_the_first_server_that_answers_grants(license_servers: LicenseServerReplicas) -> None:
+    port = await started(license_servers)
     down = free_port()
     client = client_for(f"{down}@127.0.0.1;{port}@127.0.0.1")
     async with client, client.lease("client.station") as lease:
         assert lease.server == f"127.0.0.1:{port}"
 
 
-async def test_a_cancelled_task_checks_its_lease_in(site: LicenseServerReplicas) -> None:
-    port = await started(site)
+async def test_a_cancelled_task_checks_its_lease_in(license_servers: LicenseServerReplicas) -> None:
+    port = await started(license_servers)
     granted = asyncio.Event()
 
     async def workstation(client: LicenseClient) -> None:
@@ -246,26 +255,28 @@ async def test_a_cancelled_task_checks_its_lease_in(site: LicenseServerReplicas)
     async with client_for(f"{port}@127.0.0.1") as client:
         task = asyncio.create_task(workstation(client))
         await granted.wait()
-        assert await site.used(port) == 1
+        assert await license_servers.used(port) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await site.used(port) == 0  # checked in before the task ended
+        assert await license_servers.used(port) == 0  # checked in before the task ended
 
         # The same under a timeout, the way applications bound their work.
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2), client.lease("client.station", count=2):
                 await asyncio.Event().wait()
-        assert await site.used(port) == 0
+        assert await license_servers.used(port) == 0
 
 
-async def test_revocation_is_pushed_to_events_and_callbacks(site: LicenseServerReplicas) -> None:
-    port = await started(site)
+async def test_revocation_is_pushed_to_events_and_callbacks(
+    license_servers: LicenseServerReplicas,
+) -> None:
+    port = await started(license_servers)
     seen: list[LeaseEvent] = []
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station", on_event=seen.append) as lease:
             events = lease.events()
-            await site.lease_admin(port).RevokeLease(
+            await license_servers.lease_admin(port).RevokeLease(
                 pb.RevokeLeaseRequest(lease_id=lease.lease_id, reason="maintenance"),
                 metadata=bearer_metadata(OPERATOR_TOKEN),
             )
@@ -281,13 +292,13 @@ async def test_revocation_is_pushed_to_events_and_callbacks(site: LicenseServerR
 
 
 async def test_an_unreachable_server_gives_an_expiry_warning_then_expiry(
-    site: LicenseServerReplicas,
+    license_servers: LicenseServerReplicas,
 ) -> None:
-    port = await started(site)
+    port = await started(license_servers)
     async with client_for(f"{port}@127.0.0.1") as client:
         lease = await client.acquire("client.station", ttl=1)
         events = lease.events()
-        await site.stop(site.servers[0])  # and it never comes back
+        await license_servers.stop(license_servers.servers[0])  # and it never comes back
         assert isinstance(await next_event(events, Interrupted), Interrupted)
         warning = await next_event(events, ExpiryWarning)
         assert isinstance(warning, ExpiryWarning)
@@ -299,10 +310,10 @@ async def test_an_unreachable_server_gives_an_expiry_warning_then_expiry(
 
 
 async def test_a_lease_the_server_expired_is_told_as_expired(
-    site: LicenseServerReplicas, clock: FakeClock
+    license_servers: LicenseServerReplicas, clock: FakeClock
 ) -> None:
-    server = await site.start(clock=clock)
-    await site.activate(server.port, 1)
+    server = await license_servers.start(clock=clock)
+    await license_servers.activate(server.port, 1)
     async with client_for(f"{server.port}@127.0.0.1") as client:
         lease = await client.acquire("client.station")
         events = lease.events()
@@ -312,8 +323,10 @@ async def test_a_lease_the_server_expired_is_told_as_expired(
         assert lost.error.reason == "LEASE_EXPIRED" and lost.error.server == lease.server
 
 
-async def test_queued_then_granted_when_a_seat_frees(site: LicenseServerReplicas) -> None:
-    port = await started(site, seats=1)
+async def test_queued_then_granted_when_a_seat_frees(
+    license_servers: LicenseServerReplicas,
+) -> None:
+    port = await started(license_servers, seats=1)
     seen: list[LeaseEvent] = []
     queued = asyncio.Event()
 
@@ -335,8 +348,10 @@ async def test_queued_then_granted_when_a_seat_frees(site: LicenseServerReplicas
         assert timed_out.value.reason == "QUEUE_TIMEOUT"
 
 
-async def test_refusals_are_typed_with_the_servers_reason(site: LicenseServerReplicas) -> None:
-    port = await started(site, seats=1)
+async def test_refusals_are_typed_with_the_servers_reason(
+    license_servers: LicenseServerReplicas,
+) -> None:
+    port = await started(license_servers, seats=1)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station"):
             with pytest.raises(NoSeatAvailable) as no_seat:
@@ -365,8 +380,10 @@ async def test_refusals_are_typed_with_the_servers_reason(site: LicenseServerRep
     assert len(unreachable.value.attempts) == 2
 
 
-async def test_required_counts_and_license_information(site: LicenseServerReplicas) -> None:
-    port = await started(site, seats=2)
+async def test_required_counts_and_license_information(
+    license_servers: LicenseServerReplicas,
+) -> None:
+    port = await started(license_servers, seats=2)
     async with client_for(f"{port}@127.0.0.1") as client:
         await client.declare_requirement("client.station", 3)
         (station,) = await client.license_information("client.station")
@@ -376,8 +393,10 @@ async def test_required_counts_and_license_information(site: LicenseServerReplic
         assert not station.violation
 
 
-async def test_the_sync_wrapper_from_a_thread_without_a_loop(site: LicenseServerReplicas) -> None:
-    port = await started(site, seats=1)
+async def test_the_sync_wrapper_from_a_thread_without_a_loop(
+    license_servers: LicenseServerReplicas,
+) -> None:
+    port = await started(license_servers, seats=1)
 
     def workstation() -> tuple[str, bool, str]:
         with SyncLicenseClient(f"{port}@127.0.0.1", backoff=FAST) as client:
@@ -392,11 +411,11 @@ async def test_the_sync_wrapper_from_a_thread_without_a_loop(site: LicenseServer
             return refusal, lease.held, lease.state.value
 
     assert await asyncio.to_thread(workstation) == ("NO_SEAT_AVAILABLE", False, "released")
-    assert await site.used(port) == 0
+    assert await license_servers.used(port) == 0
 
 
-async def test_the_sync_wrapper_waits_for_a_loss(site: LicenseServerReplicas) -> None:
-    port = await started(site, seats=1)
+async def test_the_sync_wrapper_waits_for_a_loss(license_servers: LicenseServerReplicas) -> None:
+    port = await started(license_servers, seats=1)
     client = SyncLicenseClient(f"{port}@127.0.0.1", backoff=FAST)
     try:
         lease = await asyncio.to_thread(client.acquire, "client.station")
@@ -404,7 +423,7 @@ async def test_the_sync_wrapper_waits_for_a_loss(site: LicenseServerReplicas) ->
             await asyncio.to_thread(lease.wait_lost, 0.05)
         waiting = asyncio.create_task(asyncio.to_thread(lease.wait_lost, 10))
         assert isinstance(lease.license, Lease)
-        await site.lease_admin(port).RevokeLease(
+        await license_servers.lease_admin(port).RevokeLease(
             pb.RevokeLeaseRequest(lease_id=lease.license.lease_id),
             metadata=bearer_metadata(OPERATOR_TOKEN),
         )
@@ -441,9 +460,9 @@ sys.exit(0)  # never closed, never released
 
 @pytest.mark.parametrize("script", [EXITING_CLIENT, SYNC_EXITING_CLIENT], ids=["loop", "sync"])
 async def test_interpreter_exit_checks_in_what_was_left_held(
-    site: LicenseServerReplicas, script: str
+    license_servers: LicenseServerReplicas, script: str
 ) -> None:
-    port = await started(site)
+    port = await started(license_servers)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", textwrap.dedent(script), f"{port}@127.0.0.1",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -452,8 +471,8 @@ async def test_interpreter_exit_checks_in_what_was_left_held(
         stdout, stderr = await process.communicate()
     assert process.returncode == 0, stderr.decode()
     assert stdout.decode().strip()  # it held a lease
-    assert await site.used(port) == 0  # checked in before the process ended
-    assert await site.held_leases(port) == []
+    assert await license_servers.used(port) == 0  # checked in before the process ended
+    assert await license_servers.held_leases(port) == []
 
 
 @pytest.fixture
@@ -464,12 +483,12 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 async def test_resume_after_sigkill_of_the_server_process(
-    site: LicenseServerReplicas, processes: Processes
+    license_servers: LicenseServerReplicas, processes: Processes
 ) -> None:
     port = free_port()
-    processes.start("license_server", "services.license_server", *site.args(port))
+    processes.start("license_server", "services.license_server", *license_servers.args(port))
     await processes.wait_serving("license_server", port)
-    await site.activate(port, 2)
+    await license_servers.activate(port, 2)
     async with client_for(f"{port}@127.0.0.1") as client:
         async with client.lease("client.station") as lease:
             events = lease.events()
@@ -477,22 +496,26 @@ async def test_resume_after_sigkill_of_the_server_process(
             processes.kill("license_server")  # no goodbye: the stream just breaks
             interrupted = await next_event(events, Interrupted)
             assert isinstance(interrupted, Interrupted)
-            processes.start("license_server", "services.license_server", *site.args(port))
+            processes.start(
+                "license_server", "services.license_server", *license_servers.args(port)
+            )
             await next_event(events, Resumed)
             assert lease.lease_id == lease_id and lease.resumes == 1
-            assert await site.used(port) == 1
-            assert [entry.lease_id for entry in await site.held_leases(port)] == [lease_id]
-        assert await site.used(port) == 0
+            assert await license_servers.used(port) == 1
+            assert [entry.lease_id for entry in await license_servers.held_leases(port)] == [
+                lease_id
+            ]
+        assert await license_servers.used(port) == 0
 
 
 async def test_release_reports_false_when_no_server_can_be_reached(
-    site: LicenseServerReplicas,
+    license_servers: LicenseServerReplicas,
 ) -> None:
-    port = await started(site)
+    port = await started(license_servers)
     seen: list[LeaseEvent] = []
     client = client_for(f"{port}@127.0.0.1", release_timeout=0.5)
     lease = await client.acquire("client.station", on_event=seen.append)
-    await site.stop(site.servers[0])
+    await license_servers.stop(license_servers.servers[0])
     assert not await lease.release()
     assert seen[-1] == Released(checked_in=False)
 
@@ -553,8 +576,8 @@ class Proxy:
 
 
 @pytest.fixture
-async def proxied(site: LicenseServerReplicas) -> AsyncIterator[tuple[int, Proxy]]:
-    port = await started(site)
+async def proxied(license_servers: LicenseServerReplicas) -> AsyncIterator[tuple[int, Proxy]]:
+    port = await started(license_servers)
     proxy = Proxy(port)
     await proxy.start()
     yield port, proxy
@@ -562,7 +585,7 @@ async def proxied(site: LicenseServerReplicas) -> AsyncIterator[tuple[int, Proxy
 
 
 async def test_a_network_blip_resumes_the_same_lease_without_a_double_count(
-    site: LicenseServerReplicas, proxied: tuple[int, Proxy]
+    license_servers: LicenseServerReplicas, proxied: tuple[int, Proxy]
 ) -> None:
     port, proxy = proxied
     assert proxy.server is not None
@@ -574,13 +597,15 @@ async def test_a_network_blip_resumes_the_same_lease_without_a_double_count(
             proxy.cut()  # the client's connection drops; the server's old stream lives on
             await next_event(events, Resumed)
             assert (lease.lease_id, lease.epoch) == (lease_id, epoch + 1)
-            assert await site.used(port) == 1
-            assert [entry.lease_id for entry in await site.held_leases(port)] == [lease_id]
-        assert await site.used(port) == 0
+            assert await license_servers.used(port) == 1
+            assert [entry.lease_id for entry in await license_servers.held_leases(port)] == [
+                lease_id
+            ]
+        assert await license_servers.used(port) == 0
 
 
 async def test_a_silent_connection_is_noticed_by_the_missing_acknowledgement(
-    site: LicenseServerReplicas, proxied: tuple[int, Proxy]
+    license_servers: LicenseServerReplicas, proxied: tuple[int, Proxy]
 ) -> None:
     port, proxy = proxied
     assert proxy.server is not None
@@ -593,5 +618,5 @@ async def test_a_silent_connection_is_noticed_by_the_missing_acknowledgement(
             assert isinstance(interrupted, Interrupted) and interrupted.error is not None
             assert "no heartbeat acknowledgement" in interrupted.error.message
             await next_event(events, Resumed)
-            assert lease.held and await site.used(port) == 1
-        assert await site.used(port) == 0
+            assert lease.held and await license_servers.used(port) == 1
+        assert await license_servers.used(port) == 0

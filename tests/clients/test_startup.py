@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,13 @@ from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.errors import InvalidLicenseServerAddress
 from tessera.local_licenses import LocalLicenseStore
-from tests.support.databases import DatabaseFactory
-from tests.support.in_process_site import Site, start_site
+from tests.support.in_process_site import Site
 from tests.support.processes import free_port
 from tests.support.tokens import VENDOR_TOKEN
 
 
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases)
-    yield site
-    await site.close()
-
-
-async def line(site: Site, kind: int, count: int) -> str:
-    reply = await site.vendor.CreateEntitlement(
+async def line(real_clock_site: Site, kind: int, count: int) -> str:
+    reply = await real_clock_site.vendor.CreateEntitlement(
         apb.CreateEntitlementRequest(
             customer_organization="Site",
             lines=[apb.NewEntitlementLine(feature="client.station", count=count, kind=kind)],
@@ -46,22 +37,26 @@ async def line(site: Site, kind: int, count: int) -> str:
     return reply.entitlement.lines[0].activation_id
 
 
-def client(site: Site, address: str, store: LocalLicenseStore | None = None) -> LicenseClient:
+def client(
+    real_clock_site: Site, address: str, store: LocalLicenseStore | None = None
+) -> LicenseClient:
     return LicenseClient(
         address,
         client_host="ws-1",
         local_licenses=store,
-        vendor_keys=site.tmp_path / "activation_server" / "vendor-keys.pub",
+        vendor_keys=real_clock_site.tmp_path / "activation_server" / "vendor-keys.pub",
     )
 
 
-async def test_a_valid_local_license_comes_first(site: Site, tmp_path: Path) -> None:
+async def test_a_valid_local_license_comes_first(real_clock_site: Site, tmp_path: Path) -> None:
     store = LocalLicenseStore(tmp_path / "ws-1", machine_id="ws-1")
-    local = store.prepare_request(await line(site, LicenseKind.LICENSE_KIND_LOCAL, 1))
-    reply = await site.administrator.Activate(admin_pb2.ActivateRequest(local_request=local))
-    store.install(reply.local_response, client(site, "@localhost").vendor_keys)
+    local = store.prepare_request(await line(real_clock_site, LicenseKind.LICENSE_KIND_LOCAL, 1))
+    reply = await real_clock_site.administrator.Activate(
+        admin_pb2.ActivateRequest(local_request=local)
+    )
+    store.install(reply.local_response, client(real_clock_site, "@localhost").vendor_keys)
     # No License Server at this address: the local license is enough, no network call.
-    async with client(site, f"{free_port()}@127.0.0.1", store) as ws:
+    async with client(real_clock_site, f"{free_port()}@127.0.0.1", store) as ws:
         async with ws.license("client.station") as license:
             assert isinstance(license, LocalLicense) and license.kind == "local"
             assert license.held and license.certificate.feature == "client.station"
@@ -69,19 +64,22 @@ async def test_a_valid_local_license_comes_first(site: Site, tmp_path: Path) -> 
 
 
 async def test_then_a_network_lease_on_the_first_server_that_grants(
-    site: Site, tmp_path: Path
+    real_clock_site: Site, tmp_path: Path
 ) -> None:
-    activation_id = await line(site, LicenseKind.LICENSE_KIND_NETWORK, 1)
-    await site.administrator.Activate(
+    activation_id = await line(real_clock_site, LicenseKind.LICENSE_KIND_NETWORK, 1)
+    await real_clock_site.administrator.Activate(
         admin_pb2.ActivateRequest(
-            license_server=site.license_address, activation_id=activation_id, count=1
+            license_server=real_clock_site.license_address, activation_id=activation_id, count=1
         )
     )
     store = LocalLicenseStore(tmp_path / "ws-1", machine_id="ws-1")
-    address = f"{free_port()}@127.0.0.1;{site.license_address}"  # the first one is down
-    async with client(site, address, store) as ws, ws.license("client.station") as license:
+    address = f"{free_port()}@127.0.0.1;{real_clock_site.license_address}"  # the first one is down
+    async with (
+        client(real_clock_site, address, store) as ws,
+        ws.license("client.station") as license,
+    ):
         assert isinstance(license, Lease) and license.kind == "network"
-        assert license.server == f"127.0.0.1:{site.license.port}"
+        assert license.server == f"127.0.0.1:{real_clock_site.license.port}"
 
         with pytest.raises(NoLicense) as refused:
             await ws.check_out("client.station")
@@ -91,12 +89,12 @@ async def test_then_a_network_lease_on_the_first_server_that_grants(
     assert "no local license of client.station" in str(refused.value)
 
 
-async def test_neither_is_a_clear_refusal(site: Site) -> None:
+async def test_neither_is_a_clear_refusal(real_clock_site: Site) -> None:
     with pytest.raises(NoLicense) as refused:
-        await client(site, f"{free_port()}@127.0.0.1").check_out("client.station")
+        await client(real_clock_site, f"{free_port()}@127.0.0.1").check_out("client.station")
     assert isinstance(refused.value.network_error, LicenseServerUnreachable)
     assert "no License Server answers" in str(refused.value)
     with pytest.raises(InvalidLicenseServerConfiguration) as invalid:
-        client(site, "localhost")  # refused when the client is made, before any call
+        client(real_clock_site, "localhost")  # refused when the client is made, before any call
     assert str(invalid.value).startswith("Invalid license server configuration")
     assert isinstance(invalid.value, InvalidLicenseServerAddress)

@@ -146,18 +146,18 @@ class CrashSite:
 
 
 @pytest.fixture
-async def site(
+async def crash_site(
     tmp_path: Path, databases: DatabaseFactory, processes: Processes
 ) -> AsyncIterator[CrashSite]:
-    site = CrashSite(tmp_path, processes, databases)
+    crash_site = CrashSite(tmp_path, processes, databases)
     for name in (AS, ADMIN, LS):
-        site.urls[name] = await databases.new(name)
-    await site.start(AS, ADMIN, LS)
-    yield site
-    await site.close()
+        crash_site.urls[name] = await databases.new(name)
+    await crash_site.start(AS, ADMIN, LS)
+    yield crash_site
+    await crash_site.close()
 
 
-async def copy_and_repair(site: CrashSite, failpoint: str) -> None:
+async def copy_and_repair(crash_site: CrashSite, failpoint: str) -> None:
     """Activate the order onto the original, copy its data directory and database whole
     (stopped, as a disk copy is), start the copy on another machine and repair it; the
     original starts again meanwhile with ``failpoint`` armed."""
@@ -168,24 +168,24 @@ async def copy_and_repair(site: CrashSite, failpoint: str) -> None:
         check_in_interval=Duration(seconds=7 * 86400),
         check_in_grace=Duration(seconds=86400),
     )
-    order = await site.vendor.CreateEntitlement(
+    order = await crash_site.vendor.CreateEntitlement(
         apb.CreateEntitlementRequest(customer_organization="Harbour Tower", lines=[line]),
         metadata=VENDOR,
         timeout=RPC_TIMEOUT,
     )
-    activated = await site.admin.Activate(
+    activated = await crash_site.admin.Activate(
         adpb.ActivateRequest(
-            license_server=site.address(LS),
+            license_server=crash_site.address(LS),
             activation_id=order.entitlement.lines[0].activation_id,
             count=SOLD,
         ),
         timeout=RPC_TIMEOUT,
     )
     assert activated.operation.state == adpb.OPERATION_STATE_COMPLETED
-    await site.stop(LS)
-    shutil.copytree(site.tmp_path / LS, site.tmp_path / COPY)
-    site.urls[COPY] = await site.databases.new(COPY)
-    source, target = create_engine(site.urls[LS]), create_engine(site.urls[COPY])
+    await crash_site.stop(LS)
+    shutil.copytree(crash_site.tmp_path / LS, crash_site.tmp_path / COPY)
+    crash_site.urls[COPY] = await crash_site.databases.new(COPY)
+    source, target = create_engine(crash_site.urls[LS]), create_engine(crash_site.urls[COPY])
     try:
         await migrate(target, ls_server.MIGRATIONS)
         async with source.connect() as reading, target.begin() as writing:
@@ -198,13 +198,13 @@ async def copy_and_repair(site: CrashSite, failpoint: str) -> None:
     finally:
         await source.dispose()
         await target.dispose()
-    await site.start(COPY)
-    site.launch(LS, failpoint)
-    repaired = await site.admin.Repair(
-        adpb.RepairRequest(license_server=site.address(COPY)), timeout=RPC_TIMEOUT
+    await crash_site.start(COPY)
+    crash_site.launch(LS, failpoint)
+    repaired = await crash_site.admin.Repair(
+        adpb.RepairRequest(license_server=crash_site.address(COPY)), timeout=RPC_TIMEOUT
     )
     assert repaired.operation.state == adpb.OPERATION_STATE_COMPLETED
-    await site.processes.wait_serving(LS, site.ports[LS])
+    await crash_site.processes.wait_serving(LS, crash_site.ports[LS])
 
 
 @pytest.mark.parametrize(
@@ -212,41 +212,41 @@ async def copy_and_repair(site: CrashSite, failpoint: str) -> None:
     ["license_server.check_in.after_prepare", "license_server.check_in.after_install"],
 )
 async def test_a_check_in_cut_short_by_a_crash_completes_on_the_next(
-    site: CrashSite, failpoint: str
+    crash_site: CrashSite, failpoint: str
 ) -> None:
-    await copy_and_repair(site, failpoint)
-    assert await site.serving(LS) == SOLD  # not told yet: the hole check-in closes
+    await copy_and_repair(crash_site, failpoint)
+    assert await crash_site.serving(LS) == SOLD  # not told yet: the hole check-in closes
 
     with pytest.raises(grpc.aio.AioRpcError) as cut:
-        await site.check_in(LS)
+        await crash_site.check_in(LS)
     assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value
-    assert await site.processes.wait_exit(LS) == -9, site.processes.log(LS)
-    await site.start(LS)
+    assert await crash_site.processes.wait_exit(LS) == -9, crash_site.processes.log(LS)
+    await crash_site.start(LS)
 
-    health = await site.health(LS)
+    health = await crash_site.health(LS)
     if failpoint.endswith("after_install"):
         # The answer was installed before the crash: durable, whole.
         assert health.check_in.superseded and health.check_in.withdrawn_seats == SOLD
-        assert await site.serving(LS) == 0
+        assert await crash_site.serving(LS) == 0
     else:
         # Only the signed request existed: nothing was decided here, nothing changed.
         assert not health.check_in.superseded and health.check_in.withdrawn_seats == 0
-        assert await site.serving(LS) == SOLD
+        assert await crash_site.serving(LS) == SOLD
 
-    told = await site.check_in(LS)
-    copy_host = (await site.health(COPY)).host_id
+    told = await crash_site.check_in(LS)
+    copy_host = (await crash_site.health(COPY)).host_id
     assert told.status.superseded and told.status.superseded_by_host_id == copy_host
-    assert (await site.check_in(COPY)).status.withdrawn_seats == 0
-    served = (await site.serving(LS), await site.serving(COPY))
+    assert (await crash_site.check_in(COPY)).status.withdrawn_seats == 0
+    served = (await crash_site.serving(LS), await crash_site.serving(COPY))
     assert served == (0, SOLD) and sum(served) <= SOLD
 
-    page = await site.vendor.GetAuditLog(
+    page = await crash_site.vendor.GetAuditLog(
         apb.GetAuditLogRequest(page_size=1000), metadata=VENDOR, timeout=RPC_TIMEOUT
     )
     flagged = [e for e in page.entries if e.action == "checkin.superseded"]
     # The crash after install lost nothing at the vendor either: both check-ins counted.
     assert len(flagged) == (2 if failpoint.endswith("after_install") else 1)
-    verified = await site.vendor.VerifyAuditLog(
+    verified = await crash_site.vendor.VerifyAuditLog(
         apb.VerifyAuditLogRequest(), metadata=VENDOR, timeout=RPC_TIMEOUT
     )
     assert verified.intact

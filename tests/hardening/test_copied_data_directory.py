@@ -64,21 +64,23 @@ def shared_clock() -> FakeClock:
 
 
 @pytest.fixture
-async def site(
+async def shared_clock_site(
     tmp_path: Path, databases: DatabaseFactory, shared_clock: FakeClock
 ) -> AsyncIterator[Site]:
-    site = await start_site(
+    shared_clock_site = await start_site(
         tmp_path,
         databases,
         license_clock=shared_clock,
         activation_clock=shared_clock,
         machine_id="machine-a",
     )
-    yield site
-    await site.close()
+    yield shared_clock_site
+    await shared_clock_site.close()
 
 
-async def order(site: Site, count: int, interval_days: int = 0, grace_days: int = 0) -> str:
+async def order(
+    shared_clock_site: Site, count: int, interval_days: int = 0, grace_days: int = 0
+) -> str:
     """A one-line order of ``count`` seats with a check-in policy (0: none); its
     activation id."""
     line = apb.NewEntitlementLine(
@@ -87,35 +89,40 @@ async def order(site: Site, count: int, interval_days: int = 0, grace_days: int 
     if interval_days:
         line.check_in_interval.CopyFrom(Duration(seconds=interval_days * DAY))
         line.check_in_grace.CopyFrom(Duration(seconds=grace_days * DAY))
-    reply = await site.vendor.CreateEntitlement(
+    reply = await shared_clock_site.vendor.CreateEntitlement(
         apb.CreateEntitlementRequest(customer_organization="Harbour Tower", lines=[line]),
         metadata=bearer_metadata(VENDOR_TOKEN),
     )
     return reply.entitlement.lines[0].activation_id
 
 
-async def activate(site: Site, activation_id: str, count: int) -> None:
-    done = await site.administrator.Activate(
+async def activate(shared_clock_site: Site, activation_id: str, count: int) -> None:
+    done = await shared_clock_site.administrator.Activate(
         adpb.ActivateRequest(
-            license_server=site.license_address, activation_id=activation_id, count=count
+            license_server=shared_clock_site.license_address,
+            activation_id=activation_id,
+            count=count,
         )
     )
     assert done.operation.state == adpb.OPERATION_STATE_COMPLETED
 
 
 async def copy_license_server(
-    site: Site, databases: DatabaseFactory, machine_id: str
+    shared_clock_site: Site, databases: DatabaseFactory, machine_id: str
 ) -> ls_server.LicenseServer:
     """The original's data directory and database copied whole, started on another
     machine: what an operator (or an attacker) gets by copying the disk."""
-    source_dir = site.license_settings.common.data_dir
-    copy_dir = site.tmp_path / "copied_license_server"
+    source_dir = shared_clock_site.license_settings.common.data_dir
+    copy_dir = shared_clock_site.tmp_path / "copied_license_server"
     shutil.copytree(source_dir, copy_dir)
     url = await databases.new("copied_license")
     engine = create_engine(url)
     try:
         await migrate(engine, ls_server.MIGRATIONS)
-        async with site.license.store.engine.connect() as source, engine.begin() as target:
+        async with (
+            shared_clock_site.license.store.engine.connect() as source,
+            engine.begin() as target,
+        ):
             for table in reversed(license_tables.sorted_tables):
                 await target.execute(delete(table))
             for table in license_tables.sorted_tables:
@@ -129,74 +136,90 @@ async def copy_license_server(
             "--listen", "127.0.0.1:0",
             "--data-dir", str(copy_dir),
             "--database-url", url,
-            "--vendor-keys", str(site.tmp_path / "activation_server" / "vendor-keys.pub"),
+            "--vendor-keys",
+            str(shared_clock_site.tmp_path / "activation_server" / "vendor-keys.pub"),
             "--machine-id", machine_id,
             "--sweep-interval", "3600",
             *LICENSE_SERVER_FLAGS,
         ],
         environ={},
     )  # fmt: skip
-    return await ls_server.build(settings, clock=site.license_clock)
+    return await ls_server.build(settings, clock=shared_clock_site.license_clock)
 
 
-def storage_of(site: Site, server: ls_server.LicenseServer) -> lpb_grpc.TrustedStorageServiceStub:
-    return lpb_grpc.TrustedStorageServiceStub(site.channel(server.port))
+def storage_of(
+    shared_clock_site: Site, server: ls_server.LicenseServer
+) -> lpb_grpc.TrustedStorageServiceStub:
+    return lpb_grpc.TrustedStorageServiceStub(shared_clock_site.channel(server.port))
 
 
-def leases_of(site: Site, server: ls_server.LicenseServer) -> lpb_grpc.LeaseServiceStub:
-    return lpb_grpc.LeaseServiceStub(site.channel(server.port))
+def leases_of(
+    shared_clock_site: Site, server: ls_server.LicenseServer
+) -> lpb_grpc.LeaseServiceStub:
+    return lpb_grpc.LeaseServiceStub(shared_clock_site.channel(server.port))
 
 
-async def serving(site: Site, server: ls_server.LicenseServer) -> int:
+async def serving(shared_clock_site: Site, server: ls_server.LicenseServer) -> int:
     """Seats of client.station the License Server serves now (re-judged first)."""
-    await storage_of(site, server).GetTrustHealth(lpb.GetTrustHealthRequest())
-    info = await leases_of(site, server).GetLicenseInformation(lpb.GetLicenseInformationRequest())
+    await storage_of(shared_clock_site, server).GetTrustHealth(lpb.GetTrustHealthRequest())
+    info = await leases_of(shared_clock_site, server).GetLicenseInformation(
+        lpb.GetLicenseInformationRequest()
+    )
     return sum(f.activated for f in info.features if f.feature == STATION)
 
 
-async def check_in(site: Site, server: ls_server.LicenseServer) -> adpb.CheckInResponse:
-    return await site.administrator.CheckIn(
+async def check_in(
+    shared_clock_site: Site, server: ls_server.LicenseServer
+) -> adpb.CheckInResponse:
+    return await shared_clock_site.administrator.CheckIn(
         adpb.CheckInRequest(license_server=f"{server.port}@127.0.0.1")
     )
 
 
-async def vendor_audit(site: Site, action: str) -> list[apb.AuditEntry]:
-    page = await site.vendor.GetAuditLog(
+async def vendor_audit(shared_clock_site: Site, action: str) -> list[apb.AuditEntry]:
+    page = await shared_clock_site.vendor.GetAuditLog(
         apb.GetAuditLogRequest(page_size=1000), metadata=bearer_metadata(VENDOR_TOKEN)
     )
     return [entry for entry in page.entries if entry.action == action]
 
 
 async def test_a_copied_data_directory_repaired_elsewhere_supersedes_the_original(
-    site: Site, databases: DatabaseFactory
+    shared_clock_site: Site, databases: DatabaseFactory
 ) -> None:
     sold = 2
-    await activate(site, await order(site, sold, interval_days=7, grace_days=1), sold)
-    original = site.license
-    holder = leases_of(site, original).Lease()
+    await activate(
+        shared_clock_site, await order(shared_clock_site, sold, interval_days=7, grace_days=1), sold
+    )
+    original = shared_clock_site.license
+    holder = leases_of(shared_clock_site, original).Lease()
     await holder.write(lpb.LeaseRequest(acquire=lpb.LeaseAcquire(feature=STATION, count=2)))
     assert (await holder.read()).HasField("granted")
 
-    copy = await copy_license_server(site, databases, machine_id="machine-b")
+    copy = await copy_license_server(shared_clock_site, databases, machine_id="machine-b")
     try:
-        health = (await storage_of(site, copy).GetTrustHealth(lpb.GetTrustHealthRequest())).health
+        health = (
+            await storage_of(shared_clock_site, copy).GetTrustHealth(lpb.GetTrustHealthRequest())
+        ).health
         assert {c.cause for c in health.certificates} == {"MACHINE_CHANGED"}
-        repaired = await site.administrator.Repair(
+        repaired = await shared_clock_site.administrator.Repair(
             adpb.RepairRequest(license_server=f"{copy.port}@127.0.0.1")
         )
         assert repaired.operation.state == adpb.OPERATION_STATE_COMPLETED
         assert repaired.health.healthy
         # The hole: until the original checks in, both serve what was sold once.
-        assert (await serving(site, original), await serving(site, copy)) == (2, 2)
+        assert (
+            await serving(shared_clock_site, original),
+            await serving(shared_clock_site, copy),
+        ) == (2, 2)
 
-        told = await check_in(site, original)
+        told = await check_in(shared_clock_site, original)
         assert told.status.superseded
         assert told.status.superseded_by_host_id == copy.identity.host_id
         assert told.status.withdrawn_seats == 2
         revoked = await holder.read()
         assert revoked.HasField("revoked") and revoked.revoked.reason == "CERTIFICATE_SUPERSEDED"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await leases_of(site, original).Checkout(
+            await leases_of(shared_clock_site, original).Checkout(
                 lpb.CheckoutRequest(acquire=lpb.LeaseAcquire(feature=STATION, count=1))
             )
         assert (refused.value.code(), reason_of(refused.value)) == (
@@ -204,12 +227,14 @@ async def test_a_copied_data_directory_repaired_elsewhere_supersedes_the_origina
             "CERTIFICATE_SUPERSEDED",
         )
         health = (
-            await storage_of(site, original).GetTrustHealth(lpb.GetTrustHealthRequest())
+            await storage_of(shared_clock_site, original).GetTrustHealth(
+                lpb.GetTrustHealthRequest()
+            )
         ).health
         assert not health.healthy and health.check_in.superseded
         assert {c.state for c in health.certificates} == {State.CERTIFICATE_STATE_SUPERSEDED}
         [info] = (
-            await leases_of(site, original).GetLicenseInformation(
+            await leases_of(shared_clock_site, original).GetLicenseInformation(
                 lpb.GetLicenseInformationRequest(feature=STATION)
             )
         ).features
@@ -219,31 +244,34 @@ async def test_a_copied_data_directory_repaired_elsewhere_supersedes_the_origina
             "CERTIFICATE_SUPERSEDED",
         )
 
-        current = await check_in(site, copy)
+        current = await check_in(shared_clock_site, copy)
         assert not current.status.superseded and current.status.withdrawn_seats == 0
-        served = (await serving(site, original), await serving(site, copy))
+        served = (
+            await serving(shared_clock_site, original),
+            await serving(shared_clock_site, copy),
+        )
         assert served == (0, 2) and sum(served) <= sold
-        granted = await leases_of(site, copy).Checkout(
+        granted = await leases_of(shared_clock_site, copy).Checkout(
             lpb.CheckoutRequest(acquire=lpb.LeaseAcquire(feature=STATION, count=2))
         )
         assert granted.granted.count == 2
 
         # The vendor's audit shows the re-binding and flags the superseded host that
         # keeps checking in.
-        [rebound] = await vendor_audit(site, "repair.rebound")
+        [rebound] = await vendor_audit(shared_clock_site, "repair.rebound")
         assert (rebound.subject, rebound.actor) == (
             original.identity.host_id,
             copy.identity.host_id,
         )
         assert json.loads(rebound.detail_json)["generation"] == 1
-        await check_in(site, original)
-        flagged = await vendor_audit(site, "checkin.superseded")
+        await check_in(shared_clock_site, original)
+        flagged = await vendor_audit(shared_clock_site, "checkin.superseded")
         assert [e.subject for e in flagged] == [original.identity.host_id] * 2
         assert [json.loads(e.detail_json)["check_ins_since_superseded"] for e in flagged] == [
             1,
             2,
         ]
-        verified = await site.vendor.VerifyAuditLog(
+        verified = await shared_clock_site.vendor.VerifyAuditLog(
             apb.VerifyAuditLogRequest(), metadata=bearer_metadata(VENDOR_TOKEN)
         )
         assert verified.intact
@@ -252,65 +280,71 @@ async def test_a_copied_data_directory_repaired_elsewhere_supersedes_the_origina
 
 
 async def test_a_site_that_never_checks_in_keeps_working_when_no_policy_asks(
-    site: Site, shared_clock: FakeClock
+    shared_clock_site: Site, shared_clock: FakeClock
 ) -> None:
-    await activate(site, await order(site, 2), 2)
+    await activate(shared_clock_site, await order(shared_clock_site, 2), 2)
     shared_clock.advance(400 * DAY)  # more than a year with the Internet cut
-    assert await site.admin.operations.check_ins.check_in_due() == []
-    granted = await site.leases.Checkout(
+    assert await shared_clock_site.admin.operations.check_ins.check_in_due() == []
+    granted = await shared_clock_site.leases.Checkout(
         lpb.CheckoutRequest(acquire=lpb.LeaseAcquire(feature=STATION, count=2))
     )
     assert granted.granted.count == 2
-    assert (await site.trusted_storage.GetTrustHealth(lpb.GetTrustHealthRequest())).health.healthy
-    assert await vendor_audit(site, "checkin.superseded") == []
-    async with site.activation.store.engine.connect() as connection:
+    assert (
+        await shared_clock_site.trusted_storage.GetTrustHealth(lpb.GetTrustHealthRequest())
+    ).health.healthy
+    assert await vendor_audit(shared_clock_site, "checkin.superseded") == []
+    async with shared_clock_site.activation.store.engine.connect() as connection:
         assert (await connection.execute(select(check_ins))).all() == []  # never asked
 
 
 async def test_the_administrator_checks_in_when_the_policy_makes_it_due(
-    site: Site, shared_clock: FakeClock
+    shared_clock_site: Site, shared_clock: FakeClock
 ) -> None:
-    await activate(site, await order(site, 1, interval_days=7, grace_days=1), 1)
+    await activate(
+        shared_clock_site, await order(shared_clock_site, 1, interval_days=7, grace_days=1), 1
+    )
     activated_at = shared_clock.now()
     shared_clock.advance(6 * DAY)
-    assert await site.admin.operations.check_ins.check_in_due() == []  # not due yet
+    assert await shared_clock_site.admin.operations.check_ins.check_in_due() == []  # not due yet
 
     shared_clock.advance(DAY + 60)
-    [checked] = await site.admin.operations.check_ins.check_in_due()
-    assert checked.host_id == site.license.identity.host_id
+    [checked] = await shared_clock_site.admin.operations.check_ins.check_in_due()
+    assert checked.host_id == shared_clock_site.license.identity.host_id
     assert from_timestamp(checked.status.last_checked_at) == shared_clock.now()
     assert from_timestamp(checked.status.deadline) == shared_clock.now() + dt.timedelta(days=8)
-    assert await site.admin.operations.check_ins.check_in_due() == []  # done until next week
+    assert (
+        await shared_clock_site.admin.operations.check_ins.check_in_due() == []
+    )  # done until next week
 
     # The Internet is cut: past due plus grace, the seat stops, with the reason.
     shared_clock.advance(8 * DAY + 60)
-    assert await serving(site, site.license) == 0
+    assert await serving(shared_clock_site, shared_clock_site.license) == 0
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await site.leases.Checkout(
+        await shared_clock_site.leases.Checkout(
             lpb.CheckoutRequest(acquire=lpb.LeaseAcquire(feature=STATION, count=1))
         )
     assert reason_of(refused.value) == "CHECK_IN_OVERDUE"
     # Back online, the next pass checks in and the seat serves again.
-    [again] = await site.admin.operations.check_ins.check_in_due()
+    [again] = await shared_clock_site.admin.operations.check_ins.check_in_due()
     assert again.status.withdrawn_seats == 0
-    assert await serving(site, site.license) == 1
+    assert await serving(shared_clock_site, shared_clock_site.license) == 1
     assert shared_clock.now() > activated_at + dt.timedelta(days=15)
 
 
-async def tessera(site: Site, *argv: str) -> tuple[int, str]:
+async def tessera(shared_clock_site: Site, *argv: str) -> tuple[int, str]:
     """``tessera`` pointed at the site, as an operator runs it; exit code and stdout."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    cwd = site.tmp_path / "operator"
+    cwd = shared_clock_site.tmp_path / "operator"
     cwd.mkdir(exist_ok=True)
     app = App(
         environ={
-            "TESSERA_ADMINISTRATOR": f"127.0.0.1:{site.admin.port}",
-            "TESSERA_LICENSE_SERVER": site.license_address,
-            "TESSERA_ACTIVATION_SERVER": f"127.0.0.1:{site.activation.port}",
+            "TESSERA_ADMINISTRATOR": f"127.0.0.1:{shared_clock_site.admin.port}",
+            "TESSERA_LICENSE_SERVER": shared_clock_site.license_address,
+            "TESSERA_ACTIVATION_SERVER": f"127.0.0.1:{shared_clock_site.activation.port}",
             "TESSERA_ADMINISTRATOR_TOKEN": OPERATOR_TOKEN,
             "TESSERA_OPERATOR_TOKEN": OPERATOR_TOKEN,
             "TESSERA_VENDOR_TOKEN": VENDOR_TOKEN,
-            "XDG_CONFIG_HOME": str(site.tmp_path / "no-config"),
+            "XDG_CONFIG_HOME": str(shared_clock_site.tmp_path / "no-config"),
         },
         cwd=cwd,
         stdout=stdout,
@@ -322,10 +356,10 @@ async def tessera(site: Site, *argv: str) -> tuple[int, str]:
 
 
 async def test_the_cli_sets_the_policy_checks_in_and_shows_a_superseded_server(
-    site: Site, databases: DatabaseFactory
+    shared_clock_site: Site, databases: DatabaseFactory
 ) -> None:
     code, out = await tessera(
-        site, "vendor", "entitlements", "create", "--customer", "Harbour Tower",
+        shared_clock_site, "vendor", "entitlements", "create", "--customer", "Harbour Tower",
         "--line", "client.station=2,check-in=7d,grace=12h", "--json",
     )  # fmt: skip
     assert code == 0, out
@@ -334,34 +368,38 @@ async def test_the_cli_sets_the_policy_checks_in_and_shows_a_superseded_server(
         7 * DAY,
         12 * 3600,
     )
-    code, out = await tessera(site, "vendor", "entitlements", "create", "--customer", "X",
-                              "--line", "client.station=2,grace=soon")  # fmt: skip
+    code, out = await tessera(
+        shared_clock_site, "vendor", "entitlements", "create", "--customer", "X",
+        "--line", "client.station=2,grace=soon",
+    )  # fmt: skip
     assert code == 2 and "grace=soon" in out
-    code, out = await tessera(site, "activate", line["activation_id"], "--count", "2")
+    code, out = await tessera(shared_clock_site, "activate", line["activation_id"], "--count", "2")
     assert code == 0, out
 
-    code, out = await tessera(site, "check-in", "--json")
+    code, out = await tessera(shared_clock_site, "check-in", "--json")
     assert code == 0, out
     status = json.loads(out)["check_in"]
     assert status["required"] and not status["superseded"] and status["deadline"]
-    code, out = await tessera(site, "trust")
+    code, out = await tessera(shared_clock_site, "trust")
     assert code == 0 and "Check-in with the vendor: last check-in" in out
 
-    copy = await copy_license_server(site, databases, machine_id="machine-b")
+    copy = await copy_license_server(shared_clock_site, databases, machine_id="machine-b")
     try:
-        code, out = await tessera(site, "repair", "--license-server", f"{copy.port}@127.0.0.1")
+        code, out = await tessera(
+            shared_clock_site, "repair", "--license-server", f"{copy.port}@127.0.0.1"
+        )
         assert code == 0, out
-        code, out = await tessera(site, "check-in")
+        code, out = await tessera(shared_clock_site, "check-in")
         assert code == 5 and "Superseded" in out and copy.identity.host_id in out, out
-        code, out = await tessera(site, "trust", "--json")
+        code, out = await tessera(shared_clock_site, "trust", "--json")
         assert code == 5, out
         health = json.loads(out)["health"]
         assert health["check_in"]["superseded"] is True
         assert {c["state"] for c in health["certificates"]} == {"superseded"}
-        code, out = await tessera(site, "licenses", "--json")
+        code, out = await tessera(shared_clock_site, "licenses", "--json")
         [feature] = json.loads(out)["features"]
         assert (feature["withdrawn"], feature["withdrawn_reason"]) == (2, "CERTIFICATE_SUPERSEDED")
-        code, out = await tessera(site, "trust")
+        code, out = await tessera(shared_clock_site, "trust")
         assert "SUPERSEDED" in out and "repair does not bring them back" in out
         assert "Run `tessera repair`" not in out
     finally:
@@ -369,19 +407,21 @@ async def test_the_cli_sets_the_policy_checks_in_and_shows_a_superseded_server(
 
 
 async def test_the_administrator_checks_in_by_itself_every_poll(
-    site: Site, shared_clock: FakeClock
+    shared_clock_site: Site, shared_clock: FakeClock
 ) -> None:
-    await activate(site, await order(site, 1, interval_days=7, grace_days=1), 1)
+    await activate(
+        shared_clock_site, await order(shared_clock_site, 1, interval_days=7, grace_days=1), 1
+    )
     shared_clock.advance(7 * DAY + 60)  # due
     # Another Administrator over the same journal, polling every 50 ms.
     polling = await admin_server.build(
         admin_config.load_settings(
             [
                 "--listen", "127.0.0.1:0",
-                "--data-dir", str(site.tmp_path / "polling_administrator"),
+                "--data-dir", str(shared_clock_site.tmp_path / "polling_administrator"),
                 "--database-url",
-                site.admin.journal.engine.url.render_as_string(hide_password=False),
-                "--activation-server", f"127.0.0.1:{site.activation.port}",
+                shared_clock_site.admin.journal.engine.url.render_as_string(hide_password=False),
+                "--activation-server", f"127.0.0.1:{shared_clock_site.activation.port}",
                 "--check-in-poll", "0.05",
                 *ADMINISTRATOR_FLAGS,
             ],
@@ -392,7 +432,7 @@ async def test_the_administrator_checks_in_by_itself_every_poll(
         status = lpb.CheckInStatus()
         for _ in range(200):  # bounded: at most 10 s of polls
             status = (
-                await site.trusted_storage.GetTrustHealth(lpb.GetTrustHealthRequest())
+                await shared_clock_site.trusted_storage.GetTrustHealth(lpb.GetTrustHealthRequest())
             ).health.check_in
             if status.HasField("last_checked_at"):
                 break

@@ -174,8 +174,8 @@ ON_POSTGRES = {
 }
 
 
-def representative(site: ProcessSite, fault: Fault) -> None:
-    if site.databases.kind == "postgres" and fault.id not in ON_POSTGRES:
+def representative(process_site: ProcessSite, fault: Fault) -> None:
+    if process_site.databases.kind == "postgres" and fault.id not in ON_POSTGRES:
         pytest.skip("PostgreSQL runs a representative subset of the crash matrix")
 
 
@@ -307,12 +307,12 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 @pytest.fixture
-async def site(
+async def process_site(
     tmp_path: Path, databases: DatabaseFactory, processes: Processes
 ) -> AsyncIterator[ProcessSite]:
-    site = ProcessSite(tmp_path, processes, databases)
-    yield site
-    await site.close()
+    process_site = ProcessSite(tmp_path, processes, databases)
+    yield process_site
+    await process_site.close()
 
 
 # What each flow needs before the operation under test, and the operation itself
@@ -333,8 +333,8 @@ class Setup:
         return self.certificates[feature].certificate.certificate_id
 
 
-async def create_entitlement(site: ProcessSite, flow: str, servers: list[str]) -> Setup:
-    created = await site.vendor.CreateEntitlement(
+async def create_entitlement(process_site: ProcessSite, flow: str, servers: list[str]) -> Setup:
+    created = await process_site.vendor.CreateEntitlement(
         apb.CreateEntitlementRequest(
             customer_organization="Fault Tower",
             contact="bms@fault.example",
@@ -353,19 +353,19 @@ async def create_entitlement(site: ProcessSite, flow: str, servers: list[str]) -
     return Setup(flow, entitlement.entitlement_id, lines, servers)
 
 
-async def prepare(site: ProcessSite, fault: Fault) -> Setup:
+async def prepare(process_site: ProcessSite, fault: Fault) -> Setup:
     """Start the site with the service under test armed (after the setup's activations
     when they would pass its failpoint) and set the flow's stage."""
     servers = [LS, TARGET] if fault.flow == MOVE else [LS]
-    await site.start(servers, None if fault.fires_during_setup else fault)
-    setup = await create_entitlement(site, fault.flow, servers)
+    await process_site.start(servers, None if fault.fires_during_setup else fault)
+    setup = await create_entitlement(process_site, fault.flow, servers)
     if fault.flow == ACTIVATE:
         return setup
     # Two certificates: one to return, repair or move, one that must stay as it is.
     for index, (feature, count) in enumerate(((STATION, 2), (ENTERPRISE, 1))):
-        activated = await site.admin.Activate(
+        activated = await process_site.admin.Activate(
             adpb.ActivateRequest(
-                license_server=site.address(),
+                license_server=process_site.address(),
                 activation_id=setup.lines[feature],
                 count=count,
                 operation_id=f"setup-activation-{index}",
@@ -375,30 +375,30 @@ async def prepare(site: ProcessSite, fault: Fault) -> Setup:
         assert activated.operation.state == adpb.OPERATION_STATE_COMPLETED
         setup.certificates[feature] = activated.certificate
     if fault.fires_during_setup:
-        await site.stop(fault.service)
-        await site.restart(fault.service, fault.failpoint)
+        await process_site.stop(fault.service)
+        await process_site.restart(fault.service, fault.failpoint)
     if fault.flow == REPAIR:
         # The License Server moves to another machine: same host key, new host id, and
         # every certificate breaks until the vendor re-issues it.
-        setup.host_before = await site.host_id()
-        await site.stop(LS)
-        site.machine_ids[LS] = NEW_MACHINE
-        await site.restart(LS, fault.failpoint if fault.service == LS else "")
-        health = await site.storage().GetTrustHealth(
+        setup.host_before = await process_site.host_id()
+        await process_site.stop(LS)
+        process_site.machine_ids[LS] = NEW_MACHINE
+        await process_site.restart(LS, fault.failpoint if fault.service == LS else "")
+        health = await process_site.storage().GetTrustHealth(
             lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT
         )
         assert not health.health.healthy
         assert {c.cause for c in health.health.certificates} == {"MACHINE_CHANGED"}
-        assert health.health.sealed_host_id == setup.host_before != await site.host_id()
+        assert health.health.sealed_host_id == setup.host_before != await process_site.host_id()
     return setup
 
 
-async def run(site: ProcessSite, setup: Setup) -> Message:
+async def run(process_site: ProcessSite, setup: Setup) -> Message:
     """The Administrator RPC under test, always with the same operation id."""
     if setup.flow == ACTIVATE:
-        return await site.admin.Activate(
+        return await process_site.admin.Activate(
             adpb.ActivateRequest(
-                license_server=site.address(),
+                license_server=process_site.address(),
                 activation_id=setup.lines[STATION],
                 count=2,
                 operation_id=OPERATION_ID,
@@ -406,26 +406,26 @@ async def run(site: ProcessSite, setup: Setup) -> Message:
             timeout=RPC_TIMEOUT,
         )
     if setup.flow == RETURN:
-        return await site.admin.Return(
+        return await process_site.admin.Return(
             adpb.ReturnRequest(
-                license_server=site.address(),
+                license_server=process_site.address(),
                 certificate_id=setup.certificate_id(STATION),
                 operation_id=OPERATION_ID,
             ),
             timeout=RPC_TIMEOUT,
         )
     if setup.flow == MOVE:
-        return await site.admin.Move(
+        return await process_site.admin.Move(
             adpb.MoveRequest(
-                from_license_server=site.address(),
-                to_license_server=site.address(TARGET),
+                from_license_server=process_site.address(),
+                to_license_server=process_site.address(TARGET),
                 certificate_id=setup.certificate_id(STATION),
                 operation_id=OPERATION_ID,
             ),
             timeout=RPC_TIMEOUT,
         )
-    return await site.admin.Repair(
-        adpb.RepairRequest(license_server=site.address(), operation_id=OPERATION_ID),
+    return await process_site.admin.Repair(
+        adpb.RepairRequest(license_server=process_site.address(), operation_id=OPERATION_ID),
         timeout=RPC_TIMEOUT,
     )
 
@@ -443,12 +443,12 @@ async def answered(call: Callable[[], Awaitable[T]]) -> T:
         await asyncio.sleep(0.1)
 
 
-async def crash(site: ProcessSite, fault: Fault, setup: Setup) -> None:
+async def crash(process_site: ProcessSite, fault: Fault, setup: Setup) -> None:
     """Run the operation into the armed failpoint: the call fails, the service is dead."""
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await run(site, setup)
+        await run(process_site, setup)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
-    await site.died(fault.service)
+    await process_site.died(fault.service)
 
 
 # The books of both sides
@@ -491,11 +491,11 @@ class Books:
         return {line.feature: line.activated for line in self.lines}
 
 
-async def audit_log(site: ProcessSite) -> list[apb.AuditEntry]:
+async def audit_log(process_site: ProcessSite) -> list[apb.AuditEntry]:
     entries: list[apb.AuditEntry] = []
     after = 0
     while True:
-        page = await site.vendor.GetAuditLog(
+        page = await process_site.vendor.GetAuditLog(
             apb.GetAuditLogRequest(after_sequence=after, page_size=1000),
             metadata=VENDOR,
             timeout=RPC_TIMEOUT,
@@ -518,18 +518,18 @@ def held_in(certificates: Iterable[lpb.InstalledCertificate]) -> Held:
     }
 
 
-async def books(site: ProcessSite, setup: Setup) -> Books:
+async def books(process_site: ProcessSite, setup: Setup) -> Books:
     """Both sides' books, the License Servers' read first: they serve seats only after the
     vendor recorded them and stop serving before the vendor credits them back, so what
     serves at one moment is still on the vendor's books a moment later."""
     servers: dict[str, tuple[str, Held, dict[str, int], lpb.TrustHealth]] = {}
     for server in setup.servers:
-        host_id = await site.host_id(server)
-        storage = site.storage(server)
+        host_id = await process_site.host_id(server)
+        storage = process_site.storage(server)
         certificates = await storage.ListCertificates(
             lpb.ListCertificatesRequest(), timeout=RPC_TIMEOUT
         )
-        information = await site.leases(server).GetLicenseInformation(
+        information = await process_site.leases(server).GetLicenseInformation(
             lpb.GetLicenseInformationRequest(), timeout=RPC_TIMEOUT
         )
         health = await storage.GetTrustHealth(lpb.GetTrustHealthRequest(), timeout=RPC_TIMEOUT)
@@ -540,7 +540,7 @@ async def books(site: ProcessSite, setup: Setup) -> Books:
         servers[server] = (host_id, held_in(certificates.certificates), serving, health.health)
     hosts = {}
     for server, (host_id, held, serving, health) in servers.items():
-        vendor_held = await site.vendor.ListActivations(
+        vendor_held = await process_site.vendor.ListActivations(
             apb.ListActivationsRequest(host_id=host_id), metadata=VENDOR, timeout=RPC_TIMEOUT
         )
         hosts[server] = Host(
@@ -554,34 +554,34 @@ async def books(site: ProcessSite, setup: Setup) -> Books:
             serving,
             health,
         )
-    everything = await site.vendor.ListActivations(
+    everything = await process_site.vendor.ListActivations(
         apb.ListActivationsRequest(entitlement_id=setup.entitlement_id),
         metadata=VENDOR,
         timeout=RPC_TIMEOUT,
     )
-    order = await site.activation.GetOrder(
+    order = await process_site.activation.GetOrder(
         apb.GetOrderRequest(entitlement_id=setup.entitlement_id), timeout=RPC_TIMEOUT
     )
-    verified = await site.vendor.VerifyAuditLog(
+    verified = await process_site.vendor.VerifyAuditLog(
         apb.VerifyAuditLogRequest(), metadata=VENDOR, timeout=RPC_TIMEOUT
     )
     return Books(
         hosts=hosts,
         activations=list(everything.activations),
         lines=list(order.entitlement.lines),
-        audit=await audit_log(site),
+        audit=await audit_log(process_site),
         audit_intact=verified.intact,
     )
 
 
-async def settled_books(site: ProcessSite, setup: Setup) -> Books:
+async def settled_books(process_site: ProcessSite, setup: Setup) -> Books:
     """Books that read the same twice running. Each side is read call by call, so while
     the Administrator may still be finishing the operation on its own (its resume at
     start) one snapshot could mix states from before and after a step."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    last = await books(site, setup)
+    last = await books(process_site, setup)
     while True:
-        current = await books(site, setup)
+        current = await books(process_site, setup)
         if current == last:
             return current
         assert time.monotonic() < deadline, "the books never settled"
@@ -712,17 +712,17 @@ def check_flow(setup: Setup, before: Books | None, after: Books, reply: Message)
         assert after.audit[: len(before.audit)] == before.audit
 
 
-async def check_idempotent(site: ProcessSite, setup: Setup, reply: Message) -> None:
+async def check_idempotent(process_site: ProcessSite, setup: Setup, reply: Message) -> None:
     """A third call answers the same and changes nothing anywhere."""
-    settled = await books(site, setup)
-    again = await run(site, setup)
+    settled = await books(process_site, setup)
+    again = await run(process_site, setup)
     assert again == reply
-    assert await books(site, setup) == settled
-    operation = await site.admin.GetOperation(
+    assert await books(process_site, setup) == settled
+    operation = await process_site.admin.GetOperation(
         adpb.GetOperationRequest(operation_id=OPERATION_ID), timeout=RPC_TIMEOUT
     )
     assert operation.operation.state == adpb.OPERATION_STATE_COMPLETED
-    unfinished = await site.admin.ListOperations(
+    unfinished = await process_site.admin.ListOperations(
         adpb.ListOperationsRequest(unfinished_only=True), timeout=RPC_TIMEOUT
     )
     assert not unfinished.operations
@@ -762,26 +762,26 @@ def test_the_matrix_covers_every_failpoint_of_the_services() -> None:
 
 @pytest.mark.parametrize("fault", FAULTS + MOVE_FAULTS, ids=lambda fault: fault.id)
 async def test_a_crash_at_any_step_completes_exactly_once_on_retry(
-    site: ProcessSite, fault: Fault
+    process_site: ProcessSite, fault: Fault
 ) -> None:
-    representative(site, fault)
-    setup = await prepare(site, fault)
-    before = await books(site, setup)
+    representative(process_site, fault)
+    setup = await prepare(process_site, fault)
+    before = await books(process_site, setup)
 
-    await crash(site, fault, setup)
+    await crash(process_site, fault, setup)
     # The books between crash and retry: with the Administrator dead nothing moves; a
     # dead Activation Server or License Server has to come back to be read.
     if fault.service != ADMIN:
-        await site.restart(fault.service)
-    check_interim(await settled_books(site, setup), fault)
+        await process_site.restart(fault.service)
+    check_interim(await settled_books(process_site, setup), fault)
     if fault.service == ADMIN:
-        await site.restart(fault.service)
-    reply = await answered(lambda: run(site, setup))
+        await process_site.restart(fault.service)
+    reply = await answered(lambda: run(process_site, setup))
 
-    after = await books(site, setup)
+    after = await books(process_site, setup)
     check_books(after)
     check_flow(setup, before, after, reply)
-    await check_idempotent(site, setup, reply)
+    await check_idempotent(process_site, setup, reply)
 
 
 # One Administrator crash per flow, each at another step: the vendor decided but nothing
@@ -797,17 +797,17 @@ RESUMED = [
 
 @pytest.mark.parametrize("fault", RESUMED, ids=lambda fault: fault.id)
 async def test_the_administrator_finishes_its_journal_after_a_crash(
-    site: ProcessSite, fault: Fault
+    process_site: ProcessSite, fault: Fault
 ) -> None:
-    setup = await prepare(site, fault)
-    await crash(site, fault, setup)
-    await site.restart(ADMIN)
+    setup = await prepare(process_site, fault)
+    await crash(process_site, fault, setup)
+    await process_site.restart(ADMIN)
 
     # Nobody calls Activate / Return / Repair / Move again: the Administrator resumes its
     # unfinished operations at start by itself.
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
-        found = await site.admin.GetOperation(
+        found = await process_site.admin.GetOperation(
             adpb.GetOperationRequest(operation_id=OPERATION_ID), timeout=RPC_TIMEOUT
         )
         if found.operation.state == adpb.OPERATION_STATE_COMPLETED:
@@ -815,8 +815,8 @@ async def test_the_administrator_finishes_its_journal_after_a_crash(
         assert time.monotonic() < deadline, f"not resumed: {found.operation}"
         await asyncio.sleep(0.1)
 
-    after = await books(site, setup)
+    after = await books(process_site, setup)
     check_books(after)
-    reply = await run(site, setup)
+    reply = await run(process_site, setup)
     check_flow(setup, None, after, reply)
-    await check_idempotent(site, setup, reply)
+    await check_idempotent(process_site, setup, reply)

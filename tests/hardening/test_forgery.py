@@ -37,7 +37,7 @@ TIMEOUT = 20.0
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealSite]:
+def real_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealSite]:
     """One site for the module; each test licenses a feature of its own."""
     yield from started_site(tmp_path_factory.mktemp("forgery"))
 
@@ -57,9 +57,9 @@ def feature() -> str:
 class Stream:
     """One client's Lease stream, driven message by message."""
 
-    def __init__(self, site: RealSite) -> None:
+    def __init__(self, real_site: RealSite) -> None:
         self._outbox: queue.Queue[lpb.LeaseRequest | None] = queue.Queue()
-        self._responses: Any = site.leases.Lease(self._requests(), timeout=TIMEOUT)
+        self._responses: Any = real_site.leases.Lease(self._requests(), timeout=TIMEOUT)
 
     def _requests(self) -> Iterator[lpb.LeaseRequest]:
         while (request := self._outbox.get()) is not None:
@@ -90,30 +90,32 @@ class Stream:
         return caught.value
 
 
-def checkout(site: RealSite, feature: str, host: str = "ws-1") -> lpb.LeaseGranted:
-    return site.leases.Checkout(
+def checkout(real_site: RealSite, feature: str, host: str = "ws-1") -> lpb.LeaseGranted:
+    return real_site.leases.Checkout(
         lpb.CheckoutRequest(acquire=lpb.LeaseAcquire(feature=feature, count=1, client_host=host)),
         timeout=TIMEOUT,
     ).granted
 
 
-def leases_table(site: RealSite, feature: str) -> list[tuple[Any, ...]]:
+def leases_table(real_site: RealSite, feature: str) -> list[tuple[Any, ...]]:
     return [
-        row for row in state_of(site["license"].database)["leases"] if ("feature", feature) in row
+        row
+        for row in state_of(real_site["license"].database)["leases"]
+        if ("feature", feature) in row
     ]
 
 
-def used(site: RealSite, feature: str) -> int:
-    reply = site.leases.GetLicenseInformation(
+def used(real_site: RealSite, feature: str) -> int:
+    reply = real_site.leases.GetLicenseInformation(
         lpb.GetLicenseInformationRequest(feature=feature), timeout=TIMEOUT
     )
     return sum(f.used for f in reply.features)
 
 
-def held(site: RealSite, feature: str) -> list[lpb.LeaseEntry]:
-    reply = site.lease_admin.ListLeases(
+def held(real_site: RealSite, feature: str) -> list[lpb.LeaseEntry]:
+    reply = real_site.lease_admin.ListLeases(
         lpb.ListLeasesRequest(feature=feature),
-        metadata=site["license"].credentials(),
+        metadata=real_site["license"].credentials(),
         timeout=TIMEOUT,
     )
     return [entry for entry in reply.leases if entry.state == lpb.LEASE_STATE_HELD]
@@ -136,20 +138,22 @@ def code_of(error: grpc.RpcError) -> grpc.StatusCode:
 # ---------------------------------------------------------------------------------------
 
 
-def test_a_stolen_lease_id_without_its_secret_gets_nothing(site: RealSite, feature: str) -> None:
-    site.activate(feature, 2)
-    victim = checkout(site, feature)
-    other = checkout(site, feature, "ws-2")
-    before = leases_table(site, feature)
+def test_a_stolen_lease_id_without_its_secret_gets_nothing(
+    real_site: RealSite, feature: str
+) -> None:
+    real_site.activate(feature, 2)
+    victim = checkout(real_site, feature)
+    other = checkout(real_site, feature, "ws-2")
+    before = leases_table(real_site, feature)
     guesses = ["", "x", victim.lease_secret[:-1], victim.lease_secret.upper(), other.lease_secret]
     for secret in guesses:
-        for call in (site.leases.Heartbeat, site.leases.Checkin):
+        for call in (real_site.leases.Heartbeat, real_site.leases.Checkin):
             request_type = (
-                lpb.HeartbeatRequest if call is site.leases.Heartbeat else lpb.CheckinRequest
+                lpb.HeartbeatRequest if call is real_site.leases.Heartbeat else lpb.CheckinRequest
             )
             error = refused(call, request_type(lease_id=victim.lease_id, lease_secret=secret))
             assert code_of(error) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
-        stream = Stream(site)
+        stream = Stream(real_site)
         stream.push(resume=lpb.LeaseResume(lease_id=victim.lease_id, lease_secret=secret))
         assert code_of(stream.error()) in (
             grpc.StatusCode.NOT_FOUND,
@@ -157,27 +161,27 @@ def test_a_stolen_lease_id_without_its_secret_gets_nothing(site: RealSite, featu
         )
         stream.close()
     # Not a heartbeat, not an epoch, not a release: the rows are exactly as they were.
-    assert leases_table(site, feature) == before
-    assert used(site, feature) == 2
+    assert leases_table(real_site, feature) == before
+    assert used(real_site, feature) == 2
     # The rightful holder still holds it.
-    site.leases.Heartbeat(
+    real_site.leases.Heartbeat(
         lpb.HeartbeatRequest(lease_id=victim.lease_id, lease_secret=victim.lease_secret),
         timeout=TIMEOUT,
     )
 
 
 def test_a_secret_replayed_from_another_client_fences_the_first_and_counts_one_seat(
-    site: RealSite, feature: str
+    real_site: RealSite, feature: str
 ) -> None:
-    site.activate(feature, 2)
-    first = Stream(site)
+    real_site.activate(feature, 2)
+    first = Stream(real_site)
     granted = first.send(
         acquire=lpb.LeaseAcquire(feature=feature, count=1, client_host="ws-owner")
     ).granted
     assert granted.lease_id and granted.epoch >= 0
 
     # Someone else, on another connection, presents the id and the secret.
-    thief = Stream(site)
+    thief = Stream(real_site)
     resumed = thief.send(
         resume=lpb.LeaseResume(lease_id=granted.lease_id, lease_secret=granted.lease_secret)
     ).granted
@@ -188,31 +192,32 @@ def test_a_secret_replayed_from_another_client_fences_the_first_and_counts_one_s
     revoked = first.next()
     assert revoked.revoked.reason == "LEASE_RESUMED_ELSEWHERE"
     # One lease, one seat, still shown as the owner's host: no second seat for a replay.
-    entries = held(site, feature)
+    entries = held(real_site, feature)
     assert [(e.lease_id, e.client_host, e.count) for e in entries] == [
         (granted.lease_id, "ws-owner", 1)
     ]
-    assert used(site, feature) == 1
+    assert used(real_site, feature) == 1
     # Checking in with the replayed secret ends the one lease; no seat is left behind.
     assert thief.send(release=lpb.LeaseRelease()).HasField("released")
-    assert used(site, feature) == 0 and held(site, feature) == []
+    assert used(real_site, feature) == 0 and held(real_site, feature) == []
     first.close()
     thief.close()
 
 
-def test_a_secret_is_bound_to_its_own_lease(site: RealSite, feature: str) -> None:
-    site.activate(feature, 2)
-    a, b = checkout(site, feature, "ws-a"), checkout(site, feature, "ws-b")
-    before = leases_table(site, feature)
-    stream = Stream(site)
+def test_a_secret_is_bound_to_its_own_lease(real_site: RealSite, feature: str) -> None:
+    real_site.activate(feature, 2)
+    a, b = checkout(real_site, feature, "ws-a"), checkout(real_site, feature, "ws-b")
+    before = leases_table(real_site, feature)
+    stream = Stream(real_site)
     stream.push(resume=lpb.LeaseResume(lease_id=b.lease_id, lease_secret=a.lease_secret))
     assert code_of(stream.error()) == grpc.StatusCode.NOT_FOUND
     stream.close()
     error = refused(
-        site.leases.Checkin, lpb.CheckinRequest(lease_id=b.lease_id, lease_secret=a.lease_secret)
+        real_site.leases.Checkin,
+        lpb.CheckinRequest(lease_id=b.lease_id, lease_secret=a.lease_secret),
     )
     assert code_of(error) == grpc.StatusCode.NOT_FOUND
-    assert leases_table(site, feature) == before
+    assert leases_table(real_site, feature) == before
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,77 +225,79 @@ def test_a_secret_is_bound_to_its_own_lease(site: RealSite, feature: str) -> Non
 # ---------------------------------------------------------------------------------------
 
 
-def everything(site: RealSite) -> dict[str, Any]:
-    return {name: state_of(service.database) for name, service in site.services.items()}
+def everything(real_site: RealSite) -> dict[str, Any]:
+    return {name: state_of(service.database) for name, service in real_site.services.items()}
 
 
 def offline_activation(
-    site: RealSite, feature: str, seats: int, operation_id: str
+    real_site: RealSite, feature: str, seats: int, operation_id: str
 ) -> tuple[str, bytes]:
     """Activate ``seats`` through request and response files; (certificate id, answer)."""
-    order = site.sell(feature, 5)
-    installed_before = certificate_ids(site)
-    exported = site.administrator.ExportRequest(
+    order = real_site.sell(feature, 5)
+    installed_before = certificate_ids(real_site)
+    exported = real_site.administrator.ExportRequest(
         pb.ExportRequestRequest(
             kind=pb.OPERATION_KIND_ACTIVATE,
-            license_server=site.license_address,
+            license_server=real_site.license_address,
             activation_id=order.lines[0].activation_id,
             count=seats,
             operation_id=operation_id,
         ),
         timeout=TIMEOUT,
     )
-    answer = site.administrator.SubmitRequest(
+    answer = real_site.administrator.SubmitRequest(
         pb.SubmitRequestRequest(request_file=exported.request_file), timeout=TIMEOUT
     ).response_file
-    imported = site.administrator.ImportResponse(
-        pb.ImportResponseRequest(license_server=site.license_address, response_file=answer),
+    imported = real_site.administrator.ImportResponse(
+        pb.ImportResponseRequest(license_server=real_site.license_address, response_file=answer),
         timeout=TIMEOUT,
     )
     assert imported.operation.state == pb.OPERATION_STATE_COMPLETED
-    (installed,) = certificate_ids(site) - installed_before
+    (installed,) = certificate_ids(real_site) - installed_before
     return installed, answer
 
 
-def certificate_ids(site: RealSite) -> set[str]:
-    certificates = site.trusted_storage.ListCertificates(
-        lpb.ListCertificatesRequest(), metadata=site["license"].credentials(), timeout=TIMEOUT
+def certificate_ids(real_site: RealSite) -> set[str]:
+    certificates = real_site.trusted_storage.ListCertificates(
+        lpb.ListCertificatesRequest(), metadata=real_site["license"].credentials(), timeout=TIMEOUT
     )
     return {c.certificate.certificate_id for c in certificates.certificates}
 
 
 def test_an_answer_file_imported_twice_changes_nothing_the_second_time(
-    site: RealSite, feature: str
+    real_site: RealSite, feature: str
 ) -> None:
-    _, answer = offline_activation(site, feature, 2, "air-twice")
-    before = everything(site)
-    again = site.administrator.ImportResponse(
-        pb.ImportResponseRequest(license_server=site.license_address, response_file=answer),
+    _, answer = offline_activation(real_site, feature, 2, "air-twice")
+    before = everything(real_site)
+    again = real_site.administrator.ImportResponse(
+        pb.ImportResponseRequest(license_server=real_site.license_address, response_file=answer),
         timeout=TIMEOUT,
     )
     assert again.operation.state == pb.OPERATION_STATE_COMPLETED
-    assert everything(site) == before
-    assert used(site, feature) == 0
-    info = site.leases.GetLicenseInformation(
+    assert everything(real_site) == before
+    assert used(real_site, feature) == 0
+    info = real_site.leases.GetLicenseInformation(
         lpb.GetLicenseInformationRequest(feature=feature), timeout=TIMEOUT
     )
     assert [(f.activated, f.available) for f in info.features] == [(2, 2)]
 
 
 def test_an_old_answer_file_imported_after_a_return_changes_nothing(
-    site: RealSite, feature: str
+    real_site: RealSite, feature: str
 ) -> None:
-    certificate_id, answer = offline_activation(site, feature, 2, "air-old")
-    returned = site.administrator.Return(
-        pb.ReturnRequest(license_server=site.license_address, certificate_id=certificate_id),
+    certificate_id, answer = offline_activation(real_site, feature, 2, "air-old")
+    returned = real_site.administrator.Return(
+        pb.ReturnRequest(license_server=real_site.license_address, certificate_id=certificate_id),
         timeout=TIMEOUT,
     )
     assert returned.operation.state == pb.OPERATION_STATE_COMPLETED
-    before = everything(site)
+    before = everything(real_site)
 
     try:
-        reply = site.administrator.ImportResponse(
-            pb.ImportResponseRequest(license_server=site.license_address, response_file=answer),
+        reply = real_site.administrator.ImportResponse(
+            pb.ImportResponseRequest(
+                license_server=real_site.license_address, response_file=answer
+            ),
             timeout=TIMEOUT,
         )
     except grpc.RpcError as error:
@@ -304,52 +311,56 @@ def test_an_old_answer_file_imported_after_a_return_changes_nothing(
         print("the old answer file was answered with its operation:", reply.operation.state)
         # Answering with the operation's record is allowed; re-installing is not.
         assert reply.operation.state == pb.OPERATION_STATE_COMPLETED
-    assert everything(site) == before
+    assert everything(real_site) == before
 
     # Straight to the License Server, past the Administrator's journal: the request it
     # answers was consumed, so the old answer cannot install the returned seats again.
     envelope = read_response_file(answer).response
     replayed = refused(
-        site.trusted_storage.InstallActivation,
+        real_site.trusted_storage.InstallActivation,
         lpb.InstallActivationRequest(response=envelope),
-        metadata=site["license"].credentials(),
+        metadata=real_site["license"].credentials(),
     )
     assert code_of(replayed) == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(replayed) == "CERTIFICATE_RETURNED"
-    assert everything(site) == before
+    assert everything(real_site) == before
     # The returned seats do not come back.
-    info = site.leases.GetLicenseInformation(lpb.GetLicenseInformationRequest(), timeout=TIMEOUT)
+    info = real_site.leases.GetLicenseInformation(
+        lpb.GetLicenseInformationRequest(), timeout=TIMEOUT
+    )
     assert [f.activated for f in info.features if f.feature == feature and f.activated] == []
-    assert certificate_id not in certificate_ids(site)
+    assert certificate_id not in certificate_ids(real_site)
 
 
 def test_a_forged_answer_file_changes_nothing_and_the_genuine_one_completes(
-    site: RealSite, feature: str
+    real_site: RealSite, feature: str
 ) -> None:
-    order = site.sell(feature, 5)
-    exported = site.administrator.ExportRequest(
+    order = real_site.sell(feature, 5)
+    exported = real_site.administrator.ExportRequest(
         pb.ExportRequestRequest(
             kind=pb.OPERATION_KIND_ACTIVATE,
-            license_server=site.license_address,
+            license_server=real_site.license_address,
             activation_id=order.lines[0].activation_id,
             count=2,
             operation_id="air-forged",
         ),
         timeout=TIMEOUT,
     )
-    answer = site.administrator.SubmitRequest(
+    answer = real_site.administrator.SubmitRequest(
         pb.SubmitRequestRequest(request_file=exported.request_file), timeout=TIMEOUT
     ).response_file
     # One byte of the vendor's signature changed, and the file's checksum made to match.
     file = read_response_file(answer)
     file.response.signature = bytes([file.response.signature[0] ^ 1]) + file.response.signature[1:]
     forged = armour(RESPONSE, file.SerializeToString(), [("Operation", file.operation_id)])
-    before = everything(site)
+    before = everything(real_site)
 
     for _ in range(2):
         error = refused(
-            site.administrator.ImportResponse,
-            pb.ImportResponseRequest(license_server=site.license_address, response_file=forged),
+            real_site.administrator.ImportResponse,
+            pb.ImportResponseRequest(
+                license_server=real_site.license_address, response_file=forged
+            ),
         )
         assert (code_of(error), reason_of(error)) == (
             grpc.StatusCode.PERMISSION_DENIED,
@@ -357,14 +368,14 @@ def test_a_forged_answer_file_changes_nothing_and_the_genuine_one_completes(
         )
         # In no database of the site did anything change: not the journal, not trusted
         # storage, not the vendor's records.
-        assert everything(site) == before
+        assert everything(real_site) == before
 
-    imported = site.administrator.ImportResponse(
-        pb.ImportResponseRequest(license_server=site.license_address, response_file=answer),
+    imported = real_site.administrator.ImportResponse(
+        pb.ImportResponseRequest(license_server=real_site.license_address, response_file=answer),
         timeout=TIMEOUT,
     )
     assert imported.operation.state == pb.OPERATION_STATE_COMPLETED
-    info = site.leases.GetLicenseInformation(
+    info = real_site.leases.GetLicenseInformation(
         lpb.GetLicenseInformationRequest(feature=feature), timeout=TIMEOUT
     )
     assert [(f.activated, f.available) for f in info.features] == [(2, 2)]

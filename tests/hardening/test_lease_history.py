@@ -175,10 +175,10 @@ def test_a_late_acknowledgement_makes_the_lease_believed_again() -> None:
 
 
 @pytest.fixture
-async def vendor(tmp_path: Path) -> AsyncIterator[Vendor]:
-    vendor = await Vendor.start(tmp_path / "vendor")
-    yield vendor
-    await vendor.stop()
+async def history_vendor(tmp_path: Path) -> AsyncIterator[Vendor]:
+    history_vendor = await Vendor.start(tmp_path / "vendor")
+    yield history_vendor
+    await history_vendor.stop()
 
 
 def scenario(databases: DatabaseFactory, name: str, *faults: str) -> Scenario:
@@ -202,10 +202,10 @@ def scenario(databases: DatabaseFactory, name: str, *faults: str) -> Scenario:
 
 
 async def run(
-    databases: DatabaseFactory, tmp_path: Path, vendor: Vendor, plan: Scenario
+    databases: DatabaseFactory, tmp_path: Path, history_vendor: Vendor, plan: Scenario
 ) -> RunResult:
     url = await databases.new("license")
-    result = await run_scenario(plan, tmp_path / "run", url, vendor, log=print)
+    result = await run_scenario(plan, tmp_path / "run", url, history_vendor, log=print)
     print(result.line())
     if result.verdict.violations:
         result.history.dump(tmp_path / "history.jsonl")
@@ -220,7 +220,7 @@ def assert_no_violations(result: RunResult) -> None:
 
 @pytest.mark.e2e
 async def test_no_seat_believed_twice_and_no_promise_broken_under_sigkill_and_sigstop(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor
+    tmp_path: Path, databases: DatabaseFactory, history_vendor: Vendor
 ) -> None:
     """SQLite: SIGKILL the server right after it acknowledged a heartbeat and start it
     again, then SIGSTOP it for 3 s (the clock-step test below kills it once more).
@@ -228,7 +228,7 @@ async def test_no_seat_believed_twice_and_no_promise_broken_under_sigkill_and_si
     killed replica starts again); their clients fail over."""
     faults = ("kill", "stop", "kill") if databases.kind == "postgres" else ("kill", "stop")
     plan = scenario(databases, "-".join(faults), *faults)
-    result = await run(databases, tmp_path, vendor, plan)
+    result = await run(databases, tmp_path, history_vendor, plan)
     assert_no_violations(result)
     assert result.faults["kill"] == faults.count("kill") and result.faults["stop"] == 1
     verdict = result.verdict
@@ -239,7 +239,7 @@ async def test_no_seat_believed_twice_and_no_promise_broken_under_sigkill_and_si
 
 @pytest.mark.e2e
 async def test_a_clock_set_back_breaks_no_promise(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor
+    tmp_path: Path, databases: DatabaseFactory, history_vendor: Vendor
 ) -> None:
     """SQLite: the server is SIGKILLed and starts again with its clock 30 s behind
     (``bench.skewed_license_server``, the service's clock injection), then is SIGKILLed
@@ -248,7 +248,7 @@ async def test_a_clock_set_back_breaks_no_promise(
     if databases.kind == "postgres":
         pytest.skip("replicas sharing a database share a clock; the clock step runs on SQLite")
     plan = replace(scenario(databases, "clock-back", "clock", "kill"), clock_back=30.0)
-    result = await run(databases, tmp_path, vendor, plan)
+    result = await run(databases, tmp_path, history_vendor, plan)
     assert_no_violations(result)
     assert result.faults["clock"] == 1 and result.faults["kill"] == 1
     stepped = {label for label, offset in result.offsets.items() if offset == -30.0}
@@ -263,7 +263,7 @@ async def test_a_clock_set_back_breaks_no_promise(
 
 @pytest.mark.e2e
 async def test_a_heartbeat_acknowledged_just_before_a_sigkill_keeps_its_promise(
-    tmp_path: Path, databases: DatabaseFactory, vendor: Vendor
+    tmp_path: Path, databases: DatabaseFactory, history_vendor: Vendor
 ) -> None:
     """Heartbeats every 3 s (TTL 15 s on SQLite, 10 s on PostgreSQL, where the other
     replica answers the late resume), longer than the 1 s heartbeat flush; stream
@@ -289,7 +289,7 @@ async def test_a_heartbeat_acknowledged_just_before_a_sigkill_keeps_its_promise(
         # 10 (before the fix nearly every one; now none: it kills at the tenth).
         aim_unflushed=10,
     )
-    result = await run(databases, tmp_path, vendor, plan)
+    result = await run(databases, tmp_path, history_vendor, plan)
     assert result.faults["kill"] == 1 and result.verdict.acks > 0
     # An acknowledgement is sent only once its expiry is written: the harness, looking at
     # ten of them in the database, found none missing (before the fix nearly every one).

@@ -65,39 +65,46 @@ needs_two_hosts = pytest.mark.skipif(
 
 
 @pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    entitlement = await site.create_entitlement([("client.station", 10)])
-    await site.administrator.Activate(
+async def activated_site(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[Site]:
+    activated_site = await start_site(tmp_path, databases, license_clock=clock)
+    entitlement = await activated_site.create_entitlement([("client.station", 10)])
+    await activated_site.administrator.Activate(
         admin_pb2.ActivateRequest(
-            license_server=site.license_address,
+            license_server=activated_site.license_address,
             activation_id=entitlement.lines[0].activation_id,
             count=10,
         )
     )
-    yield site
-    await site.close()
+    yield activated_site
+    await activated_site.close()
 
 
 async def limit_license_server(
-    site: Site, limits: ClientLimits, max_message_bytes: int = 0, max_call_seconds: float = 0
+    activated_site: Site,
+    limits: ClientLimits,
+    max_message_bytes: int = 0,
+    max_call_seconds: float = 0,
 ) -> None:
     """Restart the site's License Server with ``limits``, listening on localhost
     (127.0.0.1 and ::1) so that two client addresses can reach it."""
-    settings = site.license_settings
+    settings = activated_site.license_settings
     common = replace(settings.common, listen="localhost:0", max_call_seconds=max_call_seconds)
     if max_message_bytes:
         common = replace(common, max_message_bytes=max_message_bytes)
-    await site.license.stop(0)
-    site.license_settings = replace(settings, common=common, client_limits=limits)
-    site.license = await ls_server.build(site.license_settings, clock=site.license_clock)
+    await activated_site.license.stop(0)
+    activated_site.license_settings = replace(settings, common=common, client_limits=limits)
+    activated_site.license = await ls_server.build(
+        activated_site.license_settings, clock=activated_site.license_clock
+    )
 
 
-def leases_from(site: Site, address: str) -> lpb_grpc.LeaseServiceStub:
+def leases_from(activated_site: Site, address: str) -> lpb_grpc.LeaseServiceStub:
     """A LeaseService stub whose connection comes from ``address`` (127.0.0.1 or ::1)."""
     host = f"[{address}]" if ":" in address else address
-    channel = grpc.aio.insecure_channel(f"{host}:{site.license.port}")
-    site.channels.append(channel)
+    channel = grpc.aio.insecure_channel(f"{host}:{activated_site.license.port}")
+    activated_site.channels.append(channel)
     return lpb_grpc.LeaseServiceStub(channel)
 
 
@@ -121,16 +128,16 @@ async def refused(stream: Stream) -> grpc.aio.AioRpcError:
     return ended.value
 
 
-async def used(site: Site) -> int:
-    reply = await leases_from(site, "127.0.0.1").GetLicenseInformation(
+async def used(activated_site: Site) -> int:
+    reply = await leases_from(activated_site, "127.0.0.1").GetLicenseInformation(
         lpb.GetLicenseInformationRequest(feature="client.station")
     )
     return reply.features[0].used
 
 
-async def serving(site: Site) -> bool:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{site.license.port}")
-    site.channels.append(channel)
+async def serving(activated_site: Site) -> bool:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{activated_site.license.port}")
+    activated_site.channels.append(channel)
     reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -139,9 +146,11 @@ async def serving(site: Site) -> bool:
 
 
 @SQLITE
-async def test_an_oversized_request_is_refused_and_the_server_stays_healthy(site: Site) -> None:
-    await limit_license_server(site, ClientLimits(), max_message_bytes=64 * 1024)
-    leases = leases_from(site, "127.0.0.1")
+async def test_an_oversized_request_is_refused_and_the_server_stays_healthy(
+    activated_site: Site,
+) -> None:
+    await limit_license_server(activated_site, ClientLimits(), max_message_bytes=64 * 1024)
+    leases = leases_from(activated_site, "127.0.0.1")
     oversized = acquire()
     oversized.display_name = "x" * (100 * 1024)
 
@@ -153,10 +162,10 @@ async def test_an_oversized_request_is_refused_and_the_server_stays_healthy(site
     await stream.write(lpb.LeaseRequest(acquire=oversized))
     assert (await refused(stream)).code() is Code.RESOURCE_EXHAUSTED
 
-    assert await used(site) == 0
-    assert await serving(site)
+    assert await used(activated_site) == 0
+    assert await serving(activated_site)
     await leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))
-    assert await used(site) == 1
+    assert await used(activated_site) == 1
 
 
 def test_message_size_defaults_per_service_and_the_flag() -> None:
@@ -173,9 +182,11 @@ def test_message_size_defaults_per_service_and_the_flag() -> None:
 
 @SQLITE
 @needs_two_hosts
-async def test_lease_streams_per_host_are_limited_and_other_hosts_are_not(site: Site) -> None:
-    await limit_license_server(site, ClientLimits(max_streams_per_host=2))
-    here, there = leases_from(site, "127.0.0.1"), leases_from(site, "::1")
+async def test_lease_streams_per_host_are_limited_and_other_hosts_are_not(
+    activated_site: Site,
+) -> None:
+    await limit_license_server(activated_site, ClientLimits(max_streams_per_host=2))
+    here, there = leases_from(activated_site, "127.0.0.1"), leases_from(activated_site, "::1")
     first, _ = await hold(here)
     second, _ = await hold(here)
 
@@ -185,15 +196,15 @@ async def test_lease_streams_per_host_are_limited_and_other_hosts_are_not(site: 
     assert info is not None and info.metadata["client_address"] == "127.0.0.1"
     # Another host is served at the same time; the refused stream took no seat.
     elsewhere, _ = await hold(there)
-    assert await used(site) == 3
+    assert await used(activated_site) == 3
 
     # A stream that ends gives its host's place back.
     await first.write(lpb.LeaseRequest(release=lpb.LeaseRelease()))
     assert (await first.read()).HasField("released")
     assert await first.code() is Code.OK
     again, _ = await hold(here)
-    assert await used(site) == 3
-    assert await serving(site)
+    assert await used(activated_site) == 3
+    assert await serving(activated_site)
     for stream in (second, elsewhere, again):
         stream.cancel()
 
@@ -204,11 +215,11 @@ async def test_lease_streams_per_host_are_limited_and_other_hosts_are_not(site: 
 @SQLITE
 @needs_two_hosts
 async def test_acquires_per_host_are_rate_limited_resumes_and_other_hosts_are_not(
-    site: Site,
+    activated_site: Site,
 ) -> None:
     # Two acquires at once, then one every 1000 s: the third is refused within the test.
-    await limit_license_server(site, ClientLimits(acquire_rate=0.001, acquire_burst=2))
-    here, there = leases_from(site, "127.0.0.1"), leases_from(site, "::1")
+    await limit_license_server(activated_site, ClientLimits(acquire_rate=0.001, acquire_burst=2))
+    here, there = leases_from(activated_site, "127.0.0.1"), leases_from(activated_site, "::1")
     held = (await here.Checkout(lpb.CheckoutRequest(acquire=acquire()))).granted
     stream, _ = await hold(here)
 
@@ -231,7 +242,7 @@ async def test_acquires_per_host_are_rate_limited_resumes_and_other_hosts_are_no
     error = await refused(on_stream)
     assert (error.code(), reason_of(error)) == (Code.RESOURCE_EXHAUSTED, "ACQUIRE_RATE_EXCEEDED")
     assert retry_delay(error) is not None
-    assert await used(site) == 2
+    assert await used(activated_site) == 2
 
     # Another host is served; this host's resumes and heartbeats are never rate-limited.
     await there.Checkout(lpb.CheckoutRequest(acquire=acquire()))
@@ -246,8 +257,8 @@ async def test_acquires_per_host_are_rate_limited_resumes_and_other_hosts_are_no
     await here.Heartbeat(
         lpb.HeartbeatRequest(lease_id=held.lease_id, lease_secret=held.lease_secret)
     )
-    assert await used(site) == 3
-    assert await serving(site)
+    assert await used(activated_site) == 3
+    assert await serving(activated_site)
     for open_stream in (stream, resumed):
         open_stream.cancel()
 
@@ -295,9 +306,11 @@ def test_a_client_is_its_connection_address(peer: str, host: str) -> None:
 
 
 @SQLITE
-async def test_an_idle_lease_stream_is_closed_and_a_holding_one_is_not(site: Site) -> None:
-    await limit_license_server(site, ClientLimits(stream_idle_seconds=0.3))
-    leases = leases_from(site, "127.0.0.1")
+async def test_an_idle_lease_stream_is_closed_and_a_holding_one_is_not(
+    activated_site: Site,
+) -> None:
+    await limit_license_server(activated_site, ClientLimits(stream_idle_seconds=0.3))
+    leases = leases_from(activated_site, "127.0.0.1")
     holding, _ = await hold(leases)
 
     error = await refused(leases.Lease())  # sends nothing
@@ -307,7 +320,7 @@ async def test_an_idle_lease_stream_is_closed_and_a_holding_one_is_not(site: Sit
     await holding.write(lpb.LeaseRequest(heartbeat=lpb.LeaseHeartbeat()))
     ack = await holding.read()
     assert isinstance(ack, lpb.LeaseResponse) and ack.HasField("heartbeat_ack")
-    assert await used(site) == 1
+    assert await used(activated_site) == 1
     await holding.write(lpb.LeaseRequest(release=lpb.LeaseRelease()))
     assert (await holding.read()).HasField("released")
 
@@ -316,10 +329,10 @@ async def test_an_idle_lease_stream_is_closed_and_a_holding_one_is_not(site: Sit
 
 
 @POSTGRES
-async def test_a_call_past_the_deadline_is_cancelled_and_rolled_back(site: Site) -> None:
-    await limit_license_server(site, ClientLimits(), max_call_seconds=0.5)
-    leases = leases_from(site, "127.0.0.1")
-    url = site.license.store.engine.url.render_as_string(hide_password=False)
+async def test_a_call_past_the_deadline_is_cancelled_and_rolled_back(activated_site: Site) -> None:
+    await limit_license_server(activated_site, ClientLimits(), max_call_seconds=0.5)
+    leases = leases_from(activated_site, "127.0.0.1")
+    url = activated_site.license.store.engine.url.render_as_string(hide_password=False)
     blocker = await asyncpg.connect(plain_dsn(url))
     try:
         leases_before = await blocker.fetchval("SELECT count(*) FROM leases")
@@ -337,15 +350,15 @@ async def test_a_call_past_the_deadline_is_cancelled_and_rolled_back(site: Site)
         assert asyncio.get_running_loop().time() - started < 5
         assert "0.5 s" in (error.details() or "")
         # Reads are served meanwhile; the cancelled checkout left nothing behind.
-        assert await used(site) == 0
+        assert await used(activated_site) == 0
         await locked.rollback()
         assert await blocker.fetchval("SELECT count(*) FROM leases") == leases_before
     finally:
         await blocker.close()
 
     await leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))
-    assert await used(site) == 1
-    assert await serving(site)
+    assert await used(activated_site) == 1
+    assert await serving(activated_site)
 
 
 # Activation cycling per order, at the vendor
@@ -392,13 +405,13 @@ async def test_network_activations_per_order_are_limited_in_a_rolling_window(
 
 @SQLITE
 async def test_the_administrator_journals_the_activation_limit_as_the_vendors_refusal(
-    site: Site,
+    activated_site: Site,
 ) -> None:
     # The site fixture activated the order once; the vendor now allows one per window.
-    await restart_activation_server(site, "--max-activations-per-entitlement", "1")
+    await restart_activation_server(activated_site, "--max-activations-per-entitlement", "1")
     activation_id = (
         (
-            await site.vendor.ListActivations(
+            await activated_site.vendor.ListActivations(
                 apb.ListActivationsRequest(), metadata=bearer_metadata(VENDOR_TOKEN)
             )
         )
@@ -406,21 +419,23 @@ async def test_the_administrator_journals_the_activation_limit_as_the_vendors_re
         .activation_id
     )
     request = admin_pb2.ActivateRequest(
-        license_server=site.license_address,
+        license_server=activated_site.license_address,
         activation_id=activation_id,
         count=1,
         operation_id="one-more",
     )
     error = await expect(
-        site.administrator.Activate(request), Code.RESOURCE_EXHAUSTED, "ACTIVATION_LIMIT_REACHED"
+        activated_site.administrator.Activate(request),
+        Code.RESOURCE_EXHAUSTED,
+        "ACTIVATION_LIMIT_REACHED",
     )
     assert "next activation is allowed from" in (error.details() or "")
-    found = await site.administrator.GetOperation(
+    found = await activated_site.administrator.GetOperation(
         admin_pb2.GetOperationRequest(operation_id="one-more")
     )
     assert found.operation.state == admin_pb2.OPERATION_STATE_REFUSED
-    assert await used(site) == 0
-    info = await leases_from(site, "127.0.0.1").GetLicenseInformation(
+    assert await used(activated_site) == 0
+    info = await leases_from(activated_site, "127.0.0.1").GetLicenseInformation(
         lpb.GetLicenseInformationRequest(feature="client.station")
     )
     assert info.features[0].activated == 10  # the earlier activation still serves

@@ -4,8 +4,6 @@ pushed revocations, resume with fencing, operator RPCs, requirements, expiring l
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,8 +17,7 @@ from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
 from tests.support.clock import FakeClock
-from tests.support.databases import DatabaseFactory
-from tests.support.in_process_site import Site, start_site
+from tests.support.in_process_site import Site
 from tests.support.lease_stream import (
     acquire,
     activate,
@@ -33,13 +30,6 @@ from tests.support.lease_stream import (
 from tests.support.tokens import OPERATOR_TOKEN, VENDOR_TOKEN
 
 OPERATOR = bearer_metadata(OPERATOR_TOKEN)
-
-
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    yield site
-    await site.close()
 
 
 async def test_waiters_are_served_first_come_first_served(site: Site) -> None:

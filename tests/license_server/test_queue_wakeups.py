@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,7 +26,7 @@ from tessera.rpc import reason_of
 from tessera.storage import create_engine, migrate
 from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
-from tests.support.in_process_site import Site, start_site
+from tests.support.in_process_site import Site
 from tests.support.lease_stream import (
     Stream,
     acquire,
@@ -43,13 +42,6 @@ from tests.support.license_pools import new_lease, seed
 PROMPTLY = 2.0
 
 
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases)
-    yield site
-    await site.close()
-
-
 async def granted_within(stream: Stream, within: float) -> lpb.LeaseGranted:
     async with asyncio.timeout(within):
         while True:
@@ -59,10 +51,10 @@ async def granted_within(stream: Stream, within: float) -> lpb.LeaseGranted:
             assert response.HasField("queued"), response
 
 
-async def test_seats_freed_together_reach_every_waiter_they_fit(site: Site) -> None:
-    await activate(site, seats=2)
-    holder, _ = await hold(site.leases, count=2)
-    first, second = site.leases.Lease(), site.leases.Lease()
+async def test_seats_freed_together_reach_every_waiter_they_fit(real_clock_site: Site) -> None:
+    await activate(real_clock_site, seats=2)
+    holder, _ = await hold(real_clock_site.leases, count=2)
+    first, second = real_clock_site.leases.Lease(), real_clock_site.leases.Lease()
     await first.write(acquire(wait=30, host="first"))
     assert (await receive(first)).queued.position == 1
     await second.write(acquire(wait=30, host="second"))
@@ -71,22 +63,22 @@ async def test_seats_freed_together_reach_every_waiter_they_fit(site: Site) -> N
     # Only the first is woken; granted with a seat left over, it passes the turn on.
     await granted_within(first, PROMPTLY)
     await granted_within(second, PROMPTLY)
-    info = await information(site)
+    info = await information(real_clock_site)
     assert (info.used, info.queued) == (2, 0)
 
 
 @pytest.mark.parametrize("databases", ["postgres"], indirect=True)
 async def test_a_waiter_leaving_the_head_of_the_line_passes_the_turn_to_another_replica(
-    site: Site,
+    real_clock_site: Site,
 ) -> None:
-    await activate(site, seats=2)
-    replica = await site.start_replica()
-    holder, _ = await hold(site.leases)
+    await activate(real_clock_site, seats=2)
+    replica = await real_clock_site.start_replica()
+    holder, _ = await hold(real_clock_site.leases)
     # First in line wants both seats (one is free), and gives up soon.
-    head = site.leases.Lease()
+    head = real_clock_site.leases.Lease()
     await head.write(acquire(count=2, wait=0.5, host="head"))
     assert (await receive(head)).queued.position == 1
-    behind = lpb_grpc.LeaseServiceStub(site.channel(replica.port)).Lease()
+    behind = lpb_grpc.LeaseServiceStub(real_clock_site.channel(replica.port)).Lease()
     await behind.write(acquire(wait=30, host="behind"))
     assert (await receive(behind)).queued.position == 2
     assert (await receive(head)).denied.reason == "QUEUE_TIMEOUT"
@@ -96,7 +88,7 @@ async def test_a_waiter_leaving_the_head_of_the_line_passes_the_turn_to_another_
     # The free seat goes to the one behind, on the other replica, without waiting for
     # its poll.
     await granted_within(behind, PROMPTLY)
-    info = await information(site)
+    info = await information(real_clock_site)
     assert (info.used, info.queued) == (2, 0)
     await release(holder)
 

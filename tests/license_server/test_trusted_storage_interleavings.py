@@ -34,21 +34,12 @@ from tessera.license.v1 import license_pb2 as pb
 from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
 from tests.support.trust import LicenseServerUnderTest, SigningVendor
-from tests.support.vendor import STAFF, ActivationServerUnderTest, start_vendor
+from tests.support.vendor import STAFF, ActivationServerUnderTest
 
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------
 # Fixtures: a real Activation Server and a License Server trusting its keys.
-
-
-@pytest.fixture
-async def vendor(
-    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
-) -> AsyncIterator[ActivationServerUnderTest]:
-    vendor = await start_vendor(tmp_path, databases, clock)
-    yield vendor
-    await vendor.close()
 
 
 async def _license_server(
@@ -65,7 +56,7 @@ async def _license_server(
 
 
 @pytest.fixture
-async def site(
+async def license_server_with_vendor(
     tmp_path: Path, databases: DatabaseFactory, clock: FakeClock, vendor: ActivationServerUnderTest
 ) -> AsyncIterator[LicenseServerUnderTest]:
     server = await _license_server(
@@ -76,16 +67,16 @@ async def site(
 
 
 async def activate(
-    site: LicenseServerUnderTest,
+    license_server_with_vendor: LicenseServerUnderTest,
     vendor: ActivationServerUnderTest,
     line: apb.EntitlementLine,
     count: int,
 ) -> LicenseCertificate:
-    prepared = await site.storage.PrepareActivation(
+    prepared = await license_server_with_vendor.storage.PrepareActivation(
         pb.PrepareActivationRequest(activation_id=line.activation_id, count=count)
     )
     answer = await vendor.activation.Activate(apb.ActivateRequest(request=prepared.request))
-    installed = await site.storage.InstallActivation(
+    installed = await license_server_with_vendor.storage.InstallActivation(
         pb.InstallActivationRequest(response=answer.response)
     )
     return installed.certificate.certificate
@@ -96,10 +87,12 @@ async def vendor_return(vendor: ActivationServerUnderTest, request: object) -> a
 
 
 async def vendor_repair(
-    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
+    license_server_with_vendor: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> apb.RepairResponse:
     # Forced: these interleavings repair storage that is still healthy.
-    prepared = await site.storage.PrepareRepair(pb.PrepareRepairRequest(force=True))
+    prepared = await license_server_with_vendor.storage.PrepareRepair(
+        pb.PrepareRepairRequest(force=True)
+    )
     return await vendor.activation.Repair(apb.RepairRequest(request=prepared.request))
 
 
@@ -124,40 +117,46 @@ def postgres_only(databases: DatabaseFactory) -> None:
 
 
 async def test_stale_repair_answer_does_not_resurrect_a_returned_certificate(
-    site: LicenseServerUnderTest,
+    license_server_with_vendor: LicenseServerUnderTest,
     vendor: ActivationServerUnderTest,
     tmp_path: Path,
     databases: DatabaseFactory,
     clock: FakeClock,
 ) -> None:
     line = await vendor.line(count=5)
-    certificate = await activate(site, vendor, line, 5)
+    certificate = await activate(license_server_with_vendor, vendor, line, 5)
 
     # An older repair is answered by the vendor but its answer is not installed (yet).
-    stale = await vendor_repair(site, vendor)
+    stale = await vendor_repair(license_server_with_vendor, vendor)
     # A newer repair is answered and installed.
-    fresh = await vendor_repair(site, vendor)
-    await site.storage.CompleteRepair(pb.CompleteRepairRequest(response=fresh.response))
+    fresh = await vendor_repair(license_server_with_vendor, vendor)
+    await license_server_with_vendor.storage.CompleteRepair(
+        pb.CompleteRepairRequest(response=fresh.response)
+    )
 
     # The whole certificate goes back to the vendor, which credits it.
-    prepared, _ = await site.prepare_return(certificate.certificate_id)
+    prepared, _ = await license_server_with_vendor.prepare_return(certificate.certificate_id)
     receipt = await vendor_return(vendor, prepared.request)
-    done = await site.storage.CompleteReturn(pb.CompleteReturnRequest(receipt=receipt.receipt))
+    done = await license_server_with_vendor.storage.CompleteReturn(
+        pb.CompleteReturnRequest(receipt=receipt.receipt)
+    )
     assert done.credited
-    assert await site.activated() == 0
+    assert await license_server_with_vendor.activated() == 0
     assert (await vendor.line_now(line)).activated == 0  # the vendor has the seats back
 
     # The stale repair answer is imported later (e.g. an offline file).
     with contextlib.suppress(grpc.aio.AioRpcError):  # refusing it is fine
-        await site.storage.CompleteRepair(pb.CompleteRepairRequest(response=stale.response))
+        await license_server_with_vendor.storage.CompleteRepair(
+            pb.CompleteRepairRequest(response=stale.response)
+        )
     # The vendor sold the credited seats again, to another License Server.
     other = await _license_server(tmp_path, databases, clock, vendor.published_keys_file, "other")
     try:
         await activate(other, vendor, line, 5)
-        serving = await site.activated() + await other.activated()
+        serving = await license_server_with_vendor.activated() + await other.activated()
     finally:
         await other.stop()
-    assert await vendor_holds(vendor, site.host_id) == 0
+    assert await vendor_holds(vendor, license_server_with_vendor.host_id) == 0
     # Whatever happens, no seat the vendor credited may serve again.
     assert serving <= 5, f"{serving} seats serve of the 5 sold"
 
@@ -167,32 +166,40 @@ async def test_stale_repair_answer_does_not_resurrect_a_returned_certificate(
 
 
 async def test_partial_return_receipt_installs_after_a_repair(
-    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
+    license_server_with_vendor: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> None:
     line = await vendor.line(count=10, partial_return_allowed=True)
-    certificate = await activate(site, vendor, line, 10)
+    certificate = await activate(license_server_with_vendor, vendor, line, 10)
 
-    prepared, _ = await site.prepare_return(certificate.certificate_id, count=3)
+    prepared, _ = await license_server_with_vendor.prepare_return(
+        certificate.certificate_id, count=3
+    )
     receipt = await vendor_return(vendor, prepared.request)  # credited: 7 kept (revision 1)
-    assert await site.activated() == 7
+    assert await license_server_with_vendor.activated() == 7
 
     # Before the receipt is installed (Administrator crashed, offline file on its way),
     # the operator repairs; the vendor re-issues the 7 seats it records (revision 2).
-    repair = await vendor_repair(site, vendor)
-    await site.storage.CompleteRepair(pb.CompleteRepairRequest(response=repair.response))
-    assert await vendor_holds(vendor, site.host_id) == 7
+    repair = await vendor_repair(license_server_with_vendor, vendor)
+    await license_server_with_vendor.storage.CompleteRepair(
+        pb.CompleteRepairRequest(response=repair.response)
+    )
+    assert await vendor_holds(vendor, license_server_with_vendor.host_id) == 7
 
     # Now the receipt arrives.
     problem = "none"
     try:
-        await site.storage.CompleteReturn(pb.CompleteReturnRequest(receipt=receipt.receipt))
+        await license_server_with_vendor.storage.CompleteReturn(
+            pb.CompleteReturnRequest(receipt=receipt.receipt)
+        )
     except grpc.aio.AioRpcError as error:
         problem = f"{error.code().name}: {error.details()}"
     # Another repair does not get the License Server out of it either.
-    again = await vendor_repair(site, vendor)
-    await site.storage.CompleteRepair(pb.CompleteRepairRequest(response=again.response))
-    serving = await site.activated()
-    assert serving == 7 == await vendor_holds(vendor, site.host_id), (
+    again = await vendor_repair(license_server_with_vendor, vendor)
+    await license_server_with_vendor.storage.CompleteRepair(
+        pb.CompleteRepairRequest(response=again.response)
+    )
+    serving = await license_server_with_vendor.activated()
+    assert serving == 7 == await vendor_holds(vendor, license_server_with_vendor.host_id), (
         f"the License Server serves {serving} seats, the vendor records 7 (installing the "
         f"receipt: {problem})"
     )
@@ -203,56 +210,60 @@ async def test_partial_return_receipt_installs_after_a_repair(
 
 
 async def test_a_certificate_row_moved_to_another_feature_is_detected(
-    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
+    license_server_with_vendor: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> None:
     line = await vendor.line(count=5)
-    certificate = await activate(site, vendor, line, 5)
-    assert site.server is not None
-    async with site.server.store.engine.begin() as connection:
+    certificate = await activate(license_server_with_vendor, vendor, line, 5)
+    assert license_server_with_vendor.server is not None
+    async with license_server_with_vendor.server.store.engine.begin() as connection:
         await connection.execute(
             update(certificates)
             .where(certificates.c.certificate_id == certificate.certificate_id)
             .values(feature="server.enterprise.base")
         )
-    health = await site.health()
+    health = await license_server_with_vendor.health()
     assert not health.healthy, "a certificate row serving another feature went unnoticed"
 
 
 async def test_a_time_limited_certificate_cannot_be_kept_alive_by_editing_its_row(
-    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest, clock: FakeClock
+    license_server_with_vendor: LicenseServerUnderTest,
+    vendor: ActivationServerUnderTest,
+    clock: FakeClock,
 ) -> None:
     line = await vendor.line(count=5, duration=Duration(seconds=3600))
-    certificate = await activate(site, vendor, line, 5)
+    certificate = await activate(license_server_with_vendor, vendor, line, 5)
     assert certificate.HasField("expires_at")
-    assert site.server is not None
-    async with site.server.store.engine.begin() as connection:
+    assert license_server_with_vendor.server is not None
+    async with license_server_with_vendor.server.store.engine.begin() as connection:
         await connection.execute(
             update(certificates)
             .where(certificates.c.certificate_id == certificate.certificate_id)
             .values(expires_at=None)
         )
     clock.advance(2 * 3600)
-    await site.server.leasing.retire_expired_certificates()  # the sweeper
-    health = await site.health()  # the trust check
-    assert await site.activated() == 0, (
+    await license_server_with_vendor.server.leasing.retire_expired_certificates()  # the sweeper
+    health = await license_server_with_vendor.health()  # the trust check
+    assert await license_server_with_vendor.activated() == 0, (
         f"an expired licence still serves after its row was edited (healthy={health.healthy})"
     )
 
 
 async def test_an_edited_pool_row_is_put_right_by_the_trust_check(
-    site: LicenseServerUnderTest, vendor: ActivationServerUnderTest
+    license_server_with_vendor: LicenseServerUnderTest, vendor: ActivationServerUnderTest
 ) -> None:
     line = await vendor.line(count=2)
-    await activate(site, vendor, line, 2)
-    assert site.server is not None
-    async with site.server.store.engine.begin() as connection:
+    await activate(license_server_with_vendor, vendor, line, 2)
+    assert license_server_with_vendor.server is not None
+    async with license_server_with_vendor.server.store.engine.begin() as connection:
         await connection.execute(
             update(pools).where(pools.c.feature == "client.station").values(activated=500)
         )
-    await site.health()  # the periodic trust check
-    await site.stop()
-    await site.start()  # the check at start
-    assert await site.activated() == 2, "the License Server serves more seats than it holds"
+    await license_server_with_vendor.health()  # the periodic trust check
+    await license_server_with_vendor.stop()
+    await license_server_with_vendor.start()  # the check at start
+    assert await license_server_with_vendor.activated() == 2, (
+        "the License Server serves more seats than it holds"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,16 +290,16 @@ async def racing_site(
     await server.stop()
 
 
-def second_storage(site: LicenseServerUnderTest) -> TrustedStorage:
+def second_storage(license_server_with_vendor: LicenseServerUnderTest) -> TrustedStorage:
     """Another TrustedStorage over the same database, host key and anchor: what a second
     request handled by this process (or a replica) works with."""
-    assert site.server is not None
+    assert license_server_with_vendor.server is not None
     return TrustedStorage(
-        site.server.store,
-        site.server.identity,
-        lambda: read_vendor_public_keys([site.vendor_keys]),
-        site.clock,  # type: ignore[arg-type]
-        AnchorFile(site.data_dir / "trust-anchor"),
+        license_server_with_vendor.server.store,
+        license_server_with_vendor.server.identity,
+        lambda: read_vendor_public_keys([license_server_with_vendor.vendor_keys]),
+        license_server_with_vendor.clock,  # type: ignore[arg-type]
+        AnchorFile(license_server_with_vendor.data_dir / "trust-anchor"),
     )
 
 
@@ -321,40 +332,50 @@ def in_paused_context(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 async def test_a_late_duplicate_refusal_does_not_release_a_newer_return(
     racing_site: LicenseServerUnderTest, fake_vendor: SigningVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    site = racing_site
-    certificate = await site.activate(fake_vendor, 5)
-    _, first = await site.prepare_return(certificate.certificate_id)
+    license_server_with_vendor = racing_site
+    certificate = await license_server_with_vendor.activate(fake_vendor, 5)
+    _, first = await license_server_with_vendor.prepare_return(certificate.certificate_id)
     refusal = fake_vendor.refuse(first, "RETURN_LIMIT_REACHED")
 
     # Two deliveries of the same refusal (an Administrator retry and its journal resume):
     # the late one has read the pending return before the first one committed.
     there, go = pause_at_seal(monkeypatch)
-    late = in_paused_context(LicenseReturns(second_storage(site)).complete(refusal))
+    late = in_paused_context(
+        LicenseReturns(second_storage(license_server_with_vendor)).complete(refusal)
+    )
     await there.wait()
-    await site.storage.CompleteReturn(pb.CompleteReturnRequest(receipt=refusal))
-    assert await site.activated() == 5  # the refused seats serve again
+    await license_server_with_vendor.storage.CompleteReturn(
+        pb.CompleteReturnRequest(receipt=refusal)
+    )
+    assert await license_server_with_vendor.activated() == 5  # the refused seats serve again
 
     # The operator returns the certificate again; its seats are withheld.
-    await site.prepare_return(certificate.certificate_id)
-    assert await site.activated() == 0
+    await license_server_with_vendor.prepare_return(certificate.certificate_id)
+    assert await license_server_with_vendor.activated() == 0
 
     go.set()
     await late
     # The vendor may credit the second return at any moment: its seats must not serve.
-    assert await site.activated() == 0, "the first return's refusal released the second's seats"
+    assert await license_server_with_vendor.activated() == 0, (
+        "the first return's refusal released the second's seats"
+    )
 
 
 async def test_concurrent_prepare_return_with_one_request_id_gets_one_answer(
     racing_site: LicenseServerUnderTest, fake_vendor: SigningVendor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    site = racing_site
-    certificate = await site.activate(fake_vendor, 5)
+    license_server_with_vendor = racing_site
+    certificate = await license_server_with_vendor.activate(fake_vendor, 5)
     there, go = pause_at_seal(monkeypatch)
     late = in_paused_context(
-        LicenseReturns(second_storage(site)).prepare(certificate.certificate_id, 0, "ret-1", False)
+        LicenseReturns(second_storage(license_server_with_vendor)).prepare(
+            certificate.certificate_id, 0, "ret-1", False
+        )
     )
     await there.wait()
-    first, _ = await site.prepare_return(certificate.certificate_id, request_id="ret-1")
+    first, _ = await license_server_with_vendor.prepare_return(
+        certificate.certificate_id, request_id="ret-1"
+    )
     go.set()
     prepared = await late  # a retry of the same request must get the same signed request
     assert prepared.request == first.request
@@ -369,11 +390,13 @@ async def test_retiring_an_expired_certificate_does_not_put_withheld_seats_back(
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    site = racing_site
-    assert site.server is not None
-    await site.activate(fake_vendor, 5, expires_at=clock.now() + dt.timedelta(hours=1))
-    keeps = await site.activate(fake_vendor, 5)
-    assert await site.activated() == 10
+    license_server_with_vendor = racing_site
+    assert license_server_with_vendor.server is not None
+    await license_server_with_vendor.activate(
+        fake_vendor, 5, expires_at=clock.now() + dt.timedelta(hours=1)
+    )
+    keeps = await license_server_with_vendor.activate(fake_vendor, 5)
+    assert await license_server_with_vendor.activated() == 10
     clock.advance(2 * 3600)
 
     # The sweeper retires the expired certificate; before it recounts the pool, a return
@@ -390,13 +413,19 @@ async def test_retiring_an_expired_certificate_does_not_put_withheld_seats_back(
     monkeypatch.setattr(Repository, "lock_pool", slow)
     context = contextvars.copy_context()
     context.run(_IN_SWEEPER.set, True)
-    sweep = asyncio.create_task(site.server.leasing.retire_expired_certificates(), context=context)
+    sweep = asyncio.create_task(
+        license_server_with_vendor.server.leasing.retire_expired_certificates(), context=context
+    )
     await there.wait()
-    await site.prepare_return(keeps.certificate_id)  # withholds all 5 of its seats
+    await license_server_with_vendor.prepare_return(
+        keeps.certificate_id
+    )  # withholds all 5 of its seats
     go.set()
     assert await sweep == 1
 
-    await site.server.leasing.retire_expired_certificates()
-    await site.health()
+    await license_server_with_vendor.server.leasing.retire_expired_certificates()
+    await license_server_with_vendor.health()
     # Nothing serves: one certificate expired, the other is being returned.
-    assert await site.activated() == 0, "seats being returned to the vendor serve again"
+    assert await license_server_with_vendor.activated() == 0, (
+        "seats being returned to the vendor serve again"
+    )

@@ -238,7 +238,7 @@ def test_invalid_addresses(text: str) -> None:
 
 
 @pytest.fixture
-def vendor() -> tuple[str, SigningKey]:
+def vendor_signing_key() -> tuple[str, SigningKey]:
     key = SigningKey.generate()
     return vendor_key_id(key.verify_key), key
 
@@ -255,8 +255,8 @@ def _certificate() -> LicenseCertificate:
     )
 
 
-def test_envelope_round_trip(vendor: tuple[str, SigningKey]) -> None:
-    key_id, key = vendor
+def test_envelope_round_trip(vendor_signing_key: tuple[str, SigningKey]) -> None:
+    key_id, key = vendor_signing_key
     document = _certificate()
     envelope = seal(document, key_id, key)
     assert envelope.payload_type == "tessera.common.v1.LicenseCertificate"
@@ -269,9 +269,9 @@ def test_envelope_round_trip(vendor: tuple[str, SigningKey]) -> None:
 
 
 def test_envelope_with_one_flipped_byte_anywhere_is_rejected(
-    vendor: tuple[str, SigningKey],
+    vendor_signing_key: tuple[str, SigningKey],
 ) -> None:
-    key_id, key = vendor
+    key_id, key = vendor_signing_key
     envelope = seal(_certificate(), key_id, key)
     trusted = {key_id: key.verify_key}
     for field in ("payload", "signature"):
@@ -287,8 +287,10 @@ def test_envelope_with_one_flipped_byte_anywhere_is_rejected(
                     open_envelope(tampered, LicenseCertificate, trusted)
 
 
-def test_truncated_or_missing_signature_is_rejected(vendor: tuple[str, SigningKey]) -> None:
-    key_id, key = vendor
+def test_truncated_or_missing_signature_is_rejected(
+    vendor_signing_key: tuple[str, SigningKey],
+) -> None:
+    key_id, key = vendor_signing_key
     envelope = seal(_certificate(), key_id, key)
     trusted = {key_id: key.verify_key}
     for signature in (b"", envelope.signature[:-1], envelope.signature + b"\0"):
@@ -299,8 +301,10 @@ def test_truncated_or_missing_signature_is_rejected(vendor: tuple[str, SigningKe
             open_envelope(tampered, LicenseCertificate, trusted)
 
 
-def test_envelope_signed_by_an_unknown_key_is_rejected(vendor: tuple[str, SigningKey]) -> None:
-    key_id, key = vendor
+def test_envelope_signed_by_an_unknown_key_is_rejected(
+    vendor_signing_key: tuple[str, SigningKey],
+) -> None:
+    key_id, key = vendor_signing_key
     stranger = SigningKey.generate()
     envelope = seal(_certificate(), vendor_key_id(stranger.verify_key), stranger)
     with pytest.raises(UnknownSigningKey):
@@ -310,16 +314,16 @@ def test_envelope_signed_by_an_unknown_key_is_rejected(vendor: tuple[str, Signin
 
 
 def test_envelope_claiming_a_trusted_key_id_but_signed_by_another_is_rejected(
-    vendor: tuple[str, SigningKey],
+    vendor_signing_key: tuple[str, SigningKey],
 ) -> None:
-    key_id, key = vendor
+    key_id, key = vendor_signing_key
     forged = seal(_certificate(), key_id, SigningKey.generate())
     with pytest.raises(BadSignature):
         open_envelope(forged, LicenseCertificate, {key_id: key.verify_key})
 
 
-def test_envelope_of_another_type_is_rejected(vendor: tuple[str, SigningKey]) -> None:
-    key_id, key = vendor
+def test_envelope_of_another_type_is_rejected(vendor_signing_key: tuple[str, SigningKey]) -> None:
+    key_id, key = vendor_signing_key
     envelope = seal(_certificate(), key_id, key)
     with pytest.raises(WrongPayloadType):
         open_envelope(envelope, VendorActivationResponse, {key_id: key.verify_key})
@@ -329,9 +333,9 @@ def test_envelope_of_another_type_is_rejected(vendor: tuple[str, SigningKey]) ->
 
 @pytest.mark.parametrize("target", [VendorActivationResponse, HostActivationRequest])
 def test_payload_type_relabelled_with_the_same_signature_is_rejected(
-    vendor: tuple[str, SigningKey], target: type[VendorActivationResponse]
+    vendor_signing_key: tuple[str, SigningKey], target: type[VendorActivationResponse]
 ) -> None:
-    key_id, key = vendor
+    key_id, key = vendor_signing_key
     envelope = seal(_certificate(), key_id, key)
     relabelled = SignedEnvelope()
     relabelled.CopyFrom(envelope)
@@ -342,8 +346,8 @@ def test_payload_type_relabelled_with_the_same_signature_is_rejected(
         open_with_key(relabelled, target, key.verify_key)
 
 
-def test_empty_envelope_is_rejected(vendor: tuple[str, SigningKey]) -> None:
-    key_id, key = vendor
+def test_empty_envelope_is_rejected(vendor_signing_key: tuple[str, SigningKey]) -> None:
+    key_id, key = vendor_signing_key
     with pytest.raises(WrongPayloadType):
         open_envelope(SignedEnvelope(), LicenseCertificate, {key_id: key.verify_key})
 

@@ -13,7 +13,7 @@ import importlib.util
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,8 +28,7 @@ from services.license_server.server import SERVICE_NAMES as LICENSE_SERVICES
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.rpc import reason_of
 from tessera.serving import Endpoint, ListenRefused, listen_problem
-from tests.support.databases import DatabaseFactory
-from tests.support.in_process_site import Site, start_site
+from tests.support.in_process_site import Site
 from tests.support.processes import ROOT, Processes, free_port
 
 SERVICES = {
@@ -275,13 +274,6 @@ async def test_make_up_names_the_busy_port_and_starts_nothing(
 # -- server reflection ----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases)
-    yield site
-    await site.close()
-
-
 REFLECTION = {
     "v1": "grpc.reflection.v1.ServerReflection",
     "v1alpha": "grpc.reflection.v1alpha.ServerReflection",
@@ -313,14 +305,14 @@ async def reflect(
 
 @pytest.mark.parametrize("version", list(REFLECTION))
 async def test_reflection_lists_and_describes_every_service_in_v1_and_v1alpha(
-    site: Site, version: str
+    real_clock_site: Site, version: str
 ) -> None:
     """A client that speaks only one version finds each service's services, and the
     file that defines each of them (what ``grpcurl list`` and ``describe`` ask)."""
     for port, names in (
-        (site.license.port, LICENSE_SERVICES),
-        (site.admin.port, ADMINISTRATOR_SERVICES),
-        (site.activation.port, ACTIVATION_SERVICES),
+        (real_clock_site.license.port, LICENSE_SERVICES),
+        (real_clock_site.admin.port, ADMINISTRATOR_SERVICES),
+        (real_clock_site.activation.port, ACTIVATION_SERVICES),
     ):
         target = f"127.0.0.1:{port}"
         [listing] = await reflect(
@@ -345,10 +337,10 @@ async def test_reflection_lists_and_describes_every_service_in_v1_and_v1alpha(
             assert name in defined, name
 
 
-async def test_reflection_v1_refuses_bytes_that_do_not_parse(site: Site) -> None:
+async def test_reflection_v1_refuses_bytes_that_do_not_parse(real_clock_site: Site) -> None:
     """v1 goes through the same wrappers as v1alpha: garbage is INVALID_ARGUMENT /
     MALFORMED_REQUEST, not UNKNOWN."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{site.license.port}") as channel:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{real_clock_site.license.port}") as channel:
         call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(
             f"/{REFLECTION['v1']}/ServerReflectionInfo",
             request_serializer=None,
