@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from services.license_server import config as ls_config
+from services.license_server import server as ls_server
 from tests.support.clock import FakeClock
 from tests.support.databases import DatabaseFactory
 from tests.support.in_process_site import Site, start_site
 from tests.support.processes import Processes
+from tests.support.tokens import LICENSE_SERVER_FLAGS
 from tests.support.trust import LicenseServerUnderTest, SigningVendor
 from tests.support.vendor import ActivationServerUnderTest, start_vendor
 
@@ -100,3 +103,27 @@ async def lone_license_server(
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def host_b(
+    site: Site, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[ls_server.LicenseServer]:
+    """A second License Server on another machine, trusting the same vendor."""
+    server = await ls_server.build(
+        ls_config.load_settings(
+            [
+                "--listen", "127.0.0.1:0",
+                "--data-dir", str(site.tmp_path / "license_server_b"),
+                "--database-url", await databases.new("license_b"),
+                "--vendor-keys", str(site.tmp_path / "activation_server" / "vendor-keys.pub"),
+                "--machine-id", "other-machine",
+                "--sweep-interval", "3600",
+                *LICENSE_SERVER_FLAGS,
+            ],
+            environ={},
+        ),
+        clock=clock,
+    )  # fmt: skip
+    yield server
+    await server.stop(0)

@@ -43,8 +43,8 @@ from tests.support.in_process_site import (
     restart_license_server,
     start_another_license_server,
 )
+from tests.support.snapshots import count_rows
 from tests.support.tokens import ADMINISTRATOR_FLAGS, VENDOR_TOKEN
-from tests.test_bad_input import count_rows
 
 Code = grpc.StatusCode
 # "Files must be small": a few KB.

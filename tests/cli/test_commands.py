@@ -2,8 +2,8 @@
 
 The CLI runs in the test's event loop (``App.run``) with its own environment, working
 directory and captured streams, next to a real Activation Server, License Server and
-Administrator (tests/support.py). Checked: what each subcommand does, the --json shapes,
-the exit codes, and what the main refusals tell the operator.
+Administrator (tests/support/in_process_site.py). Checked: what each subcommand does, the
+--json shapes, the exit codes, and what the main refusals tell the operator.
 """
 
 from __future__ import annotations

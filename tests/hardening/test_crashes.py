@@ -744,7 +744,7 @@ def test_the_matrix_covers_every_failpoint_of_the_services() -> None:
     }
     covered = {fault.failpoint for fault in FAULTS + MOVE_FAULTS if fault.service != ADMIN}
     # Check-in changes no seat count at the vendor; its own crash test covers these
-    # (tests/test_check_in_crashes.py).
+    # (tests/hardening/test_check_in_crashes.py).
     covered |= {"license_server.check_in.after_prepare", "license_server.check_in.after_install"}
     assert named == covered
 

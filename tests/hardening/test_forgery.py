@@ -14,7 +14,8 @@
   the License Server it is refused: the returned seats stay returned.
 
 The vendor-side forgeries (tampered, re-signed and re-addressed envelopes) are in
-tests/test_bad_input.py, tests/test_vendor_returns.py and tests/test_trusted_storage.py.
+tests/activation_server/test_bad_input.py, tests/license_server/test_bad_input.py,
+tests/activation_server/test_returns.py and tests/license_server/test_trusted_storage.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ the way out: seats that broken trusted storage stopped serving are TRUSTED_STORA
 seats of the order).
 
 A real License Server in process over real gRPC, on SQLite and PostgreSQL, with the
-vendor played by a real signing key (tests/trust_support.py).
+vendor played by a real signing key (tests/support/trust.py).
 """
 
 from __future__ import annotations
