@@ -35,7 +35,7 @@ import grpc
 
 from tessera.errors import CredentialInvalid, CredentialMissing, DomainError, RoleNotAllowed
 from tessera.keys import UnreadableKeyFile, create_private_file, read_private_file
-from tessera.rpc import ErrorTable, HandlerWrapper, abort, rich_status
+from tessera.rpc import ErrorTable, HandlerWrapper, abort, behaviour_of, rebuilt, rich_status
 
 if TYPE_CHECKING:
     from tessera.config import SettingsParser
@@ -435,16 +435,7 @@ def _checked_at_call(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """``handler``, of the same kind, ending the call with the status ``judge`` returns
     before the behaviour runs (None: run it)."""
-    kinds: list[tuple[Any, Any]] = [
-        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-    ]
-    present = [(behaviour, make) for behaviour, make in kinds if behaviour is not None]
-    if not present:  # pragma: no cover
-        return handler
-    inner, make = present[0]
+    inner = behaviour_of(handler)
 
     if inspect.isasyncgenfunction(inner):
 
@@ -457,22 +448,15 @@ def _checked_at_call(
             async for response in inner(request, context):
                 yield response
 
-        wrapped: Any = checked_stream
-    else:
+        return rebuilt(handler, checked_stream)
 
-        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            status = judge(context)
-            if status is not None:
-                await abort(context, status)
-            return await inner(request, context)
+    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        status = judge(context)
+        if status is not None:
+            await abort(context, status)
+        return await inner(request, context)
 
-        wrapped = checked
-    new: grpc.RpcMethodHandler[Any, Any] = make(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    return new
+    return rebuilt(handler, checked)
 
 
 class BearerCredentials(

@@ -26,7 +26,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Histogram
 
 from tessera.logs import request_id_var, stamp_request_ids
-from tessera.rpc import HandlerWrapper
+from tessera.rpc import HandlerWrapper, behaviour_of, rebuilt
 
 log = logging.getLogger(__name__)
 
@@ -132,31 +132,10 @@ class CallObserver(HandlerWrapper):
 
 
 def _wrap(handler: Handler, observer: _MethodObserver) -> Handler:
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _observed_unary(handler.unary_unary, observer),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _observed_unary(handler.stream_unary, observer),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _observed_stream(handler.unary_stream, observer),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _observed_stream(handler.stream_stream, observer),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler  # pragma: no cover
+    behaviour = behaviour_of(handler)
+    if handler.response_streaming:
+        return rebuilt(handler, _observed_stream(behaviour, observer))
+    return rebuilt(handler, _observed_unary(behaviour, observer))
 
 
 def _observed_unary(behaviour: Any, observer: _MethodObserver) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from tessera.errors import CallDeadlineExceeded
-from tessera.rpc import HandlerWrapper, abort, rich_status
+from tessera.rpc import HandlerWrapper, abort, rebuilt, rich_status
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,4 @@ class CallDeadline(HandlerWrapper):
                 log.warning("%s ran longer than %g s and was cancelled", method, seconds)
                 await abort(context, exceeded)
 
-        return grpc.unary_unary_rpc_method_handler(
-            bounded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuilt(handler, bounded)

@@ -70,6 +70,11 @@ class Endpoint:
     Tessera code runs, with RESOURCE_EXHAUSTED ("received message larger than max");
     a unary call running longer than ``max_call_seconds`` (0: no limit) is cancelled
     with DEADLINE_EXCEEDED / CALL_DEADLINE_EXCEEDED (``tessera.deadlines``).
+
+    Every call goes through the handler wrappers (``tessera.rpc.HandlerWrapper``) in this
+    order, the first outermost: the call observer, then the service's ``wrappers`` (its
+    access control, then the translation of its error table), then the call deadline
+    and the malformed-request guard, then the servicer.
     """
 
     def __init__(
@@ -100,7 +105,9 @@ class Endpoint:
         )
         # Servicers are added with ``add_servicer``, not to the server itself, so every
         # method's handler is wrapped once. The observer goes first, so it sees every call
-        # as its caller does (refused credentials included).
+        # as its caller does (refused credentials and translated errors included). The
+        # deadline's and the guard's refusals are aborts, which the error translation
+        # outside them passes as they are.
         self._registrar = ServiceRegistrar(
             self._server,
             [

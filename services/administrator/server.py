@@ -22,6 +22,7 @@ from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.metrics import metrics_note, new_registry
+from tessera.rpc import ErrorTranslation
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -108,7 +109,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        wrappers=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS), ErrorTranslation(ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,

@@ -38,6 +38,7 @@ from tessera.keys import (
 )
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.metrics import metrics_note, new_registry
+from tessera.rpc import ErrorTranslation
 from tessera.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
@@ -164,7 +165,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        wrappers=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS), ErrorTranslation(ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,
