@@ -13,7 +13,7 @@ import pytest
 
 from clients import Backoff, ClientOptions, ClientTls, LicenseClient, SyncLicenseClient
 from clients.settings import ClientKeywords
-from tests.processes import ROOT
+from tests.support.processes import ROOT
 
 
 def test_the_keywords_are_the_options_fields() -> None:

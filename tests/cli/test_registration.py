@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 from tessera_cli import parser as cli_parser
-from tests.processes import ROOT
+from tests.support.processes import ROOT
 
 CLI = ROOT / "tessera_cli"
 AREAS = ["online", "offline", "site", "journal", "config", "vendor"]
