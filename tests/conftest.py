@@ -1,7 +1,11 @@
-"""Shared fixtures: databases (SQLite and real PostgreSQL), clocks, in-process services.
+"""Shared fixtures: databases (SQLite and real PostgreSQL), clocks, sites, vendors.
 
-The classes behind them live in tests/support/ (databases.py says how PostgreSQL tests
-find their server).
+``site`` (all three services in process, the License Server on the test's ``clock``),
+``real_clock_site`` (the same on the real clock), ``host_b`` (a second License Server
+beside ``site``), ``vendor`` (the Activation Server alone), ``lone_license_server`` with
+``signing_vendor`` (a License Server alone, the vendor's key in the test's hands) and
+``processes`` (services as real processes). The classes behind them live in
+tests/support/ (databases.py says how PostgreSQL tests find their server).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ async def databases(
 
 @pytest.fixture
 def clock() -> FakeClock:
+    """A clock that moves only when the test says so."""
     return FakeClock()
 
 
