@@ -49,7 +49,7 @@ from services.license_server.translate import (
 from tessera.clock import to_timestamp
 from tessera.errors import DomainError
 from tessera.license.v1 import license_pb2 as pb
-from tessera.limits import peer_host
+from tessera.server.limits import peer_host
 
 log = logging.getLogger(__name__)
 

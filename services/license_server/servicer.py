@@ -13,7 +13,6 @@ from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.repairs import Repairs
 from services.license_server.domain.returns import Returns
 from services.license_server.domain.trusted_storage import TrustedStorage
-from services.license_server.errors import ERRORS
 from services.license_server.lease_stream import LeaseStream, LeaseStreams
 from services.license_server.translate import (
     check_in_status_to_proto,
@@ -27,7 +26,7 @@ from tessera.errors import InvalidInput
 from tessera.keys import HostIdentity
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
-from tessera.limits import peer_host
+from tessera.server.limits import peer_host
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -44,13 +43,11 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         """Tell every open lease stream that the server is stopping (they may resume)."""
         self.streams.close()
 
-    @ERRORS.unary  # the stream reads and writes itself (context.read/write), returns at the end
     async def Lease(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.LeaseRequest], context: Context
     ) -> None:
         await LeaseStream(self.streams, context).run()
 
-    @ERRORS.unary
     async def DeclareRequirement(
         self, request: pb.DeclareRequirementRequest, context: Context
     ) -> pb.DeclareRequirementResponse:
@@ -59,7 +56,6 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         )
         return pb.DeclareRequirementResponse()
 
-    @ERRORS.unary
     async def Checkout(self, request: pb.CheckoutRequest, context: Context) -> pb.CheckoutResponse:
         if not request.HasField("acquire"):
             raise InvalidInput("acquire", "is required")
@@ -68,19 +64,16 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         grant = await self.leasing.acquire(new, ttl)
         return pb.CheckoutResponse(granted=granted_to_proto(grant))
 
-    @ERRORS.unary
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
         expires_at = await self.leasing.heartbeat(request.lease_id, request.lease_secret)
         return pb.HeartbeatResponse(expires_at=to_timestamp(expires_at))
 
-    @ERRORS.unary
     async def Checkin(self, request: pb.CheckinRequest, context: Context) -> pb.CheckinResponse:
         released = await self.leasing.release(request.lease_id, request.lease_secret)
         return pb.CheckinResponse(released=released)
 
-    @ERRORS.unary
     async def GetLicenseInformation(
         self, request: pb.GetLicenseInformationRequest, context: Context
     ) -> pb.GetLicenseInformationResponse:
@@ -109,14 +102,12 @@ class LeaseAdminServicer(pb_grpc.LeaseAdminServiceServicer):
     def __init__(self, leasing: Leasing) -> None:
         self.leasing = leasing
 
-    @ERRORS.unary
     async def ListLeases(
         self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesResponse:
         entries = await self.leasing.list_leases(request.feature)
         return pb.ListLeasesResponse(leases=[lease_entry_to_proto(entry) for entry in entries])
 
-    @ERRORS.unary
     async def RevokeLease(
         self, request: pb.RevokeLeaseRequest, context: Context
     ) -> pb.RevokeLeaseResponse:
@@ -141,7 +132,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
         self.identity = identity
         self.check_ins = check_ins
 
-    @ERRORS.unary
     async def GetHostIdentity(
         self, request: pb.GetHostIdentityRequest, context: Context
     ) -> pb.GetHostIdentityResponse:
@@ -151,7 +141,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             machine_binding=self.identity.machine_binding,
         )
 
-    @ERRORS.unary
     async def PrepareActivation(
         self, request: pb.PrepareActivationRequest, context: Context
     ) -> pb.PrepareActivationResponse:
@@ -160,7 +149,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
         )
         return pb.PrepareActivationResponse(request_id=request_id, request=envelope)
 
-    @ERRORS.unary
     async def InstallActivation(
         self, request: pb.InstallActivationRequest, context: Context
     ) -> pb.InstallActivationResponse:
@@ -175,7 +163,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             already_installed=installed.already_installed,
         )
 
-    @ERRORS.unary
     async def ListCertificates(
         self, request: pb.ListCertificatesRequest, context: Context
     ) -> pb.ListCertificatesResponse:
@@ -189,7 +176,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             ]
         )
 
-    @ERRORS.unary
     async def PrepareReturn(
         self, request: pb.PrepareReturnRequest, context: Context
     ) -> pb.PrepareReturnResponse:
@@ -202,7 +188,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             revoked_leases=prepared.revoked_leases,
         )
 
-    @ERRORS.unary
     async def CompleteReturn(
         self, request: pb.CompleteReturnRequest, context: Context
     ) -> pb.CompleteReturnResponse:
@@ -222,14 +207,12 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             already_completed=completed.already_completed,
         )
 
-    @ERRORS.unary
     async def PrepareRepair(
         self, request: pb.PrepareRepairRequest, context: Context
     ) -> pb.PrepareRepairResponse:
         request_id, envelope = await self.repairs.prepare(request.request_id, request.force)
         return pb.PrepareRepairResponse(request_id=request_id, request=envelope)
 
-    @ERRORS.unary
     async def CompleteRepair(
         self, request: pb.CompleteRepairRequest, context: Context
     ) -> pb.CompleteRepairResponse:
@@ -241,7 +224,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             already_completed=repaired.already_completed,
         )
 
-    @ERRORS.unary
     async def GetTrustHealth(
         self, request: pb.GetTrustHealthRequest, context: Context
     ) -> pb.GetTrustHealthResponse:
@@ -250,7 +232,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             health=health_to_proto(report, self.trusted_storage.clock.now())
         )
 
-    @ERRORS.unary
     async def PrepareCheckIn(
         self, request: pb.PrepareCheckInRequest, context: Context
     ) -> pb.PrepareCheckInResponse:
@@ -261,7 +242,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             status=check_in_status_to_proto(prepared.status),
         )
 
-    @ERRORS.unary
     async def CompleteCheckIn(
         self, request: pb.CompleteCheckInRequest, context: Context
     ) -> pb.CompleteCheckInResponse:
