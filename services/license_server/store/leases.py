@@ -106,6 +106,7 @@ _RELEASE_LEASES = (
 # A stream's check-in, fenced by its epoch.
 _RELEASE_LEASES_OF_EPOCH = _RELEASE_LEASES.where(leases.c.epoch == bindparam("b_epoch"))
 _INSERT_LEASES = insert(leases)
+_ANNOUNCE = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
 
 
 class SqlLeaseQueries:
@@ -643,17 +644,15 @@ class SqlLeaseQueries:
     # Lease events for the other replicas (PostgreSQL NOTIFY, delivered at commit)
 
     async def announce(self, event: LeaseEvent) -> None:
-        """Tell other replicas over PostgreSQL NOTIFY, delivered when this commits."""
-        if self._dialect == "postgresql":
-            await self.session.execute(
-                select(func.pg_notify(NOTIFY_CHANNEL, encode_event(event, self.origin)))
-            )
+        """Tell other replicas over PostgreSQL NOTIFY, delivered when this commits
+        (``announce_all`` of one)."""
+        await self.announce_all((event,))
 
     async def announce_all(self, events: Sequence[LeaseEvent]) -> None:
-        """``announce`` for many events in one statement."""
+        """Tell other replicas of many events, in one statement."""
         if self._dialect == "postgresql" and events:
             await self.session.execute(
-                text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+                _ANNOUNCE,
                 {
                     "channel": NOTIFY_CHANNEL,
                     "payloads": [encode_event(event, self.origin) for event in events],
