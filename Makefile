@@ -18,7 +18,7 @@ export UV_PYTHON_DOWNLOADS := never
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: up test protos lint check-stubs check-lock buf-lint bench upgrade clean
+.PHONY: up test protos lint check-stubs check-lock buf-lint buf-breaking bench upgrade clean
 
 up: $(VENV)/.installed $(STUBS)
 	$(PY) deploy/local/run.py
@@ -33,7 +33,7 @@ bench: $(VENV)/.installed $(STUBS)
 protos $(STUBS) &: $(PROTOS) | $(VENV)/.installed
 	$(call generate_stubs,.)
 
-lint: $(VENV)/.installed $(STUBS) check-lock check-stubs buf-lint
+lint: $(VENV)/.installed $(STUBS) check-lock check-stubs buf-lint buf-breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -56,6 +56,17 @@ check-lock: $(UV) $(STUBS)
 
 buf-lint: $(BUF)
 	$(BUF) lint protos
+
+# The contracts may not break what main serves (protos/buf.yaml: the FILE rules). buf
+# reads main with `git clone file://$(CURDIR)/.git`, which git also accepts in a worktree,
+# where .git is a file naming the real git directory. A clone of main, a shallow one and
+# a worktree have the local branch main; a clone made from another branch has main only
+# as origin/main, which buf finds as a ref (branch= names local branches only).
+BREAKING_AGAINST = $(shell git rev-parse -q --verify refs/heads/main >/dev/null \
+                     && echo branch=main || echo ref=origin/main)
+
+buf-breaking: $(BUF)
+	$(BUF) breaking protos --against '.git#$(BREAKING_AGAINST),subdir=protos'
 
 $(BUF): tools/package.json tools/package-lock.json
 	npm ci --no-audit --no-fund --silent --prefix tools

@@ -34,7 +34,7 @@ default the bench runs PostgreSQL runs on a throw-away cluster of its own (``ini
 the ``postgres`` user, on a free port), which it may restart; with ``--postgres-url`` it
 uses that server and leaves out the restart fault.
 
-``tests/test_lease_history.py`` runs short scenarios of the same harness in ``make test``.
+``tests/hardening/test_lease_history.py`` runs short scenarios of the same harness in ``make test``.
 """
 
 from __future__ import annotations

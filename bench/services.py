@@ -33,7 +33,7 @@ from tessera.activation.v1 import activation_pb2_grpc as apb_grpc
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
-from tessera.serving import is_serving
+from tessera.server.serving import is_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 VENDOR_TOKEN = "bench-vendor-token"

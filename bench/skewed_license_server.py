@@ -15,7 +15,7 @@ import sys
 
 from services.license_server.config import Settings, load_settings
 from services.license_server.server import LicenseServer, build
-from tessera.serving import run_service
+from tessera.server.serving import run_service
 
 
 class OffsetClock:

@@ -11,7 +11,8 @@ hold their licenses.
 
 ``LicenseClient.license()`` applies EBO's start-up rule (a valid local license first, else
 a network lease, else NoLicense); ``SyncLicenseClient`` is the same API for code without
-an event loop. ``ClientTls`` turns on TLS (and mutual TLS) for the connections.
+an event loop; both take their settings as keyword arguments or as one ``ClientOptions``.
+``ClientTls`` turns on TLS (and mutual TLS) for the connections.
 docs/integrator.md is the guide.
 """
 
@@ -48,11 +49,13 @@ from clients.events import (
 )
 from clients.lease import Lease
 from clients.license import License, LicenseState, LocalLicense
+from clients.settings import ClientOptions
 from clients.sync import SyncLicense, SyncLicenseClient
 from tessera.tls import ClientTls
 
 __all__ = [
     "Backoff",
+    "ClientOptions",
     "ClientTls",
     "CountAboveActivated",
     "ExpiryWarning",

@@ -16,13 +16,12 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, Unpack
 
 import grpc
 from nacl.signing import VerifyKey
 
 from clients import startup
-from clients.backoff import Backoff
 from clients.errors import (
     InvalidLicenseServerConfiguration,
     LicenseServerUnreachable,
@@ -30,7 +29,7 @@ from clients.errors import (
 )
 from clients.lease import Lease
 from clients.license import EventCallback, License
-from clients.settings import ClientSettings
+from clients.settings import ClientKeywords, ClientOptions, ClientSettings, options_with
 from clients.transport import connected
 from tessera.address import parse_address
 from tessera.errors import InvalidLicenseServerAddress
@@ -38,7 +37,6 @@ from tessera.keys import read_vendor_public_keys
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
 from tessera.local_licenses import LocalLicenseStore
-from tessera.tls import ClientTls
 
 Reply = TypeVar("Reply")
 
@@ -72,6 +70,8 @@ class LicenseClient:
     With ``tls`` (a ClientTls: the CA to trust, and a client certificate and key when the
     License Server asks for mutual TLS) every connection is TLS; without it, plaintext.
     ``site_token`` is presented on every call, for a License Server that requires one.
+    These and the other settings are ClientOptions' fields (documented and defaulted
+    there), given as one ``options`` value or as keyword arguments.
 
     Use it as ``async with``, or call ``close()``: that checks in every license still
     held.
@@ -80,39 +80,25 @@ class LicenseClient:
     def __init__(
         self,
         address: str,
-        *,
-        client_host: str | None = None,
-        user: str = "",
-        display_name: str = "",
-        local_licenses: LocalLicenseStore | str | os.PathLike[str] | None = None,
-        vendor_keys: Mapping[str, VerifyKey] | str | os.PathLike[str] | None = None,
-        connect_timeout: float = 2.0,
-        call_timeout: float = 10.0,
-        release_timeout: float = 5.0,
-        backoff: Backoff | None = None,
-        tls: ClientTls | None = None,
-        site_token: str | None = None,
+        options: ClientOptions | None = None,
+        **keywords: Unpack[ClientKeywords],
     ) -> None:
+        """``options`` (a ClientOptions) or its fields as keyword arguments, which win
+        over the same fields of ``options`` when both are given."""
         try:
             servers = parse_address(address)
         except InvalidLicenseServerAddress as error:
             raise InvalidLicenseServerConfiguration(error.message) from None
-        self.settings = ClientSettings(
-            address=address,
-            servers=tuple(servers),
-            connect_timeout=connect_timeout,
-            call_timeout=call_timeout,
-            release_timeout=release_timeout,
-            backoff=backoff or Backoff(),
-            tls=tls,
-            site_token=site_token,
-        )
-        self.client_host = client_host or socket.gethostname()
-        self.user = user
-        self.display_name = display_name
+        self.options = options_with(options, keywords)
+        self.settings = ClientSettings.of(address, tuple(servers), self.options)
+        self.client_host = self.options.client_host or socket.gethostname()
+        self.user = self.options.user
+        self.display_name = self.options.display_name
+        local_licenses = self.options.local_licenses
         if isinstance(local_licenses, str | os.PathLike):
             local_licenses = LocalLicenseStore(Path(local_licenses))
         self.local_licenses = local_licenses
+        vendor_keys = self.options.vendor_keys
         if isinstance(vendor_keys, str | os.PathLike):
             vendor_keys = read_vendor_public_keys([Path(vendor_keys)])
         self.vendor_keys: Mapping[str, VerifyKey] = vendor_keys or {}
@@ -220,7 +206,12 @@ class LicenseClient:
         """A valid local license of ``feature`` first, else a network lease; NoLicense
         (saying why for both) when there is neither, and the application decides."""
         license = await startup.check_out(
-            self, feature, count, ttl=ttl, wait=wait, on_event=on_event
+            self.local_licenses,
+            self.vendor_keys,
+            feature,
+            count,
+            lambda: self.acquire(feature, count, ttl=ttl, wait=wait, on_event=on_event),
+            on_event,
         )
         self._track(license)
         return license

@@ -1,37 +1,40 @@
 """EBO's start-up rule: a valid local license first, else a network lease, else a clear
 refusal (NoLicense, saying why for both), so the application can decide not to start.
 
-Used through ``LicenseClient.license()`` / ``check_out()``.
+Used through ``LicenseClient.license()`` / ``check_out()``; the rule knows the local
+license store and how to ask for a network lease, not the client, so the client depends
+on it and never the reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+
+from nacl.signing import VerifyKey
 
 from clients.errors import LicenseError, NoLicense
 from clients.license import EventCallback, License, LocalLicense
+from tessera.local_licenses import LocalLicenseStore
 
-if TYPE_CHECKING:
-    from clients.client import LicenseClient
+#: Takes the network lease when no local license serves (``LicenseClient.acquire``).
+NetworkLease = Callable[[], Awaitable[License]]
 
 
 async def check_out(
-    client: LicenseClient,
+    local_licenses: LocalLicenseStore | None,
+    vendor_keys: Mapping[str, VerifyKey],
     feature: str,
-    count: int = 1,
-    *,
-    ttl: float | None = None,
-    wait: float | None = None,
+    count: int,
+    network_lease: NetworkLease,
     on_event: EventCallback | None = None,
 ) -> License:
-    """A local license of ``feature`` with ``count`` seats or more from the client's
-    local license store (verified offline), else a network lease; NoLicense otherwise.
+    """A local license of ``feature`` with ``count`` seats or more from ``local_licenses``
+    (verified offline with ``vendor_keys``), else ``network_lease()``; NoLicense otherwise.
     The address was checked when the client was made, so a bad one never gets here."""
     problems: list[str] = []
-    store = client.local_licenses
-    if store is not None:
-        found = await asyncio.to_thread(store.check, feature, client.vendor_keys)
+    if local_licenses is not None:
+        found = await asyncio.to_thread(local_licenses.check, feature, vendor_keys)
         if found.certificate is not None and found.certificate.count >= count:
             return LocalLicense(found.certificate, count, on_event)
         if found.certificate is not None:
@@ -40,6 +43,6 @@ async def check_out(
             )
         problems += found.problems
     try:
-        return await client.acquire(feature, count, ttl=ttl, wait=wait, on_event=on_event)
+        return await network_lease()
     except LicenseError as error:
         raise NoLicense(feature, problems, error) from error

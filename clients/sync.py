@@ -19,20 +19,15 @@ import atexit
 import contextlib
 import datetime as dt
 import functools
-import os
 import threading
 import weakref
-from collections.abc import Coroutine, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar, Unpack
 
-from nacl.signing import VerifyKey
-
-from clients.backoff import Backoff
 from clients.client import FeatureInformation, LicenseClient
 from clients.errors import LicenseLost
 from clients.license import EventCallback, License, LicenseState
-from tessera.local_licenses import LocalLicenseStore
-from tessera.tls import ClientTls
+from clients.settings import ClientKeywords, ClientOptions
 
 T = TypeVar("T")
 
@@ -93,39 +88,17 @@ class SyncLicense:
 
 
 class SyncLicenseClient:
-    """LicenseClient's API, blocking; the same arguments as LicenseClient."""
+    """LicenseClient's API, blocking; the same arguments as LicenseClient (a ClientOptions
+    or its fields as keyword arguments)."""
 
     def __init__(
         self,
         address: str,
-        *,
-        client_host: str | None = None,
-        user: str = "",
-        display_name: str = "",
-        local_licenses: LocalLicenseStore | str | os.PathLike[str] | None = None,
-        vendor_keys: Mapping[str, VerifyKey] | str | os.PathLike[str] | None = None,
-        connect_timeout: float = 2.0,
-        call_timeout: float = 10.0,
-        release_timeout: float = 5.0,
-        backoff: Backoff | None = None,
-        tls: ClientTls | None = None,
-        site_token: str | None = None,
+        options: ClientOptions | None = None,
+        **keywords: Unpack[ClientKeywords],
     ) -> None:
         # Built first: an invalid address raises before any thread or network call.
-        self._client = LicenseClient(
-            address,
-            client_host=client_host,
-            user=user,
-            display_name=display_name,
-            local_licenses=local_licenses,
-            vendor_keys=vendor_keys,
-            connect_timeout=connect_timeout,
-            call_timeout=call_timeout,
-            release_timeout=release_timeout,
-            backoff=backoff,
-            tls=tls,
-            site_token=site_token,
-        )
+        self._client = LicenseClient(address, options, **keywords)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tessera-license-client", daemon=True

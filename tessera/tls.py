@@ -16,7 +16,6 @@ others can read is refused, as for every other private key.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,52 +34,20 @@ class TlsConfigurationError(ValueError):
     """A TLS setting is incomplete, or one of its files cannot be read."""
 
 
-class PlaintextRefused(Exception):
-    """Plaintext gRPC was about to be served on an address other than loopback."""
-
-
-def _read_pem(path: Path, what: str) -> bytes:
+def read_pem(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as error:
         raise TlsConfigurationError(f"cannot read the {what} {path}: {error.strerror}") from None
 
 
-def _read_key(path: Path) -> bytes:
+def read_key(path: Path) -> bytes:
     try:
         return read_private_file(path)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         raise TlsConfigurationError(
             f"cannot read the TLS private key {path}: {error.strerror}"
         ) from None
-
-
-@dataclass(frozen=True)
-class ServerTls:
-    """A service's certificate chain and key; with ``client_ca``, mutual TLS."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-    @property
-    def mutual(self) -> bool:
-        return self.client_ca is not None
-
-    def check(self) -> None:
-        """Read the files now, so a service refuses them before it touches anything."""
-        self.credentials()
-
-    def credentials(self) -> grpc.ServerCredentials:
-        """Reads the files now (the key refused when group or others can read it)."""
-        key = _read_key(self.key)
-        chain = _read_pem(self.cert, "TLS certificate")
-        client_ca = (
-            _read_pem(self.client_ca, "TLS client CA") if self.client_ca is not None else None
-        )
-        return grpc.ssl_server_credentials(
-            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
-        )
 
 
 @dataclass(frozen=True)
@@ -107,10 +74,10 @@ class ClientTls:
     def credentials(self) -> grpc.ChannelCredentials:
         """Reads the files now, so a renewed certificate is used by the next channel."""
         return grpc.ssl_channel_credentials(
-            root_certificates=_read_pem(self.ca, "TLS CA") if self.ca is not None else None,
-            private_key=_read_key(self.key) if self.key is not None else None,
+            root_certificates=read_pem(self.ca, "TLS CA") if self.ca is not None else None,
+            private_key=read_key(self.key) if self.key is not None else None,
             certificate_chain=(
-                _read_pem(self.cert, "TLS client certificate") if self.cert is not None else None
+                read_pem(self.cert, "TLS client certificate") if self.cert is not None else None
             ),
         )
 
@@ -154,41 +121,3 @@ def open_sync_channel(target: str, tls: ClientTls | None) -> grpc.Channel:
     if tls is None:
         return grpc.insecure_channel(target)
     return grpc.secure_channel(target, tls.credentials(), options=tls.options())
-
-
-def listen_host(listen: str) -> str:
-    """The host part of ``host:port`` (``[::1]:27000`` -> ``::1``; ``:27000`` -> ``''``)."""
-    host, _, _ = listen.rpartition(":")
-    return host.strip("[]")
-
-
-def is_loopback(listen: str) -> bool:
-    """Whether ``host:port`` listens on loopback only (``localhost``, 127.0.0.0/8, ::1)."""
-    host = listen_host(listen)
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        # A wildcard ('', '0.0.0.0', '[::]' are addresses too) or a host name that may
-        # resolve anywhere: not known to be loopback.
-        return False
-
-
-def check_plaintext(listen: str, tls: ServerTls | None, allow_plaintext: bool) -> None:
-    """Refuse plaintext on an address other than loopback unless ``allow_plaintext``;
-    when allowed there, say so loudly."""
-    if tls is not None or is_loopback(listen):
-        return
-    if not allow_plaintext:
-        raise PlaintextRefused(
-            f"refusing to serve plaintext gRPC on {listen}, which is not a loopback address: "
-            "give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or "
-            "--allow-plaintext if something else on the path encrypts the traffic"
-        )
-    log.warning(
-        "serving PLAINTEXT gRPC on %s (--allow-plaintext): bearer tokens, lease secrets "
-        "and licenses cross the network unencrypted; use --tls-cert and --tls-key unless "
-        "something else on the path encrypts the traffic",
-        listen,
-    )

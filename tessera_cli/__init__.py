@@ -6,8 +6,9 @@ file), show License Information, who holds which seat, trusted storage's health 
 operations journal; and for vendor staff, entitlements, activations, the audit log,
 forced returns and signing keys.
 
-Layers: ``parser`` (argparse: subcommands, flags, help) -> ``commands`` (the gRPC calls)
--> ``views`` (human tables) and ``records`` (``--json``); ``settings`` says where the
-services are, ``failures`` turns a refusal into what went wrong and what to do, with an
-exit code. ``app.main`` is the console script.
+Layers: ``parser`` (the ``tessera`` parser) -> ``commands`` (per area, its subcommands'
+arguments and help in ``register`` next to the gRPC calls they run, built with
+``arguments``) -> ``views`` (human tables) and ``records`` (``--json``); ``settings`` says
+where the services are, ``failures`` turns a refusal into what went wrong and what to do,
+with an exit code. ``app.main`` is the console script.
 """

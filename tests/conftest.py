@@ -1,69 +1,32 @@
-"""Shared fixtures: databases (SQLite and real PostgreSQL), clocks, in-process services.
+"""Shared fixtures: databases (SQLite and real PostgreSQL), clocks, sites, vendors.
 
-PostgreSQL tests need TESSERA_TEST_POSTGRES_URL, e.g.
-``postgresql+asyncpg://postgres@127.0.0.1:5432/postgres``; each test gets a fresh database
-created on that server and dropped afterwards. Without the URL they skip, except under
-CI=true, where a missing PostgreSQL is a failure.
+``site`` (all three services in process, the License Server on the test's ``clock``),
+``real_clock_site`` (the same on the real clock), ``host_b`` (a second License Server
+beside ``site``), ``vendor`` (the Activation Server alone), ``lone_license_server`` with
+``signing_vendor`` (a License Server alone, the vendor's key in the test's hands) and
+``processes`` (services as real processes). The classes behind them live in
+tests/support/ (databases.py says how PostgreSQL tests find their server).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import os
-import uuid
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 
-POSTGRES_URL = os.environ.get("TESSERA_TEST_POSTGRES_URL", "")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require_postgres() -> str:
-    if POSTGRES_URL:
-        return POSTGRES_URL
-    if IN_CI:
-        pytest.fail("CI=true but TESSERA_TEST_POSTGRES_URL is not set: PostgreSQL tests must run")
-    pytest.skip("TESSERA_TEST_POSTGRES_URL is not set; PostgreSQL tests skipped")
-
-
-def _plain_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-class DatabaseFactory:
-    """Makes empty databases of one kind for a test and removes them afterwards."""
-
-    def __init__(self, kind: str, tmp_path: Path) -> None:
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.created: list[str] = []
-
-    async def new(self, name: str) -> str:
-        if self.kind == "sqlite":
-            return f"sqlite+aiosqlite:///{self.tmp_path / (name + '.db')}"
-        server = require_postgres()
-        database = f"tessera_test_{name}_{uuid.uuid4().hex[:12]}"
-        connection = await asyncpg.connect(_plain_dsn(server))
-        try:
-            await connection.execute(f'CREATE DATABASE "{database}"')
-        finally:
-            await connection.close()
-        self.created.append(database)
-        return make_url(server).set(database=database).render_as_string(hide_password=False)
-
-    async def drop_all(self) -> None:
-        if not self.created:
-            return
-        connection = await asyncpg.connect(_plain_dsn(POSTGRES_URL))
-        try:
-            for database in self.created:
-                await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await connection.close()
+from services.license_server import config as ls_config
+from services.license_server import server as ls_server
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site, start_site
+from tests.support.processes import Processes
+from tests.support.tokens import LICENSE_SERVER_FLAGS
+from tests.support.trust import LicenseServerUnderTest, SigningVendor
+from tests.support.vendor import ActivationServerUnderTest, start_vendor
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -76,19 +39,96 @@ async def databases(
     await factory.drop_all()
 
 
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, start: dt.datetime | None = None) -> None:
-        self.current = start or dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
-
-    def now(self) -> dt.datetime:
-        return self.current
-
-    def advance(self, seconds: float) -> None:
-        self.current += dt.timedelta(seconds=seconds)
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock that moves only when the test says so."""
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Services as real processes; each is killed at the end, stopped ones (SIGSTOP) too."""
+    processes = Processes(tmp_path)
+    yield processes
+    for process in processes.running.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # stopped, it would not end the test
+    processes.kill_all()
+
+
+@pytest.fixture
+async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
+    """All three services in process; the License Server's time is the test's ``clock``."""
+    site = await start_site(tmp_path, databases, license_clock=clock)
+    yield site
+    await site.close()
+
+
+@pytest.fixture
+async def real_clock_site(tmp_path: Path, databases: DatabaseFactory) -> AsyncIterator[Site]:
+    """All three services in process on the real clock (for clients, the CLI and examples
+    whose own timers must meet the server's)."""
+    site = await start_site(tmp_path, databases)
+    yield site
+    await site.close()
+
+
+@pytest.fixture
+async def vendor(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[ActivationServerUnderTest]:
+    """The vendor's Activation Server alone, in process, on the test's ``clock``."""
+    vendor = await start_vendor(tmp_path, databases, clock)
+    yield vendor
+    await vendor.close()
+
+
+@pytest.fixture
+async def signing_vendor(tmp_path: Path) -> SigningVendor:
+    """A vendor key in the test's hands, published to ``tmp_path / "vendor-keys.pub"``
+    (where ``lone_license_server`` reads it); it signs answers the test composes."""
+    vendor = SigningVendor()
+    vendor.publish(tmp_path / "vendor-keys.pub")
+    return vendor
+
+
+@pytest.fixture
+async def lone_license_server(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[LicenseServerUnderTest]:
+    """A License Server alone on the test's ``clock``; the test plays the vendor with a
+    SigningVendor that publishes its keys to ``tmp_path / "vendor-keys.pub"``."""
+    server = LicenseServerUnderTest(
+        data_dir=tmp_path / "license_server",
+        database_url=await databases.new("license"),
+        vendor_keys=tmp_path / "vendor-keys.pub",
+        machine_id="machine-a",
+        clock=clock,
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def host_b(
+    site: Site, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[ls_server.LicenseServer]:
+    """A second License Server on another machine, trusting the same vendor."""
+    server = await ls_server.build(
+        ls_config.load_settings(
+            [
+                "--listen", "127.0.0.1:0",
+                "--data-dir", str(site.tmp_path / "license_server_b"),
+                "--database-url", await databases.new("license_b"),
+                "--vendor-keys", str(site.tmp_path / "activation_server" / "vendor-keys.pub"),
+                "--machine-id", "other-machine",
+                "--sweep-interval", "3600",
+                *LICENSE_SERVER_FLAGS,
+            ],
+            environ={},
+        ),
+        clock=clock,
+    )  # fmt: skip
+    yield server
+    await server.stop(0)

@@ -39,8 +39,8 @@ from nacl.signing import SigningKey
 
 from services.activation_server.store.key_files import KeyDirectory
 from tessera.keys import load_or_create_signing_key, load_signing_key
-from tests.conftest import IN_CI
-from tests.processes import ROOT
+from tests.support.databases import IN_CI
+from tests.support.processes import ROOT
 
 # The Kubernetes version whose API schemas the manifests must satisfy (the oldest
 # supported cluster: native gRPC probes are GA since 1.27, kubectl here is 1.32).

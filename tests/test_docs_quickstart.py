@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from tessera.serving import is_serving
+from tessera.server.serving import is_serving
 from tessera_cli import parser as cli_parser
-from tests.processes import ROOT, free_port
+from tests.support.processes import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 

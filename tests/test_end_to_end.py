@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +22,11 @@ from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera.license.v1 import license_pb2, license_pb2_grpc
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory
-from tests.processes import Processes, credentialed_channel, free_port
+from tests.support.databases import DatabaseFactory
+from tests.support.processes import Processes, credentialed_channel, free_port
+from tests.support.tokens import VENDOR_TOKEN
 
 pytestmark = pytest.mark.e2e
-
-TOKEN = "e2e-vendor-token"
 
 
 @dataclass
@@ -36,13 +35,6 @@ class Stack:
     activation_port: int
     license_port: int
     admin_port: int
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.kill_all()
 
 
 @pytest.fixture
@@ -55,7 +47,7 @@ async def stack(
         "--listen", f"127.0.0.1:{ports.activation_port}",
         "--data-dir", str(tmp_path / "as"),
         "--database-url", await databases.new("activation"),
-        "--vendor-token", TOKEN,
+        "--vendor-token", VENDOR_TOKEN,
     )  # fmt: skip
     await processes.wait_serving("activation_server", ports.activation_port)
     processes.start(
@@ -111,7 +103,7 @@ async def test_thin_path_through_three_real_processes(stack: Stack) -> None:
                     )
                 ],
             ),
-            metadata=bearer_metadata(TOKEN),
+            metadata=bearer_metadata(VENDOR_TOKEN),
         )
         entitlement_id = created.entitlement.entitlement_id
 
@@ -202,7 +194,7 @@ async def test_sigterm_tells_open_lease_streams_and_exits_cleanly(stack: Stack) 
                     )
                 ],
             ),
-            metadata=bearer_metadata(TOKEN),
+            metadata=bearer_metadata(VENDOR_TOKEN),
         )
         await admin_pb2_grpc.AdministratorServiceStub(admin_channel).Activate(
             admin_pb2.ActivateRequest(

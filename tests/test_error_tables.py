@@ -16,7 +16,7 @@ from services.license_server import errors as license_errors
 from services.license_server.domain import errors as license_domain
 from tessera import errors as shared
 from tessera.errors import DomainError
-from tessera.rpc import ErrorTable
+from tessera.server.error_table import ErrorTable
 
 
 def domain_errors(module: ModuleType) -> list[type[DomainError]]:

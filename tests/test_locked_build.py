@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.processes import ROOT
+from tests.support.processes import ROOT
 
 LOCK = tomllib.loads((ROOT / "uv.lock").read_text())
 CONTAINERFILES = sorted((ROOT / "deploy" / "containers").glob("*.Containerfile"))

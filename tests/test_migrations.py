@@ -21,7 +21,7 @@ from services.administrator.store import tables as administrator_tables
 from services.license_server import server as license_server
 from services.license_server.store import tables as license_tables
 from tessera.storage import create_engine, migrate
-from tests.conftest import DatabaseFactory
+from tests.support.databases import DatabaseFactory
 
 SERVICES = {
     "activation_server": (activation_server.MIGRATIONS, activation_tables.metadata),

@@ -28,20 +28,21 @@ from services.administrator import config as admin_config
 from services.administrator import server as admin_server
 from services.license_server import config as ls_config
 from services.license_server import server as ls_server
-from tessera import logs
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.auth import bearer_metadata
-from tessera.call_observer import REQUEST_ID_HEADER
 from tessera.license.v1 import license_pb2 as lpb
-from tessera.metrics import MetricsServer
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import (
+from tessera.server import logs
+from tessera.server.call_observer import REQUEST_ID_HEADER
+from tessera.server.metrics import MetricsServer
+from tests.support.clock import FakeClock
+from tests.support.databases import DatabaseFactory
+from tests.support.in_process_site import Site
+from tests.support.tokens import (
     ADMINISTRATOR_FLAGS,
     LICENSE_SERVER_FLAGS,
     OPERATOR_TOKEN,
     VENDOR_TOKEN,
-    Site,
 )
 
 STATION = "client.station"
@@ -94,18 +95,20 @@ async def start_observed_site(
 
 
 @pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_observed_site(tmp_path, databases, clock)
-    yield site
-    await site.close()
+async def observed_site(
+    tmp_path: Path, databases: DatabaseFactory, clock: FakeClock
+) -> AsyncIterator[Site]:
+    observed_site = await start_observed_site(tmp_path, databases, clock)
+    yield observed_site
+    await observed_site.close()
 
 
 @pytest.fixture
 async def sqlite_site(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Site]:
     """For what does not depend on the database: request ids and logs."""
-    site = await start_observed_site(tmp_path, DatabaseFactory("sqlite", tmp_path), clock)
-    yield site
-    await site.close()
+    observed_site = await start_observed_site(tmp_path, DatabaseFactory("sqlite", tmp_path), clock)
+    yield observed_site
+    await observed_site.close()
 
 
 # Scraping
@@ -169,21 +172,21 @@ def acquire(count: int = 1) -> lpb.LeaseAcquire:
     return lpb.LeaseAcquire(feature=STATION, count=count, client_host="ws-01")
 
 
-async def activate(site: Site, activation_id: str, count: int) -> pb.ActivateResponse:
-    reply: pb.ActivateResponse = await site.administrator.Activate(
+async def activate(observed_site: Site, activation_id: str, count: int) -> pb.ActivateResponse:
+    reply: pb.ActivateResponse = await observed_site.administrator.Activate(
         pb.ActivateRequest(
-            license_server=site.license_address, activation_id=activation_id, count=count
+            license_server=observed_site.license_address, activation_id=activation_id, count=count
         )
     )
     return reply
 
 
 async def test_license_server_counts_leases_and_reads_seats_at_scrape(
-    site: Site, clock: FakeClock
+    observed_site: Site, clock: FakeClock
 ) -> None:
-    entitlement = await site.create_entitlement([(STATION, 5)])
-    await activate(site, entitlement.lines[0].activation_id, 3)
-    leases = site.leases
+    entitlement = await observed_site.create_entitlement([(STATION, 5)])
+    await activate(observed_site, entitlement.lines[0].activation_id, 3)
+    leases = observed_site.leases
 
     # A checkout and a check-in.
     granted = (await leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))).granted
@@ -205,7 +208,7 @@ async def test_license_server_counts_leases_and_reads_seats_at_scrape(
     assert (await stream.read()).revoked.reason == "LEASE_RESUMED_ELSEWHERE"
     unary = (await leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))).granted
 
-    samples = await scrape(site.license.metrics_port)
+    samples = await scrape(observed_site.license.metrics_port)
     assert value(samples, "tessera_lease_streams_open") == 1
     assert value(samples, "tessera_seats_activated", feature=STATION) == 3
     assert value(samples, "tessera_seats_used", feature=STATION) == 2
@@ -218,21 +221,21 @@ async def test_license_server_counts_leases_and_reads_seats_at_scrape(
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # The operator revokes the resumed stream's lease; the unary lease expires.
-    await site.lease_admin.RevokeLease(
+    await observed_site.lease_admin.RevokeLease(
         lpb.RevokeLeaseRequest(lease_id=held.lease_id, reason="maintenance"),
         metadata=bearer_metadata(OPERATOR_TOKEN),
     )
     assert (await resumed.read()).revoked.reason == "REVOKED_BY_OPERATOR"
     assert await resumed.code() is grpc.StatusCode.FAILED_PRECONDITION
     clock.advance(unary.ttl.seconds + 1)
-    assert await site.license.leasing.release_expired() == 1
+    assert await observed_site.license.leasing.release_expired() == 1
 
     async def streams_observed() -> bool:
-        samples = await scrape(site.license.metrics_port)
+        samples = await scrape(observed_site.license.metrics_port)
         return rpc_count(samples, LEASES, "Lease", "FAILED_PRECONDITION") == 2
 
     await eventually(streams_observed)
-    samples = await scrape(site.license.metrics_port)
+    samples = await scrape(observed_site.license.metrics_port)
     assert value(samples, "tessera_lease_grants_total", feature=STATION) == 3
     assert value(samples, "tessera_lease_denials_total", reason="NO_SEAT_AVAILABLE") == 1
     assert value(samples, "tessera_lease_resumes_total") == 1
@@ -264,30 +267,30 @@ async def test_license_server_counts_leases_and_reads_seats_at_scrape(
     assert value(samples, "tessera_build_info", service="license_server", version="0.1.0") == 1
 
 
-async def test_vendor_and_administrator_count_outcomes(site: Site) -> None:
-    entitlement = await site.create_entitlement([(STATION, 5)])
+async def test_vendor_and_administrator_count_outcomes(observed_site: Site) -> None:
+    entitlement = await observed_site.create_entitlement([(STATION, 5)])
     activation_id = entitlement.lines[0].activation_id
-    certificate = (await activate(site, activation_id, 2)).certificate.certificate
+    certificate = (await activate(observed_site, activation_id, 2)).certificate.certificate
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await activate(site, activation_id, 4)
+        await activate(observed_site, activation_id, 4)
     assert reason_of(refused.value) == "NOT_ENOUGH_SEATS_LEFT"
 
     # A forced return while a seat is leased revokes the lease.
-    granted = (await site.leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))).granted
-    reply = await site.administrator.Return(
+    granted = (await observed_site.leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))).granted
+    reply = await observed_site.administrator.Return(
         pb.ReturnRequest(
-            license_server=site.license_address,
+            license_server=observed_site.license_address,
             certificate_id=certificate.certificate_id,
             force=True,
         )
     )
     assert reply.operation.state == pb.OPERATION_STATE_COMPLETED and reply.revoked_leases == 1
     with pytest.raises(grpc.aio.AioRpcError):
-        await site.leases.Heartbeat(
+        await observed_site.leases.Heartbeat(
             lpb.HeartbeatRequest(lease_id=granted.lease_id, lease_secret=granted.lease_secret)
         )
 
-    vendor = await scrape(site.activation.metrics_port)
+    vendor = await scrape(observed_site.activation.metrics_port)
     assert value(vendor, "tessera_activations_total", result="granted", reason="") == 1
     assert (
         value(vendor, "tessera_activations_total", result="refused", reason="NOT_ENOUGH_SEATS_LEFT")
@@ -303,7 +306,7 @@ async def test_vendor_and_administrator_count_outcomes(site: Site) -> None:
     )
     assert rpc_count(vendor, "tessera.activation.v1.VendorService", "CreateEntitlement", "OK") == 1
 
-    admin = await scrape(site.admin.metrics_port)
+    admin = await scrape(observed_site.admin.metrics_port)
     operations = "tessera_admin_operations_total"
     assert value(admin, operations, kind="activate", result="completed", reason="") == 1
     assert (
@@ -316,7 +319,7 @@ async def test_vendor_and_administrator_count_outcomes(site: Site) -> None:
     assert rpc_count(admin, admin_service, "Activate", "RESOURCE_EXHAUSTED") == 1
     assert rpc_count(admin, admin_service, "Return", "OK") == 1
 
-    license = await scrape(site.license.metrics_port)
+    license = await scrape(observed_site.license.metrics_port)
     assert value(license, "tessera_lease_revocations_total", reason="LICENSE_RETURNED") == 1
     assert value(license, "tessera_seats_activated", feature=STATION) == 0
     assert (
@@ -457,7 +460,7 @@ async def test_request_id_is_taken_logged_and_echoed(sqlite_site: Site) -> None:
     stamped = {
         record.getMessage().split()[0]: getattr(record, "request_id", "")
         for record in records
-        if record.name == "tessera.call_observer"
+        if record.name == "tessera.server.call_observer"
         and getattr(record, "request_id", "") in ("req-42", "req-43")
     }
     assert stamped == {
@@ -476,23 +479,27 @@ async def test_request_id_is_taken_logged_and_echoed(sqlite_site: Site) -> None:
 
 
 async def test_no_secrets_in_logs(sqlite_site: Site) -> None:
-    site = sqlite_site
+    observed_site = sqlite_site
     with captured_logs("text") as (buffer, records):
-        entitlement = await site.create_entitlement([(STATION, 5)])
-        certificate = (await activate(site, entitlement.lines[0].activation_id, 2)).certificate
+        entitlement = await observed_site.create_entitlement([(STATION, 5)])
+        certificate = (
+            await activate(observed_site, entitlement.lines[0].activation_id, 2)
+        ).certificate
         # Leases every way: unary, stream, resume, heartbeat, a wrong secret, check-in.
-        granted = (await site.leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))).granted
-        await site.leases.Heartbeat(
+        granted = (
+            await observed_site.leases.Checkout(lpb.CheckoutRequest(acquire=acquire()))
+        ).granted
+        await observed_site.leases.Heartbeat(
             lpb.HeartbeatRequest(lease_id=granted.lease_id, lease_secret=granted.lease_secret)
         )
         with pytest.raises(grpc.aio.AioRpcError):
-            await site.leases.Heartbeat(
+            await observed_site.leases.Heartbeat(
                 lpb.HeartbeatRequest(lease_id=granted.lease_id, lease_secret="wrong-secret-0123")
             )
-        stream = site.leases.Lease()
+        stream = observed_site.leases.Lease()
         await stream.write(lpb.LeaseRequest(acquire=acquire()))
         held = (await stream.read()).granted
-        resumed = site.leases.Lease()
+        resumed = observed_site.leases.Lease()
         await resumed.write(
             lpb.LeaseRequest(
                 resume=lpb.LeaseResume(lease_id=held.lease_id, lease_secret=held.lease_secret)
@@ -503,20 +510,20 @@ async def test_no_secrets_in_logs(sqlite_site: Site) -> None:
         await resumed.read()
         await resumed.write(lpb.LeaseRequest(release=lpb.LeaseRelease()))
         await resumed.read()
-        await site.leases.Checkin(
+        await observed_site.leases.Checkin(
             lpb.CheckinRequest(lease_id=granted.lease_id, lease_secret=granted.lease_secret)
         )
         # Credentials, right and wrong.
-        await site.lease_admin.ListLeases(
+        await observed_site.lease_admin.ListLeases(
             lpb.ListLeasesRequest(), metadata=bearer_metadata(OPERATOR_TOKEN)
         )
         with pytest.raises(grpc.aio.AioRpcError):
-            await site.lease_admin.ListLeases(
+            await observed_site.lease_admin.ListLeases(
                 lpb.ListLeasesRequest(), metadata=bearer_metadata("guessed-operator-token-42")
             )
-        await site.administrator.Return(
+        await observed_site.administrator.Return(
             pb.ReturnRequest(
-                license_server=site.license_address,
+                license_server=observed_site.license_address,
                 certificate_id=certificate.certificate.certificate_id,
             )
         )
@@ -528,8 +535,8 @@ async def test_no_secrets_in_logs(sqlite_site: Site) -> None:
         "operator token": OPERATOR_TOKEN,
         "guessed token": "guessed-operator-token-42",
         "vendor token": VENDOR_TOKEN,
-        "host key": (site.tmp_path / "license_server" / "host.key").read_text().strip(),
-        "vendor signing key": (site.tmp_path / "activation_server" / "vendor-signing.key")
+        "host key": (observed_site.tmp_path / "license_server" / "host.key").read_text().strip(),
+        "vendor signing key": (observed_site.tmp_path / "activation_server" / "vendor-signing.key")
         .read_text()
         .strip(),
     }

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import grpc
 import pytest
 
 from tessera.admin.v1 import admin_pb2
 from tessera.license.v1 import license_pb2
 from tessera.rpc import reason_of
-from tests.conftest import DatabaseFactory, FakeClock
-from tests.support import Site, start_site
-
-
-@pytest.fixture
-async def site(tmp_path: Path, databases: DatabaseFactory, clock: FakeClock) -> AsyncIterator[Site]:
-    site = await start_site(tmp_path, databases, license_clock=clock)
-    yield site
-    await site.close()
+from tests.support.clock import FakeClock
+from tests.support.in_process_site import Site
 
 
 def acquire(feature: str = "client.station", count: int = 1) -> license_pb2.LeaseRequest:

@@ -24,7 +24,7 @@ from tessera.activation.v1 import activation_pb2 as pb
 from tessera.activation.v1 import activation_pb2_grpc as pb_grpc
 from tessera.auth import bearer_metadata
 from tessera.common.v1.common_pb2 import LicenseKind
-from tessera.serving import PORT_IN_USE, is_serving, listen_problem
+from tessera.server.serving import PORT_IN_USE, is_serving, listen_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 VAR = ROOT / "var"

@@ -2,7 +2,7 @@
 
 from services.activation_server.config import load_settings
 from services.activation_server.server import build
-from tessera.serving import run_service
+from tessera.server.serving import run_service
 
 if __name__ == "__main__":
     run_service(load_settings, build)

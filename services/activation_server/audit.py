@@ -3,7 +3,7 @@
 Reads the Activation Server's database (``--database-url``, or the SQLite file in
 ``--data-dir``; the same TESSERA_AS_ environment variables as the server), walks the
 chain and prints what it found. Exits 0 when the log is intact, 1 when it is broken and
-2 when it cannot be read.
+2 when it cannot be read. The rules are in ``domain/audit.py``; this is only the command.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from services.activation_server.domain.audit import verify_store
 from services.activation_server.domain.model import AuditVerdict
-from services.activation_server.store.repository import ActivationStore
-from tessera.storage import create_engine, sqlite_url
+from services.activation_server.server import verify_audit_log
+from tessera.storage import sqlite_url
 
 PREFIX = "TESSERA_AS_"
 
@@ -53,14 +52,6 @@ def describe(verdict: AuditVerdict) -> str:
     )
 
 
-async def verify(database_url: str) -> AuditVerdict:
-    engine = create_engine(database_url)
-    try:
-        return await verify_store(ActivationStore(engine))
-    finally:
-        await engine.dispose()
-
-
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = parse(argv, os.environ if environ is None else environ)
     url = args.database_url
@@ -71,7 +62,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return 2
         url = sqlite_url(Path(args.data_dir), "activation.db")
     try:
-        verdict = asyncio.run(verify(url))
+        verdict = asyncio.run(verify_audit_log(url))
     except Exception as error:  # a missing or unmigrated database, a refused connection
         print(f"cannot read the audit log: {error}", file=sys.stderr)
         return 2

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.activation_server.domain.limits import Limits
-from tessera.auth import (
+from tessera.server.auth import (
     CredentialSettings,
     Role,
     RoleFlags,
     add_credential_flags,
     credential_settings,
 )
-from tessera.config import CommonSettings, SettingsParser
+from tessera.server.config import CommonSettings, SettingsParser
 
 DEFAULT_LISTEN = "127.0.0.1:27100"
 # --vendor-token / --vendor-token-sha256; vendor-token in the data directory otherwise.

@@ -1,4 +1,8 @@
-"""Builds the Activation Server: keys, database, servicers, health, reflection, auth."""
+"""Builds the Activation Server: keys, database, servicers, health, reflection, auth.
+
+The one module that names both the rules (``domain/``) and the store that implements
+their ports (``store/``): it hands the store to the rules.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from pathlib import Path
 
 from services.activation_server.config import Settings
 from services.activation_server.domain.activations import Activations
-from services.activation_server.domain.audit import AuditLog
+from services.activation_server.domain.audit import AuditLog, verify_store
 from services.activation_server.domain.check_ins import CheckIns
 from services.activation_server.domain.entitlements import Entitlements
 from services.activation_server.domain.metrics import VendorMetrics
+from services.activation_server.domain.model import AuditVerdict
 from services.activation_server.domain.repairs import Repairs
 from services.activation_server.domain.returns import Returns
 from services.activation_server.domain.vendor_key import VendorKey, VendorKeys
@@ -20,10 +25,11 @@ from services.activation_server.servicer import ActivationServicer, VendorServic
 from services.activation_server.store.key_files import KeyDirectory
 from services.activation_server.store.repository import ActivationStore
 from tessera.activation.v1 import activation_pb2, activation_pb2_grpc
-from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
-from tessera.metrics import metrics_note, new_registry
-from tessera.serving import Endpoint
+from tessera.server.auth import AccessControl
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.metrics import metrics_note, new_registry
+from tessera.server.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
 log = logging.getLogger("tessera.activation_server")
@@ -74,7 +80,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        wrappers=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS), ErrorTranslation(ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,
@@ -99,3 +105,13 @@ async def build(settings: Settings, clock: Clock | None = None) -> ActivationSer
         metrics_note(settings.common.metrics_listen, endpoint.metrics_port),
     )
     return ActivationServer(endpoint, store, vendor_keys, port)
+
+
+async def verify_audit_log(database_url: str) -> AuditVerdict:
+    """Walk the audit chain of the database at ``database_url`` (``python -m
+    services.activation_server.audit verify``); the database is not migrated."""
+    engine = create_engine(database_url)
+    try:
+        return await verify_store(ActivationStore(engine))
+    finally:
+        await engine.dispose()

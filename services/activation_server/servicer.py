@@ -27,7 +27,6 @@ from services.activation_server.domain.model import (
 from services.activation_server.domain.repairs import Repairs
 from services.activation_server.domain.returns import Returns
 from services.activation_server.domain.vendor_key import VendorKeys
-from services.activation_server.errors import ERRORS
 from tessera.activation.v1 import activation_pb2 as pb
 from tessera.activation.v1 import activation_pb2_grpc as pb_grpc
 from tessera.clock import from_timestamp, to_timestamp
@@ -221,12 +220,10 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         self.vendor_keys = vendor_keys
         self.check_ins = check_ins
 
-    @ERRORS.unary
     async def GetOrder(self, request: pb.GetOrderRequest, context: Context) -> pb.GetOrderResponse:
         entitlement = await self.entitlements.get_order(request.entitlement_id)
         return pb.GetOrderResponse(entitlement=entitlement_to_proto(entitlement))
 
-    @ERRORS.unary
     async def Activate(self, request: pb.ActivateRequest, context: Context) -> pb.ActivateResponse:
         if not request.HasField("request"):
             raise InvalidInput("request", "a signed activation request is required")
@@ -235,28 +232,24 @@ class ActivationServicer(pb_grpc.ActivationServiceServicer):
         )
         return pb.ActivateResponse(response=response)
 
-    @ERRORS.unary
     async def Return(self, request: pb.ReturnRequest, context: Context) -> pb.ReturnResponse:
         if not request.HasField("request"):
             raise InvalidInput("request", "a signed return request is required")
         receipt = await self.returns.return_seats(request.request)
         return pb.ReturnResponse(receipt=receipt)
 
-    @ERRORS.unary
     async def Repair(self, request: pb.RepairRequest, context: Context) -> pb.RepairResponse:
         if not request.HasField("request"):
             raise InvalidInput("request", "a signed repair request is required")
         response = await self.repairs.repair(request.request)
         return pb.RepairResponse(response=response)
 
-    @ERRORS.unary
     async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
         if not request.HasField("request"):
             raise InvalidInput("request", "a signed check-in request is required")
         result = await self.check_ins.check_in(request.request)
         return pb.CheckInResponse(result=result)
 
-    @ERRORS.unary
     async def GetVendorKeys(
         self, request: pb.GetVendorKeysRequest, context: Context
     ) -> pb.GetVendorKeysResponse:
@@ -282,7 +275,6 @@ class VendorServicer(pb_grpc.VendorServiceServicer):
         self.audit_log = audit_log
         self.vendor_keys = vendor_keys
 
-    @ERRORS.unary
     async def CreateEntitlement(
         self, request: pb.CreateEntitlementRequest, context: Context
     ) -> pb.CreateEntitlementResponse:
@@ -292,7 +284,6 @@ class VendorServicer(pb_grpc.VendorServiceServicer):
         )
         return pb.CreateEntitlementResponse(entitlement=entitlement_to_proto(entitlement))
 
-    @ERRORS.unary
     async def ListActivations(
         self, request: pb.ListActivationsRequest, context: Context
     ) -> pb.ListActivationsResponse:
@@ -301,14 +292,12 @@ class VendorServicer(pb_grpc.VendorServiceServicer):
             activations=[activation_to_proto(record) for record in records]
         )
 
-    @ERRORS.unary
     async def ForceReturn(
         self, request: pb.ForceReturnRequest, context: Context
     ) -> pb.ForceReturnResponse:
         record = await self.returns.force_return(request.certificate_id, request.reason)
         return pb.ForceReturnResponse(activation=activation_to_proto(record))
 
-    @ERRORS.unary
     async def GetAuditLog(
         self, request: pb.GetAuditLogRequest, context: Context
     ) -> pb.GetAuditLogResponse:
@@ -320,7 +309,6 @@ class VendorServicer(pb_grpc.VendorServiceServicer):
             head_hash=page.head.hash,
         )
 
-    @ERRORS.unary
     async def VerifyAuditLog(
         self, request: pb.VerifyAuditLogRequest, context: Context
     ) -> pb.VerifyAuditLogResponse:
@@ -334,7 +322,6 @@ class VendorServicer(pb_grpc.VendorServiceServicer):
             head_hash=verdict.head.hash,
         )
 
-    @ERRORS.unary
     async def RotateSigningKey(
         self, request: pb.RotateSigningKeyRequest, context: Context
     ) -> pb.RotateSigningKeyResponse:

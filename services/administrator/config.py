@@ -6,14 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tessera.auth import (
+from tessera.server.auth import (
     CredentialSettings,
     Role,
     RoleFlags,
     add_credential_flags,
     credential_settings,
 )
-from tessera.config import CommonSettings, SettingsParser
+from tessera.server.config import CommonSettings, SettingsParser
 from tessera.tls import ClientTls, TlsConfigurationError, client_tls
 
 DEFAULT_LISTEN = "127.0.0.1:27200"

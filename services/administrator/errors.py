@@ -11,14 +11,14 @@ import grpc
 
 from services.administrator.domain import errors
 from tessera import errors as shared
-from tessera.rpc import ErrorTable
+from tessera.server.error_table import ErrorTable
 
 Code = grpc.StatusCode
 
 ERRORS = ErrorTable(
     domain="tessera.admin",
     table={
-        # Credentials and roles (tessera.auth), the same in every service.
+        # Credentials and roles (tessera.server.auth), the same in every service.
         shared.CredentialMissing: Code.UNAUTHENTICATED,
         shared.CredentialInvalid: Code.UNAUTHENTICATED,
         shared.RoleNotAllowed: Code.PERMISSION_DENIED,

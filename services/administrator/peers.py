@@ -1,4 +1,6 @@
-"""gRPC clients for the Administrator's peers: the Activation Server and License Servers.
+"""gRPC clients for the Administrator's peers: the Activation Server and License Servers,
+implementing the ports the flows name (domain/ports.py: Vendor, LicenseServer,
+LicenseServerDirectory).
 
 Failures of a peer become domain errors here: unreachable -> PeerUnavailable, a refusal
 -> PeerRefused carrying the peer's own status code and reason, so the operator sees
@@ -17,6 +19,7 @@ from typing import TypeVar
 
 import grpc
 
+from services.administrator.domain.ports import ACTIVATION_SERVER, LICENSE_SERVER
 from tessera.activation.v1 import activation_pb2 as activation_pb
 from tessera.activation.v1 import activation_pb2_grpc as activation_grpc
 from tessera.address import parse_address
@@ -30,8 +33,6 @@ from tessera.tls import ClientTls, open_channel
 
 T = TypeVar("T")
 
-ACTIVATION_SERVER = "Activation Server"
-LICENSE_SERVER = "License Server"
 CALL_TIMEOUT = 30.0
 PROBE_TIMEOUT = 2.0
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}

@@ -1,5 +1,8 @@
-"""Builds the Administrator: journal database, peer clients, servicer, health, and the
-background pass that resumes unfinished operations."""
+"""Builds the Administrator: journal database, peer clients, the use cases over them,
+servicer, health, and the background pass that resumes unfinished operations.
+
+The one module that names both sides: the domain's flows and the store and gRPC peer
+clients that implement its ports."""
 
 from __future__ import annotations
 
@@ -10,19 +13,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.administrator.config import Settings
-from services.administrator.domain.check_in import CheckIns
+from services.administrator.domain.activations import ActivationExchange, Activations
+from services.administrator.domain.check_ins import CheckIns
+from services.administrator.domain.exchange import ExchangeRunner
+from services.administrator.domain.journal import OperationJournal
 from services.administrator.domain.metrics import OperationMetrics
+from services.administrator.domain.model import OperationKind
+from services.administrator.domain.moves import ActivationHalf, Moves, ReturnHalf
+from services.administrator.domain.offline import Offline
 from services.administrator.domain.operations import Operations
+from services.administrator.domain.overview import Overview
+from services.administrator.domain.ports import JournalStore, LicenseServerDirectory, Vendor
+from services.administrator.domain.registration import Registrations
+from services.administrator.domain.repairs import RepairExchange, Repairs
 from services.administrator.domain.resume import ResumeReport
+from services.administrator.domain.returns import ReturnExchange, Returns
 from services.administrator.errors import ERRORS
 from services.administrator.peers import ActivationServerClient, LicenseServers
 from services.administrator.servicer import AdministratorServicer
 from services.administrator.store.repository import Journal
 from tessera.admin.v1 import admin_pb2, admin_pb2_grpc
-from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
-from tessera.metrics import metrics_note, new_registry
-from tessera.serving import Endpoint
+from tessera.server.auth import AccessControl
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.metrics import metrics_note, new_registry
+from tessera.server.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
 log = logging.getLogger("tessera.administrator")
@@ -86,6 +101,43 @@ async def check_in_forever(check_ins: CheckIns, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+def wire_operations(
+    store: JournalStore,
+    vendor: Vendor,
+    license_servers: LicenseServerDirectory,
+    clock: Clock,
+    metrics: OperationMetrics | None = None,
+) -> Operations:
+    """The Administrator's use cases over a journal, the vendor and the License Servers
+    (the real ones here; fakes in tests)."""
+    journal = OperationJournal(store, clock, metrics)
+    registrations = Registrations(store, clock)
+    runner = ExchangeRunner(journal, registrations, clock, license_servers)
+    activation = ActivationExchange(vendor)
+    return_ = ReturnExchange(vendor)
+    repair = RepairExchange(vendor)
+    return Operations(
+        journal=journal,
+        registrations=registrations,
+        overview=Overview(vendor, license_servers),
+        check_ins=CheckIns(store, vendor, license_servers),
+        activations=Activations(journal, runner, activation, clock),
+        returns=Returns(runner, return_),
+        repairs=Repairs(runner, repair),
+        moves=Moves(journal, runner, ReturnHalf(vendor), ActivationHalf(vendor), clock),
+        offline=Offline(
+            journal,
+            runner,
+            {
+                OperationKind.ACTIVATE: activation,
+                OperationKind.RETURN: return_,
+                OperationKind.REPAIR: repair,
+            },
+            registrations,
+        ),
+    )
+
+
 async def build(settings: Settings, clock: Clock | None = None) -> Administrator:
     for tls in (settings.activation_server_tls, settings.license_server_tls):
         if tls is not None:
@@ -98,17 +150,17 @@ async def build(settings: Settings, clock: Clock | None = None) -> Administrator
         settings.activation_server, settings.activation_server_tls
     )
     registry = new_registry(settings.common.service)
-    operations = Operations(
+    operations = wire_operations(
         journal,
         activation_server,
+        LicenseServers(settings.license_server_tls, settings.license_server_credential),
         clock or SystemClock(),
         OperationMetrics(registry),
-        LicenseServers(settings.license_server_tls, settings.license_server_credential),
     )
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        wrappers=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS), ErrorTranslation(ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,

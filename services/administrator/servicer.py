@@ -14,7 +14,6 @@ from services.administrator.domain.model import (
 )
 from services.administrator.domain.operations import Operations
 from services.administrator.domain.registration import registration_to_proto
-from services.administrator.errors import ERRORS
 from tessera.admin.v1 import admin_pb2 as pb
 from tessera.admin.v1 import admin_pb2_grpc as pb_grpc
 from tessera.clock import to_timestamp
@@ -63,12 +62,10 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
     def __init__(self, operations: Operations) -> None:
         self.operations = operations
 
-    @ERRORS.unary
     async def GetOrder(self, request: pb.GetOrderRequest, context: Context) -> pb.GetOrderResponse:
         entitlement = await self.operations.overview.get_order(request.entitlement_id)
         return pb.GetOrderResponse(entitlement=entitlement)
 
-    @ERRORS.unary
     async def Activate(self, request: pb.ActivateRequest, context: Context) -> pb.ActivateResponse:
         if request.HasField("local_request"):
             if request.license_server or request.activation_id or request.count:
@@ -88,7 +85,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             operation=operation_to_proto(activated.operation), certificate=activated.certificate
         )
 
-    @ERRORS.unary
     async def ListLicenses(
         self, request: pb.ListLicensesRequest, context: Context
     ) -> pb.ListLicensesResponse:
@@ -99,7 +95,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             certificates=overview.certificates,
         )
 
-    @ERRORS.unary
     async def Return(self, request: pb.ReturnRequest, context: Context) -> pb.ReturnResponse:
         returned = await self.operations.returns.return_seats(
             request.license_server,
@@ -114,7 +109,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             revoked_leases=returned.revoked_leases,
         )
 
-    @ERRORS.unary
     async def Repair(self, request: pb.RepairRequest, context: Context) -> pb.RepairResponse:
         repaired = await self.operations.repairs.repair(
             request.license_server, request.operation_id, request.force
@@ -123,7 +117,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             operation=operation_to_proto(repaired.operation), health=repaired.health
         )
 
-    @ERRORS.unary
     async def Move(self, request: pb.MoveRequest, context: Context) -> pb.MoveResponse:
         moved = await self.operations.moves.move(
             request.from_license_server,
@@ -136,7 +129,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             operation=operation_to_proto(moved.operation), certificate=moved.certificate
         )
 
-    @ERRORS.unary
     async def ListOperations(
         self, request: pb.ListOperationsRequest, context: Context
     ) -> pb.ListOperationsResponse:
@@ -147,16 +139,14 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             operations=[operation_to_proto(operation) for operation in operations]
         )
 
-    @ERRORS.unary
     async def GetOperation(
         self, request: pb.GetOperationRequest, context: Context
     ) -> pb.GetOperationResponse:
-        operation = await self.operations.journal.get(
+        operation = await self.operations.journal.lookup(
             inputs.existing_operation_id(request.operation_id)
         )
         return pb.GetOperationResponse(operation=operation_to_proto(operation))
 
-    @ERRORS.unary
     async def ExportRequest(
         self, request: pb.ExportRequestRequest, context: Context
     ) -> pb.ExportRequestResponse:
@@ -175,7 +165,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             file_name=exported.file_name,
         )
 
-    @ERRORS.unary
     async def SubmitRequest(
         self, request: pb.SubmitRequestRequest, context: Context
     ) -> pb.SubmitRequestResponse:
@@ -184,7 +173,6 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
             response_file=submitted.response_file, file_name=submitted.file_name
         )
 
-    @ERRORS.unary
     async def ImportResponse(
         self, request: pb.ImportResponseRequest, context: Context
     ) -> pb.ImportResponseResponse:
@@ -193,19 +181,16 @@ class AdministratorServicer(pb_grpc.AdministratorServiceServicer):
         )
         return pb.ImportResponseResponse(operation=operation_to_proto(operation))
 
-    @ERRORS.unary
     async def CheckIn(self, request: pb.CheckInRequest, context: Context) -> pb.CheckInResponse:
         checked = await self.operations.check_ins.check_in(request.license_server)
         return pb.CheckInResponse(host_id=checked.host_id, status=checked.status)
 
-    @ERRORS.unary
     async def SetRegistration(
         self, request: pb.SetRegistrationRequest, context: Context
     ) -> pb.SetRegistrationResponse:
         stored = await self.operations.registrations.set(request.registration)
         return pb.SetRegistrationResponse(registration=registration_to_proto(stored))
 
-    @ERRORS.unary
     async def GetRegistration(
         self, request: pb.GetRegistrationRequest, context: Context
     ) -> pb.GetRegistrationResponse:

@@ -10,14 +10,14 @@ from pathlib import Path
 from services.license_server.domain.admission import ClientLimits
 from services.license_server.domain.leasing import LeasePolicy
 from tessera.address import DEFAULT_PORT
-from tessera.auth import (
+from tessera.server.auth import (
     CredentialSettings,
     Role,
     RoleFlags,
     add_credential_flags,
     credential_settings,
 )
-from tessera.config import CommonSettings, SettingsParser
+from tessera.server.config import CommonSettings, SettingsParser
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 CREDENTIAL_ROLES = (

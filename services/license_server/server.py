@@ -27,7 +27,6 @@ from services.license_server.servicer import (
 )
 from services.license_server.store.database import SqlLicenseStore
 from services.license_server.store.notifications import PostgresLeaseNotifications
-from tessera.auth import AccessControl
 from tessera.clock import Clock, SystemClock
 from tessera.keys import (
     HostIdentity,
@@ -37,8 +36,10 @@ from tessera.keys import (
     read_vendor_public_keys,
 )
 from tessera.license.v1 import license_pb2, license_pb2_grpc
-from tessera.metrics import metrics_note, new_registry
-from tessera.serving import Endpoint
+from tessera.server.auth import AccessControl
+from tessera.server.error_table import ErrorTranslation
+from tessera.server.metrics import metrics_note, new_registry
+from tessera.server.serving import Endpoint
 from tessera.storage import create_engine, migrate
 
 log = logging.getLogger("tessera.license_server")
@@ -164,7 +165,7 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     endpoint = Endpoint(
         SERVICE_NAMES,
         error_domain=ERRORS.domain,
-        wrappers=[AccessControl(credentials, ERRORS)],
+        wrappers=[AccessControl(credentials, ERRORS), ErrorTranslation(ERRORS)],
         registry=registry,
         max_message_bytes=settings.common.max_message_bytes,
         max_call_seconds=settings.common.max_call_seconds,

@@ -15,7 +15,6 @@ from services.license_server.domain.leasing import Leasing
 from services.license_server.domain.repairs import Repairs
 from services.license_server.domain.returns import Returns
 from services.license_server.domain.trusted_storage import TrustedStorage
-from services.license_server.errors import ERRORS
 from services.license_server.session import LEASE_GONE, LeaseSession
 from services.license_server.translate import (
     check_in_status_to_proto,
@@ -29,7 +28,7 @@ from tessera.errors import DomainError, InvalidInput
 from tessera.keys import HostIdentity
 from tessera.license.v1 import license_pb2 as pb
 from tessera.license.v1 import license_pb2_grpc as pb_grpc
-from tessera.limits import peer_host
+from tessera.server.limits import peer_host
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -142,7 +141,6 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         for inbox in self._inboxes:
             inbox.put_nowait(_SHUTDOWN)
 
-    @ERRORS.unary  # it writes its answers (context.write) and returns once, at the end
     async def Lease(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.LeaseRequest], context: Context
     ) -> None:
@@ -191,7 +189,6 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
             reading.cancel()
             await session.close()
 
-    @ERRORS.unary
     async def DeclareRequirement(
         self, request: pb.DeclareRequirementRequest, context: Context
     ) -> pb.DeclareRequirementResponse:
@@ -200,7 +197,6 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         )
         return pb.DeclareRequirementResponse()
 
-    @ERRORS.unary
     async def Checkout(self, request: pb.CheckoutRequest, context: Context) -> pb.CheckoutResponse:
         if not request.HasField("acquire"):
             raise InvalidInput("acquire", "is required")
@@ -209,19 +205,16 @@ class LeaseServicer(pb_grpc.LeaseServiceServicer):
         grant = await self.leasing.acquire(new, ttl)
         return pb.CheckoutResponse(granted=granted_to_proto(grant))
 
-    @ERRORS.unary
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
         expires_at = await self.leasing.heartbeat(request.lease_id, request.lease_secret)
         return pb.HeartbeatResponse(expires_at=to_timestamp(expires_at))
 
-    @ERRORS.unary
     async def Checkin(self, request: pb.CheckinRequest, context: Context) -> pb.CheckinResponse:
         released = await self.leasing.release(request.lease_id, request.lease_secret)
         return pb.CheckinResponse(released=released)
 
-    @ERRORS.unary
     async def GetLicenseInformation(
         self, request: pb.GetLicenseInformationRequest, context: Context
     ) -> pb.GetLicenseInformationResponse:
@@ -250,14 +243,12 @@ class LeaseAdminServicer(pb_grpc.LeaseAdminServiceServicer):
     def __init__(self, leasing: Leasing) -> None:
         self.leasing = leasing
 
-    @ERRORS.unary
     async def ListLeases(
         self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesResponse:
         entries = await self.leasing.list_leases(request.feature)
         return pb.ListLeasesResponse(leases=[lease_entry_to_proto(entry) for entry in entries])
 
-    @ERRORS.unary
     async def RevokeLease(
         self, request: pb.RevokeLeaseRequest, context: Context
     ) -> pb.RevokeLeaseResponse:
@@ -282,7 +273,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
         self.identity = identity
         self.check_ins = check_ins
 
-    @ERRORS.unary
     async def GetHostIdentity(
         self, request: pb.GetHostIdentityRequest, context: Context
     ) -> pb.GetHostIdentityResponse:
@@ -292,7 +282,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             machine_binding=self.identity.machine_binding,
         )
 
-    @ERRORS.unary
     async def PrepareActivation(
         self, request: pb.PrepareActivationRequest, context: Context
     ) -> pb.PrepareActivationResponse:
@@ -301,7 +290,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
         )
         return pb.PrepareActivationResponse(request_id=request_id, request=envelope)
 
-    @ERRORS.unary
     async def InstallActivation(
         self, request: pb.InstallActivationRequest, context: Context
     ) -> pb.InstallActivationResponse:
@@ -316,7 +304,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             already_installed=installed.already_installed,
         )
 
-    @ERRORS.unary
     async def ListCertificates(
         self, request: pb.ListCertificatesRequest, context: Context
     ) -> pb.ListCertificatesResponse:
@@ -330,7 +317,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             ]
         )
 
-    @ERRORS.unary
     async def PrepareReturn(
         self, request: pb.PrepareReturnRequest, context: Context
     ) -> pb.PrepareReturnResponse:
@@ -343,7 +329,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             revoked_leases=prepared.revoked_leases,
         )
 
-    @ERRORS.unary
     async def CompleteReturn(
         self, request: pb.CompleteReturnRequest, context: Context
     ) -> pb.CompleteReturnResponse:
@@ -363,14 +348,12 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             already_completed=completed.already_completed,
         )
 
-    @ERRORS.unary
     async def PrepareRepair(
         self, request: pb.PrepareRepairRequest, context: Context
     ) -> pb.PrepareRepairResponse:
         request_id, envelope = await self.repairs.prepare(request.request_id, request.force)
         return pb.PrepareRepairResponse(request_id=request_id, request=envelope)
 
-    @ERRORS.unary
     async def CompleteRepair(
         self, request: pb.CompleteRepairRequest, context: Context
     ) -> pb.CompleteRepairResponse:
@@ -382,7 +365,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             already_completed=repaired.already_completed,
         )
 
-    @ERRORS.unary
     async def GetTrustHealth(
         self, request: pb.GetTrustHealthRequest, context: Context
     ) -> pb.GetTrustHealthResponse:
@@ -391,7 +373,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             health=health_to_proto(report, self.trusted_storage.clock.now())
         )
 
-    @ERRORS.unary
     async def PrepareCheckIn(
         self, request: pb.PrepareCheckInRequest, context: Context
     ) -> pb.PrepareCheckInResponse:
@@ -402,7 +383,6 @@ class TrustedStorageServicer(pb_grpc.TrustedStorageServiceServicer):
             status=check_in_status_to_proto(prepared.status),
         )
 
-    @ERRORS.unary
     async def CompleteCheckIn(
         self, request: pb.CompleteCheckInRequest, context: Context
     ) -> pb.CompleteCheckInResponse:

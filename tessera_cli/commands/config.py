@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tessera.tls import ClientTls
+from tessera_cli.arguments import Subcommands, add_command
 from tessera_cli.session import Result, Session
 from tessera_cli.settings import Token
 from tessera_cli.terminal import Cell, Column, table
@@ -68,3 +69,16 @@ async def show(args: argparse.Namespace, session: Session) -> Result:
     settings["timeout"]["value"] = s.timeout
     data = {"config_file": str(s.config_file) if s.config_file else None, "settings": settings}
     return Result(data, text)
+
+
+def register(commands: Subcommands) -> None:
+    """``tessera config``."""
+    add_command(
+        commands,
+        "config",
+        show,
+        "the settings in force and where each came from",
+        "Show the addresses, timeout and token sources in force, and where each came from: "
+        "a flag, the environment, the config file, the `make up` data directory, a default.",
+        ["tessera config", "TESSERA_LICENSE_SERVER=27001@es-host tessera config"],
+    )

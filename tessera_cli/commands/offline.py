@@ -14,6 +14,16 @@ from pathlib import Path
 
 from tessera.admin.v1 import admin_pb2
 from tessera_cli import records, views
+from tessera_cli.arguments import (
+    Parser,
+    Subcommands,
+    add_certificate_choice,
+    add_command,
+    add_line_choice,
+    add_operation_id,
+    add_repair_force,
+    add_return_options,
+)
 from tessera_cli.commands import lookup
 from tessera_cli.commands.online import operation_id
 from tessera_cli.failures import UsageError
@@ -134,3 +144,100 @@ async def import_response(args: argparse.Namespace, session: Session) -> Result:
         {"operation": records.operation(reply.operation)},
         views.imported(session.style, reply.operation),
     )
+
+
+def register(commands: Subcommands) -> None:
+    """The air-gapped path: export-request (activate, return, repair), submit, import-response."""
+    p = add_command(
+        commands,
+        "export-request",
+        None,
+        "air-gapped site: write a request file for the vendor",
+        "Prepare an activation, return or repair on an air-gapped License Server and write "
+        "the signed request (about 700 bytes of text) to a file. Carry it to a machine with "
+        "Internet access, `tessera submit` it there, carry the answer back and "
+        "`tessera import-response` it here.",
+        [
+            "tessera export-request activate ENT-MSR2-T2S5-0X07 --feature client.station --count 2",
+            "tessera export-request return --feature client.station -o /media/usb",
+            "tessera export-request repair -o repair-request.txt",
+        ],
+    )
+    kinds = p.add_subparsers(
+        title="what to request", metavar="KIND", required=True, parser_class=Parser
+    )
+    k = add_command(
+        kinds,
+        "activate",
+        export_request,
+        "activate seats of an order line",
+        "Write an activation request file.",
+        ["tessera export-request activate ACT-K8TD-297G-HW0T --count 2"],
+    )
+    add_line_choice(k)
+    _add_file_output(k, "request file")
+    add_operation_id(k)
+    k.set_defaults(kind="activate")
+    k = add_command(
+        kinds,
+        "return",
+        export_request,
+        "return a certificate",
+        "Write a return request file; the seats stop serving now.",
+        ["tessera export-request return --feature client.station"],
+    )
+    add_certificate_choice(k, "return")
+    add_return_options(k)
+    _add_file_output(k, "request file")
+    add_operation_id(k)
+    k.set_defaults(kind="return")
+    k = add_command(
+        kinds,
+        "repair",
+        export_request,
+        "repair trusted storage",
+        "Write a repair request file (refused while trusted storage is healthy, unless --force).",
+        ["tessera export-request repair"],
+    )
+    add_repair_force(k)
+    _add_file_output(k, "request file")
+    add_operation_id(k)
+    k.set_defaults(kind="repair")
+
+    p = add_command(
+        commands,
+        "submit",
+        submit,
+        "on a machine with Internet access: take a request file to the vendor",
+        "Take a request file written by `tessera export-request` to the vendor (through this "
+        "machine's Administrator; no License Server needed) and write the vendor's answer. A "
+        "refused return is an answer too: importing it lets the seats serve again.",
+        [
+            "tessera submit tessera-activate-…-request.txt",
+            "tessera submit /media/usb/tessera-return-…-request.txt -o /media/usb",
+        ],
+    )
+    p.add_argument("request_file", metavar="REQUEST_FILE")
+    _add_file_output(p, "response file")
+
+    p = add_command(
+        commands,
+        "import-response",
+        import_response,
+        "air-gapped site: install the vendor's answer file",
+        "Install the answer file `tessera submit` wrote on the License Server that exported "
+        "the request (any other refuses it). Importing twice changes nothing.",
+        ["tessera import-response tessera-activate-…-response.txt"],
+    )
+    p.add_argument("response_file", metavar="RESPONSE_FILE")
+
+
+def _add_file_output(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help=f"where to write the {what} (a file, a directory, or - for stdout; default: "
+        "the suggested name in this directory)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")

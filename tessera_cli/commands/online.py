@@ -13,6 +13,15 @@ import uuid
 
 from tessera.admin.v1 import admin_pb2
 from tessera_cli import records, views
+from tessera_cli.arguments import (
+    Subcommands,
+    add_certificate_choice,
+    add_command,
+    add_line_choice,
+    add_operation_id,
+    add_repair_force,
+    add_return_options,
+)
 from tessera_cli.commands import lookup
 from tessera_cli.failures import ExitCode
 from tessera_cli.session import Result, Session
@@ -151,3 +160,106 @@ async def move(args: argparse.Namespace, session: Session) -> Result:
         },
         views.moved(session.style, reply),
     )
+
+
+def register(commands: Subcommands) -> None:
+    """The Administrator's online operations: order, activate, return, repair, check-in, move."""
+    p = add_command(
+        commands,
+        "order",
+        order,
+        "look an order up: its lines and the seats left",
+        "Look an order up at the vendor (through the Administrator) by the Entitlement ID "
+        "on its entitlement certificate: every line, with its activation ID and the seats "
+        "sold, activated and left.",
+        ["tessera order ENT-MSR2-T2S5-0X07", "tessera order ENT-MSR2-T2S5-0X07 --json"],
+    )
+    p.add_argument("entitlement_id", metavar="ENTITLEMENT_ID")
+
+    p = add_command(
+        commands,
+        "activate",
+        activate,
+        "activate seats of an order line onto the License Server",
+        "Activate seats of one network line onto the License Server (--license-server, "
+        "default @localhost). The Administrator journals the operation; if the network fails "
+        "halfway, run the same command with the --operation-id the error prints to complete "
+        "it exactly once.",
+        [
+            "tessera activate ENT-MSR2-T2S5-0X07 --feature client.station --count 2",
+            "tessera activate ACT-K8TD-297G-HW0T --count 40",
+            "tessera activate ACT-K8TD-297G-HW0T --license-server 27001@es-host",
+        ],
+    )
+    add_line_choice(p)
+    add_operation_id(p)
+
+    p = add_command(
+        commands,
+        "return",
+        return_,
+        "return a certificate's seats to the vendor",
+        "Return a certificate to the vendor so its seats can be activated elsewhere. What one "
+        "activation brought returns together; single seats only where the line allows it "
+        "(--count). The seats stop serving first: while they are leased the return is "
+        "refused, unless --force revokes those leases.",
+        [
+            "tessera return --feature client.station",
+            "tessera return 3f2a91c0",
+            "tessera return 3f2a91c0 --count 1 --force",
+        ],
+    )
+    add_certificate_choice(p, "return")
+    add_return_options(p)
+    add_operation_id(p)
+
+    p = add_command(
+        commands,
+        "repair",
+        repair,
+        "re-issue the licenses after trusted storage broke",
+        "Ask the vendor to re-issue exactly what it records this License Server holds, bound "
+        "to this machine, after trusted storage broke (`tessera trust` says why). Needs the "
+        "vendor; at most 4 repairs per License Server in any 365 days, so a repair of healthy "
+        "trusted storage is refused (NOTHING_TO_REPAIR) unless --force says it may count.",
+        ["tessera trust", "tessera repair", "tessera repair --force"],
+    )
+    add_repair_force(p)
+    add_operation_id(p)
+
+    add_command(
+        commands,
+        "check-in",
+        check_in,
+        "check the License Server in with the vendor now",
+        "Ask the vendor (through the Administrator) whether it still records the licenses "
+        "on the License Server as this server's. Certificates it re-bound to another host "
+        "(a copy of this server's data directory repaired elsewhere) or no longer records "
+        "stop serving; overdue ones serve again. Only needed where the vendor's check-in "
+        "policy asks for it, and the Administrator does that by itself when one is due. "
+        "Exits 5 when seats do not serve.",
+        ["tessera check-in", "tessera check-in --license-server 27001@es-host --json"],
+    )
+
+    p = add_command(
+        commands,
+        "move",
+        move,
+        "move a certificate's seats to another License Server",
+        "Return a certificate from one License Server (--from, default --license-server) and "
+        "activate the same seats on another (--to), as one resumable operation. Point the "
+        "clients at the new address afterwards.",
+        [
+            "tessera move --feature server.enterprise.base --to @new-es-host",
+            "tessera move 3f2a91c0 --from 27000@old-host --to 27000@new-host --force",
+        ],
+    )
+    add_certificate_choice(p, "move")
+    p.add_argument(
+        "--to", required=True, metavar="ADDRESS", help="the License Server the seats go to"
+    )
+    p.add_argument("--from", dest="source", metavar="ADDRESS", help="the License Server they leave")
+    p.add_argument(
+        "--force", action="store_true", help="revoke leases on the seats instead of refusing"
+    )
+    add_operation_id(p)

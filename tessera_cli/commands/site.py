@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2
 
 from tessera.license.v1 import license_pb2 as lpb
 from tessera_cli import records, views
+from tessera_cli.arguments import Subcommands, add_command
 from tessera_cli.commands import lookup
 from tessera_cli.failures import CliError, ExitCode, Failure, Service
 from tessera_cli.session import Result, Session
@@ -173,3 +174,71 @@ async def status(args: argparse.Namespace, session: Session) -> Result:
     )
     healthy = all(c["state"] == "serving" for c in checks)
     return Result({"services": checks}, text, ExitCode.OK if healthy else ExitCode.UNREACHABLE)
+
+
+def register(commands: Subcommands) -> None:
+    """The License Server's commands: licenses, leases, revoke, trust, status."""
+    p = add_command(
+        commands,
+        "licenses",
+        licenses,
+        "License Information: activated, used, available, queued, required, violation",
+        "EBO's License Information, straight from the License Server: per feature the seats "
+        "activated, used, available, the clients queued and the seats required, and the "
+        "violation alarm (fewer activated than required); then the certificates it holds.",
+        [
+            "tessera licenses",
+            "tessera licenses --feature server.device.es",
+            "tessera licenses --json",
+        ],
+    )
+    p.add_argument("--feature", help="only this feature")
+
+    p = add_command(
+        commands,
+        "leases",
+        leases,
+        "who holds which seats since when, and who waits (needs the operator token)",
+        "Every lease on the License Server: client host, user and client, since when, until "
+        "when it lives without a heartbeat; and the clients queued for a seat, in order.",
+        ["tessera leases", "tessera leases --feature client.station --json"],
+    )
+    p.add_argument("--feature", help="only this feature")
+
+    p = add_command(
+        commands,
+        "revoke",
+        revoke,
+        "free a lease's seats now, like lmremove (needs the operator token)",
+        "Revoke a lease: its seats are free at once and its holder is told on its stream "
+        "(REVOKED_BY_OPERATOR) with your reason.",
+        ["tessera revoke 2712af2f", 'tessera revoke 2712af2f --reason "ws-07 is being replaced"'],
+    )
+    p.add_argument(
+        "lease", metavar="LEASE", help="the lease id or any unique prefix (`tessera leases`)"
+    )
+    p.add_argument(
+        "--reason", default="revoked by the operator", help="told to the holder and logged"
+    )
+
+    p = add_command(
+        commands,
+        "trust",
+        trust,
+        "trusted storage's health, per certificate, and what a repair would do",
+        "Re-verify trusted storage now: whether each certificate serves and if not why "
+        "(database copied, backup restored, clock set back, machine changed, edited rows), "
+        "and what `tessera repair` would do. Exits 5 when something is broken.",
+        ["tessera trust", "tessera trust --json"],
+    )
+
+    p = add_command(
+        commands,
+        "status",
+        status,
+        "whether the Administrator and the License Server answer",
+        "Check that the Administrator and the License Server answer their health checks (and "
+        "the Activation Server with --vendor). Exits 3 when one does not.",
+        ["tessera status", "tessera status --vendor"],
+    )
+    p.add_argument("--vendor", action="store_true", help="check the Activation Server too")

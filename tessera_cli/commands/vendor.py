@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.common.v1.common_pb2 import LicenseKind
 from tessera_cli import records, views
+from tessera_cli.arguments import Parser, Subcommands, add_command, positive
 from tessera_cli.failures import CliError, ExitCode, Failure, Service, UsageError
 from tessera_cli.session import Result, Session
 from tessera_cli.settings import Token
@@ -258,3 +259,184 @@ async def rotate_key(args: argparse.Namespace, session: Session) -> Result:
         {"key": records.vendor_key(reply.key), "keys": [records.vendor_key(k) for k in reply.keys]},
         text,
     )
+
+
+def register(commands: Subcommands) -> None:
+    """Vendor staff's ``tessera vendor`` and its subcommands."""
+    p = add_command(
+        commands,
+        "vendor",
+        None,
+        "for vendor staff: entitlements, activations, audit log, forced returns, keys",
+        "Vendor staff's commands, on the Activation Server (--activation-server). All but "
+        "`entitlements show` and `keys` need the vendor-staff token. See docs/vendor.md.",
+        [
+            'tessera vendor entitlements create --customer "Harbour Tower" '
+            "--line client.station=10",
+            "tessera vendor activations --entitlement ENT-MSR2-T2S5-0X07",
+            "tessera vendor audit verify",
+        ],
+    )
+    vendor_commands = p.add_subparsers(
+        title="subcommands", metavar="SUBCOMMAND", required=True, parser_class=Parser
+    )
+
+    e = add_command(
+        vendor_commands,
+        "entitlements",
+        None,
+        "create or show an order",
+        "Create an order (entitlement) or show one.",
+        ["tessera vendor entitlements show ENT-MSR2-T2S5-0X07"],
+    )
+    entitlements = e.add_subparsers(
+        title="subcommands", metavar="SUBCOMMAND", required=True, parser_class=Parser
+    )
+    c = add_command(
+        entitlements,
+        "create",
+        create_entitlement,
+        "record an order and issue its Entitlement ID",
+        "Record an order: one --line per feature sold. Terms after the count, comma-"
+        "separated: local (node-locked, for client hosts), partial (single seats may be "
+        "returned), expires=DATE, days=N (licenses expire N days after each activation), "
+        "maintenance=DATE, check-in=N (the License Servers must check in with the vendor "
+        "every N days, or 12h, 30m; off unless set) and grace=N (how long after a missed "
+        "check-in the seats keep serving).",
+        [
+            'tessera vendor entitlements create --customer "Harbour Tower" '
+            "--contact bms@harbour.example --line client.station=10 "
+            "--line server.enterprise.base=1 --line server.device.es=40,partial",
+            'tessera vendor entitlements create --customer "Site demo" '
+            "--line client.station=2,local,days=30",
+        ],
+    )
+    c.add_argument("--customer", required=True, help="the customer organisation")
+    c.add_argument("--contact", help="the customer's contact")
+    c.add_argument("--line", action="append", required=True, metavar="SPEC", help=LINE_SYNTAX)
+    s = add_command(
+        entitlements,
+        "show",
+        show_entitlement,
+        "show an order and what is left of it",
+        "Show an order.",
+        ["tessera vendor entitlements show ENT-MSR2-T2S5-0X07"],
+    )
+    s.add_argument("entitlement_id", metavar="ENTITLEMENT_ID")
+
+    a = add_command(
+        vendor_commands,
+        "activations",
+        activations,
+        "which host holds how many seats of which line",
+        "List activations: certificate, order, feature, seats, host and whether the host "
+        "still holds them (active, returned, force_returned).",
+        ["tessera vendor activations", "tessera vendor activations --host 465R-QBR2-AV5K-9ZV0"],
+    )
+    a.add_argument("--entitlement", metavar="ENTITLEMENT_ID", help="only this order")
+    a.add_argument("--host", metavar="HOST_ID", help="only this License Server host")
+
+    au = add_command(
+        vendor_commands,
+        "audit",
+        audit,
+        "the hash-chained audit log of every vendor decision; `audit verify` checks it",
+        "Page through the append-only audit log: every grant and refusal, oldest first. "
+        "`tessera vendor audit verify` re-computes the hash chain and names the first "
+        "edited, deleted or inserted entry (exit 5).",
+        [
+            "tessera vendor audit",
+            "tessera vendor audit --subject ENT-MSR2-T2S5-0X07 --all --json",
+            "tessera vendor audit verify",
+        ],
+    )
+    _add_audit_options(au, subcommand=False)
+    audit_commands = au.add_subparsers(
+        title="subcommands", metavar="[SUBCOMMAND]", parser_class=Parser
+    )
+    lst = add_command(
+        audit_commands,
+        "list",
+        audit,
+        "page through the log (the default)",
+        "Page through the audit log.",
+        ["tessera vendor audit list --after 100"],
+    )
+    _add_audit_options(lst, subcommand=True)
+    add_command(
+        audit_commands,
+        "verify",
+        verify_audit,
+        "check the hash chain",
+        "Re-compute the audit log's hash chain; exit 5 when it is not intact.",
+        ["tessera vendor audit verify"],
+    )
+
+    f = add_command(
+        vendor_commands,
+        "force-return",
+        force_return,
+        "credit back a certificate stranded on a dead License Server",
+        "Credit a certificate's seats back to its order without the host's signature, for a "
+        "License Server that died. The reason goes to the audit log.",
+        ['tessera vendor force-return 3f2a91c0 --reason "server destroyed in fire, ticket 4411"'],
+    )
+    f.add_argument(
+        "certificate", metavar="CERTIFICATE", help="the certificate id or a unique prefix"
+    )
+    f.add_argument("--reason", required=True, help="why (required; audited)")
+
+    ks = add_command(
+        vendor_commands,
+        "keys",
+        keys,
+        "the vendor signing keys; `keys rotate` makes a new one",
+        "List the vendor public keys License Servers and clients trust (--pub prints them as "
+        "a vendor-keys.pub file). `keys rotate` makes a new signing key; the old ones keep "
+        "verifying.",
+        [
+            "tessera vendor keys",
+            "tessera vendor keys --pub > vendor-keys.pub",
+            "tessera vendor keys rotate",
+        ],
+    )
+    ks.add_argument("--pub", action="store_true", help="print a vendor-keys.pub file")
+    key_commands = ks.add_subparsers(
+        title="subcommands", metavar="[SUBCOMMAND]", parser_class=Parser
+    )
+    kl = add_command(
+        key_commands,
+        "list",
+        keys,
+        "list the keys (the default)",
+        "List the vendor keys.",
+        ["tessera vendor keys list --pub"],
+    )
+    kl.add_argument(
+        "--pub", action="store_true", default=argparse.SUPPRESS, help="print a vendor-keys.pub file"
+    )
+    add_command(
+        key_commands,
+        "rotate",
+        rotate_key,
+        "make a new signing key",
+        "Make a new vendor signing key the one that signs from now on.",
+        ["tessera vendor keys rotate"],
+    )
+
+
+def _add_audit_options(parser: argparse.ArgumentParser, subcommand: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if subcommand else value
+
+    parser.add_argument("--subject", default=default(None), help="only entries about this (an id)")
+    parser.add_argument(
+        "--after", type=int, default=default(0), metavar="SEQUENCE", help="entries after this one"
+    )
+    parser.add_argument(
+        "--limit",
+        type=positive,
+        default=default(100),
+        help="at most this many (default 100, at most 1000)",
+    )
+    parser.add_argument("--all", action="store_true", default=default(False), help="every page")

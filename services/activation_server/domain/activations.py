@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict
 
-from services.activation_server.domain.audit import record_refusal
 from services.activation_server.domain.certificates import first_issue
+from services.activation_server.domain.decisions import RefusalNote, decide_once
 from services.activation_server.domain.errors import (
     ActivationIdNotFound,
     ActivationLimitReached,
@@ -35,18 +35,13 @@ from services.activation_server.domain.model import (
     LicenseKind,
     Registration,
 )
+from services.activation_server.domain.ports import VendorRecords, VendorStore
 from services.activation_server.domain.vendor_key import Signer
-from services.activation_server.store.repository import (
-    ActivationStore,
-    DuplicateRequest,
-    Repository,
-)
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import LicenseKind as LicenseKindProto
 from tessera.common.v1.common_pb2 import SignedEnvelope
-from tessera.errors import DomainError, InvalidInput
+from tessera.errors import InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, parse_id
 from tessera.validation import checked_text
 
@@ -82,7 +77,7 @@ class Activations:
 
     def __init__(
         self,
-        store: ActivationStore,
+        store: VendorStore,
         signer: Signer,
         clock: Clock,
         metrics: VendorMetrics | None = None,
@@ -98,55 +93,55 @@ class Activations:
         self, envelope: SignedEnvelope, registration: Registration | None = None
     ) -> SignedEnvelope:
         """Decide a signed HostActivationRequest; the same request id gets the same answer."""
-        try:
-            response = await self._activate(envelope, registration)
-        except DomainError as refusal:
-            self.metrics.activation(refusal.reason)
-            raise
-        self.metrics.activation()
-        return response
+        return await decide_once(
+            self.store,
+            self.clock,
+            lambda: _Activation(
+                verify_host_request(envelope), registration, self.signer, self.clock, self.limits
+            ),
+            self.metrics.activation,
+            "activation_server.activate.after_commit",
+        )
 
-    async def _activate(
-        self, envelope: SignedEnvelope, registration: Registration | None
-    ) -> SignedEnvelope:
-        request = verify_host_request(envelope)
+    async def list(self, entitlement_id: str, host_id: str) -> list[ActivationRecord]:
+        """Activations, optionally of one entitlement and/or held by one host."""
+        if entitlement_id:
+            entitlement_id = parse_id(ENTITLEMENT_PREFIX, entitlement_id, "entitlement_id")
+        host_id = checked_text("host_id", host_id, 64)
+        async with self.store.transaction() as repo:
+            return await repo.list_activations(entitlement_id or None, host_id or None)
+
+
+class _Activation:
+    """One verified activation request, as ``decide_once`` decides it (a ``Decision``):
+    the request's fields are checked as it is made."""
+
+    def __init__(
+        self,
+        request: HostActivationRequest,
+        registration: Registration | None,
+        signer: Signer,
+        clock: Clock,
+        limits: Limits,
+    ) -> None:
         checked_request_id(request.request_id)
-        activation_id = parse_id(ACTIVATION_PREFIX, request.activation_id, "activation_id")
+        self.activation_id = parse_id(ACTIVATION_PREFIX, request.activation_id, "activation_id")
         if not 1 <= request.count <= MAX_COUNT:
             raise InvalidInput("count", f"must be between 1 and {MAX_COUNT}, not {request.count}")
-        registration = checked_registration(registration)
-        try:
-            try:
-                async with self.store.transaction() as repo:
-                    response = await self._decide(repo, request, activation_id, registration)
-            except DuplicateRequest:
-                # A concurrent retry of the same request won the race; answer as it did.
-                async with self.store.transaction() as repo:
-                    response = await self._decide(repo, request, activation_id, registration)
-        except DomainError as refusal:
-            await record_refusal(
-                self.store,
-                self.clock.now(),
-                "activation.refused",
-                activation_id,
-                request.host_id,
-                refusal,
-                {"request_id": request.request_id, "count": request.count},
-            )
-            raise
-        failpoints.reach("activation_server.activate.after_commit")
-        return response
+        self.registration = checked_registration(registration)
+        self.request = request
+        self.signer = signer
+        self.clock = clock
+        self.limits = limits
 
-    async def _decide(
-        self,
-        repo: Repository,
-        request: HostActivationRequest,
-        activation_id: str,
-        registration: Registration | None,
-    ) -> SignedEnvelope:
-        previous = await repo.get_activation(request.host_id, request.request_id)
-        if previous is not None:
-            return _replay(previous, request, activation_id)
+    async def recorded(self, repo: VendorRecords) -> ActivationRecord | None:
+        return await repo.get_activation(self.request.host_id, self.request.request_id)
+
+    def replay(self, recorded: ActivationRecord) -> SignedEnvelope:
+        return _replay(recorded, self.request, self.activation_id)
+
+    async def decide(self, repo: VendorRecords) -> SignedEnvelope:
+        request, activation_id, registration = self.request, self.activation_id, self.registration
         found = await repo.get_line(activation_id)
         if found is None:
             raise ActivationIdNotFound(
@@ -233,7 +228,9 @@ class Activations:
         )
         return response
 
-    async def _check_cycling(self, repo: Repository, entitlement_id: str, now: dt.datetime) -> None:
+    async def _check_cycling(
+        self, repo: VendorRecords, entitlement_id: str, now: dt.datetime
+    ) -> None:
         """ActivationLimitReached when the order's network activations in the window are
         used up (activate -> return -> activate loops end here)."""
         # Activations and returns of one order are decided one at a time, so none slips
@@ -259,13 +256,16 @@ class Activations:
             error.retry_after = (allowed_at - now).total_seconds()
         raise error
 
-    async def list(self, entitlement_id: str, host_id: str) -> list[ActivationRecord]:
-        """Activations, optionally of one entitlement and/or held by one host."""
-        if entitlement_id:
-            entitlement_id = parse_id(ENTITLEMENT_PREFIX, entitlement_id, "entitlement_id")
-        host_id = checked_text("host_id", host_id, 64)
-        async with self.store.transaction() as repo:
-            return await repo.list_activations(entitlement_id or None, host_id or None)
+    async def refusal_note(self, repo: VendorRecords) -> RefusalNote:
+        return RefusalNote(
+            "activation.refused",
+            self.activation_id,
+            self.request.host_id,
+            {"request_id": self.request.request_id, "count": self.request.count},
+        )
+
+    def refusal_reason(self, answer: SignedEnvelope) -> str:
+        return ""
 
 
 def _replay(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from services.activation_server.domain.decisions import answer_once
 from services.activation_server.domain.errors import RequestIdReused
 from services.activation_server.domain.generations import lineage_of
 from services.activation_server.domain.host_requests import (
@@ -27,12 +28,8 @@ from services.activation_server.domain.model import (
     CheckInRecord,
     CheckInStanding,
 )
+from services.activation_server.domain.ports import VendorRecords, VendorStore
 from services.activation_server.domain.vendor_key import Signer
-from services.activation_server.store.repository import (
-    ActivationStore,
-    DuplicateRequest,
-    Repository,
-)
 from tessera.activation.v1.activation_pb2 import (
     CertificateCheckIn,
     HostCheckInRequest,
@@ -62,7 +59,7 @@ class CheckIns:
 
     def __init__(
         self,
-        store: ActivationStore,
+        store: VendorStore,
         signer: Signer,
         clock: Clock,
         metrics: VendorMetrics | None = None,
@@ -85,20 +82,27 @@ class CheckIns:
                 MAX_CERTIFICATE_ID,
                 required=True,
             )
-        try:
-            async with self.store.transaction() as repo:
-                record = await self._decide(repo, request)
-        except DuplicateRequest:
-            # A concurrent retry of the same request won the race; answer as it did.
-            async with self.store.transaction() as repo:
-                record = await self._decide(repo, request)
+        record = await answer_once(self.store, _CheckIn(request, self.signer, self.clock))
         self.metrics.check_in(record.standing.value)
         return SignedEnvelope.FromString(record.result_envelope)
 
-    async def _decide(self, repo: Repository, request: HostCheckInRequest) -> CheckInRecord:
-        previous = await repo.get_check_in(request.host_id, request.request_id)
-        if previous is not None:
-            return _replay(previous, request)
+
+class _CheckIn:
+    """One verified check-in, as ``answer_once`` answers it (a ``RecordedDecision``)."""
+
+    def __init__(self, request: HostCheckInRequest, signer: Signer, clock: Clock) -> None:
+        self.request = request
+        self.signer = signer
+        self.clock = clock
+
+    async def recorded(self, repo: VendorRecords) -> CheckInRecord | None:
+        return await repo.get_check_in(self.request.host_id, self.request.request_id)
+
+    def replay(self, recorded: CheckInRecord) -> CheckInRecord:
+        return _replay(recorded, self.request)
+
+    async def decide(self, repo: VendorRecords) -> CheckInRecord:
+        request = self.request
         now = self.clock.now()
         records = {
             record.certificate_id: record

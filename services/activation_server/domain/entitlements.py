@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from services.activation_server.domain.audit_chain import VENDOR_ACTOR
+from services.activation_server.domain.audit import VENDOR_ACTOR
 from services.activation_server.domain.errors import EntitlementNotFound, UnknownFeature
 from services.activation_server.domain.model import Entitlement, NewLine
-from services.activation_server.store.repository import ActivationStore
+from services.activation_server.domain.ports import VendorStore
 from tessera.clock import Clock
 from tessera.errors import InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, ENTITLEMENT_PREFIX, new_id, parse_id
@@ -26,7 +26,7 @@ MAX_CHECK_IN = dt.timedelta(days=365)
 class Entitlements:
     """Vendor-side orders and what is left of them."""
 
-    def __init__(self, store: ActivationStore, clock: Clock) -> None:
+    def __init__(self, store: VendorStore, clock: Clock) -> None:
         self.store = store
         self.clock = clock
 

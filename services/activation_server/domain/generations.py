@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.activation_server.domain.model import ActivationRecord, HostGeneration
-from services.activation_server.store.repository import Repository
+from services.activation_server.domain.ports import VendorRecords
 from tessera.activation.v1.activation_pb2 import HostRepairRequest
 
 
 async def record_rebinding(
-    repo: Repository,
+    repo: VendorRecords,
     request: HostRepairRequest,
     previous_host_id: str,
     rebound: Sequence[ActivationRecord],

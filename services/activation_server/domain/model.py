@@ -1,10 +1,20 @@
-"""Plain records of the Activation Server's domain; nothing here lazy-loads."""
+"""Plain records of the Activation Server's domain; nothing here lazy-loads.
+
+Also the audit chain's hash format (``entry_hash``): the store computes it when it
+appends an entry and ``audit.py`` when it verifies the chain, and the store may import
+from the domain only this module and ``ports.py``.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+
+from nacl.signing import SigningKey
 
 
 class LicenseKind(StrEnum):
@@ -216,6 +226,38 @@ class AuditHead:
     hash: bytes
 
 
+# The previous hash of audit entry 1.
+GENESIS = bytes(32)
+
+
+def canonical_json(detail: Mapping[str, object]) -> str:
+    """``detail`` as canonical JSON: sorted keys, compact separators, ASCII only."""
+    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def canonical_time(at: dt.datetime) -> str:
+    """``at`` in UTC to the microsecond, e.g. ``2026-11-27T12:00:00.000000Z``."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_hash(
+    previous_hash: bytes,
+    sequence: int,
+    at: dt.datetime,
+    action: str,
+    subject: str,
+    actor: str,
+    detail: str,
+) -> bytes:
+    """An audit entry's hash: SHA-256(previous hash || canonical JSON of its content)."""
+    content = json.dumps(
+        [sequence, canonical_time(at), action, subject, actor, detail],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(previous_hash + content.encode()).digest()
+
+
 @dataclass(frozen=True)
 class AuditVerdict:
     """What walking the audit chain found."""
@@ -235,3 +277,20 @@ class VendorPublicKey:
     public_key: bytes
     active: bool
     created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    """One vendor signing key as kept on disk, with when it was made."""
+
+    key_id: str
+    signing_key: SigningKey
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Every vendor key, oldest first, and the id of the one that signs."""
+
+    keys: tuple[StoredKey, ...]
+    active_key_id: str

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from services.activation_server.domain.audit import record_refusal
 from services.activation_server.domain.certificates import reissue
+from services.activation_server.domain.decisions import RefusalNote, decide_once
 from services.activation_server.domain.errors import (
     LocalLicenseNotRepairable,
     RepairFromAnotherHost,
@@ -28,17 +28,11 @@ from services.activation_server.domain.host_requests import (
 from services.activation_server.domain.limits import REPAIR_WINDOW, Limits, iso_time, next_allowed
 from services.activation_server.domain.metrics import VendorMetrics
 from services.activation_server.domain.model import RepairRecord
+from services.activation_server.domain.ports import VendorRecords, VendorStore
 from services.activation_server.domain.vendor_key import Signer
-from services.activation_server.store.repository import (
-    ActivationStore,
-    DuplicateRequest,
-    Repository,
-)
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
 from tessera.clock import Clock, to_timestamp
 from tessera.common.v1.common_pb2 import SignedEnvelope
-from tessera.errors import DomainError
 from tessera.validation import checked_text
 
 MAX_HOST_ID = 32
@@ -49,7 +43,7 @@ class Repairs:
 
     def __init__(
         self,
-        store: ActivationStore,
+        store: VendorStore,
         signer: Signer,
         clock: Clock,
         limits: Limits,
@@ -63,50 +57,46 @@ class Repairs:
 
     async def repair(self, envelope: SignedEnvelope) -> SignedEnvelope:
         """Decide a signed HostRepairRequest; the same request id gets the same answer."""
-        try:
-            response = await self._repair(envelope)
-        except DomainError as refusal:
-            self.metrics.repair(refusal.reason)
-            raise
-        self.metrics.repair()
-        return response
+        return await decide_once(
+            self.store,
+            self.clock,
+            lambda: _Repair(
+                verify_host_signed(envelope, HostRepairRequest),
+                self.signer,
+                self.clock,
+                self.limits,
+            ),
+            self.metrics.repair,
+            "activation_server.repair.after_commit",
+        )
 
-    async def _repair(self, envelope: SignedEnvelope) -> SignedEnvelope:
-        request = verify_host_signed(envelope, HostRepairRequest)
+
+class _Repair:
+    """One verified repair request, as ``decide_once`` decides it (a ``Decision``)."""
+
+    def __init__(
+        self, request: HostRepairRequest, signer: Signer, clock: Clock, limits: Limits
+    ) -> None:
         checked_request_id(request.request_id)
         previous_host_id = checked_text("previous_host_id", request.previous_host_id, MAX_HOST_ID)
-        holder = previous_host_id or request.host_id
-        try:
-            try:
-                async with self.store.transaction() as repo:
-                    response = await self._decide(repo, request, holder)
-            except DuplicateRequest:
-                # A concurrent retry of the same request won the race; answer as it did.
-                async with self.store.transaction() as repo:
-                    response = await self._decide(repo, request, holder)
-        except DomainError as refusal:
-            await record_refusal(
-                self.store,
-                self.clock.now(),
-                "repair.refused",
-                request.host_id,
-                request.host_id,
-                refusal,
-                {"request_id": request.request_id, "previous_host_id": holder},
-            )
-            raise
-        failpoints.reach("activation_server.repair.after_commit")
-        return response
+        # The host id the licenses are held under now.
+        self.holder = previous_host_id or request.host_id
+        self.request = request
+        self.signer = signer
+        self.clock = clock
+        self.limits = limits
 
-    async def _decide(
-        self, repo: Repository, request: HostRepairRequest, holder: str
-    ) -> SignedEnvelope:
+    async def recorded(self, repo: VendorRecords) -> RepairRecord | None:
         # Repairs of one host key are decided one at a time, so none slips past the limit,
-        # and a retry that waited here finds the answer recorded below.
-        await repo.lock_repair_host(request.host_public_key)
-        previous = await repo.get_repair(request.host_id, request.request_id)
-        if previous is not None:
-            return _replay(previous, request, holder)
+        # and a retry that waited here finds the answer recorded by ``decide``.
+        await repo.lock_repair_host(self.request.host_public_key)
+        return await repo.get_repair(self.request.host_id, self.request.request_id)
+
+    def replay(self, recorded: RepairRecord) -> SignedEnvelope:
+        return _replay(recorded, self.request, self.holder)
+
+    async def decide(self, repo: VendorRecords) -> SignedEnvelope:
+        request, holder = self.request, self.holder
         held = await repo.held_by(holder)
         if not held and await repo.holds_local_licenses(holder):
             raise LocalLicenseNotRepairable(
@@ -182,6 +172,17 @@ class Repairs:
         )
         await record_rebinding(repo, request, holder, held, now)
         return response
+
+    async def refusal_note(self, repo: VendorRecords) -> RefusalNote:
+        return RefusalNote(
+            "repair.refused",
+            self.request.host_id,
+            self.request.host_id,
+            {"request_id": self.request.request_id, "previous_host_id": self.holder},
+        )
+
+    def refusal_reason(self, answer: SignedEnvelope) -> str:
+        return ""
 
 
 def _replay(previous: RepairRecord, request: HostRepairRequest, holder: str) -> SignedEnvelope:

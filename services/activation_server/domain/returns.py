@@ -16,9 +16,9 @@ import datetime as dt
 from dataclasses import replace
 from enum import StrEnum
 
-from services.activation_server.domain.audit import refusal_detail
-from services.activation_server.domain.audit_chain import VENDOR_ACTOR
+from services.activation_server.domain.audit import VENDOR_ACTOR
 from services.activation_server.domain.certificates import reissue
+from services.activation_server.domain.decisions import RefusalNote, decide_once
 from services.activation_server.domain.errors import (
     CertificateNotFound,
     CertificateNotHeld,
@@ -40,18 +40,12 @@ from services.activation_server.domain.model import (
     ReturnOutcome,
     ReturnRecord,
 )
+from services.activation_server.domain.ports import VendorRecords, VendorStore
 from services.activation_server.domain.vendor_key import Signer
-from services.activation_server.store.repository import (
-    ActivationStore,
-    DuplicateRequest,
-    Repository,
-)
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostReturnRequest, VendorReturnReceipt
 from tessera.activation.v1.activation_pb2 import ReturnOutcome as ReturnOutcomeProto
 from tessera.clock import Clock, from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
-from tessera.errors import DomainError
 from tessera.validation import checked_text
 
 MAX_CERTIFICATE_ID = 64
@@ -74,7 +68,7 @@ class Returns:
 
     def __init__(
         self,
-        store: ActivationStore,
+        store: VendorStore,
         signer: Signer,
         clock: Clock,
         limits: Limits,
@@ -88,56 +82,86 @@ class Returns:
 
     async def return_seats(self, envelope: SignedEnvelope) -> SignedEnvelope:
         """Decide a signed HostReturnRequest; the same request id gets the same receipt."""
-        try:
-            receipt = await self._return_seats(envelope)
-        except DomainError as refusal:
-            self.metrics.return_(refusal.reason)
-            raise
-        self.metrics.return_(VendorReturnReceipt.FromString(receipt.payload).refusal_reason)
-        return receipt
+        return await decide_once(
+            self.store,
+            self.clock,
+            lambda: _Return(
+                verify_host_signed(envelope, HostReturnRequest),
+                self.signer,
+                self.clock,
+                self.limits,
+            ),
+            self.metrics.return_,
+            "activation_server.return.after_commit",
+        )
 
-    async def _return_seats(self, envelope: SignedEnvelope) -> SignedEnvelope:
-        request = verify_host_signed(envelope, HostReturnRequest)
-        checked_request_id(request.request_id)
+    async def force_return(self, certificate_id: str, reason: str) -> ActivationRecord:
+        """Credit back every seat a certificate holds, without its host: for a License
+        Server that died with licenses on it. Needs a reason; audited."""
         certificate_id = checked_text(
+            "certificate_id", certificate_id, MAX_CERTIFICATE_ID, required=True
+        )
+        reason = checked_text("reason", reason, MAX_REASON, required=True)
+        async with self.store.transaction() as repo:
+            activation = await repo.find_certificate(certificate_id)
+            if activation is None:
+                raise CertificateNotFound(
+                    f"no certificate {certificate_id}", metadata={"certificate_id": certificate_id}
+                )
+            if activation.state is not ActivationState.ACTIVE:
+                raise CertificateNotHeld(
+                    f"certificate {certificate_id} was already returned ({activation.state.value})",
+                    metadata={"certificate_id": certificate_id},
+                )
+            if not await repo.credit_seats(activation.activation_id, activation.count):
+                raise RuntimeError(
+                    f"{activation.activation_id} has fewer seats activated than "
+                    f"{certificate_id} holds"
+                )
+            now = self.clock.now()
+            updated = replace(
+                activation, count=0, state=ActivationState.FORCE_RETURNED, returned_at=now
+            )
+            await repo.save_certificate(updated)
+            await repo.audit.append(
+                now,
+                "force_return",
+                activation.activation_id,
+                VENDOR_ACTOR,
+                {
+                    "certificate_id": certificate_id,
+                    "host_id": activation.holder_host_id,
+                    "credited": activation.count,
+                    "reason": reason,
+                },
+            )
+        self.metrics.forced_return()
+        return updated
+
+
+class _Return:
+    """One verified return request, as ``decide_once`` decides it (a ``Decision``)."""
+
+    def __init__(
+        self, request: HostReturnRequest, signer: Signer, clock: Clock, limits: Limits
+    ) -> None:
+        checked_request_id(request.request_id)
+        self.certificate_id = checked_text(
             "certificate_id", request.certificate_id, MAX_CERTIFICATE_ID, required=True
         )
-        try:
-            try:
-                async with self.store.transaction() as repo:
-                    receipt = await self._decide(repo, request, certificate_id)
-            except DuplicateRequest:
-                # A concurrent retry of the same request won the race; answer as it did.
-                async with self.store.transaction() as repo:
-                    receipt = await self._decide(repo, request, certificate_id)
-        except DomainError as refusal:
-            # Audited apart: the deciding transaction rolled back.
-            async with self.store.transaction() as repo:
-                await repo.audit.append(
-                    self.clock.now(),
-                    "return.refused",
-                    await repo.activation_id_of(certificate_id) or certificate_id,
-                    request.host_id,
-                    refusal_detail(
-                        refusal,
-                        {
-                            "request_id": request.request_id,
-                            "certificate_id": certificate_id,
-                            "count": request.count,
-                            "revision": request.revision,
-                        },
-                    ),
-                )
-            raise
-        failpoints.reach("activation_server.return.after_commit")
-        return receipt
+        self.request = request
+        self.signer = signer
+        self.clock = clock
+        self.limits = limits
 
-    async def _decide(
-        self, repo: Repository, request: HostReturnRequest, certificate_id: str
-    ) -> SignedEnvelope:
-        previous = await repo.get_return(request.host_id, request.request_id)
-        if previous is not None:
-            return _replay(previous, request, certificate_id)
+    async def recorded(self, repo: VendorRecords) -> ReturnRecord | None:
+        return await repo.get_return(self.request.host_id, self.request.request_id)
+
+    def replay(self, recorded: ReturnRecord) -> SignedEnvelope:
+        return _replay(recorded, self.request, self.certificate_id)
+
+    async def decide(self, repo: VendorRecords) -> SignedEnvelope:
+        request, certificate_id = self.request, self.certificate_id
         activation = await repo.find_certificate(certificate_id)
         if activation is None:
             raise CertificateNotFound(
@@ -175,7 +199,7 @@ class Returns:
         return await self._credit(repo, request, activation, now)
 
     async def _cycling_refusal(
-        self, repo: Repository, entitlement_id: str, now: dt.datetime
+        self, repo: VendorRecords, entitlement_id: str, now: dt.datetime
     ) -> tuple[ReturnRefusal, str] | None:
         """RETURN_LIMIT_REACHED when the order's credited returns in the window are used up."""
         # Returns of one order are decided one at a time, so none slips past the limit.
@@ -199,7 +223,7 @@ class Returns:
 
     async def _refuse(
         self,
-        repo: Repository,
+        repo: VendorRecords,
         request: HostReturnRequest,
         activation: ActivationRecord,
         now: dt.datetime,
@@ -237,7 +261,7 @@ class Returns:
 
     async def _credit(
         self,
-        repo: Repository,
+        repo: VendorRecords,
         request: HostReturnRequest,
         activation: ActivationRecord,
         now: dt.datetime,
@@ -291,7 +315,7 @@ class Returns:
 
     async def _record(
         self,
-        repo: Repository,
+        repo: VendorRecords,
         request: HostReturnRequest,
         activation: ActivationRecord,
         outcome: ReturnOutcome,
@@ -314,48 +338,21 @@ class Returns:
             )
         )
 
-    async def force_return(self, certificate_id: str, reason: str) -> ActivationRecord:
-        """Credit back every seat a certificate holds, without its host: for a License
-        Server that died with licenses on it. Needs a reason; audited."""
-        certificate_id = checked_text(
-            "certificate_id", certificate_id, MAX_CERTIFICATE_ID, required=True
+    async def refusal_note(self, repo: VendorRecords) -> RefusalNote:
+        return RefusalNote(
+            "return.refused",
+            await repo.activation_id_of(self.certificate_id) or self.certificate_id,
+            self.request.host_id,
+            {
+                "request_id": self.request.request_id,
+                "certificate_id": self.certificate_id,
+                "count": self.request.count,
+                "revision": self.request.revision,
+            },
         )
-        reason = checked_text("reason", reason, MAX_REASON, required=True)
-        async with self.store.transaction() as repo:
-            activation = await repo.find_certificate(certificate_id)
-            if activation is None:
-                raise CertificateNotFound(
-                    f"no certificate {certificate_id}", metadata={"certificate_id": certificate_id}
-                )
-            if activation.state is not ActivationState.ACTIVE:
-                raise CertificateNotHeld(
-                    f"certificate {certificate_id} was already returned ({activation.state.value})",
-                    metadata={"certificate_id": certificate_id},
-                )
-            if not await repo.credit_seats(activation.activation_id, activation.count):
-                raise RuntimeError(
-                    f"{activation.activation_id} has fewer seats activated than "
-                    f"{certificate_id} holds"
-                )
-            now = self.clock.now()
-            updated = replace(
-                activation, count=0, state=ActivationState.FORCE_RETURNED, returned_at=now
-            )
-            await repo.save_certificate(updated)
-            await repo.audit.append(
-                now,
-                "force_return",
-                activation.activation_id,
-                VENDOR_ACTOR,
-                {
-                    "certificate_id": certificate_id,
-                    "host_id": activation.holder_host_id,
-                    "credited": activation.count,
-                    "reason": reason,
-                },
-            )
-        self.metrics.forced_return()
-        return updated
+
+    def refusal_reason(self, answer: SignedEnvelope) -> str:
+        return VendorReturnReceipt.FromString(answer.payload).refusal_reason
 
 
 def _refusal(

@@ -13,10 +13,9 @@ from typing import Protocol
 from google.protobuf.message import Message
 from nacl.signing import SigningKey
 
-from services.activation_server.domain.audit_chain import VENDOR_ACTOR
-from services.activation_server.domain.model import VendorPublicKey
-from services.activation_server.store.key_files import KeyDirectory, Keyring
-from services.activation_server.store.repository import ActivationStore
+from services.activation_server.domain.audit import VENDOR_ACTOR
+from services.activation_server.domain.model import Keyring, VendorPublicKey
+from services.activation_server.domain.ports import Audited, KeyFiles, Transactions
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.envelope import seal
@@ -56,7 +55,7 @@ class VendorKeys:
     each replica re-reads them when the record of the active key changes.
     """
 
-    def __init__(self, files: KeyDirectory, store: ActivationStore, clock: Clock) -> None:
+    def __init__(self, files: KeyFiles, store: Transactions[Audited], clock: Clock) -> None:
         self.files = files
         self.store = store
         self.clock = clock

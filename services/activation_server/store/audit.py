@@ -8,8 +8,13 @@ from collections.abc import Mapping
 from sqlalchemy import RowMapping, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.activation_server.domain.audit_chain import GENESIS, canonical_json, entry_hash
-from services.activation_server.domain.model import AuditEntry, AuditHead
+from services.activation_server.domain.model import (
+    GENESIS,
+    AuditEntry,
+    AuditHead,
+    canonical_json,
+    entry_hash,
+)
 from services.activation_server.store.tables import audit_head, audit_log
 from tessera.storage import first_row
 
@@ -17,7 +22,7 @@ HEAD_ID = 1
 
 
 class AuditQueries:
-    """The audit log within one transaction."""
+    """The audit log within one transaction (``domain.ports.AuditTrail``)."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session

@@ -22,11 +22,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from services.activation_server.domain.model import Keyring, StoredKey
 from tessera.keys import (
     create_private_file,
     load_or_create_signing_key,
@@ -38,23 +38,8 @@ from tessera.keys import (
 RECORD_VERSION = 1
 
 
-@dataclass(frozen=True)
-class StoredKey:
-    key_id: str
-    signing_key: SigningKey
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class Keyring:
-    """Every vendor key, oldest first, and the id of the one that signs."""
-
-    keys: tuple[StoredKey, ...]
-    active_key_id: str
-
-
 class KeyDirectory:
-    """The vendor key files beside the first key."""
+    """The vendor key files beside the first key (implements ``domain.ports.KeyFiles``)."""
 
     def __init__(self, first_key: Path) -> None:
         self.first_key = first_key

@@ -1,4 +1,8 @@
-"""SQL for the Activation Server. The domain owns transactions; this module owns queries."""
+"""SQL for the Activation Server. The domain owns transactions; this module owns queries.
+
+``Repository`` implements ``domain.ports.VendorRecords`` and ``ActivationStore``
+``domain.ports.VendorStore``.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from services.activation_server.domain.model import (
     ReturnOutcome,
     ReturnRecord,
 )
+from services.activation_server.domain.ports import DuplicateRequest
 from services.activation_server.store.audit import AuditQueries
 from services.activation_server.store.tables import (
     activations,
@@ -45,12 +50,8 @@ from services.activation_server.store.tables import (
 from tessera.storage import TransactionalStore, first_row
 
 
-class DuplicateRequest(Exception):
-    """Another transaction recorded this request id first."""
-
-
 class Repository:
-    """Queries within one transaction."""
+    """Queries within one transaction (``domain.ports.VendorRecords``)."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -590,7 +591,7 @@ def _check_in(row: RowMapping) -> CheckInRecord:
 
 
 class ActivationStore(TransactionalStore[Repository]):
-    """The Activation Server's database."""
+    """The Activation Server's database (``domain.ports.VendorStore``)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine, Repository)

@@ -16,7 +16,9 @@ Until installed, an answer is not needed again: asked again, the vendor gives th
 journaled between steps 2 and 3; such an answer is still installed, and verified then.)
 
 Each kind says how it prepares, asks and installs (an ``Exchange``); the ``ExchangeRunner``
-journals each step before the next and passes the failpoints the crash suite arms.
+journals each step before the next and passes the failpoints the crash suite arms. A
+move's two halves are exchanges too (moves.py): its activation is journaled PLANNED with
+the move and prepared by the runner once the return is done.
 Online, the runner takes an operation all the way; offline, ExportRequest stops after
 step 1 and ImportResponse brings the answer for step 3.
 """
@@ -40,17 +42,17 @@ from services.administrator.domain.model import (
     OperationKind,
     OperationState,
 )
-from services.administrator.domain.registration import Registrations
-from services.administrator.peers import (
-    ActivationServerClient,
-    LicenseServerClient,
-    LicenseServers,
+from services.administrator.domain.ports import (
+    LicenseServer,
+    LicenseServerDirectory,
+    Vendor,
 )
-from tessera import failpoints
+from services.administrator.domain.registration import Registrations
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.clock import Clock
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.errors import DomainError, PeerRefused
+from tessera.server import failpoints
 
 log = logging.getLogger("tessera.administrator")
 
@@ -69,11 +71,11 @@ DECISIONS = frozenset(
 
 
 def reach(operation: Operation, step: str) -> None:
-    """The failpoint ``administrator.<kind>.<step>`` (the crash suite kills us here)."""
-    failpoints.reach(f"administrator.{operation.kind.value}.{step}")
+    """The failpoint ``administrator.<flow>.<step>`` (the crash suite kills us here)."""
+    failpoints.reach(f"administrator.{operation.flow.value}.{step}")
 
 
-def check_host(server: LicenseServerClient, host_id: str, operation_id: str) -> None:
+def check_host(server: LicenseServer, host_id: str, operation_id: str) -> None:
     """The address must still answer with the License Server the operation began on."""
     if server.host_id != host_id:
         raise OperationHostChanged(
@@ -121,13 +123,16 @@ class Exchange(ABC):
     # operation. Not for a return: its seats stay withheld until a signed receipt says.
     refusal_is_final = True
 
-    def __init__(self, activation_server: ActivationServerClient) -> None:
+    def __init__(self, activation_server: Vendor) -> None:
         self.activation_server = activation_server
 
+    def reach(self, operation: Operation, step: str) -> None:
+        """Past ``step`` of ``operation``: its failpoint (a move's halves name theirs
+        after the move's steps)."""
+        reach(operation, step)
+
     @abstractmethod
-    async def prepare(
-        self, server: LicenseServerClient, intent: Intent, request_id: str
-    ) -> Prepared: ...
+    async def prepare(self, server: LicenseServer, intent: Intent, request_id: str) -> Prepared: ...
 
     @abstractmethod
     async def ask_vendor(
@@ -136,7 +141,7 @@ class Exchange(ABC):
 
     @abstractmethod
     async def install(
-        self, server: LicenseServerClient, operation: Operation, response: SignedEnvelope
+        self, server: LicenseServer, operation: Operation, response: SignedEnvelope
     ) -> Installed: ...
 
     def addressee(self, response: SignedEnvelope) -> tuple[str, str]:
@@ -166,7 +171,7 @@ class ExchangeRunner:
         journal: OperationJournal,
         registrations: Registrations,
         clock: Clock,
-        license_servers: LicenseServers,
+        license_servers: LicenseServerDirectory,
     ) -> None:
         self.journal = journal
         self.registrations = registrations
@@ -199,7 +204,7 @@ class ExchangeRunner:
     @asynccontextmanager
     async def reach_license_server(
         self, operation: Operation, address: str
-    ) -> AsyncIterator[LicenseServerClient]:
+    ) -> AsyncIterator[LicenseServer]:
         """The License Server a journaled operation continues on; if it cannot be reached,
         the journal notes why."""
         async with self.journal.noting_errors(operation):
@@ -216,7 +221,7 @@ class ExchangeRunner:
         return operation
 
     async def prepare(
-        self, exchange: Exchange, server: LicenseServerClient, intent: Intent, operation_id: str
+        self, exchange: Exchange, server: LicenseServer, intent: Intent, operation_id: str
     ) -> Operation:
         """Step 1: the License Server signs (the operation id is the request id, so doing
         this again after a crash returns the very same request); then journal it."""
@@ -242,15 +247,25 @@ class ExchangeRunner:
                 revoked_leases=prepared.revoked_leases,
             )
         )
-        reach(operation, "after_prepare")
+        exchange.reach(operation, "after_prepare")
         return operation
 
     async def complete(
-        self, exchange: Exchange, server: LicenseServerClient, operation: Operation
+        self, exchange: Exchange, server: LicenseServer, operation: Operation
     ) -> Operation:
-        """Steps 2 and 3 from wherever the journal says the operation stands."""
+        """Steps 2 and 3 from wherever the journal says the operation stands; raises the
+        vendor's refusal if it refused."""
+        return self.outcome(exchange, await self.advance(exchange, server, operation))
+
+    async def advance(
+        self, exchange: Exchange, server: LicenseServer, operation: Operation
+    ) -> Operation:
+        """The remaining steps (a planned operation is prepared first), as far as they
+        go: finished, or an error raised and noted in the journal."""
         async with self.journal.noting_errors(operation):
             check_host(server, operation.host_id, operation.operation_id)
+        if operation.state is OperationState.PLANNED:
+            operation = await self.prepare_planned(exchange, server, operation)
         if operation.state is OperationState.PREPARED:
             response = await self.ask_vendor(exchange, operation)
             operation = await self.install(exchange, server, operation, response)
@@ -259,7 +274,23 @@ class ExchangeRunner:
             assert operation.response_envelope is not None
             response = SignedEnvelope.FromString(operation.response_envelope)
             operation = await self.install(exchange, server, operation, response)
-        return self.outcome(exchange, operation)
+        return operation
+
+    async def prepare_planned(
+        self, exchange: Exchange, server: LicenseServer, operation: Operation
+    ) -> Operation:
+        """Step 1 of an operation journaled before it could be prepared (a move's
+        activation half): the License Server signs its journaled request id."""
+        async with self.journal.noting_errors(operation):
+            prepared = await exchange.prepare(server, operation.intent, operation.request_id)
+        operation = await self.journal.prepared(
+            operation,
+            prepared.request_id,
+            prepared.request.SerializeToString(),
+            prepared.revoked_leases,
+        )
+        exchange.reach(operation, "after_prepare")
+        return operation
 
     async def ask_vendor(self, exchange: Exchange, operation: Operation) -> SignedEnvelope:
         """Step 2: the vendor's signed answer (not journaled: unverified until the
@@ -277,13 +308,13 @@ class ExchangeRunner:
         except DomainError as error:
             await self.journal.record_error(operation, error)
             raise
-        reach(operation, "after_vendor")
+        exchange.reach(operation, "after_vendor")
         return response
 
     async def install(
         self,
         exchange: Exchange,
-        server: LicenseServerClient,
+        server: LicenseServer,
         operation: Operation,
         response: SignedEnvelope,
     ) -> Operation:
@@ -291,22 +322,23 @@ class ExchangeRunner:
         the answer and the outcome are journaled together."""
         async with self.journal.noting_errors(operation):
             installed = await exchange.install(server, operation, response)
-        return await self.installed(operation, response, installed)
+        return await self.installed(exchange, operation, response, installed)
 
     async def installed(
-        self, operation: Operation, response: SignedEnvelope, installed: Installed
+        self,
+        exchange: Exchange,
+        operation: Operation,
+        response: SignedEnvelope,
+        installed: Installed,
     ) -> Operation:
         """Journal an answer the License Server has verified and installed, with what
         installing it did."""
-        reach(operation, "after_install")
+        exchange.reach(operation, "after_install")
         envelope = response.SerializeToString()
         if installed.refusal is not None:
             return await self.journal.refuse(
                 operation, installed.refusal, result=installed.result, response_envelope=envelope
             )
-        return await self.journal.advance(
-            operation,
-            OperationState.COMPLETED,
-            result=installed.result,
-            response_envelope=envelope,
+        return await self.journal.complete(
+            operation, result=installed.result, response_envelope=envelope
         )

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
-from typing import Any
 
 from services.administrator.domain.errors import OperationIdReused, OperationNotFound
 from services.administrator.domain.metrics import OperationMetrics
-from services.administrator.domain.model import Intent, Operation, OperationState
-from services.administrator.store.repository import DuplicateOperation, Journal
+from services.administrator.domain.model import (
+    Intent,
+    Operation,
+    OperationState,
+    OperationUpdate,
+)
+from services.administrator.domain.ports import DuplicateOperation, JournalStore
 from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput, PeerRefused
 
@@ -26,6 +29,7 @@ MAX_PAGE_SIZE = 1000
 
 # The states an operation may be moved on to a state from.
 _EARLIER = {
+    OperationState.PREPARED: (OperationState.PLANNED,),
     OperationState.ANSWERED: (OperationState.PREPARED,),
     OperationState.COMPLETED: (OperationState.PREPARED, OperationState.ANSWERED),
     OperationState.REFUSED: (OperationState.PREPARED, OperationState.ANSWERED),
@@ -45,7 +49,7 @@ class OperationJournal:
     """The journal as the flows use it."""
 
     def __init__(
-        self, store: Journal, clock: Clock, metrics: OperationMetrics | None = None
+        self, store: JournalStore, clock: Clock, metrics: OperationMetrics | None = None
     ) -> None:
         self.store = store
         self.clock = clock
@@ -81,11 +85,23 @@ class OperationJournal:
             )
         return operation
 
+    async def lookup(self, operation_id: str) -> Operation:
+        """An operation the operator started (a move's halves are steps of the move)."""
+        operation = await self.find(operation_id)
+        if operation is None or operation.parent_operation_id:
+            raise OperationNotFound(
+                f"no operation {operation_id!r} in the journal",
+                metadata={"operation_id": operation_id},
+            )
+        return operation
+
     async def existing(self, operation_id: str, intent: Intent) -> Operation | None:
         """The journaled operation this call retries, or None for a new one; an id that
-        names an operation with another intent is refused."""
+        names an operation with another intent, or a move's half, is refused."""
         operation = await self.find(operation_id)
-        if operation is not None and not operation.matches(intent):
+        if operation is not None and (
+            operation.parent_operation_id or not operation.matches(intent)
+        ):
             raise OperationIdReused(
                 f"operation {operation_id!r} was started as another {operation.kind.value} "
                 "or with other parameters",
@@ -93,55 +109,87 @@ class OperationJournal:
             )
         return operation
 
-    async def start(self, operation: Operation) -> Operation:
-        """Journal a prepared operation; when another call journaled it first, that one."""
+    async def start(self, operation: Operation, *halves: Operation) -> Operation:
+        """Journal a prepared operation (a move with its halves, in one transaction);
+        when another call journaled it first, that one."""
         try:
             async with self.store.transaction() as repo:
-                await repo.insert(operation)
+                for journaled in (operation, *halves):
+                    await repo.insert(journaled)
         except DuplicateOperation:
             return await self.get(operation.operation_id)
         return operation
 
-    async def advance(
-        self, operation: Operation, state: OperationState, **values: Any
+    async def prepared(
+        self, operation: Operation, request_id: str, request: bytes, revoked_leases: int = 0
     ) -> Operation:
-        """Move ``operation`` on to ``state``; if another call already moved it further,
-        the journal's version (the flows continue from whatever it says)."""
-        now = self.clock.now()
-        if state is not OperationState.REFUSED:
-            values = {"last_error": "", "last_error_code": "", **values}
+        """A planned operation's request, signed by its License Server."""
+        return await self._advance(
+            operation,
+            OperationUpdate(
+                OperationState.PREPARED,
+                self.clock.now(),
+                request_id=request_id,
+                request_envelope=request,
+                revoked_leases=revoked_leases,
+            ),
+        )
+
+    async def answered(self, operation: Operation) -> Operation:
+        """A move between its halves: the return is done, the activation is not."""
+        return await self._advance(
+            operation, OperationUpdate(OperationState.ANSWERED, self.clock.now())
+        )
+
+    async def complete(
+        self,
+        operation: Operation,
+        result: bytes | None = None,
+        response_envelope: bytes | None = None,
+    ) -> Operation:
+        """The operation is finished, as completed, with the answer and what installing it
+        did (when it has them)."""
+        return await self._advance(
+            operation,
+            OperationUpdate(
+                OperationState.COMPLETED,
+                self.clock.now(),
+                response_envelope=response_envelope,
+                result=result,
+            ),
+        )
+
+    async def refuse(
+        self,
+        operation: Operation,
+        error: DomainError,
+        result: bytes | None = None,
+        response_envelope: bytes | None = None,
+    ) -> Operation:
+        """The vendor decided against the operation: it is finished, as refused."""
+        return await self._advance(
+            operation,
+            OperationUpdate(
+                OperationState.REFUSED,
+                self.clock.now(),
+                last_error=error_text(error),
+                last_error_code=status_name(error, ""),
+                response_envelope=response_envelope,
+                result=result,
+            ),
+        )
+
+    async def _advance(self, operation: Operation, update: OperationUpdate) -> Operation:
+        """Move ``operation`` on; if another call already moved it further, the journal's
+        version (the flows continue from whatever it says)."""
         async with self.store.transaction() as repo:
-            moved = await repo.advance(
-                operation.operation_id, state, _EARLIER[state], now, **values
-            )
+            moved = await repo.advance(operation.operation_id, _EARLIER[update.state], update)
         if not moved:
             return await self.get(operation.operation_id)
-        if state.finished:
-            reason = str(values.get("last_error", "")).partition(": ")[0]
-            self.metrics.operation_finished(operation.kind, state, reason)
-        return replace(operation, state=state, updated_at=now, **values)
-
-    async def fill(
-        self, operation: Operation, column: str, value: bytes, **values: Any
-    ) -> Operation:
-        """Record one more step of an unfinished operation without changing its state."""
-        now = self.clock.now()
-        values = {"last_error": "", "last_error_code": "", **values}
-        async with self.store.transaction() as repo:
-            filled = await repo.fill(operation.operation_id, column, value, now, **values)
-        if not filled:
-            return await self.get(operation.operation_id)
-        return replace(operation, updated_at=now, **{column: value, **values})
-
-    async def refuse(self, operation: Operation, error: DomainError, **values: Any) -> Operation:
-        """The vendor decided against the operation: it is finished, as refused."""
-        return await self.advance(
-            operation,
-            OperationState.REFUSED,
-            last_error=error_text(error),
-            last_error_code=status_name(error, ""),
-            **values,
-        )
+        if update.state.finished and not operation.parent_operation_id:
+            reason = update.last_error.partition(": ")[0]
+            self.metrics.operation_finished(operation.kind, update.state, reason)
+        return update.applied_to(operation)
 
     async def record_error(self, operation: Operation, error: DomainError) -> None:
         """Note why the operation did not get further this time (it stays unfinished)."""
@@ -152,7 +200,8 @@ class OperationJournal:
                 status_name(error, ""),
                 self.clock.now(),
             )
-        self.metrics.step_failed(operation.kind, error.reason)
+        if not operation.parent_operation_id:  # a move's failed step counts as the move's
+            self.metrics.step_failed(operation.kind, error.reason)
 
     @asynccontextmanager
     async def noting_errors(self, operation: Operation) -> AsyncIterator[None]:

@@ -279,5 +279,5 @@ class Offline:
                 if operation.state.finished:
                     return self.runner.outcome(exchange, operation)
                 installed = await exchange.install(server, operation, response)
-                operation = await self.runner.installed(operation, response, installed)
+                operation = await self.runner.installed(exchange, operation, response, installed)
                 return self.runner.outcome(exchange, operation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.administrator.domain import inputs
-from services.administrator.peers import ActivationServerClient, LicenseServers
+from services.administrator.domain.ports import LicenseServerDirectory, Vendor
 from tessera.activation.v1 import activation_pb2 as activation_pb
 from tessera.ids import ENTITLEMENT_PREFIX, parse_id
 from tessera.license.v1 import license_pb2 as license_pb
@@ -19,9 +19,7 @@ class LicenseOverview:
 
 
 class Overview:
-    def __init__(
-        self, activation_server: ActivationServerClient, license_servers: LicenseServers
-    ) -> None:
+    def __init__(self, activation_server: Vendor, license_servers: LicenseServerDirectory) -> None:
         self.activation_server = activation_server
         self.license_servers = license_servers
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from services.administrator.domain.model import Registration
-from services.administrator.store.repository import Journal
+from services.administrator.domain.ports import JournalStore
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.clock import Clock
 from tessera.errors import InvalidInput
@@ -56,7 +56,7 @@ def registration_to_proto(details: Registration) -> RegistrationProto:
 class Registrations:
     """The registration details stored in the Administrator's database."""
 
-    def __init__(self, journal: Journal, clock: Clock) -> None:
+    def __init__(self, journal: JournalStore, clock: Clock) -> None:
         self.journal = journal
         self.clock = clock
 

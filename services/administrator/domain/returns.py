@@ -21,7 +21,7 @@ from services.administrator.domain.exchange import (
     Prepared,
 )
 from services.administrator.domain.model import Intent, Operation, OperationKind
-from services.administrator.peers import LicenseServerClient
+from services.administrator.domain.ports import LicenseServer
 from tessera.activation.v1.activation_pb2 import HostReturnRequest, VendorReturnReceipt
 from tessera.activation.v1.activation_pb2 import Registration as RegistrationProto
 from tessera.common.v1.common_pb2 import SignedEnvelope
@@ -54,9 +54,7 @@ class ReturnExchange(Exchange):
     # A vendor error (not a signed receipt) leaves the seats withheld: not finished.
     refusal_is_final = False
 
-    async def prepare(
-        self, server: LicenseServerClient, intent: Intent, request_id: str
-    ) -> Prepared:
+    async def prepare(self, server: LicenseServer, intent: Intent, request_id: str) -> Prepared:
         prepared = await server.prepare_return(
             intent.certificate_id, intent.count, request_id, intent.force
         )
@@ -68,7 +66,7 @@ class ReturnExchange(Exchange):
         return await self.activation_server.return_seats(request)
 
     async def install(
-        self, server: LicenseServerClient, operation: Operation, response: SignedEnvelope
+        self, server: LicenseServer, operation: Operation, response: SignedEnvelope
     ) -> Installed:
         completed = await server.complete_return(response)
         refusal = None if completed.credited else refusal_in(response, operation)

@@ -1,4 +1,5 @@
-"""SQL for the Administrator's operations journal and registration details."""
+"""SQL for the Administrator's operations journal and registration details: implements
+the journal ports of domain/ports.py (JournalStore, JournalQueries)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import datetime as dt
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import RowMapping, insert, select, update
+from sqlalchemy import RowMapping, Select, and_, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -15,17 +16,40 @@ from services.administrator.domain.model import (
     Operation,
     OperationKind,
     OperationState,
+    OperationUpdate,
     Registration,
 )
+from services.administrator.domain.ports import DuplicateOperation
 from services.administrator.store.tables import operations, registration
 from tessera.storage import TransactionalStore, first_row
 
-UNFINISHED = (OperationState.PREPARED.value, OperationState.ANSWERED.value)
+UNFINISHED = (
+    OperationState.PLANNED.value,
+    OperationState.PREPARED.value,
+    OperationState.ANSWERED.value,
+)
+# A move's activation half: where its seats go (the move's target_* fields).
+_TARGET = operations.alias("target")
+_TOP_LEVEL = operations.c.parent_operation_id == ""
+
+
+def _with_target() -> Select[Any]:
+    """Operations, a move with its target License Server and host."""
+    return select(
+        operations,
+        _TARGET.c.license_server.label("target_license_server"),
+        _TARGET.c.host_id.label("target_host_id"),
+    ).outerjoin(
+        _TARGET,
+        and_(
+            operations.c.kind == OperationKind.MOVE.value,
+            _TARGET.c.parent_operation_id == operations.c.operation_id,
+            _TARGET.c.kind == OperationKind.ACTIVATE.value,
+        ),
+    )
+
+
 _REGISTRATION_ROW = 1
-
-
-class DuplicateOperation(Exception):
-    """Another call journaled this operation id first."""
 
 
 class Repository:
@@ -34,7 +58,7 @@ class Repository:
 
     async def get(self, operation_id: str) -> Operation | None:
         row = await first_row(
-            self.session, select(operations).where(operations.c.operation_id == operation_id)
+            self.session, _with_target().where(operations.c.operation_id == operation_id)
         )
         return None if row is None else _operation(row)
 
@@ -47,35 +71,20 @@ class Repository:
     async def advance(
         self,
         operation_id: str,
-        state: OperationState,
         from_states: Collection[OperationState],
-        at: dt.datetime,
-        **values: Any,
+        step: OperationUpdate,
     ) -> bool:
-        """Move an operation on to ``state`` (with ``values``) if it still stands in one of
-        ``from_states``; False when another call moved it on first. States never go back."""
+        """Journal ``step`` if the operation still stands in one of ``from_states``;
+        False when another call moved it on first. States never go back."""
+        values = step.learned()
+        values["state"] = step.state.value
         result = await self.session.execute(
             update(operations)
             .where(
                 operations.c.operation_id == operation_id,
                 operations.c.state.in_([state.value for state in from_states]),
             )
-            .values(state=state.value, updated_at=at, **values)
-        )
-        return bool(getattr(result, "rowcount", 0))
-
-    async def fill(
-        self, operation_id: str, column: str, value: bytes, at: dt.datetime, **values: Any
-    ) -> bool:
-        """Set an empty ``column`` of an unfinished operation; False when it was set."""
-        result = await self.session.execute(
-            update(operations)
-            .where(
-                operations.c.operation_id == operation_id,
-                operations.c[column].is_(None),
-                operations.c.state.in_(UNFINISHED),
-            )
-            .values({column: value, "updated_at": at, **values})
+            .values(values)
         )
         return bool(getattr(result, "rowcount", 0))
 
@@ -94,7 +103,7 @@ class Repository:
 
     async def list_operations(self, limit: int, unfinished_only: bool) -> list[Operation]:
         """Newest first."""
-        query = select(operations)
+        query = _with_target().where(_TOP_LEVEL)
         if unfinished_only:
             query = query.where(operations.c.state.in_(UNFINISHED))
         query = query.order_by(
@@ -104,18 +113,16 @@ class Repository:
         return [_operation(row) for row in rows]
 
     async def license_server_addresses(self) -> list[str]:
-        """Every License Server address an operation named (source or target), sorted."""
-        named: set[str] = set()
-        for column in (operations.c.license_server, operations.c.target_license_server):
-            rows = await self.session.execute(select(column).distinct())
-            named.update(address for address in rows.scalars() if address)
-        return sorted(named)
+        """Every License Server address an operation named (a move's source and target
+        are its halves'), sorted."""
+        rows = await self.session.execute(select(operations.c.license_server).distinct())
+        return sorted(address for address in rows.scalars() if address)
 
     async def unfinished_online(self) -> list[Operation]:
         """Operations to resume at start, oldest first (offline ones wait for a file)."""
         query = (
-            select(operations)
-            .where(operations.c.state.in_(UNFINISHED), operations.c.offline.is_(False))
+            _with_target()
+            .where(operations.c.state.in_(UNFINISHED), operations.c.offline.is_(False), _TOP_LEVEL)
             .order_by(operations.c.created_at, operations.c.operation_id)
         )
         rows = (await self.session.execute(query)).mappings().all()
@@ -166,11 +173,7 @@ def _row(operation: Operation) -> dict[str, Any]:
         "certificate_id": operation.certificate_id,
         "offline": operation.offline,
         "force": operation.force,
-        "target_license_server": operation.target_license_server,
-        "target_host_id": operation.target_host_id,
-        "target_request_id": operation.target_request_id,
-        "target_request_envelope": operation.target_request_envelope,
-        "target_response_envelope": operation.target_response_envelope,
+        "parent_operation_id": operation.parent_operation_id,
         "revoked_leases": operation.revoked_leases,
         "result": operation.result,
         "last_error": operation.last_error,
@@ -195,11 +198,9 @@ def _operation(row: RowMapping) -> Operation:
         certificate_id=row["certificate_id"],
         offline=bool(row["offline"]),
         force=bool(row["force"]),
-        target_license_server=row["target_license_server"],
-        target_host_id=row["target_host_id"],
-        target_request_id=row["target_request_id"],
-        target_request_envelope=row["target_request_envelope"],
-        target_response_envelope=row["target_response_envelope"],
+        parent_operation_id=row["parent_operation_id"],
+        target_license_server=row["target_license_server"] or "",
+        target_host_id=row["target_host_id"] or "",
         revoked_leases=row["revoked_leases"],
         result=row["result"],
         last_error=row["last_error"],

@@ -31,7 +31,8 @@ operations = Table(
     Column("host_id", String(32), nullable=False),
     Column("activation_id", String(32), nullable=False),
     Column("count", Integer, nullable=False),
-    # The request id the License Server signed (a move: the request id of its return).
+    # The request id the License Server signed (a move: the request id of its return;
+    # a move's request envelope is empty, its halves hold theirs).
     Column("request_id", String(128), nullable=False),
     Column("request_envelope", LargeBinary, nullable=False),
     Column("response_envelope", LargeBinary, nullable=True),
@@ -40,19 +41,16 @@ operations = Table(
     Column("certificate_id", String(64), nullable=False, server_default=text("''")),
     Column("offline", Boolean, nullable=False, server_default=false()),
     Column("force", Boolean, nullable=False, server_default=false()),
-    # Move only: where the seats go, and the activation request and answer there.
-    Column("target_license_server", Text, nullable=False, server_default=text("''")),
-    Column("target_host_id", String(32), nullable=False, server_default=text("''")),
-    Column("target_request_id", String(128), nullable=False, server_default=text("''")),
-    Column("target_request_envelope", LargeBinary, nullable=True),
-    Column("target_response_envelope", LargeBinary, nullable=True),
     Column("revoked_leases", Integer, nullable=False, server_default=text("0")),
     # The License Server's answer to the install step, as it was returned the first time.
     Column("result", LargeBinary, nullable=True),
     Column("last_error", Text, nullable=False, server_default=text("''")),
     Column("last_error_code", String(32), nullable=False, server_default=text("''")),
+    # A move's halves (its return and its activation) name the move; '' otherwise.
+    Column("parent_operation_id", String(128), nullable=False, server_default=text("''")),
     Index("ix_operations_created_at", "created_at"),
     Index("ix_operations_state", "state"),
+    Index("ix_operations_parent_operation_id", "parent_operation_id"),
 )
 
 # One row: the registration details sent to the vendor with every activation.

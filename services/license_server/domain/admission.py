@@ -1,7 +1,7 @@
 """Fair shares of the License Server per client host: open lease streams and the rate
 of acquires, so one misbehaving host cannot starve the others.
 
-The host is the address the connection comes from (``tessera.limits.peer_host``), not the
+The host is the address the connection comes from (``tessera.server.limits.peer_host``), not the
 ``client_host`` a request names: that field is the client's word and free to vary.
 
 Resumes are not rate-limited. After a License Server restarts every client resumes at
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from services.license_server.domain.errors import AcquireRateExceeded, TooManyStreams
 from services.license_server.domain.metrics import LeaseMetrics
-from tessera.limits import StreamCounter, TokenBuckets
+from tessera.server.limits import StreamCounter, TokenBuckets
 
 
 @dataclass(frozen=True)

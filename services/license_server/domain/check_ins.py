@@ -33,7 +33,6 @@ from services.license_server.domain.vendor_standing import (
     WITHDRAWN,
     withdraws,
 )
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import (
     HeldCertificate,
     HostCheckInRequest,
@@ -42,6 +41,7 @@ from tessera.activation.v1.activation_pb2 import (
 from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import SignedEnvelope
 from tessera.envelope import open_envelope, seal
+from tessera.server import failpoints
 
 # A check-in prepared this long ago and never answered is forgotten.
 UNANSWERED_FOR = dt.timedelta(days=7)

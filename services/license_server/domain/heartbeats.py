@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Leases one UPDATE extends at most, one bound parameter each: SQLite allows 32,766 per
 # statement by default since 3.32 (an engine refuses one that allows fewer, see
-# tessera.sqlite_connection), asyncpg 32,767. At 20,000 leases beating every 10 s a flush
+# tessera.storage.sqlite_connection), asyncpg 32,767. At 20,000 leases beating every 10 s a flush
 # holds 2,000; one statement for them costs SQLite about 40 % less CPU per lease than four
 # of 500 (docs/performance.md).
 FLUSH_BATCH = 5000

@@ -36,11 +36,11 @@ from services.license_server.domain.trusted_storage import (
     stored_from,
 )
 from services.license_server.domain.vendor_standing import CHECK_IN_CAUSES
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
 from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.envelope import open_envelope, seal
+from tessera.server import failpoints
 
 
 @dataclass(frozen=True)

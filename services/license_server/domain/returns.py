@@ -34,7 +34,6 @@ from services.license_server.domain.trusted_storage import (
     request_id_or_new,
     stored_from,
 )
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import (
     HostReturnRequest,
     ReturnOutcome,
@@ -44,6 +43,7 @@ from tessera.clock import to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
 from tessera.envelope import open_envelope, seal
 from tessera.errors import InvalidInput
+from tessera.server import failpoints
 from tessera.validation import checked_text
 
 # The vendor's refusal that means "this host does not hold the certificate any more".

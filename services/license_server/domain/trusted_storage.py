@@ -49,7 +49,6 @@ from services.license_server.domain.vendor_standing import (
     LICENSE_NOT_HELD,
     view_of,
 )
-from tessera import failpoints
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
 from tessera.clock import Clock, from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, LicenseKind, SignedEnvelope
@@ -57,6 +56,7 @@ from tessera.envelope import open_envelope, seal
 from tessera.errors import InvalidInput
 from tessera.ids import ACTIVATION_PREFIX, parse_id
 from tessera.keys import HostIdentity
+from tessera.server import failpoints
 
 log = logging.getLogger("tessera.license_server.trust")
 

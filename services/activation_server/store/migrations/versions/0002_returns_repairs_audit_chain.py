@@ -35,7 +35,7 @@ def _canonical_json(value: object) -> str:
 
 
 def _entry_hash(previous: bytes, sequence: int, at: dt.datetime, *content: str) -> bytes:
-    # Chain format 1, as services/activation_server/domain/audit_chain.py computes it.
+    # Chain format 1, as entry_hash in services/activation_server/domain/model.py computes it.
     stamp = at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     encoded = json.dumps([sequence, stamp, *content], separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(previous + encoded.encode()).digest()
