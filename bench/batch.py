@@ -36,7 +36,7 @@ from bench.services import FEATURE, create_postgres_database, drop_postgres_data
 from services.license_server.domain.leasing import LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, Lease, NewLease, StoredCertificate
 from services.license_server.server import MIGRATIONS
-from services.license_server.store.repository import LicenseStore
+from services.license_server.store.database import SqlLicenseStore
 from tessera.storage import create_engine, migrate
 
 SEATS = 1_000_000
@@ -62,7 +62,7 @@ async def open_leasing(url: str, clock: SteppedClock) -> Leasing:
     await migrate(engine, MIGRATIONS)
     # Gather nothing on purpose: each round's calls are all waiting when its batch starts.
     leasing = Leasing(
-        LicenseStore(engine), LeasePolicy(ttl_seconds=90, group_commit_delay_seconds=0), clock
+        SqlLicenseStore(engine), LeasePolicy(ttl_seconds=90, group_commit_delay_seconds=0), clock
     )
     certificate_id = str(uuid.uuid4())
     async with leasing.store.transaction() as repo:
@@ -102,7 +102,13 @@ async def transaction_cpu(url: str, calls: int, rounds: int) -> float:
             held = [grant for grant in results[:calls] if isinstance(grant, Grant)]
         return statistics.median(figures[2:])  # the first rounds warm the caches
     finally:
-        await leasing.store.engine.dispose()
+        await close(leasing)
+
+
+async def close(leasing: Leasing) -> None:
+    """Close the database under ``leasing`` (the domain sees only the store's port)."""
+    assert isinstance(leasing.store, SqlLicenseStore)
+    await leasing.store.engine.dispose()
 
 
 async def flush_cpu(url: str, rounds: int) -> float:
@@ -135,7 +141,7 @@ async def flush_cpu(url: str, rounds: int) -> float:
             figures.append((time.process_time() - started) / max(1, extended))
         return statistics.median(figures[2:])
     finally:
-        await leasing.store.engine.dispose()
+        await close(leasing)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -25,8 +25,8 @@ from services.license_server.servicer import (
     LeaseServicer,
     TrustedStorageServicer,
 )
+from services.license_server.store.database import SqlLicenseStore
 from services.license_server.store.notifications import PostgresLeaseNotifications
-from services.license_server.store.repository import LicenseStore
 from tessera.clock import Clock, SystemClock
 from tessera.keys import (
     HostIdentity,
@@ -56,7 +56,7 @@ SERVICE_NAMES = [
 @dataclass
 class LicenseServer:
     endpoint: Endpoint
-    store: LicenseStore
+    store: SqlLicenseStore
     leasing: Leasing
     lease_servicer: LeaseServicer
     identity: HostIdentity
@@ -129,11 +129,11 @@ async def build(settings: Settings, clock: Clock | None = None) -> LicenseServer
     engine = create_engine(settings.database_url)
     await migrate(engine, MIGRATIONS)
     origin = uuid.uuid4().hex
-    store = LicenseStore(engine, origin)
+    store = SqlLicenseStore(engine, origin)
     bus = LeaseBus()
     notifications = None
     if engine.dialect.name == "postgresql":
-        notifications = PostgresLeaseNotifications(settings.database_url, bus, origin)
+        notifications = PostgresLeaseNotifications(settings.database_url, bus.publish, origin)
         await notifications.start()
     registry = new_registry(settings.common.service)
     lease_metrics = LeaseMetrics(registry)

@@ -19,7 +19,7 @@ import pytest
 from services.license_server.domain.leasing import LeasePolicy, Leasing, QueuePlace
 from services.license_server.domain.model import Grant
 from services.license_server.server import MIGRATIONS
-from services.license_server.store.repository import LicenseStore
+from services.license_server.store.database import SqlLicenseStore
 from tessera.license.v1 import license_pb2 as lpb
 from tessera.license.v1 import license_pb2_grpc as lpb_grpc
 from tessera.rpc import reason_of
@@ -111,7 +111,7 @@ async def replicas(databases: DatabaseFactory, clock: FakeClock) -> AsyncIterato
             engines.append(engine)
             await migrate(engine, MIGRATIONS)
             policy = LeasePolicy(replica_timeout_seconds=TIMEOUT)
-            made.append(Leasing(LicenseStore(engine), policy, clock))
+            made.append(Leasing(SqlLicenseStore(engine), policy, clock))
         return made
 
     yield make

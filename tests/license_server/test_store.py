@@ -31,7 +31,8 @@ from services.license_server.domain.group_commit import GATHER_AFTER
 from services.license_server.domain.leasing import CLOCK_STEP_TOLERANCE, LeasePolicy, Leasing
 from services.license_server.domain.model import Grant, PoolInformation
 from services.license_server.server import MIGRATIONS
-from services.license_server.store.repository import LicenseStore, Repository
+from services.license_server.store.database import SqlLicenseStore
+from services.license_server.store.leases import SqlLeaseQueries
 from services.license_server.store.tables import leases
 from tessera.storage import create_engine, migrate
 from tests.support.clock import FakeClock
@@ -56,7 +57,7 @@ async def replicas(databases: DatabaseFactory, clock: FakeClock) -> AsyncIterato
             engine = create_engine(url)
             engines.append(engine)
             await migrate(engine, MIGRATIONS)
-            made.append(Leasing(LicenseStore(engine), LeasePolicy(ttl_seconds=TTL), clock))
+            made.append(Leasing(SqlLicenseStore(engine), LeasePolicy(ttl_seconds=TTL), clock))
         return made
 
     yield make
@@ -702,12 +703,12 @@ async def test_batches_on_two_replicas_never_deadlock_over_two_pools(
     one, two = await replicas(2)
     await seed(one, 5, "feat.x")
     await seed(one, 5, "feat.y")
-    take_seats = Repository.take_seats
+    take_seats = SqlLeaseQueries.take_seats
     both_hold_one = asyncio.Barrier(2)
     taken: dict[int, int] = {}
 
     async def take_then_meet(
-        self: Repository, feature: str, count: int, now: dt.datetime, ticket: int | None = None
+        self: SqlLeaseQueries, feature: str, count: int, now: dt.datetime, ticket: int | None = None
     ) -> bool:
         took = await take_seats(self, feature, count, now, ticket)
         taken[id(self)] = taken.get(id(self), 0) + 1
@@ -716,7 +717,7 @@ async def test_batches_on_two_replicas_never_deadlock_over_two_pools(
                 await asyncio.wait_for(both_hold_one.wait(), 2)
         return took
 
-    monkeypatch.setattr(Repository, "take_seats", take_then_meet)
+    monkeypatch.setattr(SqlLeaseQueries, "take_seats", take_then_meet)
     results = await asyncio.gather(
         one.acquire(new_lease(feature="feat.x", client="a1")),
         one.acquire(new_lease(feature="feat.y", client="a2")),

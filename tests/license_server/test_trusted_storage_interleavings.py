@@ -25,8 +25,9 @@ from sqlalchemy import update
 from services.license_server.domain.ledger import AnchorFile
 from services.license_server.domain.returns import Returns as LicenseReturns
 from services.license_server.domain.trusted_storage import TrustedStorage
-from services.license_server.store.repository import Repository
+from services.license_server.store.leases import SqlLeaseQueries
 from services.license_server.store.tables import certificates, pools
+from services.license_server.store.trust import SqlTrustQueries
 from tessera.activation.v1 import activation_pb2 as apb
 from tessera.common.v1.common_pb2 import LicenseCertificate
 from tessera.keys import read_vendor_public_keys
@@ -311,15 +312,15 @@ def pause_at_seal(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, async
     the seal, until ``go`` is set; ``there`` is set when it got there. Whatever it read
     before locking is what a late request would act on."""
     there, go = asyncio.Event(), asyncio.Event()
-    original = Repository.get_seal
+    original = SqlTrustQueries.get_seal
 
-    async def paused(self: Repository, *, lock: bool = False) -> object:
+    async def paused(self: SqlTrustQueries, *, lock: bool = False) -> object:
         if lock and _PAUSED.get() and not there.is_set():
             there.set()
             await go.wait()
         return await original(self, lock=lock)
 
-    monkeypatch.setattr(Repository, "get_seal", paused)
+    monkeypatch.setattr(SqlTrustQueries, "get_seal", paused)
     return there, go
 
 
@@ -402,15 +403,15 @@ async def test_retiring_an_expired_certificate_does_not_put_withheld_seats_back(
     # The sweeper retires the expired certificate; before it recounts the pool, a return
     # of the other certificate commits.
     there, go = asyncio.Event(), asyncio.Event()
-    original = Repository.lock_pool
+    original = SqlLeaseQueries.lock_pool
 
-    async def slow(self: Repository, feature: str) -> object:
+    async def slow(self: SqlLeaseQueries, feature: str) -> object:
         if _IN_SWEEPER.get() and not there.is_set():
             there.set()
             await go.wait()
         return await original(self, feature)
 
-    monkeypatch.setattr(Repository, "lock_pool", slow)
+    monkeypatch.setattr(SqlLeaseQueries, "lock_pool", slow)
     context = contextvars.copy_context()
     context.run(_IN_SWEEPER.set, True)
     sweep = asyncio.create_task(

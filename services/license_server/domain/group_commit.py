@@ -35,12 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError
-
 from services.license_server.domain.errors import StaleLeaseEpoch
 from services.license_server.domain.events import LeaseEvent, LeaseResumed, SeatsFreed
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import Lease, NewLease
+from services.license_server.domain.ports import LicenseStore, Queries
 from services.license_server.domain.seats import (
     RESUMED_ELSEWHERE,
     lease_not_found,
@@ -49,17 +48,10 @@ from services.license_server.domain.seats import (
     secret_hash,
     unusable,
 )
-from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError
 
 log = logging.getLogger(__name__)
-
-# Times a batch is tried again after PostgreSQL rolled it back for a deadlock or a
-# serialization failure with another replica's transaction.
-RETRIES_ON_CONFLICT = 3
-# SQLSTATEs of those two.
-CONFLICTS = frozenset({"40P01", "40001"})
 
 # Calls of each kind (checkouts, check-ins, resumes) one transaction serves at most;
 # bounds its statements' size.
@@ -250,37 +242,26 @@ class GroupCommit:
     async def _commit_retrying(
         self, checkouts: list[_Checkout], checkins: list[_Checkin], resumes: list[_Resume]
     ) -> _Outcome:
-        """``_commit``, again (a few times) when PostgreSQL chose this batch's transaction
-        to break a deadlock with another replica's, or to keep serializability: it was
-        rolled back whole, so doing it again is doing it once."""
-        for attempt in range(RETRIES_ON_CONFLICT + 1):
-            try:
-                return await self._commit(checkouts, checkins, resumes)
-            except DBAPIError as error:
-                if attempt == RETRIES_ON_CONFLICT or not _conflict(error):
-                    raise
-                log.info(
-                    "batch of %d calls rolled back by a conflict; retrying",
-                    len(checkouts) + len(checkins) + len(resumes),
-                )
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One transaction for the batch, run again by the store when PostgreSQL chose it
+        to break a deadlock with another replica's, or to keep serializability (it was
+        rolled back whole, so doing it again is doing it once): each try starts a new
+        outcome, and callers hear only the committed one."""
 
-    async def _commit(
-        self, checkouts: list[_Checkout], checkins: list[_Checkin], resumes: list[_Resume]
-    ) -> _Outcome:
-        outcome = _Outcome()
-        now = self.clock.now()
-        async with self.store.transaction() as repo:
+        async def commit(repo: Queries) -> _Outcome:
+            outcome = _Outcome()
+            now = self.clock.now()
             if resumes:
                 await self._resume(repo, resumes, now, outcome)
             if checkins:
                 await self._release(repo, checkins, now, outcome)
             if checkouts:
                 await self._grant(repo, checkouts, now, outcome)
-        return outcome
+            return outcome
+
+        return await self.store.retrying_transaction(commit)
 
     async def _resume(
-        self, repo: Repository, resumes: list[_Resume], now: dt.datetime, outcome: _Outcome
+        self, repo: Queries, resumes: list[_Resume], now: dt.datetime, outcome: _Outcome
     ) -> None:
         hashes = [secret_hash(r.secret) for r in resumes]
         bumped = await repo.bump_epochs(
@@ -313,7 +294,7 @@ class GroupCommit:
         outcome.events += events
 
     async def _release(
-        self, repo: Repository, checkins: list[_Checkin], now: dt.datetime, outcome: _Outcome
+        self, repo: Queries, checkins: list[_Checkin], now: dt.datetime, outcome: _Outcome
     ) -> None:
         hashes = [secret_hash(c.secret) for c in checkins]
         released = await repo.release_leases(
@@ -338,7 +319,7 @@ class GroupCommit:
             outcome.events.append(event)
 
     async def _grant(
-        self, repo: Repository, checkouts: list[_Checkout], now: dt.datetime, outcome: _Outcome
+        self, repo: Queries, checkouts: list[_Checkout], now: dt.datetime, outcome: _Outcome
     ) -> None:
         by_feature: dict[str, list[_Checkout]] = {}
         for checkout in checkouts:
@@ -397,10 +378,6 @@ class GroupCommit:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _conflict(error: DBAPIError) -> bool:
-    return getattr(error.orig, "sqlstate", None) in CONFLICTS
 
 
 T = TypeVar("T", _Checkout, _Checkin, _Resume)

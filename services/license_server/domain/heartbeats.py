@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from services.license_server.domain.model import Lease
-from services.license_server.store.repository import LicenseStore
+from services.license_server.domain.ports import LicenseStore
 from tessera.clock import Clock
 
 log = logging.getLogger(__name__)

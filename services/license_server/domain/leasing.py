@@ -38,6 +38,7 @@ from services.license_server.domain.model import (
     Waiter,
 )
 from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.ports import LicenseStore, Queries
 from services.license_server.domain.replicas import ReplicaRoster
 from services.license_server.domain.seats import (
     RESUMED_ELSEWHERE,
@@ -49,7 +50,6 @@ from services.license_server.domain.seats import (
     unusable,
 )
 from services.license_server.domain.vendor_standing import CHECK_IN_CAUSES
-from services.license_server.store.repository import LicenseStore, Repository
 from tessera.clock import Clock
 from tessera.errors import DomainError, InvalidInput
 from tessera.validation import checked_text
@@ -491,9 +491,7 @@ class Leasing:
             raise InvalidInput("ttl", f"must be at least 1 second, not {requested}")
         return min(requested, self.policy.ttl_seconds)
 
-    async def _grant_new(
-        self, repo: Repository, new: NewLease, ttl: int, now: dt.datetime
-    ) -> Grant:
+    async def _grant_new(self, repo: Queries, new: NewLease, ttl: int, now: dt.datetime) -> Grant:
         lease, secret = new_lease(new, ttl, now)
         await repo.insert_leases([(lease, secret_hash(secret))])
         return self._grant(lease, secret, resumed=False)

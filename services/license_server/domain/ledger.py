@@ -21,6 +21,7 @@ from pathlib import Path
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from services.license_server.domain.model import LedgerEntry, Seal
 from tessera.keys import HostIdentity
 
 GENESIS_HASH = b"\0" * 32
@@ -76,20 +77,16 @@ def envelope_digest(envelope: bytes) -> str:
     return hashlib.sha256(envelope).hexdigest()
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    sequence: int
-    at: dt.datetime
-    action: str
-    certificate_id: str | None
-    state: str
-    previous_hash: bytes
-    hash: bytes
-
-    def computed_hash(self) -> bytes:
-        return entry_hash(
-            self.previous_hash, self.sequence, self.at, self.action, self.certificate_id, self.state
-        )
+def computed_hash(entry: LedgerEntry) -> bytes:
+    """The hash ``entry`` should carry, from its content and its predecessor's hash."""
+    return entry_hash(
+        entry.previous_hash,
+        entry.sequence,
+        entry.at,
+        entry.action,
+        entry.certificate_id,
+        entry.state,
+    )
 
 
 def entry_hash(
@@ -126,26 +123,13 @@ def next_entry(
     )
 
 
-@dataclass(frozen=True)
-class Seal:
-    """Which host and machine trusted storage belongs to, its head and clock high-water."""
-
-    host_id: str
-    host_public_key: bytes
-    machine_binding: bytes
-    head_sequence: int
-    head_hash: bytes
-    clock_high_water: dt.datetime
-    clock_set_back_at: dt.datetime | None
-    signature: bytes
-
-    def is_authentic(self) -> bool:
-        """True when the host key named in the seal signed exactly this content."""
-        try:
-            VerifyKey(self.host_public_key).verify(_seal_bytes(self), self.signature)
-        except (BadSignatureError, ValueError, TypeError):
-            return False
-        return True
+def is_authentic(seal: Seal) -> bool:
+    """True when the host key named in the seal signed exactly this content."""
+    try:
+        VerifyKey(seal.host_public_key).verify(_seal_bytes(seal), seal.signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
 
 
 def sign_seal(

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from services.license_server.domain.events import LeaseEnded, LeaseEvent
 from services.license_server.domain.model import PoolInformation
-from services.license_server.store.repository import LicenseStore
+from services.license_server.domain.ports import LicenseStore
 from tessera.clock import Clock
 
 

@@ -137,3 +137,64 @@ class Waiter:
     ticket: int = 0
     # The replica whose stream serves the waiter: it is live while that replica is.
     replica_id: str = ""
+
+
+# Lease events: what streams must hear at once, on this replica and the others
+# (domain/events.py publishes them; the store announces them to the other replicas).
+
+
+@dataclass(frozen=True)
+class LeaseEnded:
+    """A lease was released by someone other than its holder."""
+
+    lease_id: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class LeaseResumed:
+    """A lease was resumed with a new epoch; streams on older epochs are fenced out."""
+
+    lease_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class SeatsFreed:
+    """Seats of a feature became free (check-in, expiry, revocation, new activation)."""
+
+    feature: str
+
+
+LeaseEvent = LeaseEnded | LeaseResumed | SeatsFreed
+
+
+# The trusted storage ledger's rows (domain/ledger.py hashes and signs them).
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One hash-chained change to trusted storage: a certificate's whole state after it."""
+
+    sequence: int
+    at: dt.datetime
+    action: str
+    certificate_id: str | None
+    state: str
+    previous_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class Seal:
+    """Which host and machine trusted storage belongs to, its head and clock high-water."""
+
+    host_id: str
+    host_public_key: bytes
+    machine_binding: bytes
+    head_sequence: int
+    head_hash: bytes
+    clock_high_water: dt.datetime
+    clock_set_back_at: dt.datetime | None
+    signature: bytes

@@ -13,7 +13,7 @@ import datetime as dt
 
 from services.license_server.domain.errors import SeatsInUse
 from services.license_server.domain.events import LeaseEnded, LeaseEvent, SeatsFreed
-from services.license_server.store.repository import Repository
+from services.license_server.domain.ports import Queries
 
 # Why the pool shrank, as (lease release reason stored, reason told on the stream).
 LICENSE_EXPIRED = ("license_expired", "LICENSE_EXPIRED")
@@ -25,7 +25,7 @@ CHECK_IN_OVERDUE = ("check_in_overdue", "CHECK_IN_OVERDUE")
 
 
 async def fit_pool(
-    repo: Repository,
+    repo: Queries,
     feature: str,
     now: dt.datetime,
     why: tuple[str, str],

@@ -27,6 +27,7 @@ from services.license_server.domain.errors import (
 from services.license_server.domain.events import LeaseEvent
 from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
 from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.ports import Queries
 from services.license_server.domain.trust import TrustReport
 from services.license_server.domain.trusted_storage import (
     TrustedStorage,
@@ -35,7 +36,6 @@ from services.license_server.domain.trusted_storage import (
     stored_from,
 )
 from services.license_server.domain.vendor_standing import CHECK_IN_CAUSES
-from services.license_server.store.repository import Repository
 from tessera.activation.v1.activation_pb2 import HostRepairRequest, VendorRepairResponse
 from tessera.clock import from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, SignedEnvelope
@@ -200,7 +200,7 @@ class Repairs:
 
 
 async def _replace_certificates(
-    repo: Repository,
+    repo: Queries,
     reissued: list[tuple[LicenseCertificate, SignedEnvelope]],
     rows: dict[str, StoredCertificate],
     decided_at: dt.datetime,

@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 
 from services.license_server.domain.events import LeaseBus, SeatsFreed
-from services.license_server.store.repository import LicenseStore
+from services.license_server.domain.ports import LicenseStore
 from tessera.clock import Clock
 
 log = logging.getLogger(__name__)

@@ -27,13 +27,13 @@ from services.license_server.domain.errors import (
 from services.license_server.domain.events import LeaseEnded
 from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
 from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.ports import DuplicateKey
 from services.license_server.domain.trusted_storage import (
     TrustedStorage,
     certificate_of,
     request_id_or_new,
     stored_from,
 )
-from services.license_server.store.repository import DuplicateKey
 from tessera.activation.v1.activation_pb2 import (
     HostReturnRequest,
     ReturnOutcome,

@@ -25,13 +25,13 @@ from services.license_server.domain.model import (
     PoolInformation,
     StoredCertificate,
 )
+from services.license_server.domain.ports import LeaseQueries, Queries
 from services.license_server.domain.vendor_standing import (
     CERTIFICATE_SUPERSEDED,
     CHECK_IN_CAUSES,
     CHECK_IN_OVERDUE,
     LICENSE_NOT_HELD,
 )
-from services.license_server.store.repository import Repository
 from tessera.errors import DomainError
 
 # Told to a stream whose lease a newer stream took over.
@@ -73,7 +73,7 @@ def new_lease(new: NewLease, ttl: int, now: dt.datetime) -> tuple[Lease, str]:
     return lease, secrets.token_urlsafe(24)
 
 
-async def refusal(repo: Repository, new: NewLease, now: dt.datetime) -> DomainError:
+async def refusal(repo: Queries, new: NewLease, now: dt.datetime) -> DomainError:
     """Why ``new`` gets no seat now, read within the transaction that refused it."""
     pool = await repo.get_pool(new.feature)
     if pool is None or new.count > pool.activated:
@@ -88,7 +88,7 @@ async def refusal(repo: Repository, new: NewLease, now: dt.datetime) -> DomainEr
 
 
 async def shortfall(
-    repo: Repository, new: NewLease, pool: PoolInformation | None, now: dt.datetime
+    repo: Queries, new: NewLease, pool: PoolInformation | None, now: dt.datetime
 ) -> DomainError:
     """Why fewer seats of a feature serve here than ``new`` asks for, however long it
     waits: the real cause, since each needs another remedy. Seats that trusted storage
@@ -179,7 +179,7 @@ def above_activated(new: NewLease, pool: PoolInformation) -> CountAboveActivated
 
 
 async def unusable(
-    repo: Repository, lease_id: str, hashed: bytes, epoch: int | None, now: dt.datetime
+    repo: LeaseQueries, lease_id: str, hashed: bytes, epoch: int | None, now: dt.datetime
 ) -> DomainError:
     """Why a lease cannot be heartbeaten, resumed or released by this caller now."""
     lease = await repo.get_lease(lease_id, hashed)

@@ -19,11 +19,11 @@ from services.license_server.domain.ledger import (
     SEALED,
     Anchor,
     CertificateState,
-    LedgerEntry,
-    Seal,
+    computed_hash,
     envelope_digest,
+    is_authentic,
 )
-from services.license_server.domain.model import StoredCertificate
+from services.license_server.domain.model import LedgerEntry, Seal, StoredCertificate
 from services.license_server.domain.vendor_standing import (
     CHECK_IN_OVERDUE,
     CheckInView,
@@ -181,7 +181,7 @@ def storage_problem(
     """What breaks the whole of trusted storage, if anything."""
     if seal is None:
         return Problem(LEDGER_TAMPERED, "the seal of trusted storage is missing")
-    if not seal.is_authentic():
+    if not is_authentic(seal):
         return Problem(LEDGER_TAMPERED, "the seal's signature does not match its content")
     if seal.host_public_key != identity.public_key:
         return Problem(
@@ -218,7 +218,7 @@ def _chain_problem(seal: Seal, segment: Sequence[LedgerEntry]) -> str | None:
         return "the ledger has no seal entry"
     previous: LedgerEntry | None = None
     for entry in segment:
-        if entry.computed_hash() != entry.hash:
+        if computed_hash(entry) != entry.hash:
             return f"ledger entry {entry.sequence} was edited"
         if previous is not None:
             if entry.sequence != previous.sequence + 1:

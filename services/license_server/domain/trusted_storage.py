@@ -31,10 +31,17 @@ from services.license_server.domain.errors import (
     TrustedStorageBroken,
 )
 from services.license_server.domain.events import LeaseBus, LeaseEvent
-from services.license_server.domain.ledger import Anchor, AnchorFile, Seal
+from services.license_server.domain.ledger import Anchor, AnchorFile
 from services.license_server.domain.metrics import LeaseMetrics
-from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
+from services.license_server.domain.model import (
+    LedgerEntry,
+    PendingRequest,
+    RequestKind,
+    Seal,
+    StoredCertificate,
+)
 from services.license_server.domain.pools import fit_pool
+from services.license_server.domain.ports import DuplicateKey, LicenseStore, Queries
 from services.license_server.domain.trust import TrustReport, inspect, state_of, storage_problem
 from services.license_server.domain.vendor_standing import (
     CERTIFICATE_SUPERSEDED,
@@ -42,7 +49,6 @@ from services.license_server.domain.vendor_standing import (
     LICENSE_NOT_HELD,
     view_of,
 )
-from services.license_server.store.repository import DuplicateKey, LicenseStore, Repository
 from tessera.activation.v1.activation_pb2 import HostActivationRequest, VendorActivationResponse
 from tessera.clock import Clock, from_timestamp, to_timestamp
 from tessera.common.v1.common_pb2 import LicenseCertificate, LicenseKind, SignedEnvelope
@@ -182,7 +188,7 @@ class TrustedStorage:
         return report
 
     async def _judged(
-        self, repo: Repository, now: dt.datetime, anchor: Anchor | None, *, lock: bool
+        self, repo: Queries, now: dt.datetime, anchor: Anchor | None, *, lock: bool
     ) -> tuple[Seal | None, TrustReport]:
         # The anchor is read before the transaction: read inside, it could name an entry
         # committed after this transaction's snapshot, which would look like a restore.
@@ -204,7 +210,7 @@ class TrustedStorage:
         )
         return seal_row, report
 
-    async def require_sound(self, repo: Repository) -> Seal:
+    async def require_sound(self, repo: Queries) -> Seal:
         """The seal, locked for a ledger append; TrustedStorageBroken when storage as a
         whole is broken (copied, moved, tampered with, restored): repair it first."""
         seal_row = await repo.get_seal(lock=True)
@@ -226,7 +232,7 @@ class TrustedStorage:
 
     async def record(
         self,
-        repo: Repository,
+        repo: Queries,
         seal_row: Seal,
         now: dt.datetime,
         changes: Iterable[tuple[str, StoredCertificate]],
@@ -250,7 +256,7 @@ class TrustedStorage:
 
     async def reseal(
         self,
-        repo: Repository,
+        repo: Queries,
         now: dt.datetime,
         changes: Sequence[tuple[str, StoredCertificate]],
     ) -> Anchor:
@@ -264,7 +270,7 @@ class TrustedStorage:
 
     async def _reseal(
         self,
-        repo: Repository,
+        repo: Queries,
         now: dt.datetime,
         head: tuple[int, bytes],
         changes: Sequence[tuple[str, StoredCertificate]],
@@ -287,7 +293,7 @@ class TrustedStorage:
         return Anchor(last.sequence, last.hash)
 
     async def _move_high_water(
-        self, repo: Repository, seal_row: Seal, report: TrustReport, now: dt.datetime
+        self, repo: Queries, seal_row: Seal, report: TrustReport, now: dt.datetime
     ) -> None:
         if report.clock_set_back:
             if seal_row.clock_set_back_at is None:
@@ -497,7 +503,7 @@ def _chain(
     previous_hash: bytes,
     now: dt.datetime,
     changes: Iterable[tuple[str, StoredCertificate]],
-) -> list[ledger.LedgerEntry]:
+) -> list[LedgerEntry]:
     entries = []
     for action, certificate in changes:
         entry = ledger.next_entry(

@@ -1,8 +1,9 @@
-"""Lease events from other replicas, over PostgreSQL LISTEN/NOTIFY.
+"""Lease events between replicas, over PostgreSQL LISTEN/NOTIFY: the channel, the
+payload codec, and the listener.
 
 Each replica announces its lease events with NOTIFY inside the transaction that caused
-them (see Repository.announce); this listener hands the other replicas' events to the
-local bus. If the listening connection drops it reconnects; meanwhile streams still learn
+them (``SqlLeaseQueries.announce``); this listener hands the other replicas' events to
+the local bus. If the listening connection drops it reconnects; meanwhile streams still learn
 of a lost lease at their next heartbeat, and waiters retry on a timer.
 """
 
@@ -10,26 +11,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from services.license_server.domain.events import NOTIFY_CHANNEL, LeaseBus, decode_event
+from services.license_server.domain.model import LeaseEnded, LeaseEvent, LeaseResumed, SeatsFreed
 
 log = logging.getLogger(__name__)
 
+NOTIFY_CHANNEL = "tessera_lease_events"
 RECONNECT_SECONDS = 1.0
 
 
-class PostgresLeaseNotifications:
-    """Listens for other replicas' lease events while running."""
+def encode_event(event: LeaseEvent, origin: str = "") -> str:
+    """A NOTIFY payload for ``event``, announced by the process ``origin``."""
+    if isinstance(event, LeaseEnded):
+        body = {"k": "ended", "l": event.lease_id, "r": event.reason, "m": event.message}
+    elif isinstance(event, LeaseResumed):
+        body = {"k": "resumed", "l": event.lease_id, "e": str(event.epoch)}
+    else:
+        body = {"k": "freed", "f": event.feature}
+    return json.dumps({**body, "o": origin}, separators=(",", ":"))
 
-    def __init__(self, database_url: str, bus: LeaseBus, origin: str) -> None:
+
+def decode_event(payload: str) -> tuple[str, LeaseEvent]:
+    """(origin, event) from a NOTIFY payload; ValueError when it is not one of ours."""
+    body = json.loads(payload)
+    kind = body.get("k")
+    origin = str(body.get("o", ""))
+    if kind == "ended":
+        return origin, LeaseEnded(str(body["l"]), str(body["r"]), str(body["m"]))
+    if kind == "resumed":
+        return origin, LeaseResumed(str(body["l"]), int(body["e"]))
+    if kind == "freed":
+        return origin, SeatsFreed(str(body["f"]))
+    raise ValueError(f"not a lease event: {payload[:80]!r}")
+
+
+class PostgresLeaseNotifications:
+    """Listens for other replicas' lease events while running and hands each to
+    ``publish`` (the local bus's)."""
+
+    def __init__(
+        self, database_url: str, publish: Callable[[LeaseEvent], None], origin: str
+    ) -> None:
         url = make_url(database_url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
-        self._bus = bus
+        self._publish = publish
         self._origin = origin
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -73,4 +105,4 @@ class PostgresLeaseNotifications:
             log.warning("ignoring a malformed lease event: %s", error)
             return
         if origin != self._origin:
-            self._bus.publish(event)
+            self._publish(event)

@@ -1,4 +1,5 @@
-"""SQL for the License Server. The domain owns transactions; this module owns queries.
+"""Leasing's SQL: seat pools, leases, the queue, replicas, requirements, and the lease
+events announced to the other replicas. Implements ``domain.ports.LeaseQueries``.
 
 Seat counts change only through conditional UPDATEs on the pool row, never by reading
 a count into Python and writing it back.
@@ -28,34 +29,24 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.license_server.domain.events import NOTIFY_CHANNEL, LeaseEvent, encode_event
-from services.license_server.domain.ledger import LedgerEntry, Seal
 from services.license_server.domain.model import (
-    CheckInRow,
     Lease,
+    LeaseEvent,
     NewLease,
-    PendingRequest,
     PoolInformation,
-    RequestKind,
-    StoredCertificate,
     Waiter,
 )
+from services.license_server.store.notifications import NOTIFY_CHANNEL, encode_event
 from services.license_server.store.tables import (
-    certificates,
-    check_ins,
     lease_queue,
     leases,
-    pending_requests,
     pools,
     replicas,
     requirements,
-    trust_ledger,
-    trust_seal,
 )
-from tessera.storage import TransactionalStore, first_row
+from tessera.storage import first_row
 
 # The statements every checkout and check-in batch runs, built once with bound parameters
 # instead of per batch (expressions, coercions, the compiled cache's key): a batch of 15
@@ -112,363 +103,21 @@ _RELEASE_LEASES = (
     .values(released_at=bindparam("b_now"), release_reason=bindparam("b_reason"))
     .returning(leases.c.lease_id, leases.c.secret_hash, leases.c.feature, leases.c.count)
 )
+# A stream's check-in, fenced by its epoch.
+_RELEASE_LEASES_OF_EPOCH = _RELEASE_LEASES.where(leases.c.epoch == bindparam("b_epoch"))
 _INSERT_LEASES = insert(leases)
+_ANNOUNCE = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
 
 
-class DuplicateKey(Exception):
-    """Another transaction inserted the same key first."""
-
-
-class Repository:
-    """Queries within one transaction."""
+class SqlLeaseQueries:
+    """Leasing's queries within one transaction (``session``'s). ``origin`` names this
+    process in the lease events it announces, so it can ignore its own when they come
+    back over NOTIFY."""
 
     def __init__(self, session: AsyncSession, origin: str = "") -> None:
         self.session = session
         self.origin = origin
         self._dialect = session.get_bind().dialect.name
-
-    # Trusted storage
-
-    async def get_pending_request(self, request_id: str) -> PendingRequest | None:
-        row = await first_row(
-            self.session,
-            select(pending_requests).where(pending_requests.c.request_id == request_id),
-        )
-        if row is None:
-            return None
-        return PendingRequest(
-            request_id=row["request_id"],
-            activation_id=row["activation_id"],
-            count=row["count"],
-            request_envelope=row["request_envelope"],
-            installed_at=row["installed_at"],
-            kind=RequestKind(row["kind"]),
-            certificate_id=row["certificate_id"],
-        )
-
-    async def insert_pending_request(
-        self, request: PendingRequest, created_at: dt.datetime
-    ) -> None:
-        try:
-            await self.session.execute(
-                insert(pending_requests).values(
-                    request_id=request.request_id,
-                    activation_id=request.activation_id,
-                    count=request.count,
-                    request_envelope=request.request_envelope,
-                    created_at=created_at,
-                    installed_at=None,
-                    kind=request.kind.value,
-                    certificate_id=request.certificate_id,
-                )
-            )
-        except IntegrityError as error:
-            raise DuplicateKey(request.request_id) from error
-
-    async def mark_request_installed(self, request_id: str, at: dt.datetime) -> None:
-        await self.session.execute(
-            update(pending_requests)
-            .where(pending_requests.c.request_id == request_id)
-            .values(installed_at=at)
-        )
-
-    async def get_certificate_for_request(self, request_id: str) -> StoredCertificate | None:
-        row = await first_row(
-            self.session, select(certificates).where(certificates.c.request_id == request_id)
-        )
-        return None if row is None else _certificate(row)
-
-    async def list_certificates(self) -> list[StoredCertificate]:
-        rows = (
-            await self.session.execute(select(certificates).order_by(certificates.c.installed_at))
-        ).mappings()
-        return [_certificate(row) for row in rows]
-
-    async def get_certificate(self, certificate_id: str) -> StoredCertificate | None:
-        row = await first_row(
-            self.session,
-            select(certificates).where(certificates.c.certificate_id == certificate_id),
-        )
-        return None if row is None else _certificate(row)
-
-    async def insert_certificate(self, certificate: StoredCertificate) -> None:
-        """Store a certificate; its seats join the pool when the pool is recounted."""
-        try:
-            await self.session.execute(
-                insert(certificates).values(
-                    certificate_id=certificate.certificate_id,
-                    request_id=certificate.request_id,
-                    feature=certificate.feature,
-                    count=certificate.count,
-                    expires_at=certificate.expires_at,
-                    envelope=certificate.envelope,
-                    installed_at=certificate.installed_at,
-                    revision=certificate.revision,
-                )
-            )
-        except IntegrityError as error:
-            raise DuplicateKey(certificate.certificate_id) from error
-
-    async def update_certificate(self, certificate: StoredCertificate) -> None:
-        """Write a certificate's changing fields (re-issue, return, breakage)."""
-        await self.session.execute(
-            update(certificates)
-            .where(certificates.c.certificate_id == certificate.certificate_id)
-            .values(
-                count=certificate.count,
-                envelope=certificate.envelope,
-                expires_at=certificate.expires_at,
-                revision=certificate.revision,
-                withheld=certificate.returning,
-                return_request_id=certificate.return_request_id,
-                returned_at=certificate.returned_at,
-                broken_cause=certificate.broken_cause,
-                broken_detail=certificate.broken_detail,
-            )
-        )
-
-    # Check-ins with the vendor
-
-    async def withdrawn_per_feature(self, causes: Iterable[str]) -> dict[str, tuple[int, str]]:
-        """Per feature, the seats of certificates one of ``causes`` keeps from serving, and
-        one such cause."""
-        rows = await self.session.execute(
-            select(
-                certificates.c.feature,
-                func.sum(certificates.c.count - certificates.c.withheld),
-                func.min(certificates.c.broken_cause),
-            )
-            .where(
-                certificates.c.returned_at.is_(None),
-                certificates.c.retired_at.is_(None),
-                certificates.c.broken_cause.in_(list(causes)),
-            )
-            .group_by(certificates.c.feature)
-        )
-        return {feature: (int(seats or 0), str(cause)) for feature, seats, cause in rows}
-
-    async def insert_check_in(self, row: CheckInRow) -> None:
-        await self.session.execute(
-            insert(check_ins).values(
-                request_id=row.request_id,
-                host_id=row.host_id,
-                request_envelope=row.request_envelope,
-                prepared_at=row.prepared_at,
-            )
-        )
-
-    async def get_check_in(self, request_id: str, *, lock: bool = False) -> CheckInRow | None:
-        query = select(check_ins).where(check_ins.c.request_id == request_id)
-        row = await first_row(self.session, query.with_for_update() if lock else query)
-        return None if row is None else _check_in(row)
-
-    async def install_check_in(
-        self,
-        request_id: str,
-        result_envelope: bytes,
-        checked_at: dt.datetime,
-        at: dt.datetime,
-        withdraws: bool,
-    ) -> None:
-        await self.session.execute(
-            update(check_ins)
-            .where(check_ins.c.request_id == request_id)
-            .values(
-                result_envelope=result_envelope,
-                checked_at=checked_at,
-                installed_at=at,
-                withdraws=withdraws,
-            )
-        )
-
-    async def installed_check_ins(self, host_id: str) -> list[CheckInRow]:
-        """Every installed check-in of ``host_id``, oldest decided first."""
-        rows = await self.session.execute(
-            select(check_ins)
-            .where(check_ins.c.host_id == host_id, check_ins.c.checked_at.is_not(None))
-            .order_by(check_ins.c.checked_at, check_ins.c.request_id)
-        )
-        return [_check_in(row) for row in rows.mappings()]
-
-    async def newest_check_in(self, host_id: str) -> CheckInRow | None:
-        """The installed check-in of ``host_id`` the vendor decided last."""
-        row = await first_row(
-            self.session,
-            select(check_ins)
-            .where(check_ins.c.host_id == host_id, check_ins.c.checked_at.is_not(None))
-            .order_by(check_ins.c.checked_at.desc(), check_ins.c.request_id)
-            .limit(1),
-        )
-        return None if row is None else _check_in(row)
-
-    async def forget_check_ins(
-        self, host_id: str, decided_before: dt.datetime, prepared_before: dt.datetime
-    ) -> None:
-        """Drop check-ins of ``host_id`` the vendor decided before ``decided_before`` that
-        took nothing away (a newer one stands; those that withdrew a certificate stay),
-        and those prepared before ``prepared_before`` and never answered."""
-        await self.session.execute(
-            delete(check_ins).where(
-                check_ins.c.host_id == host_id,
-                or_(
-                    and_(
-                        check_ins.c.checked_at < decided_before,
-                        check_ins.c.withdraws.is_(False),
-                    ),
-                    and_(
-                        check_ins.c.checked_at.is_(None),
-                        check_ins.c.prepared_at < prepared_before,
-                    ),
-                ),
-            )
-        )
-
-    async def serving_seats(self, feature: str) -> int:
-        """Seats of a feature in certificates that serve: not expired, returned, broken
-        or withheld by a return in progress."""
-        total = await self.session.scalar(
-            select(
-                func.coalesce(func.sum(certificates.c.count - certificates.c.withheld), 0)
-            ).where(
-                certificates.c.feature == feature,
-                certificates.c.retired_at.is_(None),
-                certificates.c.returned_at.is_(None),
-                certificates.c.broken_cause.is_(None),
-            )
-        )
-        return int(total or 0)
-
-    async def held_certificates(self, feature: str) -> list[StoredCertificate]:
-        """Certificates of a feature that were not returned, serving or not: why a
-        feature has fewer seats than asked for is read from these."""
-        rows = (
-            await self.session.execute(
-                select(certificates)
-                .where(certificates.c.feature == feature, certificates.c.returned_at.is_(None))
-                .order_by(certificates.c.installed_at)
-            )
-        ).mappings()
-        return [_certificate(row) for row in rows]
-
-    async def lock_pool(self, feature: str) -> PoolInformation:
-        """The pool row of a feature (created empty when missing), locked until commit, so
-        recounts of one pool take turns and each sums what the one before it wrote."""
-        upsert = postgresql.insert(pools) if self._dialect == "postgresql" else sqlite.insert(pools)
-        await self.session.execute(
-            upsert.values(feature=feature, activated=0, used=0).on_conflict_do_nothing()
-        )
-        row = await first_row(
-            self.session, select(pools).where(pools.c.feature == feature).with_for_update()
-        )
-        assert row is not None
-        return PoolInformation(row["feature"], row["activated"], row["used"])
-
-    async def set_pool_activated(self, feature: str, activated: int) -> bool:
-        """Set a pool's activated seats, unless more are in use than that (one statement)."""
-        result = await self.session.execute(
-            update(pools)
-            .where(pools.c.feature == feature, pools.c.used <= activated)
-            .values(activated=activated)
-        )
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-    async def pool_features(self) -> list[str]:
-        """Every feature with a pool or a certificate."""
-        rows = await self.session.execute(
-            select(pools.c.feature).union(select(certificates.c.feature))
-        )
-        return sorted(rows.scalars())
-
-    # The ledger and its seal
-
-    async def get_seal(self, *, lock: bool = False) -> Seal | None:
-        """The seal; ``lock`` holds it until commit, so ledger appends take turns."""
-        query = select(trust_seal).where(trust_seal.c.id == 1)
-        if lock:
-            query = query.with_for_update()
-        row = await first_row(self.session, query)
-        if row is None:
-            return None
-        return Seal(
-            host_id=row["host_id"],
-            host_public_key=row["host_public_key"],
-            machine_binding=row["machine_binding"],
-            head_sequence=row["head_sequence"],
-            head_hash=row["head_hash"],
-            clock_high_water=row["clock_high_water"],
-            clock_set_back_at=row["clock_set_back_at"],
-            signature=row["signature"],
-        )
-
-    async def put_seal(self, seal: Seal) -> None:
-        values = {
-            "host_id": seal.host_id,
-            "host_public_key": seal.host_public_key,
-            "machine_binding": seal.machine_binding,
-            "head_sequence": seal.head_sequence,
-            "head_hash": seal.head_hash,
-            "clock_high_water": seal.clock_high_water,
-            "clock_set_back_at": seal.clock_set_back_at,
-            "signature": seal.signature,
-        }
-        result = await self.session.execute(
-            update(trust_seal).where(trust_seal.c.id == 1).values(**values)
-        )
-        if result.rowcount == 0:  # type: ignore[attr-defined]
-            try:
-                await self.session.execute(insert(trust_seal).values(id=1, **values))
-            except IntegrityError as error:
-                raise DuplicateKey("trust_seal") from error
-
-    async def append_ledger(self, entries: list[LedgerEntry]) -> None:
-        if not entries:
-            return
-        try:
-            await self.session.execute(
-                insert(trust_ledger),
-                [
-                    {
-                        "sequence": entry.sequence,
-                        "at": entry.at,
-                        "action": entry.action,
-                        "certificate_id": entry.certificate_id,
-                        "state": entry.state,
-                        "previous_hash": entry.previous_hash,
-                        "hash": entry.hash,
-                    }
-                    for entry in entries
-                ],
-            )
-        except IntegrityError as error:
-            raise DuplicateKey("trust_ledger") from error
-
-    async def ledger_since_last_seal(self) -> list[LedgerEntry]:
-        """The current segment: the newest ``sealed`` entry and everything after it."""
-        start = await self.session.scalar(
-            select(func.max(trust_ledger.c.sequence)).where(trust_ledger.c.action == "sealed")
-        )
-        query = select(trust_ledger).order_by(trust_ledger.c.sequence)
-        if start is not None:
-            query = query.where(trust_ledger.c.sequence >= start)
-        rows = (await self.session.execute(query)).mappings()
-        return [
-            LedgerEntry(
-                sequence=row["sequence"],
-                at=row["at"],
-                action=row["action"],
-                certificate_id=row["certificate_id"],
-                state=row["state"],
-                previous_hash=row["previous_hash"],
-                hash=row["hash"],
-            )
-            for row in rows
-        ]
-
-    async def ledger_hash_at(self, sequence: int) -> bytes | None:
-        value = await self.session.scalar(
-            select(trust_ledger.c.hash).where(trust_ledger.c.sequence == sequence)
-        )
-        return None if value is None else bytes(value)
 
     # Pools
 
@@ -523,6 +172,28 @@ class Repository:
             for feature, activated, used, queued in rows.all()
         ]
 
+    async def lock_pool(self, feature: str) -> PoolInformation:
+        """The pool row of a feature (created empty when missing), locked until commit, so
+        recounts of one pool take turns and each sums what the one before it wrote."""
+        upsert = postgresql.insert(pools) if self._dialect == "postgresql" else sqlite.insert(pools)
+        await self.session.execute(
+            upsert.values(feature=feature, activated=0, used=0).on_conflict_do_nothing()
+        )
+        row = await first_row(
+            self.session, select(pools).where(pools.c.feature == feature).with_for_update()
+        )
+        assert row is not None
+        return PoolInformation(row["feature"], row["activated"], row["used"])
+
+    async def set_pool_activated(self, feature: str, activated: int) -> bool:
+        """Set a pool's activated seats, unless more are in use than that (one statement)."""
+        result = await self.session.execute(
+            update(pools)
+            .where(pools.c.feature == feature, pools.c.used <= activated)
+            .values(activated=activated)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
     # Leases
 
     async def insert_leases(self, granted: Sequence[tuple[Lease, bytes]]) -> None:
@@ -550,24 +221,29 @@ class Repository:
         )
 
     async def release_leases(
-        self, credentials: Iterable[tuple[str, bytes]], now: dt.datetime, reason: str
+        self,
+        credentials: Iterable[tuple[str, bytes]],
+        now: dt.datetime,
+        reason: str,
+        epoch: int | None = None,
     ) -> dict[tuple[str, bytes], str]:
-        """Release the held leases among (lease id, secret hash) pairs and give their
-        seats back; the feature of each pair released. One UPDATE finds the rows by the
-        ids (the primary key) and the hashes; the rare row whose id and hash came from
-        two different pairs is put back, as nobody asked for it with its own secret."""
+        """Release the held leases (of ``epoch``, when given) among (lease id, secret
+        hash) pairs and give their seats back; the feature of each pair released. One
+        UPDATE finds the rows by the ids (the primary key) and the hashes; the rare row
+        whose id and hash came from two different pairs is put back, as nobody asked for
+        it with its own secret."""
         asked = set(credentials)
-        rows = (
-            await self.session.execute(
-                _RELEASE_LEASES,
-                {
-                    "b_lease_ids": list({lease_id for lease_id, _ in asked}),
-                    "b_hashes": list({hashed for _, hashed in asked}),
-                    "b_now": now,
-                    "b_reason": reason,
-                },
-            )
-        ).all()
+        parameters: dict[str, object] = {
+            "b_lease_ids": list({lease_id for lease_id, _ in asked}),
+            "b_hashes": list({hashed for _, hashed in asked}),
+            "b_now": now,
+            "b_reason": reason,
+        }
+        if epoch is None:
+            rows = (await self.session.execute(_RELEASE_LEASES, parameters)).all()
+        else:
+            parameters["b_epoch"] = epoch
+            rows = (await self.session.execute(_RELEASE_LEASES_OF_EPOCH, parameters)).all()
         released: dict[tuple[str, bytes], str] = {}
         crossed: list[str] = []
         seats: Counter[str] = Counter()
@@ -585,6 +261,19 @@ class Repository:
             )
         await self.give_back_seats(seats)
         return released
+
+    async def release_lease(
+        self,
+        lease_id: str,
+        secret_hash: bytes,
+        now: dt.datetime,
+        reason: str,
+        epoch: int | None = None,
+    ) -> str | None:
+        """Release a held lease (of ``epoch``, when given) and give its seats back; its
+        feature, or None if no such lease was held (``release_leases`` of one)."""
+        released = await self.release_leases([(lease_id, secret_hash)], now, reason, epoch)
+        return released.get((lease_id, secret_hash))
 
     async def get_lease(self, lease_id: str, secret_hash: bytes) -> Lease | None:
         row = await first_row(
@@ -606,7 +295,8 @@ class Repository:
         """Push a held, unexpired lease's expiry to now + its TTL; None if it is not one.
 
         A caller that knows the lease's TTL (a stream) extends it in one statement;
-        otherwise the TTL is read back from the first UPDATE, which holds the row.
+        otherwise the TTL is read first, and the same statement extends the lease if it
+        is still one to extend.
         """
         conditions = [
             leases.c.lease_id == lease_id,
@@ -616,29 +306,17 @@ class Repository:
         ]
         if epoch is not None:
             conditions.append(leases.c.epoch == epoch)
-        if ttl_seconds is not None:
-            expires_at = now + dt.timedelta(seconds=ttl_seconds)
-            result = await self.session.execute(
-                update(leases)
-                .where(*conditions, leases.c.ttl_seconds == ttl_seconds)
-                .values(last_heartbeat_at=now, expires_at=expires_at)
-            )
-            return expires_at if result.rowcount == 1 else None  # type: ignore[attr-defined]
-        row = (
-            await self.session.execute(
-                update(leases)
-                .where(*conditions)
-                .values(last_heartbeat_at=now)
-                .returning(leases.c.ttl_seconds)
-            )
-        ).first()
-        if row is None:
-            return None
-        expires_at = now + dt.timedelta(seconds=row[0])
-        await self.session.execute(
-            update(leases).where(leases.c.lease_id == lease_id).values(expires_at=expires_at)
+        if ttl_seconds is None:
+            ttl_seconds = await self.session.scalar(select(leases.c.ttl_seconds).where(*conditions))
+            if ttl_seconds is None:
+                return None
+        expires_at = now + dt.timedelta(seconds=ttl_seconds)
+        result = await self.session.execute(
+            update(leases)
+            .where(*conditions, leases.c.ttl_seconds == ttl_seconds)
+            .values(last_heartbeat_at=now, expires_at=expires_at)
         )
-        return expires_at
+        return expires_at if result.rowcount == 1 else None  # type: ignore[attr-defined]
 
     async def extend_leases(
         self, lease_ids: list[str], now: dt.datetime, ttl_seconds: int
@@ -680,30 +358,6 @@ class Repository:
             shortened += rows.scalars()
         return shortened
 
-    async def bump_epoch(self, lease_id: str, secret_hash: bytes, now: dt.datetime) -> Lease | None:
-        """Fence out older streams of a held, unexpired lease and extend it (resume)."""
-        row = await first_row(
-            self.session,
-            update(leases)
-            .where(
-                leases.c.lease_id == lease_id,
-                leases.c.secret_hash == secret_hash,
-                leases.c.released_at.is_(None),
-                leases.c.expires_at > now,
-            )
-            .values(epoch=leases.c.epoch + 1, last_heartbeat_at=now)
-            .returning(*leases.c),
-        )
-        if row is None:
-            return None
-        lease = _lease(row)
-        expires_at = now + dt.timedelta(seconds=lease.ttl_seconds)
-        # The first UPDATE holds the row; the TTL is per lease, so the expiry is set second.
-        await self.session.execute(
-            update(leases).where(leases.c.lease_id == lease_id).values(expires_at=expires_at)
-        )
-        return replace(lease, expires_at=expires_at)
-
     async def bump_epochs(
         self, credentials: Iterable[tuple[str, bytes]], now: dt.datetime
     ) -> dict[tuple[str, bytes], Lease]:
@@ -739,35 +393,11 @@ class Repository:
             )
         return bumped
 
-    async def release_lease(
-        self,
-        lease_id: str,
-        secret_hash: bytes,
-        now: dt.datetime,
-        reason: str,
-        epoch: int | None = None,
-    ) -> str | None:
-        """Release a held lease (of ``epoch``, when given) and give its seats back; its
-        feature, or None if no such lease was held."""
-        conditions = [
-            leases.c.lease_id == lease_id,
-            leases.c.secret_hash == secret_hash,
-            leases.c.released_at.is_(None),
-        ]
-        if epoch is not None:
-            conditions.append(leases.c.epoch == epoch)
-        row = (
-            await self.session.execute(
-                update(leases)
-                .where(*conditions)
-                .values(released_at=now, release_reason=reason)
-                .returning(leases.c.feature, leases.c.count)
-            )
-        ).first()
-        if row is None:
-            return None
-        await self.give_back_seats(Counter({row[0]: row[1]}))
-        return str(row[0])
+    async def bump_epoch(self, lease_id: str, secret_hash: bytes, now: dt.datetime) -> Lease | None:
+        """Fence out older streams of a held, unexpired lease and extend it (resume):
+        ``bump_epochs`` of one."""
+        bumped = await self.bump_epochs([(lease_id, secret_hash)], now)
+        return bumped.get((lease_id, secret_hash))
 
     async def release_expired(self, now: dt.datetime, limit: int) -> list[tuple[str, str]]:
         """Release up to ``limit`` leases whose TTL ran out; (lease id, feature) of each."""
@@ -821,6 +451,17 @@ class Repository:
         if feature:
             query = query.where(leases.c.feature == feature)
         return [_lease(row) for row in (await self.session.execute(query)).mappings()]
+
+    async def newest_held_leases(self, feature: str, limit: int) -> list[Lease]:
+        rows = (
+            await self.session.execute(
+                select(leases)
+                .where(leases.c.feature == feature, leases.c.released_at.is_(None))
+                .order_by(leases.c.granted_at.desc())
+                .limit(limit)
+            )
+        ).mappings()
+        return [_lease(row) for row in rows]
 
     # The queue
 
@@ -1000,94 +641,23 @@ class Repository:
         )
         return {feature: int(total) for feature, total in rows.all()}
 
-    # Certificates that expire
-
-    async def expired_certificates(self, now: dt.datetime) -> list[StoredCertificate]:
-        rows = (
-            await self.session.execute(
-                select(certificates).where(
-                    certificates.c.retired_at.is_(None),
-                    certificates.c.expires_at.is_not(None),
-                    certificates.c.expires_at <= now,
-                )
-            )
-        ).mappings()
-        return [_certificate(row) for row in rows]
-
-    async def retire_certificate(self, certificate: StoredCertificate, now: dt.datetime) -> bool:
-        """Mark an expired certificate retired; its seats leave the pool on recount."""
-        result = await self.session.execute(
-            update(certificates)
-            .where(
-                certificates.c.certificate_id == certificate.certificate_id,
-                certificates.c.retired_at.is_(None),
-            )
-            .values(retired_at=now)
-        )
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-    async def newest_held_leases(self, feature: str, limit: int) -> list[Lease]:
-        rows = (
-            await self.session.execute(
-                select(leases)
-                .where(leases.c.feature == feature, leases.c.released_at.is_(None))
-                .order_by(leases.c.granted_at.desc())
-                .limit(limit)
-            )
-        ).mappings()
-        return [_lease(row) for row in rows]
-
-    # Cross-replica notifications
+    # Lease events for the other replicas (PostgreSQL NOTIFY, delivered at commit)
 
     async def announce(self, event: LeaseEvent) -> None:
-        """Tell other replicas over PostgreSQL NOTIFY, delivered when this commits."""
-        if self._dialect == "postgresql":
-            await self.session.execute(
-                select(func.pg_notify(NOTIFY_CHANNEL, encode_event(event, self.origin)))
-            )
+        """Tell other replicas over PostgreSQL NOTIFY, delivered when this commits
+        (``announce_all`` of one)."""
+        await self.announce_all((event,))
 
     async def announce_all(self, events: Sequence[LeaseEvent]) -> None:
-        """``announce`` for many events in one statement."""
+        """Tell other replicas of many events, in one statement."""
         if self._dialect == "postgresql" and events:
             await self.session.execute(
-                text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+                _ANNOUNCE,
                 {
                     "channel": NOTIFY_CHANNEL,
                     "payloads": [encode_event(event, self.origin) for event in events],
                 },
             )
-
-
-def _certificate(row: RowMapping) -> StoredCertificate:
-    return StoredCertificate(
-        certificate_id=row["certificate_id"],
-        request_id=row["request_id"],
-        feature=row["feature"],
-        count=row["count"],
-        envelope=row["envelope"],
-        installed_at=row["installed_at"],
-        expires_at=row["expires_at"],
-        revision=row["revision"],
-        returning=row["withheld"],
-        return_request_id=row["return_request_id"],
-        returned_at=row["returned_at"],
-        retired_at=row["retired_at"],
-        broken_cause=row["broken_cause"],
-        broken_detail=row["broken_detail"],
-    )
-
-
-def _check_in(row: RowMapping) -> CheckInRow:
-    return CheckInRow(
-        request_id=row["request_id"],
-        host_id=row["host_id"],
-        request_envelope=row["request_envelope"],
-        prepared_at=row["prepared_at"],
-        result_envelope=row["result_envelope"],
-        checked_at=row["checked_at"],
-        installed_at=row["installed_at"],
-        withdraws=bool(row["withdraws"]),
-    )
 
 
 def _lease(row: RowMapping) -> Lease:
@@ -1106,12 +676,3 @@ def _lease(row: RowMapping) -> Lease:
         released_at=row["released_at"],
         release_reason=row["release_reason"],
     )
-
-
-class LicenseStore(TransactionalStore[Repository]):
-    """The License Server's database. ``origin`` names this process in the lease events
-    it announces, so it can ignore its own when they come back over NOTIFY."""
-
-    def __init__(self, engine: AsyncEngine, origin: str = "") -> None:
-        super().__init__(engine, lambda session: Repository(session, origin))
-        self.origin = origin
