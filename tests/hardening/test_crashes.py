@@ -737,10 +737,12 @@ def test_the_matrix_covers_every_failpoint_of_the_services() -> None:
         path.relative_to(ROOT).as_posix(): path.read_text()
         for path in (ROOT / "services").rglob("*.py")
     }
+    # Reached by name, or (the vendor's decisions) handed by name to decide_once.
+    failpoint = r'failpoints\.reach\("([^"]+)"\)|"((?:activation|license)_server\.\w+\.after_\w+)"'
     named = {
-        name
+        reached or decided
         for text in sources.values()
-        for name in re.findall(r'failpoints\.reach\("([^"]+)"\)', text)
+        for reached, decided in re.findall(failpoint, text)
     }
     covered = {fault.failpoint for fault in FAULTS + MOVE_FAULTS if fault.service != ADMIN}
     # Check-in changes no seat count at the vendor; its own crash test covers these
