@@ -38,9 +38,15 @@ from services.license_server.domain.errors import (
     ServerShuttingDown,
     StaleLeaseEpoch,
 )
-from services.license_server.domain.events import LeaseEnded, LeaseEvent, LeaseResumed, SeatsFreed
 from services.license_server.domain.leasing import LEASE_RESUMED_ELSEWHERE, Leasing
-from services.license_server.domain.model import Grant, Waiter
+from services.license_server.domain.model import (
+    Grant,
+    LeaseEnded,
+    LeaseEvent,
+    LeaseResumed,
+    SeatsFreed,
+    Waiter,
+)
 from services.license_server.translate import (
     granted_to_proto,
     new_lease_from_proto,

@@ -1,4 +1,5 @@
-"""Lease events: what streams must hear at once, on this replica and the others.
+"""The in-process bus of lease events: what streams must hear at once, on this replica
+and the others. The events themselves are records in ``domain/model.py``.
 
 A lease that ends without its holder asking (revoked, expired, its license gone) or that
 is resumed elsewhere, and seats that free up, are published on the in-process bus and
@@ -13,12 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-from services.license_server.domain.model import LeaseEnded, LeaseEvent, LeaseResumed, SeatsFreed
-
-# The events are records of the model (the store announces them to other replicas);
-# named here too, where their readers have always found them.
-__all__ = ["LeaseBus", "LeaseEnded", "LeaseEvent", "LeaseResumed", "Listener", "SeatsFreed"]
-
+from services.license_server.domain.model import LeaseEvent, SeatsFreed
 
 Listener = Callable[[LeaseEvent], None]
 

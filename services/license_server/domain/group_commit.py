@@ -36,9 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from services.license_server.domain.errors import StaleLeaseEpoch
-from services.license_server.domain.events import LeaseEvent, LeaseResumed, SeatsFreed
 from services.license_server.domain.metrics import LeaseMetrics
-from services.license_server.domain.model import Lease, NewLease
+from services.license_server.domain.model import (
+    Lease,
+    LeaseEvent,
+    LeaseResumed,
+    NewLease,
+    SeatsFreed,
+)
 from services.license_server.domain.ports import LicenseStore, Queries
 from services.license_server.domain.seats import (
     RESUMED_ELSEWHERE,

@@ -21,20 +21,18 @@ from services.license_server.domain.errors import (
     QueueTimeout,
     StaleLeaseEpoch,
 )
-from services.license_server.domain.events import (
-    LeaseBus,
-    LeaseEnded,
-    LeaseEvent,
-    SeatsFreed,
-)
+from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.group_commit import GATHER_SECONDS, GroupCommit
 from services.license_server.domain.heartbeats import HeartbeatBatcher
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import (
     Grant,
     Lease,
+    LeaseEnded,
+    LeaseEvent,
     NewLease,
     PoolInformation,
+    SeatsFreed,
     Waiter,
 )
 from services.license_server.domain.pools import fit_pool

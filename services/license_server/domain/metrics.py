@@ -16,8 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.license_server.domain.events import LeaseEnded, LeaseEvent
-from services.license_server.domain.model import PoolInformation
+from services.license_server.domain.model import LeaseEnded, LeaseEvent, PoolInformation
 from services.license_server.domain.ports import LicenseStore
 from tessera.clock import Clock
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 
 from services.license_server.domain.errors import SeatsInUse
-from services.license_server.domain.events import LeaseEnded, LeaseEvent, SeatsFreed
+from services.license_server.domain.model import LeaseEnded, LeaseEvent, SeatsFreed
 from services.license_server.domain.ports import Queries
 
 # Why the pool shrank, as (lease release reason stored, reason told on the stream).

@@ -24,8 +24,12 @@ from services.license_server.domain.errors import (
     RequestIdReused,
     RequestNotPreparedHere,
 )
-from services.license_server.domain.events import LeaseEvent
-from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
+from services.license_server.domain.model import (
+    LeaseEvent,
+    PendingRequest,
+    RequestKind,
+    StoredCertificate,
+)
 from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.ports import Queries
 from services.license_server.domain.trust import TrustReport

@@ -31,7 +31,8 @@ import logging
 import uuid
 from collections import Counter
 
-from services.license_server.domain.events import LeaseBus, SeatsFreed
+from services.license_server.domain.events import LeaseBus
+from services.license_server.domain.model import SeatsFreed
 from services.license_server.domain.ports import LicenseStore
 from tessera.clock import Clock
 

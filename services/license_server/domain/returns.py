@@ -24,8 +24,12 @@ from services.license_server.domain.errors import (
     RequestNotPreparedHere,
     ReturnInProgress,
 )
-from services.license_server.domain.events import LeaseEnded
-from services.license_server.domain.model import PendingRequest, RequestKind, StoredCertificate
+from services.license_server.domain.model import (
+    LeaseEnded,
+    PendingRequest,
+    RequestKind,
+    StoredCertificate,
+)
 from services.license_server.domain.pools import fit_pool
 from services.license_server.domain.ports import DuplicateKey
 from services.license_server.domain.trusted_storage import (

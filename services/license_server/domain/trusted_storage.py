@@ -30,10 +30,11 @@ from services.license_server.domain.errors import (
     RequestNotPreparedHere,
     TrustedStorageBroken,
 )
-from services.license_server.domain.events import LeaseBus, LeaseEvent
+from services.license_server.domain.events import LeaseBus
 from services.license_server.domain.ledger import Anchor, AnchorFile
 from services.license_server.domain.metrics import LeaseMetrics
 from services.license_server.domain.model import (
+    LeaseEvent,
     LedgerEntry,
     PendingRequest,
     RequestKind,
